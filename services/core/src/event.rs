@@ -1,0 +1,158 @@
+//! The usage event, owned (for producers) and borrowed (for the hot decode path).
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+
+/// One unit of metered usage as a producer builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEvent {
+    /// Idempotency key: a retried send carries the same id (and the same event time).
+    pub event_id: String,
+    pub tenant: String,
+    pub meter: String,
+    pub quantity: Decimal,
+    /// Event time, Unix milliseconds, UTC.
+    pub event_time_ms: i64,
+    /// Sorted so that the same dimensions always encode to the same bytes.
+    pub dimensions: BTreeMap<String, String>,
+    pub provider_cost: Option<Decimal>,
+    pub source: String,
+}
+
+impl UsageEvent {
+    pub fn new(
+        event_id: impl Into<String>,
+        tenant: impl Into<String>,
+        meter: impl Into<String>,
+        quantity: Decimal,
+        event_time_ms: i64,
+    ) -> Self {
+        Self {
+            event_id: event_id.into(),
+            tenant: tenant.into(),
+            meter: meter.into(),
+            quantity,
+            event_time_ms,
+            dimensions: BTreeMap::new(),
+            provider_cost: None,
+            source: String::new(),
+        }
+    }
+
+    pub fn with_dimension(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.dimensions.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn with_provider_cost(mut self, cost: Decimal) -> Self {
+        self.provider_cost = Some(cost);
+        self
+    }
+
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+}
+
+/// A decoded event borrowing from the message bytes. Numbers stay as text until a meter
+/// needs them, so a duplicate costs no decimal parsing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageEventRef<'a> {
+    pub event_id: &'a str,
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub quantity: &'a str,
+    pub event_time_ms: i64,
+    /// In wire order (producers using this crate write them sorted).
+    pub dimensions: Vec<(&'a str, &'a str)>,
+    pub provider_cost: Option<&'a str>,
+    pub source: &'a str,
+}
+
+impl UsageEventRef<'_> {
+    /// The value of one dimension, if present.
+    pub fn dimension(&self, key: &str) -> Option<&str> {
+        self.dimensions.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    /// Converts to an owned event, validating the decimals.
+    pub fn to_owned_event(&self) -> crate::Result<UsageEvent> {
+        Ok(UsageEvent {
+            event_id: self.event_id.to_owned(),
+            tenant: self.tenant.to_owned(),
+            meter: self.meter.to_owned(),
+            quantity: crate::decimal::parse("quantity", self.quantity)?,
+            event_time_ms: self.event_time_ms,
+            dimensions: self
+                .dimensions
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            provider_cost: self
+                .provider_cost
+                .map(|c| crate::decimal::parse("provider_cost", c))
+                .transpose()?,
+            source: self.source.to_owned(),
+        })
+    }
+}
+
+/// Why an input record was not counted. The string form is the `reason` column of
+/// `dead_letters` and the label of the dead-letter metric, so it is stable and bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// The bytes are not a usage event in any known schema.
+    Undecodable,
+    UnknownMeter,
+    MissingTenant,
+    MissingEventId,
+    /// Not a canonical decimal (NaN, inf, exponent, too many digits).
+    BadQuantity,
+    /// Negative where the meter forbids it.
+    NegativeQuantity,
+    BadProviderCost,
+    /// Older than the dedup horizon: it could no longer be told apart from a duplicate.
+    TooLate,
+    /// Further in the future than the meter allows.
+    TooEarly,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::Undecodable,
+        RejectReason::UnknownMeter,
+        RejectReason::MissingTenant,
+        RejectReason::MissingEventId,
+        RejectReason::BadQuantity,
+        RejectReason::NegativeQuantity,
+        RejectReason::BadProviderCost,
+        RejectReason::TooLate,
+        RejectReason::TooEarly,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Undecodable => "undecodable",
+            RejectReason::UnknownMeter => "unknown_meter",
+            RejectReason::MissingTenant => "missing_tenant",
+            RejectReason::MissingEventId => "missing_event_id",
+            RejectReason::BadQuantity => "bad_quantity",
+            RejectReason::NegativeQuantity => "negative_quantity",
+            RejectReason::BadProviderCost => "bad_provider_cost",
+            RejectReason::TooLate => "too_late",
+            RejectReason::TooEarly => "too_early",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

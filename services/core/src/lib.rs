@@ -1,0 +1,19 @@
+//! meterflow's core: everything that decides a bill, with no I/O.
+//!
+//! Services feed this crate bytes and time; it answers with totals, restatements and
+//! charges. Keeping Kafka, ClickHouse and async runtimes out of it is what lets dedup,
+//! windows and pricing be property-tested in isolation and benchmarked on one core.
+
+pub mod codec;
+pub mod decimal;
+pub mod error;
+pub mod event;
+pub mod meter;
+pub mod records;
+pub mod schema;
+
+pub use error::Error;
+pub use event::{RejectReason, UsageEvent, UsageEventRef};
+
+/// Convenience alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

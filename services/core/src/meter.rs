@@ -1,0 +1,304 @@
+//! Meter definitions: what to aggregate, grouped by which dimensions, in which windows.
+//!
+//! Loaded from TOML (`[[meter]]` tables). Every error names the meter and the field, because
+//! the person reading it is editing that file.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// How the events of one window combine into its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Aggregation {
+    Sum,
+    Count,
+    Min,
+    Max,
+    /// Sum / count, rounded half-to-even to 9 fractional digits.
+    Avg,
+    /// Exact number of distinct values of `unique_dimension`.
+    UniqueCount,
+    /// The quantity of the event with the greatest event time; ties go to the greatest event id.
+    Latest,
+}
+
+impl Aggregation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Aggregation::Sum => "sum",
+            Aggregation::Count => "count",
+            Aggregation::Min => "min",
+            Aggregation::Max => "max",
+            Aggregation::Avg => "avg",
+            Aggregation::UniqueCount => "unique_count",
+            Aggregation::Latest => "latest",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "sum" => Aggregation::Sum,
+            "count" => Aggregation::Count,
+            "min" => Aggregation::Min,
+            "max" => Aggregation::Max,
+            "avg" => Aggregation::Avg,
+            "unique_count" => Aggregation::UniqueCount,
+            "latest" => Aggregation::Latest,
+            _ => return None,
+        })
+    }
+}
+
+/// One validated meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterDef {
+    pub name: String,
+    pub aggregation: Aggregation,
+    /// Dimensions that split the totals, sorted; other dimensions are ignored.
+    pub group_by: Vec<String>,
+    /// For `unique_count`: the dimension whose distinct values are counted.
+    pub unique_dimension: Option<String>,
+    /// Tumbling window size in milliseconds (a whole number of seconds).
+    pub window_ms: i64,
+    /// How far behind the highest event time seen a window stays open.
+    pub allowed_lateness_ms: i64,
+    /// How far ahead of the watermark an event time may be before it is rejected.
+    pub max_future_ms: i64,
+    /// Whether negative quantities (credits, corrections) are allowed.
+    pub allow_negative: bool,
+}
+
+impl MeterDef {
+    /// Start of the window holding `event_time_ms` (floor, also for times before 1970).
+    pub fn window_start(&self, event_time_ms: i64) -> i64 {
+        event_time_ms.div_euclid(self.window_ms) * self.window_ms
+    }
+}
+
+/// All meters, looked up by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeterCatalog {
+    meters: Vec<MeterDef>,
+    by_name: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    meter: Vec<RawMeter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    name: String,
+    aggregation: String,
+    #[serde(default)]
+    group_by: Vec<String>,
+    unique_dimension: Option<String>,
+    window: toml::Value,
+    #[serde(default)]
+    allowed_lateness: Option<toml::Value>,
+    #[serde(default)]
+    max_future: Option<toml::Value>,
+    #[serde(default)]
+    allow_negative: bool,
+}
+
+impl MeterCatalog {
+    pub fn from_toml_str(text: &str) -> Result<Self, Error> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| Error::Config(format!("meters file: {e}")))?;
+        let mut meters = Vec::with_capacity(raw.meter.len());
+        for m in raw.meter {
+            meters.push(validate(m)?);
+        }
+        Self::new(meters)
+    }
+
+    pub fn new(meters: Vec<MeterDef>) -> Result<Self, Error> {
+        let mut by_name = HashMap::new();
+        for (i, m) in meters.iter().enumerate() {
+            if by_name.insert(m.name.clone(), i).is_some() {
+                return Err(invalid(&m.name, "name", "defined twice"));
+            }
+        }
+        Ok(Self { meters, by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&MeterDef> {
+        self.by_name.get(name).map(|&i| &self.meters[i])
+    }
+
+    pub fn meters(&self) -> &[MeterDef] {
+        &self.meters
+    }
+}
+
+fn invalid(meter: &str, field: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidMeter {
+        meter: meter.to_owned(),
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn validate(m: RawMeter) -> Result<MeterDef, Error> {
+    let name = m.name.clone();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+        return Err(invalid(&name, "name", "must be non-empty [A-Za-z0-9_.-]"));
+    }
+    let aggregation = Aggregation::parse(&m.aggregation).ok_or_else(|| {
+        invalid(&name, "aggregation", format!("{:?} is not one of sum, count, min, max, avg, unique_count, latest", m.aggregation))
+    })?;
+    let window_ms = parse_window(&m.window).map_err(|r| invalid(&name, "window", r))?;
+    let allowed_lateness_ms = match &m.allowed_lateness {
+        None => 0,
+        Some(v) => parse_duration_value(v).map_err(|r| invalid(&name, "allowed_lateness", r))?,
+    };
+    let max_future_ms = match &m.max_future {
+        None => 5 * 60 * 1000,
+        Some(v) => parse_duration_value(v).map_err(|r| invalid(&name, "max_future", r))?,
+    };
+    let mut group_by = m.group_by;
+    group_by.sort();
+    if group_by.windows(2).any(|w| w[0] == w[1]) {
+        return Err(invalid(&name, "group_by", "lists a dimension twice"));
+    }
+    if group_by.iter().any(String::is_empty) {
+        return Err(invalid(&name, "group_by", "empty dimension name"));
+    }
+    match (aggregation, &m.unique_dimension) {
+        (Aggregation::UniqueCount, None) => {
+            return Err(invalid(&name, "unique_dimension", "required for unique_count"))
+        }
+        (Aggregation::UniqueCount, Some(d)) if d.is_empty() => {
+            return Err(invalid(&name, "unique_dimension", "empty dimension name"))
+        }
+        (a, Some(_)) if a != Aggregation::UniqueCount => {
+            return Err(invalid(&name, "unique_dimension", "only valid with aggregation = \"unique_count\""))
+        }
+        _ => {}
+    }
+    Ok(MeterDef {
+        name,
+        aggregation,
+        group_by,
+        unique_dimension: m.unique_dimension,
+        window_ms,
+        allowed_lateness_ms,
+        max_future_ms,
+        allow_negative: m.allow_negative,
+    })
+}
+
+fn parse_window(v: &toml::Value) -> Result<i64, String> {
+    let ms = match v {
+        toml::Value::String(s) => match s.as_str() {
+            "minute" => 60_000,
+            "hour" => 3_600_000,
+            "day" => 86_400_000,
+            other => parse_duration(other)?,
+        },
+        other => parse_duration_value(other)?,
+    };
+    if ms <= 0 || ms % 1000 != 0 {
+        return Err(format!("must be a positive whole number of seconds, got {ms} ms"));
+    }
+    Ok(ms)
+}
+
+fn parse_duration_value(v: &toml::Value) -> Result<i64, String> {
+    match v {
+        toml::Value::Integer(secs) if *secs >= 0 => secs
+            .checked_mul(1000)
+            .ok_or_else(|| "too large".to_string()),
+        toml::Value::Integer(_) => Err("must not be negative".into()),
+        toml::Value::String(s) => parse_duration(s),
+        other => Err(format!("expected seconds or a duration like \"90s\", \"5m\", \"2h\", \"35d\", got {other}")),
+    }
+}
+
+/// Parses `"500ms"`, `"90s"`, `"5m"`, `"2h"`, `"35d"` or a bare number of seconds into ms.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"90s\", \"5m\", \"2h\", \"35d\""))?;
+    let factor = match unit {
+        "" | "s" => 1000,
+        "ms" => 1,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[meter]]
+        name = "input_tokens"
+        aggregation = "sum"
+        group_by = ["region", "model"]
+        window = "minute"
+        allowed_lateness = "30s"
+
+        [[meter]]
+        name = "active_users"
+        aggregation = "unique_count"
+        unique_dimension = "user"
+        window = 3600
+    "#;
+
+    #[test]
+    fn parses_and_sorts_group_by() {
+        let c = MeterCatalog::from_toml_str(GOOD).unwrap();
+        let m = c.get("input_tokens").unwrap();
+        assert_eq!(m.group_by, vec!["model", "region"]);
+        assert_eq!(m.window_ms, 60_000);
+        assert_eq!(m.allowed_lateness_ms, 30_000);
+        assert_eq!(c.get("active_users").unwrap().window_ms, 3_600_000);
+        assert_eq!(m.window_start(-1), -60_000);
+    }
+
+    #[test]
+    fn errors_name_meter_and_field() {
+        let cases = [
+            (r#"[[meter]]
+name = "x"
+aggregation = "median"
+window = "minute""#, "aggregation"),
+            (r#"[[meter]]
+name = "x"
+aggregation = "sum"
+window = "1500ms""#, "window"),
+            (r#"[[meter]]
+name = "x"
+aggregation = "unique_count"
+window = "minute""#, "unique_dimension"),
+            (r#"[[meter]]
+name = "x"
+aggregation = "sum"
+window = "minute"
+allowed_lateness = "5 parsecs""#, "allowed_lateness"),
+        ];
+        for (text, field) in cases {
+            match MeterCatalog::from_toml_str(text) {
+                Err(Error::InvalidMeter { meter, field: f, .. }) => {
+                    assert_eq!(meter, "x");
+                    assert_eq!(f, field);
+                }
+                other => panic!("expected InvalidMeter on {field}, got {other:?}"),
+            }
+        }
+        let unknown = "[[meter]]\nname = \"x\"\naggregation = \"sum\"\nwindow = 60\ncolour = \"red\"";
+        assert!(matches!(MeterCatalog::from_toml_str(unknown), Err(Error::Config(_))));
+    }
+}

@@ -1,0 +1,235 @@
+//! The low-volume records (aggregates, charges, dead letters, wallet adjustments), encoded
+//! with apache-avro's generic path: correctness and schema checks matter more than
+//! nanoseconds at one record per window.
+
+use std::collections::BTreeMap;
+
+use apache_avro::types::Value;
+use rust_decimal::Decimal;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::schema::{self, Known};
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterAggregate {
+    pub tenant: String,
+    pub meter: String,
+    pub aggregation: String,
+    pub dimensions: BTreeMap<String, String>,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub revision: i32,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub value: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub previous_value: Decimal,
+    pub event_count: i64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub provider_cost: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub previous_provider_cost: Decimal,
+    pub source_partition: i32,
+    pub seq: i64,
+    pub emitted_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Charge {
+    pub charge_id: String,
+    pub kind: String,
+    pub tenant: String,
+    pub plan: String,
+    pub currency: String,
+    pub meter: String,
+    pub dimensions: BTreeMap<String, String>,
+    pub period_start: i64,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub revision: i32,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub quantity: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub provider_cost: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub margin: Decimal,
+    pub seq: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub reason: String,
+    pub detail: String,
+    pub tenant: Option<String>,
+    pub event_id: Option<String>,
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalletAdjustment {
+    pub idempotency_key: String,
+    pub tenant: String,
+    pub currency: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+    pub kind: String,
+    pub reason: String,
+    pub created_at: i64,
+}
+
+/// A record type tied to its schema.
+pub trait AvroRecord: Serialize + DeserializeOwned {
+    fn known() -> &'static Known;
+
+    /// Single-object encoding with this record's schema.
+    fn to_avro(&self) -> Result<Vec<u8>, Error> {
+        let known = Self::known();
+        let value = apache_avro::to_value(self)?.resolve(&known.schema)?;
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&[0xC3, 0x01]);
+        out.extend_from_slice(&known.fingerprint.to_le_bytes());
+        out.extend_from_slice(&apache_avro::to_avro_datum(&known.schema, value)?);
+        Ok(out)
+    }
+
+    fn from_avro(bytes: &[u8]) -> Result<Self, Error> {
+        let known = Self::known();
+        let body = match bytes {
+            [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
+                let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+                if fp != known.fingerprint {
+                    return Err(Error::UnknownFingerprint(fp));
+                }
+                &rest[8..]
+            }
+            [0xC3, 0x01, ..] => return Err(Error::Truncated("fingerprint")),
+            [] => return Err(Error::Empty),
+            [b, ..] => return Err(Error::UnknownFraming(*b)),
+        };
+        let mut reader = body;
+        let value = apache_avro::from_avro_datum(&known.schema, &mut reader, None)?;
+        if !reader.is_empty() {
+            return Err(Error::TrailingBytes(reader.len()));
+        }
+        Ok(apache_avro::from_value(&normalise(value))?)
+    }
+}
+
+/// Logical types deserialize as their raw representation into plain Rust fields.
+fn normalise(v: Value) -> Value {
+    match v {
+        Value::TimestampMillis(t) => Value::Long(t),
+        Value::Record(fields) => {
+            Value::Record(fields.into_iter().map(|(k, v)| (k, normalise(v))).collect())
+        }
+        Value::Union(i, b) => Value::Union(i, Box::new(normalise(*b))),
+        other => other,
+    }
+}
+
+impl AvroRecord for MeterAggregate {
+    fn known() -> &'static Known {
+        schema::meter_aggregate_v1()
+    }
+}
+impl AvroRecord for Charge {
+    fn known() -> &'static Known {
+        schema::charge_v1()
+    }
+}
+impl AvroRecord for DeadLetter {
+    fn known() -> &'static Known {
+        schema::dead_letter_v1()
+    }
+}
+impl AvroRecord for WalletAdjustment {
+    fn known() -> &'static Known {
+        schema::wallet_adjustment_v1()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn aggregate_round_trip() {
+        let a = MeterAggregate {
+            tenant: "acme".into(),
+            meter: "input_tokens".into(),
+            aggregation: "sum".into(),
+            dimensions: [("model".to_string(), "m1".to_string())].into(),
+            window_start: 1_700_000_000_000,
+            window_end: 1_700_000_060_000,
+            revision: 2,
+            value: d("12345.000000001"),
+            previous_value: d("12000"),
+            event_count: 17,
+            provider_cost: d("0.25"),
+            previous_provider_cost: d("0.2"),
+            source_partition: 3,
+            seq: 99,
+            emitted_at: 1_700_000_070_000,
+        };
+        assert_eq!(MeterAggregate::from_avro(&a.to_avro().unwrap()).unwrap(), a);
+    }
+
+    #[test]
+    fn dead_letter_round_trip_keeps_bytes() {
+        let dl = DeadLetter {
+            source_topic: "usage".into(),
+            source_partition: 1,
+            source_offset: 42,
+            reason: "undecodable".into(),
+            detail: "truncated".into(),
+            tenant: None,
+            event_id: Some("e".into()),
+            payload: vec![0, 1, 2, 255],
+        };
+        assert_eq!(DeadLetter::from_avro(&dl.to_avro().unwrap()).unwrap(), dl);
+    }
+
+    #[test]
+    fn charge_and_wallet_round_trip() {
+        let c = Charge {
+            charge_id: "c1".into(),
+            kind: "usage".into(),
+            tenant: "t".into(),
+            plan: "pro".into(),
+            currency: "USD".into(),
+            meter: "m".into(),
+            dimensions: BTreeMap::new(),
+            period_start: 0,
+            window_start: 0,
+            window_end: 60_000,
+            revision: 0,
+            quantity: d("10"),
+            amount: d("0.000000015"),
+            provider_cost: d("0.00000001"),
+            margin: d("0.000000005"),
+            seq: 1,
+        };
+        assert_eq!(Charge::from_avro(&c.to_avro().unwrap()).unwrap(), c);
+        let w = WalletAdjustment {
+            idempotency_key: "pay_1".into(),
+            tenant: "t".into(),
+            currency: "USD".into(),
+            amount: d("-5.5"),
+            kind: "adjustment".into(),
+            reason: "goodwill".into(),
+            created_at: 5,
+        };
+        assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
+    }
+}
