@@ -55,6 +55,17 @@ pub enum Error {
     Snapshot(String),
     #[error("store error: {0}")]
     Store(String),
+    /// An aggregate the rater cannot price (no plan in force, no price for the meter, a
+    /// finalized period, a malformed window). The rater dead-letters it.
+    #[error("cannot rate tenant {tenant:?} meter {meter:?}: {reason}")]
+    Unrateable {
+        tenant: String,
+        meter: String,
+        reason: String,
+    },
+    /// A decimal computation that does not fit `rust_decimal` (never wrapped or rounded away).
+    #[error("arithmetic overflow: {0}")]
+    Arithmetic(String),
 }
 
 impl From<apache_avro::Error> for Error {
