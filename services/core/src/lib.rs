@@ -9,6 +9,8 @@ pub mod decimal;
 pub mod error;
 pub mod event;
 pub mod meter;
+pub mod pricing;
+pub mod rating;
 pub mod records;
 pub mod schema;
 

@@ -1,0 +1,595 @@
+//! Incremental rating: aggregates in, charges out, exactly once per aggregate.
+//!
+//! The rater service keeps one [`RatingState`] per aggregates-topic partition it owns and
+//! checkpoints it (with [`RatingState::snapshot`]) together with its consumer offset. The
+//! state is a pure function of the aggregates it rated (and the watermarks it was given), so
+//! a restored state re-fed the same input produces the same charges with the same ids.
+//!
+//! # Semantics
+//!
+//! * **Keying.** Per tenant and calendar-month billing period (UTC) the state keeps, per
+//!   *plan segment* and price, the cumulative quantity; and per currency the period's usage
+//!   revenue. It relies on all aggregates of one tenant landing on one partition (the
+//!   aggregates topic is keyed by tenant), because a minimum commitment is about the tenant's
+//!   whole bill.
+//! * **Period of a window.** The period holding the window's start. Windows are aligned
+//!   minute/hour/day tumbling windows, so they never straddle a month boundary.
+//! * **Plan of a window.** The plan in force (see [`Catalog::plan_for`]) at the window's start
+//!   prices the whole window, including all its restatements (they share the window start),
+//!   so a restatement is always priced by the plan its original was priced by.
+//! * **Plan segments.** Cumulative quantities are kept per (period, plan, price): after a
+//!   mid-period plan change, the new plan's tiers and free allowance start from zero, and the
+//!   old plan's segment keeps its own tiers; if the tenant returns to a plan within the period
+//!   its segment continues. Why restart instead of carrying the quantity across: with a
+//!   carried quantity the new plan's charges would depend on how much of the old plan's usage
+//!   had *arrived* when each window was rated, so late data for the old segment would make
+//!   the total depend on arrival order. Per-segment accumulation keeps the period's total
+//!   equal to `Σ_segments price_plan(segment quantity)` regardless of order.
+//! * **Charges.** Rating an aggregate with `delta = value - previous_value` moves its price's
+//!   cumulative quantity from `c` to `c + delta` and charges
+//!   `price(c + delta) - price(c)` (rounded prices, see [`crate::pricing`]): the charges of a
+//!   price telescope to the rounded price of its total quantity, whatever the split, arrival
+//!   order or restatements (a restatement with revision > 0 carries the value it replaces,
+//!   so it is rated as the difference). One usage charge is emitted per rated aggregate,
+//!   even if its amount is zero, so every aggregate maps to exactly one charge id.
+//! * **Replays.** Per source partition (the aggregator's partition) the state remembers the
+//!   highest `seq` it rated; an aggregate with `seq <=` that is a re-delivery and is
+//!   [`RateOutcome::Skipped`]. This requires each source partition's aggregates to arrive in
+//!   `seq` order (the aggregator produces them in order with an idempotent producer); windows
+//!   and source partitions may interleave arbitrarily.
+//! * **Cost.** Per revision, the provider cost is the cost carried by the aggregate when it
+//!   is non-zero (the provider told us what it charged, which beats a rate card), else the
+//!   catalog's rate for the meter and dimension value times the value, rounded to 9 digits,
+//!   else zero. The charge carries `cost(this revision) - cost(revision replaced)`, so a
+//!   window's cost deltas telescope to the cost of its last revision even when a later
+//!   revision starts carrying cost. `margin = amount - provider_cost`.
+//! * **Minimum commitment.** When a period of a tenant closes (its end plus
+//!   [`RatingConfig::grace_ms`] is at or before the watermark given to [`RatingState::advance`],
+//!   or explicitly via [`RatingState::on_period_close`]), a `true_up` charge of
+//!   `max(0, commitment - period usage revenue)` is emitted per currency (nothing when zero).
+//!   The commitment is each committing plan's minimum prorated by the time it was in force
+//!   during the period ([`Catalog::commitments`]). If usage of a closed period is rated later
+//!   (restatements, late windows), the true-up is recomputed and the difference is emitted
+//!   as an adjusting `true_up` charge with `revision + 1`, so usage plus true-ups always equal
+//!   `max(commitment, usage)` exactly. Every period from the first one a tenant was seen in is
+//!   closed, including months without usage (they owe the full minimum); a tenant this state
+//!   never saw gets no true-up unless the rater calls `on_period_close` for it.
+//! * **Retention.** Period records are dropped [`RatingConfig::retention_ms`] after the period
+//!   closes; aggregates for a dropped (finalized) period are rejected, because their
+//!   cumulative context is gone and rating them from zero would overcharge.
+//! * **Rejections.** An aggregate without a plan (no assignment and no default plan), without
+//!   a price for its meter in that plan, for a finalized period or with a malformed window is
+//!   [`RateOutcome::Rejected`] (the service dead-letters it); its `seq` still counts as rated,
+//!   so a re-delivery is skipped instead of dead-lettered twice. Decimal overflow is an `Err`
+//!   and leaves the state untouched.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use siphasher::sip128::SipHasher13;
+
+use crate::decimal;
+use crate::pricing::{self, Catalog};
+use crate::records::{Charge, MeterAggregate};
+use crate::Error;
+
+mod wallet;
+pub use wallet::{AdjustmentOutcome, Alert, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE};
+
+/// Version of the snapshot format written by [`RatingState::snapshot`] and
+/// [`Wallets::snapshot`]; restore refuses other versions rather than guess.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// Charge kinds.
+pub const KIND_USAGE: &str = "usage";
+pub const KIND_TRUE_UP: &str = "true_up";
+
+/// Largest period revenue magnitude the state accepts; keeps true-up arithmetic (revenue is
+/// compared with commitments of at most 1e15) far from `Decimal`'s limits.
+const MAX_REVENUE: i128 = 1_000_000_000_000_000_000_000_000_000; // 1e27
+
+/// Tunables of one state, stored in its snapshots so a restored state behaves the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatingConfig {
+    /// How long after its end a period stays open for late aggregates before the true-up.
+    /// Late usage after the close is still rated (with an adjusting true-up); grace only
+    /// saves churn on true-ups.
+    pub grace_ms: i64,
+    /// How long after closing a period its records are kept to rate restatements.
+    pub retention_ms: i64,
+}
+
+impl Default for RatingConfig {
+    fn default() -> Self {
+        Self {
+            grace_ms: 3_600_000,
+            retention_ms: 62 * 86_400_000,
+        }
+    }
+}
+
+/// What rating one aggregate did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateOutcome {
+    /// The usage charge, followed by any true-ups it caused (a late aggregate for a closed
+    /// period adjusts the true-up; an aggregate for a closable period closes it).
+    Charged(Vec<Charge>),
+    /// A re-delivery: `seq <= high_water` for its source partition. No state change.
+    Skipped { source_partition: i32, seq: i64, high_water: i64 },
+    /// Not rateable ([`Error::Unrateable`]); dead-letter it. Only the seq was recorded.
+    Rejected(Error),
+}
+
+/// Per (tenant, period) record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct PeriodState {
+    /// plan -> price name -> cumulative quantity.
+    #[serde(default)]
+    usage: BTreeMap<String, BTreeMap<String, Decimal>>,
+    /// currency -> usage revenue (sum of usage charge amounts).
+    #[serde(default)]
+    revenue: BTreeMap<String, Decimal>,
+    #[serde(default)]
+    closed: bool,
+    /// currency -> true-up emitted so far.
+    #[serde(default)]
+    true_ups: BTreeMap<String, TrueUp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TrueUp {
+    plan: String,
+    /// Sum of the true-up charges emitted for the period and currency.
+    amount: Decimal,
+    /// Revision of the last true-up charge.
+    revision: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TenantState {
+    /// The earliest period of this tenant not yet walked by the closer.
+    next_close: i64,
+    periods: BTreeMap<i64, PeriodState>,
+}
+
+/// The rating state of one aggregates-topic partition. See the module docs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatingState {
+    partition: i32,
+    config: RatingConfig,
+    watermark_ms: Option<i64>,
+    /// source partition -> highest seq rated.
+    high_water: BTreeMap<i32, i64>,
+    /// Charges emitted so far; the next charge's `seq` is this plus one.
+    charges_emitted: i64,
+    /// Periods starting before this are finalized (records dropped).
+    finalized_before: Option<i64>,
+    tenants: BTreeMap<String, TenantState>,
+}
+
+/// The result of pricing an aggregate against the current state, before committing it.
+struct Prepared {
+    period: i64,
+    plan: String,
+    currency: String,
+    price: String,
+    cum_after: Decimal,
+    revenue_after: Decimal,
+    charge: Charge,
+}
+
+enum Prep {
+    Reject(Error),
+    Ready(Box<Prepared>),
+}
+
+impl RatingState {
+    /// A fresh state for aggregates-topic `partition`.
+    pub fn new(partition: i32, config: RatingConfig) -> Self {
+        Self {
+            partition,
+            config,
+            watermark_ms: None,
+            high_water: BTreeMap::new(),
+            charges_emitted: 0,
+            finalized_before: None,
+            tenants: BTreeMap::new(),
+        }
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn config(&self) -> &RatingConfig {
+        &self.config
+    }
+
+    /// The highest watermark given to [`advance`](Self::advance).
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark_ms
+    }
+
+    /// Highest `seq` rated (or rejected) for a source partition.
+    pub fn high_water(&self, source_partition: i32) -> Option<i64> {
+        self.high_water.get(&source_partition).copied()
+    }
+
+    /// Number of charges emitted; also the `seq` of the last one.
+    pub fn charges_emitted(&self) -> i64 {
+        self.charges_emitted
+    }
+
+    /// Cumulative quantity of one price in one plan segment of a tenant's period.
+    pub fn cumulative(&self, tenant: &str, period_start: i64, plan: &str, price: &str) -> Decimal {
+        self.period(tenant, period_start)
+            .and_then(|p| p.usage.get(plan))
+            .and_then(|m| m.get(price))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Usage revenue of a tenant's period in one currency (sum of its usage charges).
+    pub fn period_revenue(&self, tenant: &str, period_start: i64, currency: &str) -> Decimal {
+        self.period(tenant, period_start)
+            .and_then(|p| p.revenue.get(currency))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Sum of the true-up charges emitted for a tenant's period in one currency.
+    pub fn true_up_total(&self, tenant: &str, period_start: i64, currency: &str) -> Decimal {
+        self.period(tenant, period_start)
+            .and_then(|p| p.true_ups.get(currency))
+            .map(|t| t.amount)
+            .unwrap_or_default()
+    }
+
+    /// Whether the tenant's period has been closed (true-up computed).
+    pub fn is_closed(&self, tenant: &str, period_start: i64) -> bool {
+        self.period(tenant, period_start).is_some_and(|p| p.closed)
+    }
+
+    fn period(&self, tenant: &str, period_start: i64) -> Option<&PeriodState> {
+        self.tenants
+            .get(tenant)?
+            .periods
+            .get(&pricing::period_start(period_start))
+    }
+
+    /// Rates one aggregate. See the module docs for what each outcome means.
+    pub fn rate(&mut self, catalog: &Catalog, agg: &MeterAggregate) -> Result<RateOutcome, Error> {
+        if let Some(&hw) = self.high_water.get(&agg.source_partition) {
+            if agg.seq <= hw {
+                return Ok(RateOutcome::Skipped {
+                    source_partition: agg.source_partition,
+                    seq: agg.seq,
+                    high_water: hw,
+                });
+            }
+        }
+        let prepared = match self.prepare(catalog, agg)? {
+            Prep::Reject(e) => {
+                self.high_water.insert(agg.source_partition, agg.seq);
+                return Ok(RateOutcome::Rejected(e));
+            }
+            Prep::Ready(p) => *p,
+        };
+        // Commit: nothing below can fail.
+        self.high_water.insert(agg.source_partition, agg.seq);
+        let Prepared { period, plan, currency, price, cum_after, revenue_after, charge } = prepared;
+        let ts = self.tenants.entry(agg.tenant.clone()).or_insert_with(|| TenantState {
+            next_close: period,
+            periods: BTreeMap::new(),
+        });
+        ts.next_close = ts.next_close.min(period);
+        let rec = ts.periods.entry(period).or_default();
+        rec.usage.entry(plan).or_default().insert(price, cum_after);
+        rec.revenue.insert(currency, revenue_after);
+        let mut out = vec![charge];
+        if rec.closed {
+            out.extend(true_up(catalog, &agg.tenant, period, rec));
+        }
+        out.extend(close_due(catalog, &agg.tenant, ts, self.watermark_ms, self.config.grace_ms));
+        self.stamp(&mut out);
+        Ok(RateOutcome::Charged(out))
+    }
+
+    fn prepare(&self, catalog: &Catalog, agg: &MeterAggregate) -> Result<Prep, Error> {
+        let reject = |reason: String| {
+            Ok(Prep::Reject(Error::Unrateable {
+                tenant: agg.tenant.clone(),
+                meter: agg.meter.clone(),
+                reason,
+            }))
+        };
+        if agg.window_end <= agg.window_start {
+            return reject(format!("window end {} is not after its start {}", agg.window_end, agg.window_start));
+        }
+        if agg.revision < 0 {
+            return reject(format!("negative revision {}", agg.revision));
+        }
+        let period = pricing::period_start(agg.window_start);
+        if self.finalized_before.is_some_and(|f| period < f) {
+            return reject(format!("billing period starting at {period} ms is finalized (past retention)"));
+        }
+        let Some(plan) = catalog.plan_for(&agg.tenant, agg.window_start) else {
+            return reject(format!("no plan in force at {} ms and no default plan", agg.window_start));
+        };
+        let Some(price) = plan.price_for(&agg.meter, &agg.dimensions) else {
+            return reject(format!("plan {:?} has no price for this meter with dimensions {:?}", plan.id, agg.dimensions));
+        };
+        let overflow = |what: &str| Error::Arithmetic(format!("{what} of tenant {:?} meter {:?} seq {}", agg.tenant, agg.meter, agg.seq));
+        let delta = agg.value.checked_sub(agg.previous_value).ok_or_else(|| overflow("quantity delta"))?;
+        let rec = self.tenants.get(&agg.tenant).and_then(|t| t.periods.get(&period));
+        let before = rec
+            .and_then(|r| r.usage.get(&plan.id))
+            .and_then(|m| m.get(&price.name))
+            .copied()
+            .unwrap_or_default();
+        let cum_after = before.checked_add(delta).ok_or_else(|| overflow("cumulative quantity"))?;
+        let amount = price.charge(before, cum_after)?;
+        let revenue_after = rec
+            .and_then(|r| r.revenue.get(&plan.currency))
+            .copied()
+            .unwrap_or_default()
+            .checked_add(amount)
+            .filter(|r| r.abs() <= Decimal::from_i128_with_scale(MAX_REVENUE, 0))
+            .ok_or_else(|| overflow("period revenue"))?;
+        let unit_cost = catalog.unit_cost(&agg.meter, &agg.dimensions);
+        let cost_now = revision_cost(unit_cost, agg.value, agg.provider_cost).ok_or_else(|| overflow("provider cost"))?;
+        let cost_prev = revision_cost(unit_cost, agg.previous_value, agg.previous_provider_cost)
+            .ok_or_else(|| overflow("provider cost"))?;
+        let cost = cost_now.checked_sub(cost_prev).ok_or_else(|| overflow("provider cost"))?;
+        let margin = amount.checked_sub(cost).ok_or_else(|| overflow("margin"))?;
+        let charge = Charge {
+            charge_id: usage_charge_id(agg),
+            kind: KIND_USAGE.to_owned(),
+            tenant: agg.tenant.clone(),
+            plan: plan.id.clone(),
+            currency: plan.currency.clone(),
+            meter: agg.meter.clone(),
+            dimensions: agg.dimensions.clone(),
+            period_start: period,
+            window_start: agg.window_start,
+            window_end: agg.window_end,
+            revision: agg.revision,
+            quantity: delta,
+            amount,
+            provider_cost: cost,
+            margin,
+            seq: 0,
+        };
+        Ok(Prep::Ready(Box::new(Prepared {
+            period,
+            plan: plan.id.clone(),
+            currency: plan.currency.clone(),
+            price: price.name.clone(),
+            cum_after,
+            revenue_after,
+            charge,
+        })))
+    }
+
+    /// Moves the watermark (never backwards) and closes every period whose end plus grace it
+    /// passed, returning their true-ups. Also drops records past retention.
+    pub fn advance(&mut self, catalog: &Catalog, watermark_ms: i64) -> Vec<Charge> {
+        let wm = self.watermark_ms.map_or(watermark_ms, |w| w.max(watermark_ms));
+        self.watermark_ms = Some(wm);
+        let mut out = Vec::new();
+        for (tenant, ts) in &mut self.tenants {
+            out.extend(close_due(catalog, tenant, ts, Some(wm), self.config.grace_ms));
+        }
+        // Finalize periods that ended more than grace + retention ago.
+        let horizon = wm.saturating_sub(self.config.grace_ms).saturating_sub(self.config.retention_ms);
+        let cutoff = pricing::period_start(horizon);
+        if self.finalized_before.is_none_or(|f| cutoff > f) {
+            self.finalized_before = Some(cutoff);
+            for ts in self.tenants.values_mut() {
+                ts.periods.retain(|&p, _| p >= cutoff);
+                ts.next_close = ts.next_close.max(cutoff);
+            }
+        }
+        self.stamp(&mut out);
+        out
+    }
+
+    /// Closes one tenant's period now, whatever the watermark (for example for a committed
+    /// tenant this state has never seen usage for). Idempotent: a closed period yields
+    /// nothing. A finalized period yields nothing either.
+    pub fn on_period_close(&mut self, catalog: &Catalog, tenant: &str, period_start: i64) -> Vec<Charge> {
+        let period = pricing::period_start(period_start);
+        if self.finalized_before.is_some_and(|f| period < f) {
+            return Vec::new();
+        }
+        let ts = self.tenants.entry(tenant.to_owned()).or_insert_with(|| TenantState {
+            next_close: period,
+            periods: BTreeMap::new(),
+        });
+        let rec = ts.periods.entry(period).or_default();
+        let mut out = Vec::new();
+        if !rec.closed {
+            rec.closed = true;
+            out = true_up(catalog, tenant, period, rec);
+        }
+        self.stamp(&mut out);
+        out
+    }
+
+    fn stamp(&mut self, charges: &mut [Charge]) {
+        for c in charges {
+            self.charges_emitted += 1;
+            c.seq = self.charges_emitted;
+        }
+    }
+
+    /// Versioned JSON bytes of the whole state.
+    pub fn snapshot(&self) -> Vec<u8> {
+        to_snapshot("meterflow.rating_state", self)
+    }
+
+    /// The inverse of [`snapshot`](Self::snapshot).
+    pub fn restore(bytes: &[u8]) -> Result<Self, Error> {
+        from_snapshot("meterflow.rating_state", bytes)
+    }
+}
+
+/// Provider cost of one revision: carried when non-zero, else the catalog rate times the
+/// value rounded to 9 digits, else zero. `None` on overflow.
+fn revision_cost(unit_cost: Option<Decimal>, value: Decimal, carried: Decimal) -> Option<Decimal> {
+    if !carried.is_zero() {
+        return Some(carried);
+    }
+    match unit_cost {
+        Some(u) => value.checked_mul(u).map(decimal::round_amount),
+        None => Some(Decimal::ZERO),
+    }
+}
+
+/// Walks the tenant's periods from `next_close` and closes each one whose end plus grace is
+/// at or before the watermark (creating empty records for months without usage).
+fn close_due(catalog: &Catalog, tenant: &str, ts: &mut TenantState, watermark: Option<i64>, grace_ms: i64) -> Vec<Charge> {
+    let mut out = Vec::new();
+    let Some(wm) = watermark else { return out };
+    loop {
+        let p = ts.next_close;
+        let end = pricing::period_end(p);
+        if end.saturating_add(grace_ms) > wm {
+            break;
+        }
+        let rec = ts.periods.entry(p).or_default();
+        if !rec.closed {
+            rec.closed = true;
+            out.extend(true_up(catalog, tenant, p, rec));
+        }
+        ts.next_close = end;
+    }
+    out
+}
+
+/// Brings the period's true-ups in line with `max(0, commitment - revenue)` per currency,
+/// returning the (unstamped) charges for the differences.
+fn true_up(catalog: &Catalog, tenant: &str, period: i64, rec: &mut PeriodState) -> Vec<Charge> {
+    let commitments = catalog.commitments(tenant, period);
+    let mut currencies: Vec<String> = commitments.keys().cloned().collect();
+    currencies.extend(rec.true_ups.keys().filter(|c| !commitments.contains_key(*c)).cloned());
+    let mut out = Vec::new();
+    for currency in currencies {
+        let revenue = rec.revenue.get(&currency).copied().unwrap_or_default();
+        let commitment = commitments.get(&currency);
+        let owed = commitment.map_or(Decimal::ZERO, |c| (c.amount - revenue).max(Decimal::ZERO));
+        let prev = rec.true_ups.get(&currency);
+        let already = prev.map_or(Decimal::ZERO, |t| t.amount);
+        if owed == already {
+            continue;
+        }
+        let revision = prev.map_or(0, |t| t.revision + 1);
+        let plan = commitment.map_or_else(|| prev.map(|t| t.plan.clone()).unwrap_or_default(), |c| c.plan.clone());
+        let amount = owed - already;
+        out.push(Charge {
+            charge_id: stable_id(&[
+                KIND_TRUE_UP.as_bytes(),
+                tenant.as_bytes(),
+                currency.as_bytes(),
+                &period.to_le_bytes(),
+                &revision.to_le_bytes(),
+            ]),
+            kind: KIND_TRUE_UP.to_owned(),
+            tenant: tenant.to_owned(),
+            plan: plan.clone(),
+            currency: currency.clone(),
+            meter: String::new(),
+            dimensions: BTreeMap::new(),
+            period_start: period,
+            window_start: period,
+            window_end: pricing::period_end(period),
+            revision,
+            quantity: Decimal::ZERO,
+            amount,
+            provider_cost: Decimal::ZERO,
+            margin: amount,
+            seq: 0,
+        });
+        rec.true_ups.insert(currency, TrueUp { plan, amount: owed, revision });
+    }
+    out
+}
+
+/// Deterministic id of a usage charge: the same aggregate (same source partition and seq,
+/// which the aggregator assigns deterministically) always gets the same id, so a sink can
+/// deduplicate charges re-emitted after a crash.
+fn usage_charge_id(agg: &MeterAggregate) -> String {
+    let mut dims = Vec::new();
+    for (k, v) in &agg.dimensions {
+        for part in [k, v] {
+            dims.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            dims.extend_from_slice(part.as_bytes());
+        }
+    }
+    stable_id(&[
+        KIND_USAGE.as_bytes(),
+        agg.tenant.as_bytes(),
+        agg.meter.as_bytes(),
+        &dims,
+        &agg.window_start.to_le_bytes(),
+        &agg.revision.to_le_bytes(),
+        &agg.source_partition.to_le_bytes(),
+        &agg.seq.to_le_bytes(),
+    ])
+}
+
+/// 128-bit SipHash-1-3 (fixed keys: ids must be stable across processes and releases) of the
+/// length-prefixed parts, as 32 hex digits. Length prefixes make the encoding unambiguous.
+pub(crate) fn stable_id(parts: &[&[u8]]) -> String {
+    const K0: u64 = 0x6d65_7465_7266_6c6f; // "meterflo"
+    const K1: u64 = 0x7720_6368_6172_6765; // "w charge"
+    let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    for p in parts {
+        buf.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        buf.extend_from_slice(p);
+    }
+    format!("{:032x}", SipHasher13::new_with_keys(K0, K1).hash(&buf).as_u128())
+}
+
+#[derive(Serialize)]
+struct SnapshotOut<'a, T> {
+    format: &'static str,
+    version: u32,
+    state: &'a T,
+}
+
+#[derive(Deserialize)]
+struct SnapshotHeader {
+    format: String,
+    version: u32,
+}
+
+#[derive(Deserialize)]
+struct SnapshotIn<T> {
+    state: T,
+}
+
+/// Why JSON: snapshots are small (per tenant and open period), human-inspectable when a bill
+/// is disputed, and decimals survive as strings. The header is checked before the body so a
+/// future version can be migrated instead of misread.
+fn to_snapshot<T: Serialize>(format: &'static str, state: &T) -> Vec<u8> {
+    serde_json::to_vec(&SnapshotOut { format, version: SNAPSHOT_VERSION, state })
+        .expect("state serializes: string keys and plain values only")
+}
+
+fn from_snapshot<T: DeserializeOwned>(format: &'static str, bytes: &[u8]) -> Result<T, Error> {
+    let header: SnapshotHeader =
+        serde_json::from_slice(bytes).map_err(|e| Error::Snapshot(format!("{format}: unreadable header: {e}")))?;
+    if header.format != format {
+        return Err(Error::Snapshot(format!("expected a {format} snapshot, got {:?}", header.format)));
+    }
+    if header.version != SNAPSHOT_VERSION {
+        return Err(Error::Snapshot(format!(
+            "{format}: snapshot version {} is not supported (expected {SNAPSHOT_VERSION})",
+            header.version
+        )));
+    }
+    let body: SnapshotIn<T> = serde_json::from_slice(bytes).map_err(|e| Error::Snapshot(format!("{format}: {e}")))?;
+    Ok(body.state)
+}
