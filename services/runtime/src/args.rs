@@ -1,0 +1,88 @@
+//! Configuration shared by every service. Each flag has an environment variable so that the
+//! same names work in compose files, systemd units and tests.
+
+use clap::Args;
+
+/// Where the Kafka-API broker is.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, comma separated.
+    #[arg(long = "kafka-brokers", env = "METERFLOW_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka properties, `key=value` comma separated (e.g. `security.protocol=ssl`).
+    #[arg(long = "kafka-property", env = "METERFLOW_KAFKA_PROPERTIES", value_delimiter = ',')]
+    pub properties: Vec<String>,
+}
+
+/// Topic names. Keep them identical across services (they are in docker-compose too).
+#[derive(Debug, Clone, Args)]
+pub struct TopicArgs {
+    #[arg(long, env = "METERFLOW_USAGE_TOPIC", default_value = "meterflow.usage-events")]
+    pub usage_topic: String,
+    #[arg(long, env = "METERFLOW_AGGREGATES_TOPIC", default_value = "meterflow.aggregates")]
+    pub aggregates_topic: String,
+    #[arg(long, env = "METERFLOW_DEAD_LETTER_TOPIC", default_value = "meterflow.dead-letters")]
+    pub dead_letter_topic: String,
+    #[arg(long, env = "METERFLOW_CHARGES_TOPIC", default_value = "meterflow.charges")]
+    pub charges_topic: String,
+    #[arg(long, env = "METERFLOW_WALLET_TOPIC", default_value = "meterflow.wallet-adjustments")]
+    pub wallet_topic: String,
+    #[arg(long, env = "METERFLOW_ALERTS_TOPIC", default_value = "meterflow.alerts")]
+    pub alerts_topic: String,
+}
+
+impl TopicArgs {
+    /// All topics with a prefix in front of the defaults' names; tests use it for isolation.
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            usage_topic: format!("{prefix}usage-events"),
+            aggregates_topic: format!("{prefix}aggregates"),
+            dead_letter_topic: format!("{prefix}dead-letters"),
+            charges_topic: format!("{prefix}charges"),
+            wallet_topic: format!("{prefix}wallet-adjustments"),
+            alerts_topic: format!("{prefix}alerts"),
+        }
+    }
+
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.usage_topic,
+            &self.aggregates_topic,
+            &self.dead_letter_topic,
+            &self.charges_topic,
+            &self.wallet_topic,
+            &self.alerts_topic,
+        ]
+    }
+}
+
+impl Default for TopicArgs {
+    fn default() -> Self {
+        Self::with_prefix("meterflow.")
+    }
+}
+
+/// Where ClickHouse is.
+#[derive(Debug, Clone, Args)]
+pub struct ClickHouseArgs {
+    /// HTTP interface URL.
+    #[arg(long = "clickhouse-url", env = "METERFLOW_CLICKHOUSE_URL", default_value = "http://127.0.0.1:8123")]
+    pub url: String,
+    #[arg(long = "clickhouse-database", env = "METERFLOW_CLICKHOUSE_DATABASE", default_value = "meterflow")]
+    pub database: String,
+    #[arg(long = "clickhouse-user", env = "METERFLOW_CLICKHOUSE_USER", default_value = "default")]
+    pub user: String,
+    #[arg(long = "clickhouse-password", env = "METERFLOW_CLICKHOUSE_PASSWORD", default_value = "", hide_env_values = true)]
+    pub password: String,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// `text` or `json`.
+    #[arg(long = "log-format", env = "METERFLOW_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
+    /// tracing filter, e.g. `info,meterflow_aggregator=debug`.
+    #[arg(long = "log-level", env = "METERFLOW_LOG", default_value = "info")]
+    pub level: String,
+}

@@ -1,0 +1,11 @@
+//! I/O shared by meterflow's services, so that each service crate stays thin.
+
+pub mod args;
+pub mod clickhouse;
+pub mod error;
+pub mod http;
+pub mod kafka;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use error::Error;
