@@ -56,11 +56,14 @@
 //! its own instead would leak up to half a nano-unit per charge, and the leaks would depend on
 //! how usage happened to be windowed.
 //!
-//! `exact_price` stays exact while the products fit `rust_decimal`'s 96-bit mantissa
-//! (~28 significant digits); with 12-digit prices and 9-digit quantities that holds for
-//! amounts below ~10^7, beyond which rust_decimal drops digits ~19 places below the rounding
-//! unit, which can only matter for an exact half-way tie at the 9th digit. Arithmetic that
-//! does not fit at all is an [`Error::Arithmetic`], never a wrap or a panic.
+//! Limits: `exact_price` is exact while each product fits `rust_decimal`'s 96-bit mantissa
+//! (~28 significant digits). With a 12-digit price and a 9-digit quantity that holds for
+//! amounts below ~10^7 (integer token counts at 7-digit token prices: below ~10^21); beyond
+//! it rust_decimal drops digits at least ~10 places below the rounding unit, which can only
+//! change an exact half-way tie at the 9th digit and never breaks telescoping (the function
+//! stays deterministic). A rounded price above [`MAX_AMOUNT`] (1e18) is refused with
+//! [`Error::Arithmetic`], because 9 fractional digits of it would no longer fit; arithmetic
+//! never wraps or panics.
 //!
 //! A cumulative quantity at or below the free allowance (including a negative one, which
 //! credits can produce) prices as zero.
@@ -87,6 +90,11 @@ pub const PRICE_SCALE: u32 = 12;
 /// Largest catalog value accepted. Bounds every product the rater forms from catalog values
 /// so true-up arithmetic cannot overflow.
 const MAX_CATALOG_VALUE: i64 = 1_000_000_000_000_000; // 1e15
+
+/// Largest price (rounded amount) of one price's cumulative quantity. 1e18 with 9 fractional
+/// digits is 27 significant digits, inside `Decimal`'s 28, so every rounded price, charge
+/// (difference of two) and running sum of one price's charges is exact.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000_000;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -318,8 +326,18 @@ impl Price {
 
     /// The price of a cumulative quantity, rounded half-to-even to 9 digits: the value charges
     /// are differences of.
+    ///
+    /// Prices beyond [`MAX_AMOUNT`] are an [`Error::Arithmetic`]: a `Decimal` cannot hold such
+    /// a value with 9 fractional digits, so charges would stop telescoping exactly.
     pub fn price(&self, cumulative: Decimal) -> Result<Decimal, Error> {
-        Ok(decimal::round_amount(self.exact_price(cumulative)?))
+        let p = decimal::round_amount(self.exact_price(cumulative)?);
+        if p > Decimal::from(MAX_AMOUNT) {
+            return Err(Error::Arithmetic(format!(
+                "price {:?} of cumulative quantity {cumulative} is {p}, beyond {MAX_AMOUNT}",
+                self.name
+            )));
+        }
+        Ok(p)
     }
 
     /// The charge for moving the cumulative quantity from `before` to `after`: a difference of
@@ -854,7 +872,12 @@ fn parse_tiers(ctx: &Ctx<'_>, v: Option<toml::Value>) -> Result<Vec<Tier>, Error
     let mut tiers: Vec<Tier> = Vec::with_capacity(n);
     for (i, tv) in list.into_iter().enumerate() {
         let tctx = Ctx { plan: ctx.plan, price: ctx.price, prefix: format!("tiers[{i}].") };
-        let raw: RawTier = tv.try_into().map_err(|e| serde_error(ctx.plan, ctx.price, &format!("tiers[{i}]"), &e))?;
+        let raw: RawTier = tv.try_into().map_err(|e| match serde_error(ctx.plan, ctx.price, "", &e) {
+            Error::InvalidCatalog { plan, price, field, reason } => {
+                Error::InvalidCatalog { plan, price, field: format!("tiers[{i}]{}{field}", if field.is_empty() { "" } else { "." }), reason }
+            }
+            other => other,
+        })?;
         let up_to = match raw.up_to {
             Some(toml::Value::String(s)) if s == "inf" => None,
             other => tctx.decimal("up_to", other, MAX_SCALE)?,

@@ -85,9 +85,9 @@ pub const SNAPSHOT_VERSION: u32 = 1;
 pub const KIND_USAGE: &str = "usage";
 pub const KIND_TRUE_UP: &str = "true_up";
 
-/// Largest period revenue magnitude the state accepts; keeps true-up arithmetic (revenue is
-/// compared with commitments of at most 1e15) far from `Decimal`'s limits.
-const MAX_REVENUE: i128 = 1_000_000_000_000_000_000_000_000_000; // 1e27
+/// Largest period revenue magnitude the state accepts: 1e19 still holds 9 fractional digits
+/// exactly in a `Decimal`, so revenue and true-ups (commitments are at most 1e15) stay exact.
+const MAX_REVENUE: i128 = 10_000_000_000_000_000_000; // 1e19
 
 /// Tunables of one state, stored in its snapshots so a restored state behaves the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
