@@ -34,6 +34,36 @@ pub struct MeterAggregate {
     pub emitted_at: i64,
 }
 
+impl MeterAggregate {
+    /// Canonical text of the group-by dimensions (`k=v,k=v`, sorted, with `\\`, `,` and `=`
+    /// escaped): the window key column in ClickHouse.
+    pub fn dimensions_key(&self) -> String {
+        dimensions_key(&self.dimensions)
+    }
+}
+
+/// See [`MeterAggregate::dimensions_key`].
+pub fn dimensions_key(dims: &BTreeMap<String, String>) -> String {
+    fn esc(out: &mut String, s: &str) {
+        for c in s.chars() {
+            if matches!(c, '\\' | ',' | '=') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+    }
+    let mut out = String::new();
+    for (i, (k, v)) in dims.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        esc(&mut out, k);
+        out.push('=');
+        esc(&mut out, v);
+    }
+    out
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
     pub charge_id: String,

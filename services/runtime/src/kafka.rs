@@ -59,3 +59,90 @@ fn merge(into: &mut ClientConfig, from: ClientConfig) {
         into.set(k, v);
     }
 }
+
+/// Partition ownership changes, recorded by the consumer context and drained by the
+/// service's loop before it handles the next message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(String, i32)>),
+}
+
+/// A consumer context that records rebalances. Services drop a revoked partition's state
+/// and reload an assigned one from its checkpoint: another instance may have moved it on.
+#[derive(Debug, Clone, Default)]
+pub struct RebalanceLog {
+    events: std::sync::Arc<std::sync::Mutex<Vec<Ownership>>>,
+}
+
+impl RebalanceLog {
+    pub fn drain(&self) -> Vec<Ownership> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, o: Ownership) {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(o);
+    }
+}
+
+fn list(tpl: &rdkafka::TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl rdkafka::ClientContext for RebalanceLog {}
+
+impl rdkafka::consumer::ConsumerContext for RebalanceLog {
+    fn pre_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            tracing::info!(partitions = ?list(tpl), "partitions revoked");
+            self.push(Ownership::Revoked(list(tpl)));
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        match rebalance {
+            rdkafka::consumer::Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?list(tpl), "partitions assigned");
+                self.push(Ownership::Assigned(list(tpl)));
+            }
+            rdkafka::consumer::Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            rdkafka::consumer::Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Commits `offsets` (topic, partition, next offset) without waiting. A failure (e.g. the
+/// partition moved to another member) is harmless: the checkpoint is the source of truth
+/// and the committed offset only bounds how much a successor re-reads.
+pub fn commit<C>(consumer: &C, offsets: &[(String, i32, i64)])
+where
+    C: rdkafka::consumer::Consumer<RebalanceLog>,
+{
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (t, p, o) in offsets {
+        if let Err(e) = tpl.add_partition_offset(t, *p, rdkafka::Offset::Offset(*o)) {
+            tracing::warn!(error = %e, "cannot build commit list");
+            return;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+        tracing::debug!(error = %e, "offset commit failed (checkpoint remains authoritative)");
+    }
+}
+
+/// Header that marks meterflow's control records (idle ticks) in an input topic.
+pub const CONTROL_HEADER: &str = "meterflow-control";

@@ -1,10 +1,14 @@
 //! I/O shared by meterflow's services, so that each service crate stays thin.
 
 pub mod args;
+pub mod checkpoint;
 pub mod clickhouse;
 pub mod error;
 pub mod http;
 pub mod kafka;
+pub mod output;
+pub mod retry;
+pub mod rows;
 pub mod shutdown;
 pub mod telemetry;
 

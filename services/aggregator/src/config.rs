@@ -1,0 +1,72 @@
+//! Aggregator configuration: every flag has an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+
+/// Consumes usage events, drops duplicates, totals them in event-time windows and writes the
+/// totals (and restatements of late windows) to ClickHouse and the aggregates topic. Bad
+/// input goes to the dead-letter topic and table with a reason.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "meterflow-aggregator", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// Consumer group; partitions of the usage topic are shared among its members.
+    #[arg(long, env = "METERFLOW_AGGREGATOR_GROUP", default_value = "meterflow-aggregator")]
+    pub group: String,
+
+    /// Meter definitions (TOML).
+    #[arg(long, env = "METERFLOW_METERS", default_value = "config/meters.toml")]
+    pub meters: PathBuf,
+
+    /// Address of /healthz, /readyz and /metrics (port 0 picks a free one).
+    #[arg(long, env = "METERFLOW_AGGREGATOR_HTTP_ADDR", default_value = "127.0.0.1:9101")]
+    pub http_addr: SocketAddr,
+
+    /// How far back (event time) a duplicate is still recognised, and the oldest event
+    /// accepted; older events are dead-lettered as too_late.
+    #[arg(long, env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
+    pub dedup_horizon_ms: i64,
+
+    /// Upper bound of event ids kept in memory per partition; older ids are looked up in
+    /// ClickHouse's usage_events.
+    #[arg(long, env = "METERFLOW_DEDUP_HOT_MAX_IDS", default_value_t = 20_000_000)]
+    pub dedup_hot_max_ids: usize,
+
+    /// How long (event time) closed windows stay in memory for cheap restatements; older
+    /// ones are rebuilt from usage_events when a late event arrives.
+    #[arg(long, env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = parse_ms)]
+    pub retain_closed_ms: i64,
+
+    /// Outputs are flushed at least this often.
+    #[arg(long, env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    pub flush_interval_ms: i64,
+
+    /// State is checkpointed (and offsets committed) at least this often: the most input a
+    /// restart re-reads.
+    #[arg(long, env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    pub checkpoint_interval_ms: i64,
+
+    /// Buffered output rows that force a flush; bounds memory while ClickHouse is down.
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 200_000)]
+    pub max_buffered_rows: usize,
+
+    /// A partition with no input for this long gets a tick record, so its windows close
+    /// without new events.
+    #[arg(long, env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = parse_ms)]
+    pub idle_timeout_ms: i64,
+}
+
+fn parse_ms(s: &str) -> Result<i64, String> {
+    meterflow_core::meter::parse_duration(s)
+}

@@ -1,0 +1,460 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clickhouse::Client;
+use meterflow_core::codec::UsageEventCodec;
+use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
+use meterflow_core::event::UsageEventRef;
+use meterflow_core::meter::MeterCatalog;
+use meterflow_core::records::DeadLetter;
+use meterflow_core::RejectReason;
+use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use meterflow_runtime::http::{self, Health};
+use meterflow_runtime::kafka::{self, Ownership, RebalanceLog, CONTROL_HEADER};
+use meterflow_runtime::retry::{until_ok, Backoff};
+use metrics::{counter, gauge, histogram};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cold::ChStores;
+use crate::config::Config;
+use crate::metrics as m;
+use crate::rows::{secs, UsageRow};
+use crate::sink::{Outputs, Sink};
+
+const SERVICE: &str = "aggregator";
+const TICK: &[u8] = b"tick";
+
+/// Runs until `shutdown`, then flushes and checkpoints what it holds.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    m::describe();
+    let meters_text = std::fs::read_to_string(&config.meters)
+        .with_context(|| format!("reading meters file {}", config.meters.display()))?;
+    let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
+    let health = Health::default();
+    let (addr, http_task) = http::serve(config.http_addr, health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
+
+    let client = meterflow_runtime::clickhouse::client(&config.clickhouse);
+    let producer: FutureProducer = kafka::producer_config(&config.kafka)?.create()?;
+    let rebalances = RebalanceLog::default();
+    let consumer: StreamConsumer<RebalanceLog> =
+        kafka::consumer_config(&config.kafka, &config.group)?.create_with_context(rebalances.clone())?;
+    consumer.subscribe(&[&config.topics.usage_topic])?;
+
+    let mut agg = Aggregator {
+        engine_config: EngineConfig {
+            dedup_horizon_ms: config.dedup_horizon_ms,
+            hot_max_ids: config.dedup_hot_max_ids,
+            retain_closed_ms: config.retain_closed_ms,
+            ..EngineConfig::default()
+        },
+        checkpoints: CheckpointStore::new(client.clone()),
+        sink: Sink {
+            client: client.clone(),
+            producer: producer.clone(),
+            aggregates_topic: config.topics.aggregates_topic.clone(),
+            dead_letter_topic: config.topics.dead_letter_topic.clone(),
+            backoff: Backoff::default(),
+        },
+        client,
+        producer,
+        catalog,
+        codec: UsageEventCodec::new(),
+        partitions: BTreeMap::new(),
+        outputs: Outputs::default(),
+        rebalances,
+        health,
+        config,
+        last_flush: Instant::now(),
+        last_checkpoint: Instant::now(),
+    };
+    let result = agg.run_loop(&consumer, &shutdown).await;
+    // Leave the group promptly so a successor gets the partitions without a session timeout.
+    consumer.unsubscribe();
+    shutdown.cancel();
+    let _ = http_task.await;
+    result
+}
+
+struct Part {
+    engine: PartitionEngine,
+    /// Last checkpoint version written for this partition.
+    version: u64,
+    /// Offset covered by the last checkpoint written.
+    checkpointed_offset: i64,
+    last_input: Instant,
+    last_tick: Instant,
+}
+
+struct Aggregator {
+    config: Config,
+    engine_config: EngineConfig,
+    catalog: Arc<MeterCatalog>,
+    codec: UsageEventCodec,
+    client: Client,
+    producer: FutureProducer,
+    checkpoints: CheckpointStore,
+    sink: Sink,
+    partitions: BTreeMap<i32, Part>,
+    outputs: Outputs,
+    rebalances: RebalanceLog,
+    health: Health,
+    last_flush: Instant,
+    last_checkpoint: Instant,
+}
+
+impl Aggregator {
+    async fn run_loop(
+        &mut self,
+        consumer: &StreamConsumer<RebalanceLog>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut timer = tokio::time::interval(Duration::from_millis(100));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.health.set_ready(true);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                msg = consumer.recv() => {
+                    self.apply_rebalances();
+                    match msg {
+                        Ok(msg) => self.handle(&msg, shutdown).await?,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    if self.outputs.rows() >= self.config.max_buffered_rows {
+                        self.flush(shutdown).await;
+                    }
+                }
+                _ = timer.tick() => {
+                    self.apply_rebalances();
+                    self.periodic(consumer, shutdown).await;
+                }
+            }
+        }
+        // Graceful stop: write what we hold so a successor re-reads nothing.
+        let drain = CancellationToken::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(30));
+        tokio::select! {
+            _ = self.flush_and_checkpoint(consumer, &drain) => {}
+            _ = deadline => tracing::warn!("final flush did not finish in 30 s; a restart will replay from the last checkpoint"),
+        }
+        Ok(())
+    }
+
+    fn apply_rebalances(&mut self) {
+        for ev in self.rebalances.drain() {
+            let (Ownership::Assigned(list) | Ownership::Revoked(list)) = &ev;
+            for (topic, p) in list {
+                if *topic == self.config.topics.usage_topic {
+                    // Either way the in-memory state may be stale: reload from the checkpoint
+                    // when the next record of the partition arrives.
+                    self.partitions.remove(p);
+                }
+            }
+        }
+        gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
+    }
+
+    async fn part(&mut self, partition: i32, shutdown: &CancellationToken) -> anyhow::Result<Option<&mut Part>> {
+        if !self.partitions.contains_key(&partition) {
+            let key = self.checkpoint_key(partition);
+            let Some(loaded) = until_ok(
+                "load checkpoint",
+                &Backoff::default(),
+                shutdown,
+                |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
+                || self.checkpoints.load(&key),
+            )
+            .await
+            else {
+                return Ok(None);
+            };
+            let (engine, version, offset) = match loaded {
+                Some(cp) => {
+                    let engine = PartitionEngine::restore(&cp.state, self.catalog.clone(), self.engine_config.clone())
+                        .with_context(|| format!("restoring checkpoint of partition {partition}"))?;
+                    tracing::info!(partition, next_offset = cp.next_offset, "restored checkpoint");
+                    (engine, cp.version, cp.next_offset)
+                }
+                None => {
+                    tracing::info!(partition, "no checkpoint: starting fresh");
+                    (
+                        PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?,
+                        0,
+                        0,
+                    )
+                }
+            };
+            let now = Instant::now();
+            self.partitions.insert(
+                partition,
+                Part { engine, version, checkpointed_offset: offset, last_input: now, last_tick: now },
+            );
+            gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
+        }
+        Ok(self.partitions.get_mut(&partition))
+    }
+
+    fn checkpoint_key(&self, partition: i32) -> CheckpointKey {
+        CheckpointKey {
+            service: SERVICE.into(),
+            consumer_group: self.config.group.clone(),
+            topic: self.config.topics.usage_topic.clone(),
+            partition,
+        }
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let partition = msg.partition();
+        let offset = msg.offset();
+        if self.part(partition, shutdown).await?.is_none() {
+            return Ok(());
+        }
+        let handle = Handle::current();
+        // Split borrows: the engine is mutated while the stores read the pending outputs.
+        let Self { partitions, outputs, client, codec, config, catalog, .. } = self;
+        let part = partitions.get_mut(&partition).expect("loaded above");
+        if offset < part.engine.next_offset() {
+            return Ok(()); // covered by the checkpoint
+        }
+        let payload = msg.payload().unwrap_or_default();
+        if is_tick(msg) {
+            let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
+            let mut stores = ChStores { client, handle: &handle, pending: outputs };
+            retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
+        } else {
+            counter!(m::EVENTS_IN).increment(1);
+            part.last_input = Instant::now();
+            match codec.decode(payload) {
+                Err(e) => {
+                    part.engine.on_skipped(offset);
+                    outputs.dead_letters.push(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
+                    counter!(m::DEAD_LETTERS, "reason" => RejectReason::Undecodable.as_str()).increment(1);
+                }
+                Ok(ev) => {
+                    let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                    let outcome = retry_sync(|| part.engine.on_event(offset, &ev, &mut stores), shutdown).await?;
+                    match outcome {
+                        Outcome::Accepted => {
+                            counter!(m::ACCEPTED).increment(1);
+                            outputs.usage.push(usage_row(catalog, &ev, partition, offset));
+                        }
+                        Outcome::Duplicate => counter!(m::DUPLICATES).increment(1),
+                        Outcome::Rejected { reason, detail } => {
+                            counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+                            outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                        }
+                    }
+                }
+            }
+        }
+        for a in part.engine.drain_output() {
+            if a.revision == 0 {
+                counter!(m::WINDOWS_CLOSED).increment(1);
+            } else {
+                counter!(m::RESTATEMENTS).increment(1);
+            }
+            outputs.aggregates.push(a);
+        }
+        Ok(())
+    }
+
+    async fn periodic(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
+        let flush_every = Duration::from_millis(self.config.flush_interval_ms as u64);
+        let checkpoint_every = Duration::from_millis(self.config.checkpoint_interval_ms as u64);
+        if self.last_checkpoint.elapsed() >= checkpoint_every {
+            self.flush_and_checkpoint(consumer, shutdown).await;
+        } else if self.last_flush.elapsed() >= flush_every {
+            self.flush(shutdown).await;
+        }
+        self.send_ticks().await;
+        let now_ms = wall_ms();
+        for (p, part) in &self.partitions {
+            if let Some(wm) = part.engine.watermark() {
+                gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
+            }
+        }
+    }
+
+    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        let ok = self.sink.flush(&mut self.outputs, shutdown).await;
+        if ok {
+            self.last_flush = Instant::now();
+        }
+        ok
+    }
+
+    async fn flush_and_checkpoint(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
+        if !self.flush(shutdown).await {
+            return;
+        }
+        let started = Instant::now();
+        let mut items = Vec::new();
+        for (p, part) in &self.partitions {
+            let next = part.engine.next_offset();
+            if next == part.checkpointed_offset {
+                continue;
+            }
+            items.push((
+                self.checkpoint_key(*p),
+                Checkpoint { version: part.version + 1, next_offset: next, state: part.engine.snapshot() },
+            ));
+        }
+        if items.is_empty() {
+            self.last_checkpoint = Instant::now();
+            return;
+        }
+        let saved = until_ok(
+            "write checkpoint",
+            &Backoff::default(),
+            shutdown,
+            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
+            || self.checkpoints.save_all(&items),
+        )
+        .await;
+        if saved.is_none() {
+            return;
+        }
+        let mut commits = Vec::new();
+        for (key, cp) in &items {
+            if let Some(part) = self.partitions.get_mut(&key.partition) {
+                part.version = cp.version;
+                part.checkpointed_offset = cp.next_offset;
+            }
+            commits.push((key.topic.clone(), key.partition, cp.next_offset));
+        }
+        kafka::commit(consumer, &commits);
+        histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+        self.last_checkpoint = Instant::now();
+        self.report_lag(consumer);
+    }
+
+    fn report_lag(&self, consumer: &StreamConsumer<RebalanceLog>) {
+        for (p, part) in &self.partitions {
+            if let Ok((_, high)) =
+                consumer.fetch_watermarks(&self.config.topics.usage_topic, *p, Duration::from_millis(500))
+            {
+                gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set((high - part.engine.next_offset()).max(0) as f64);
+            }
+        }
+    }
+
+    /// Writes a tick into each partition that has been idle for `idle_timeout` and still has
+    /// windows waiting to close.
+    async fn send_ticks(&mut self) {
+        let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
+        let now_ms = wall_ms();
+        let mut sends = Vec::new();
+        for (p, part) in self.partitions.iter_mut() {
+            if part.last_input.elapsed() < idle || part.last_tick.elapsed() < idle || !part.engine.has_pending_windows() {
+                continue;
+            }
+            part.last_tick = Instant::now();
+            let payload = now_ms.to_be_bytes();
+            let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(TICK) });
+            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.topics.usage_topic)
+                .partition(*p)
+                .payload(&payload[..])
+                .headers(headers);
+            sends.push(self.producer.send(rec, Duration::from_secs(5)));
+        }
+        for s in sends {
+            if let Err((e, _)) = s.await {
+                tracing::warn!(error = %e, "could not write idle tick");
+            }
+        }
+    }
+}
+
+fn is_tick(msg: &BorrowedMessage<'_>) -> bool {
+    msg.headers()
+        .map(|h| h.iter().any(|x| x.key == CONTROL_HEADER && x.value == Some(TICK)))
+        .unwrap_or(false)
+}
+
+/// Retries a synchronous engine call whose cold-store look-up failed (ClickHouse down): the
+/// engine leaves its state unchanged on error, so the call can simply be repeated.
+async fn retry_sync<T>(
+    mut f: impl FnMut() -> Result<T, meterflow_core::Error>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<T> {
+    let backoff = Backoff::default();
+    let mut delay = backoff.min;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(meterflow_core::Error::Store(e)) => {
+                counter!(m::FLUSH_ERRORS, "sink" => "cold_store").increment(1);
+                tracing::warn!(error = %e, "cold store look-up failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => anyhow::bail!("shutdown during a cold-store retry"),
+                }
+                delay = (delay * 2).min(backoff.max);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> UsageRow {
+    let window_start = catalog.get(ev.meter).map_or(ev.event_time_ms, |m| m.window_start(ev.event_time_ms));
+    let parse = |s: &str| meterflow_core::decimal::parse("quantity", s).map(|d| meterflow_core::decimal::to_ch_i128(&d)).unwrap_or(0);
+    let mut dims: Vec<(&str, &str)> = ev.dimensions.clone();
+    dims.sort_unstable();
+    UsageRow {
+        tenant: ev.tenant.to_owned(),
+        meter: ev.meter.to_owned(),
+        event_id: ev.event_id.to_owned(),
+        event_time: secs(ev.event_time_ms),
+        event_time_ms: ev.event_time_ms,
+        window_start: secs(window_start),
+        quantity: parse(ev.quantity),
+        provider_cost: ev.provider_cost.map_or(0, parse),
+        has_provider_cost: u8::from(ev.provider_cost.is_some()),
+        dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
+        dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
+        source: ev.source.to_owned(),
+        source_partition: partition,
+        source_offset: offset,
+    }
+}
+
+fn dead_letter(
+    config: &Config,
+    partition: i32,
+    offset: i64,
+    reason: RejectReason,
+    detail: String,
+    ev: Option<&UsageEventRef<'_>>,
+    payload: &[u8],
+) -> DeadLetter {
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    DeadLetter {
+        source_topic: config.topics.usage_topic.clone(),
+        source_partition: partition,
+        source_offset: offset,
+        reason: reason.as_str().to_owned(),
+        detail,
+        tenant: ev.and_then(|e| nonempty(e.tenant)),
+        event_id: ev.and_then(|e| nonempty(e.event_id)),
+        payload: payload.to_vec(),
+    }
+}

@@ -1,0 +1,69 @@
+//! ClickHouse rows written by the aggregator (RowBinary; `Decimal(38, 9)` travels as i128).
+
+use meterflow_core::decimal::to_ch_i128;
+use meterflow_core::records::MeterAggregate;
+pub use meterflow_runtime::rows::{secs, DeadLetterRow};
+use serde::Serialize;
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct UsageRow {
+    pub tenant: String,
+    pub meter: String,
+    pub event_id: String,
+    pub event_time: u32,
+    pub event_time_ms: i64,
+    pub window_start: u32,
+    pub quantity: i128,
+    pub provider_cost: i128,
+    pub has_provider_cost: u8,
+    pub dim_keys: Vec<String>,
+    pub dim_values: Vec<String>,
+    pub source: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct AggregateRow {
+    pub tenant: String,
+    pub meter: String,
+    pub aggregation: String,
+    pub dimensions_key: String,
+    pub dim_keys: Vec<String>,
+    pub dim_values: Vec<String>,
+    pub window_start: u32,
+    pub window_end: u32,
+    pub window_start_ms: i64,
+    pub revision: u32,
+    pub value: i128,
+    pub previous_value: i128,
+    pub event_count: i64,
+    pub provider_cost: i128,
+    pub source_partition: i32,
+    pub seq: i64,
+    pub emitted_at_ms: i64,
+}
+
+impl From<&MeterAggregate> for AggregateRow {
+    fn from(a: &MeterAggregate) -> Self {
+        Self {
+            tenant: a.tenant.clone(),
+            meter: a.meter.clone(),
+            aggregation: a.aggregation.clone(),
+            dimensions_key: a.dimensions_key(),
+            dim_keys: a.dimensions.keys().cloned().collect(),
+            dim_values: a.dimensions.values().cloned().collect(),
+            window_start: secs(a.window_start),
+            window_end: secs(a.window_end),
+            window_start_ms: a.window_start,
+            revision: a.revision.max(0) as u32,
+            value: to_ch_i128(&a.value),
+            previous_value: to_ch_i128(&a.previous_value),
+            event_count: a.event_count,
+            provider_cost: to_ch_i128(&a.provider_cost),
+            source_partition: a.source_partition,
+            seq: a.seq,
+            emitted_at_ms: a.emitted_at,
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Rater configuration: every flag has an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+
+/// Prices meter aggregates (per-unit, graduated, volume, package, free allowances, minimum
+/// commitments), computes provider cost and margin, draws prepaid wallets down, and writes
+/// charges to Kafka and ClickHouse.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "meterflow-rater", version)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+
+    /// Consumer group. The aggregates and wallet topics must have the same partition count:
+    /// the range assignor then gives partition N of both to one member.
+    #[arg(long, env = "METERFLOW_RATER_GROUP", default_value = "meterflow-rater")]
+    pub group: String,
+
+    /// Pricing catalog (TOML).
+    #[arg(long, env = "METERFLOW_CATALOG", default_value = "config/catalog.toml")]
+    pub catalog: PathBuf,
+
+    /// Address of /healthz, /readyz and /metrics (port 0 picks a free one).
+    #[arg(long, env = "METERFLOW_RATER_HTTP_ADDR", default_value = "127.0.0.1:9102")]
+    pub http_addr: SocketAddr,
+
+    /// Low-balance alert thresholds per currency, e.g. `USD=10,EUR=10`.
+    #[arg(long, env = "METERFLOW_LOW_BALANCE", value_delimiter = ',', default_value = "USD=10")]
+    pub low_balance: Vec<String>,
+
+    /// How long after a billing period ends late usage is awaited before its true-up.
+    #[arg(long, env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = parse_ms)]
+    pub period_grace_ms: i64,
+
+    #[arg(long, env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    pub flush_interval_ms: i64,
+
+    #[arg(long, env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    pub checkpoint_interval_ms: i64,
+
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 100_000)]
+    pub max_buffered_rows: usize,
+
+    /// Export a wallet-balance gauge per tenant. Cardinality is the number of tenants with a
+    /// wallet; turn it off for very many prepaid tenants.
+    #[arg(long, env = "METERFLOW_WALLET_GAUGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub wallet_gauges: bool,
+}
+
+fn parse_ms(s: &str) -> Result<i64, String> {
+    meterflow_core::meter::parse_duration(s)
+}

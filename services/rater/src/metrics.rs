@@ -1,0 +1,42 @@
+//! Every metric the rater exports. Money is exact in the state and converted to floating
+//! point only here. Labels: currency, meter and plan come from the catalog (bounded); the
+//! per-tenant wallet gauge is bounded by the number of prepaid tenants and can be disabled.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+
+pub const AGGREGATES_IN: &str = "meterflow_rater_aggregates_in_total";
+pub const SKIPPED: &str = "meterflow_rater_aggregates_skipped_total";
+pub const REJECTED: &str = "meterflow_rater_aggregates_rejected_total";
+pub const CHARGES: &str = "meterflow_rater_charges_total";
+pub const REVENUE: &str = "meterflow_rater_revenue";
+pub const COST: &str = "meterflow_rater_provider_cost";
+pub const MARGIN: &str = "meterflow_rater_margin";
+pub const WALLET_BALANCE: &str = "meterflow_rater_wallet_balance";
+pub const WALLET_ADJUSTMENTS: &str = "meterflow_rater_wallet_adjustments_total";
+pub const ALERTS: &str = "meterflow_rater_wallet_alerts_total";
+pub const RATING_LAG: &str = "meterflow_rater_rating_lag_seconds";
+pub const INSERT_SECONDS: &str = "meterflow_rater_clickhouse_insert_seconds";
+pub const CHECKPOINT_SECONDS: &str = "meterflow_rater_checkpoint_seconds";
+pub const FLUSH_ERRORS: &str = "meterflow_rater_flush_errors_total";
+
+pub fn describe() {
+    describe_counter!(AGGREGATES_IN, "Aggregates read.");
+    describe_counter!(SKIPPED, "Aggregates skipped as re-deliveries (seq already rated).");
+    describe_counter!(REJECTED, "Aggregates that could not be priced (dead-lettered).");
+    describe_counter!(CHARGES, "Charges produced, by kind.");
+    describe_gauge!(REVENUE, "Cumulative revenue rated by the partitions this instance owns, by currency, meter and plan (sum across instances).");
+    describe_gauge!(COST, "Cumulative provider cost, by currency, meter and plan.");
+    describe_gauge!(MARGIN, "Cumulative margin (revenue - provider cost), by currency, meter and plan.");
+    describe_gauge!(WALLET_BALANCE, "Prepaid balance by tenant and currency.");
+    describe_counter!(WALLET_ADJUSTMENTS, "Wallet adjustments by outcome (applied, duplicate).");
+    describe_counter!(ALERTS, "Wallet alerts by kind.");
+    describe_gauge!(RATING_LAG, Unit::Seconds, "Wall clock minus the time the last rated aggregate was produced.");
+    describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
+    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
+    describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
+    for c in [AGGREGATES_IN, SKIPPED, REJECTED] {
+        counter!(c).increment(0);
+    }
+    counter!(CHARGES, "kind" => "usage").increment(0);
+    gauge!(RATING_LAG).set(0.0);
+}

@@ -1,0 +1,111 @@
+//! ClickHouse rows written by the rater.
+
+use meterflow_core::decimal::to_ch_i128;
+use meterflow_core::rating::Alert;
+use meterflow_core::records::{Charge, WalletAdjustment};
+use serde::Serialize;
+
+pub use meterflow_runtime::rows::{secs, DeadLetterRow};
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct ChargeRow {
+    pub charge_id: String,
+    pub kind: String,
+    pub tenant: String,
+    pub plan: String,
+    pub currency: String,
+    pub meter: String,
+    pub model: String,
+    pub dimensions_key: String,
+    pub dim_keys: Vec<String>,
+    pub dim_values: Vec<String>,
+    pub period_start: u32,
+    pub window_start: u32,
+    pub window_end: u32,
+    pub revision: u32,
+    pub quantity: i128,
+    pub amount: i128,
+    pub provider_cost: i128,
+    pub margin: i128,
+    pub seq: i64,
+}
+
+impl From<&Charge> for ChargeRow {
+    fn from(c: &Charge) -> Self {
+        Self {
+            charge_id: c.charge_id.clone(),
+            kind: c.kind.clone(),
+            tenant: c.tenant.clone(),
+            plan: c.plan.clone(),
+            currency: c.currency.clone(),
+            meter: c.meter.clone(),
+            model: c.dimensions.get("model").cloned().unwrap_or_default(),
+            dimensions_key: meterflow_core::records::dimensions_key(&c.dimensions),
+            dim_keys: c.dimensions.keys().cloned().collect(),
+            dim_values: c.dimensions.values().cloned().collect(),
+            period_start: secs(c.period_start),
+            window_start: secs(c.window_start),
+            window_end: secs(c.window_end),
+            revision: c.revision.max(0) as u32,
+            quantity: to_ch_i128(&c.quantity),
+            amount: to_ch_i128(&c.amount),
+            provider_cost: to_ch_i128(&c.provider_cost),
+            margin: to_ch_i128(&c.margin),
+            seq: c.seq,
+        }
+    }
+}
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct AdjustmentRow {
+    pub idempotency_key: String,
+    pub tenant: String,
+    pub currency: String,
+    pub amount: i128,
+    pub kind: String,
+    pub reason: String,
+    pub created_at: u32,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+impl AdjustmentRow {
+    pub fn new(a: &WalletAdjustment, partition: i32, offset: i64) -> Self {
+        Self {
+            idempotency_key: a.idempotency_key.clone(),
+            tenant: a.tenant.clone(),
+            currency: a.currency.clone(),
+            amount: to_ch_i128(&a.amount),
+            kind: a.kind.clone(),
+            reason: a.reason.clone(),
+            created_at: secs(a.created_at),
+            source_partition: partition,
+            source_offset: offset,
+        }
+    }
+}
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct AlertRow {
+    pub alert_id: String,
+    pub tenant: String,
+    pub kind: String,
+    pub currency: String,
+    pub balance: i128,
+    pub threshold: i128,
+    pub at_ms: i64,
+}
+
+impl AlertRow {
+    pub fn new(a: &Alert, at_ms: i64) -> Self {
+        Self {
+            alert_id: a.alert_id.clone(),
+            tenant: a.tenant.clone(),
+            kind: a.kind.clone(),
+            currency: a.currency.clone(),
+            balance: to_ch_i128(&a.balance),
+            threshold: to_ch_i128(&a.threshold),
+            at_ms,
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Writing outputs that must not be lost: ClickHouse inserts and Kafka produces retried until
+//! they succeed (or shutdown). Every meterflow output is deterministic and idempotent by key,
+//! so a retry after a partial write cannot double count.
+
+use std::time::{Duration, Instant};
+
+use clickhouse::Client;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{until_ok, Backoff};
+
+/// Metric names a service reports its writes under.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMetrics {
+    /// Histogram of insert latency, labelled by `table`.
+    pub insert_seconds: &'static str,
+    /// Counter of failed attempts, labelled by `sink`.
+    pub errors: &'static str,
+}
+
+/// Inserts `rows` into `table` in one insert, retried until it succeeds. Returns false only
+/// when shutdown interrupted the retries.
+pub async fn insert_all<R>(
+    client: &Client,
+    table: &'static str,
+    rows: &[R],
+    backoff: &Backoff,
+    shutdown: &CancellationToken,
+    m: WriteMetrics,
+) -> bool
+where
+    R: clickhouse::RowWrite + for<'a> clickhouse::Row<Value<'a> = R>,
+{
+    if rows.is_empty() {
+        return true;
+    }
+    let started = Instant::now();
+    let ok = until_ok(
+        table,
+        backoff,
+        shutdown,
+        |_| metrics::counter!(m.errors, "sink" => table).increment(1),
+        || async {
+            let mut insert = client.insert::<R>(table).await?;
+            for r in rows {
+                insert.write(r).await?;
+            }
+            insert.end().await
+        },
+    )
+    .await
+    .is_some();
+    metrics::histogram!(m.insert_seconds, "table" => table).record(started.elapsed().as_secs_f64());
+    ok
+}
+
+/// One record to produce: topic, key, payload.
+pub type OutRecord<'a> = (&'a str, String, Vec<u8>);
+
+/// Produces all `records` and waits for every ack, retrying the whole set until all are
+/// acknowledged. All sends are in flight before the first await; the idempotent producer
+/// keeps their order within a partition.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    records: &[OutRecord<'_>],
+    backoff: &Backoff,
+    shutdown: &CancellationToken,
+    m: WriteMetrics,
+) -> bool {
+    if records.is_empty() {
+        return true;
+    }
+    until_ok(
+        "kafka outputs",
+        backoff,
+        shutdown,
+        |_| metrics::counter!(m.errors, "sink" => "kafka").increment(1),
+        || async {
+            let mut pending = Vec::with_capacity(records.len());
+            for (topic, key, payload) in records {
+                let rec = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+                pending.push(producer.send(rec, Duration::from_secs(30)));
+            }
+            let mut first_err = None;
+            for p in pending {
+                if let Err((e, _)) = p.await {
+                    first_err.get_or_insert(e);
+                }
+            }
+            first_err.map_or(Ok(()), Err)
+        },
+    )
+    .await
+    .is_some()
+}
