@@ -66,6 +66,13 @@ pub enum Error {
     /// A decimal computation that does not fit `rust_decimal` (never wrapped or rounded away).
     #[error("arithmetic overflow: {0}")]
     Arithmetic(String),
+    /// A partition engine was given a record below the offset it has already covered.
+    #[error("partition {partition}: offset {offset} is below the next offset {next_offset}")]
+    OffsetRegression {
+        partition: i32,
+        offset: i64,
+        next_offset: i64,
+    },
 }
 
 impl From<apache_avro::Error> for Error {

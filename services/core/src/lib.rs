@@ -6,6 +6,8 @@
 
 pub mod codec;
 pub mod decimal;
+pub mod dedup;
+pub mod engine;
 pub mod error;
 pub mod event;
 pub mod meter;
@@ -13,6 +15,7 @@ pub mod pricing;
 pub mod rating;
 pub mod records;
 pub mod schema;
+pub mod window;
 
 pub use error::Error;
 pub use event::{RejectReason, UsageEvent, UsageEventRef};

@@ -1,0 +1,873 @@
+//! The per-partition streaming engine: validation, dedup and event-time windows, as a pure
+//! state machine (`on_event`, `on_watermark`, `on_tick`, `on_skipped`) in the style of
+//! Arroyo's operators.
+//!
+//! # Model
+//!
+//! The aggregator creates one [`PartitionEngine`] per Kafka partition and feeds it that
+//! partition's records in offset order. Everything the engine emits is a deterministic function
+//! of its snapshot and the records after it. That is what makes exactly-once output possible:
+//! after a crash the aggregator restores the last snapshot, seeks to [`PartitionEngine::next_offset`],
+//! and replays. It regenerates the same aggregates with the same `seq`, which consumers skip.
+//!
+//! * **Partition time** is the highest event time among accepted events, or the highest
+//!   `on_tick`/`on_watermark` time if that is higher. Only accepted events move it: a rejected
+//!   event with an absurd timestamp must not move the clock.
+//! * **Watermark of a meter** = partition time − that meter's `allowed_lateness_ms`. A window
+//!   closes (revision 0 is emitted) when the watermark of its meter reaches its end, i.e.
+//!   when partition time ≥ `window_end + allowed_lateness_ms`.
+//! * **Restatements.** An accepted event for a closed window updates it and marks it dirty.
+//!   Dirty windows are emitted with `revision + 1`, the full corrected value and the previous
+//!   value, **coalesced**: when partition time crosses a multiple of
+//!   [`EngineConfig::restate_interval_ms`] (or immediately, in the same `on_event`, if it is 0),
+//!   on every `on_tick`/`on_watermark`, and before the window is evicted. Coalescing bounds the
+//!   output when a producer flushes a backlog of old events (one restatement per window per
+//!   interval instead of one per event) while staying deterministic, because the flush points
+//!   are a function of event times and logged ticks, never of wall-clock time or batch boundaries.
+//! * **Closed-window retention.** Closed windows stay in memory for
+//!   [`EngineConfig::retain_closed_ms`] of partition time after they close, then are evicted. A
+//!   late event for an evicted window (up to the dedup horizon, 35 days by default) reloads it
+//!   through [`WindowStore::load`]: the window's stored raw events are folded again (this is why
+//!   min, max, latest and unique_count restate exactly, not only sums) and the last emitted
+//!   revision is continued.
+//! * **Too late / too early.** An event older than the dedup horizon behind partition time is
+//!   rejected `TooLate`: its id may already be forgotten, so accepting it could double count.
+//!   An event more than the meter's `max_future_ms` ahead of partition time is rejected
+//!   `TooEarly` (a clock gone wrong would otherwise close every open window at once). The first
+//!   event of a partition that has seen neither events nor ticks has nothing to compare to
+//!   and is accepted: the aggregator should send a tick with its wall clock when it starts a
+//!   fresh partition. Event times beyond ±2^50 ms (±35,000 years) are rejected outright, so
+//!   window arithmetic can never overflow.
+//! * **Output order** is deterministic: within one call, windows closing together are emitted
+//!   by `(close time, window_start, meter, tenant, dimensions)`; restatements by
+//!   `(window_start, meter, tenant, dimensions)`. Every aggregate gets the next value of a
+//!   per-partition `seq` (from 1), and `emitted_at` is the meter's watermark at emission.
+//!
+//! # Validation order
+//!
+//! missing tenant → missing event id → unknown meter → too late / too early → **dedup probe** →
+//! quantity → negative quantity → provider cost → exactness of the window total → **dedup
+//! commit**. The probe comes before decimal parsing, so a duplicate costs no parsing; the id is
+//! only committed when the event is accepted, so a malformed event never consumes the id of
+//! its corrected retry.
+
+pub mod memory;
+pub(crate) mod snapshot;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::hash::{BuildHasher, Hasher};
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use rust_decimal::Decimal;
+
+pub use crate::dedup::{ColdQuery, ColdStore, DedupConfig, Deduplicator, Probe, SourcePos};
+use crate::event::{RejectReason, UsageEventRef};
+use crate::meter::{MeterCatalog, MeterDef};
+use crate::records::MeterAggregate;
+pub use crate::window::{LastEmitted, LoadedWindow, StoredEvent, WindowQuery, WindowStore};
+use crate::window::{canonical, Contribution, Overflow, Window, WindowKey};
+use crate::{Error, Result};
+pub use memory::MemoryStore;
+
+/// Event times must lie within ±2^50 ms (about ±35,000 years), so that window and horizon
+/// arithmetic never overflows an `i64`.
+pub const MAX_ABS_EVENT_TIME_MS: i64 = 1 << 50;
+
+/// Configuration of a [`PartitionEngine`] (the same for every partition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// See [`DedupConfig::horizon_ms`] (default 35 days).
+    pub dedup_horizon_ms: i64,
+    /// See [`DedupConfig::bucket_ms`] (default 1 hour).
+    pub dedup_bucket_ms: i64,
+    /// See [`DedupConfig::seal_after_ms`] (default 5 minutes).
+    pub dedup_seal_after_ms: i64,
+    /// See [`DedupConfig::hot_max_ids`] (default 16 Mi ids, about 256 MiB).
+    pub hot_max_ids: usize,
+    /// How long (in partition time, after closing) a closed window stays in memory; later
+    /// events for it reload it from the [`WindowStore`] (default 1 hour).
+    pub retain_closed_ms: i64,
+    /// Restatements are emitted when partition time crosses a multiple of this; 0 emits them
+    /// from the `on_event` that caused them (default 1 second).
+    pub restate_interval_ms: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let d = DedupConfig::default();
+        Self {
+            dedup_horizon_ms: d.horizon_ms,
+            dedup_bucket_ms: d.bucket_ms,
+            dedup_seal_after_ms: d.seal_after_ms,
+            hot_max_ids: d.hot_max_ids,
+            retain_closed_ms: 3_600_000,
+            restate_interval_ms: 1_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn dedup_config(&self) -> DedupConfig {
+        DedupConfig {
+            horizon_ms: self.dedup_horizon_ms,
+            bucket_ms: self.dedup_bucket_ms,
+            seal_after_ms: self.dedup_seal_after_ms,
+            hot_max_ids: self.hot_max_ids,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.dedup_config().validate()?;
+        if !(0..=MAX_ABS_EVENT_TIME_MS).contains(&self.retain_closed_ms) {
+            return Err(Error::Config("engine: retain_closed_ms must be in [0, 2^50]".into()));
+        }
+        if self.restate_interval_ms < 0 {
+            return Err(Error::Config("engine: restate_interval_ms must not be negative".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What became of one input event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Counted. The service must store the raw event (it is what the cold stores query).
+    Accepted,
+    /// Already counted: same `(tenant, event_id)` in the same dedup bucket.
+    Duplicate,
+    /// Not counted; goes to the dead-letter topic with `reason` and `detail`.
+    Rejected { reason: RejectReason, detail: String },
+}
+
+/// Counters of one partition engine (part of the snapshot).
+/// Invariant: `accepted + duplicates + rejected_total() == input()` is the number of
+/// `on_event` plus `on_skipped` calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub accepted: u64,
+    pub duplicates: u64,
+    /// Indexed by `RejectReason as usize` (the order of [`RejectReason::ALL`]).
+    pub rejected: [u64; RejectReason::ALL.len()],
+    pub ticks: u64,
+    /// Aggregates emitted (revision 0 and restatements).
+    pub aggregates: u64,
+    /// Of which restatements (revision > 0).
+    pub restatements: u64,
+    pub windows_opened: u64,
+    pub windows_loaded: u64,
+    pub windows_evicted: u64,
+}
+
+impl EngineStats {
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason as usize]
+    }
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+    /// Input records (events and skipped records, not ticks).
+    pub fn input(&self) -> u64 {
+        self.accepted + self.duplicates + self.rejected_total()
+    }
+}
+
+struct MeterRt {
+    def: MeterDef,
+    /// Every window of this meter with `window_end <= evicted_end_bound` may have been
+    /// evicted, so a miss there must ask the [`WindowStore`]; a miss above it is a window that
+    /// never existed. Recorded from actual evictions (not derived from the configuration), so it
+    /// stays right if `retain_closed_ms` changes across a restore.
+    evicted_end_bound: i64,
+}
+
+/// The engine of one source partition. See the module docs.
+pub struct PartitionEngine {
+    cfg: EngineConfig,
+    partition: i32,
+    catalog: Arc<MeterCatalog>,
+    meters: Vec<MeterRt>,
+    meter_index: hashbrown::HashMap<Box<str>, u16>,
+    dedup: Deduplicator,
+    hasher: DefaultHashBuilder,
+    /// Window states; `index` and the time indexes refer to slots here.
+    slab: Vec<Option<Window>>,
+    free: Vec<u32>,
+    /// Hash of (meter, window_start, tenant, dims) → slab slot; probed with borrowed parts so
+    /// that an event for an existing window allocates nothing.
+    index: HashTable<u32>,
+    /// Open windows by close time (`window_end + allowed_lateness`).
+    closing: BTreeMap<i64, Vec<u32>>,
+    /// Closed windows by eviction time (`close time + retain_closed_ms`).
+    retained: BTreeMap<i64, Vec<u32>>,
+    /// Slots of dirty windows (restatement pending).
+    dirty: Vec<u32>,
+    max_time: Option<i64>,
+    next_offset: i64,
+    next_seq: i64,
+    stats: EngineStats,
+    /// Emitted, not yet drained aggregates.
+    output: Vec<MeterAggregate>,
+}
+
+impl std::fmt::Debug for PartitionEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionEngine")
+            .field("partition", &self.partition)
+            .field("windows", &self.index.len())
+            .field("max_time", &self.max_time)
+            .field("next_offset", &self.next_offset)
+            .field("next_seq", &self.next_seq)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Up to this many `group_by` dimensions are gathered on the stack.
+const INLINE_DIMS: usize = 8;
+
+#[inline]
+fn key_hash<'a>(
+    bh: &DefaultHashBuilder,
+    meter: u16,
+    window_start: i64,
+    tenant: &str,
+    dims: impl Iterator<Item = &'a str>,
+) -> u64 {
+    let mut h = bh.build_hasher();
+    h.write_u16(meter);
+    h.write_i64(window_start);
+    h.write_usize(tenant.len());
+    h.write(tenant.as_bytes());
+    for d in dims {
+        h.write_usize(d.len());
+        h.write(d.as_bytes());
+    }
+    h.finish()
+}
+
+/// [`crate::decimal::parse`] with a fast path for the common case (at most 18 digits, at most
+/// 9 of them fractional), which needs no validation pass and no `from_str`: the result is
+/// identical (same value and scale), which a unit test checks against the slow path.
+#[inline]
+pub(crate) fn parse_decimal(field: &'static str, s: &str) -> Result<Decimal> {
+    let b = s.as_bytes();
+    let (neg, digits) = match b.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, b),
+    };
+    if !digits.is_empty() && digits.len() <= 18 {
+        let mut m: i64 = 0;
+        let mut int_digits = 0u32;
+        let mut frac_digits = 0u32;
+        let mut dot = false;
+        let mut ok = true;
+        for &c in digits {
+            match c {
+                b'0'..=b'9' => {
+                    m = m * 10 + i64::from(c - b'0');
+                    if dot {
+                        frac_digits += 1;
+                    } else {
+                        int_digits += 1;
+                    }
+                }
+                b'.' if !dot => dot = true,
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok && int_digits > 0 && (!dot || (1..=crate::decimal::MAX_SCALE).contains(&frac_digits)) {
+            return Ok(Decimal::new(if neg { -m } else { m }, frac_digits));
+        }
+    }
+    crate::decimal::parse(field, s)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn reject(reason: RejectReason, detail: String) -> Outcome {
+    Outcome::Rejected { reason, detail }
+}
+
+impl PartitionEngine {
+    /// A fresh engine for source partition `partition`, with a random dedup hash key.
+    pub fn new(catalog: Arc<MeterCatalog>, cfg: EngineConfig, partition: i32) -> Result<Self> {
+        Self::with_dedup_key(catalog, cfg, partition, crate::dedup::random_key())
+    }
+
+    /// A fresh engine with a given dedup key (tests, benchmarks).
+    pub fn with_dedup_key(catalog: Arc<MeterCatalog>, cfg: EngineConfig, partition: i32, key: u128) -> Result<Self> {
+        cfg.validate()?;
+        let dedup = Deduplicator::with_key(cfg.dedup_config(), key)?;
+        Self::assemble(catalog, cfg, partition, dedup)
+    }
+
+    fn assemble(catalog: Arc<MeterCatalog>, cfg: EngineConfig, partition: i32, dedup: Deduplicator) -> Result<Self> {
+        if catalog.meters().len() > usize::from(u16::MAX) {
+            return Err(Error::Config("more than 65535 meters".into()));
+        }
+        let meters: Vec<MeterRt> = catalog
+            .meters()
+            .iter()
+            .map(|m| MeterRt {
+                def: m.clone(),
+                evicted_end_bound: i64::MIN,
+            })
+            .collect();
+        let meter_index = meters
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (Box::from(m.def.name.as_str()), i as u16))
+            .collect();
+        Ok(Self {
+            cfg,
+            partition,
+            catalog,
+            meters,
+            meter_index,
+            dedup,
+            hasher: DefaultHashBuilder::default(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            index: HashTable::new(),
+            closing: BTreeMap::new(),
+            retained: BTreeMap::new(),
+            dirty: Vec::new(),
+            max_time: None,
+            next_offset: 0,
+            next_seq: 1,
+            stats: EngineStats::default(),
+            output: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn catalog(&self) -> &Arc<MeterCatalog> {
+        &self.catalog
+    }
+
+    /// Takes the aggregates emitted so far, in `seq` order. The service publishes them; a
+    /// snapshot also carries undrained ones, so none is lost either way.
+    pub fn drain_output(&mut self) -> std::vec::Drain<'_, MeterAggregate> {
+        self.output.drain(..)
+    }
+
+    /// Emitted, not yet drained aggregates.
+    pub fn output(&self) -> &[MeterAggregate] {
+        &self.output
+    }
+
+    /// The first source offset not yet covered (where to resume consuming after a restore).
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// The `seq` the next emitted aggregate will get.
+    pub fn next_seq(&self) -> i64 {
+        self.next_seq
+    }
+
+    /// Partition time (highest accepted event time or tick), None before the first.
+    pub fn partition_time(&self) -> Option<i64> {
+        self.max_time
+    }
+
+    /// The lowest meter watermark: partition time minus the largest allowed lateness. Every
+    /// window that ends at or before it is closed (for lag metrics).
+    pub fn watermark(&self) -> Option<i64> {
+        let lateness = self.meters.iter().map(|m| m.def.allowed_lateness_ms).max().unwrap_or(0);
+        Some(self.max_time?.saturating_sub(lateness))
+    }
+
+    /// The watermark of `meter` (partition time − its allowed lateness).
+    pub fn meter_watermark(&self, meter: &str) -> Option<i64> {
+        let m = &self.meters[usize::from(*self.meter_index.get(meter)?)].def;
+        Some(self.max_time?.saturating_sub(m.allowed_lateness_ms))
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub fn dedup(&self) -> &Deduplicator {
+        &self.dedup
+    }
+
+    /// Windows in memory (open and retained closed).
+    pub fn windows_in_memory(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Open (not yet closed) windows.
+    pub fn open_windows(&self) -> usize {
+        self.closing.values().map(Vec::len).sum()
+    }
+
+    fn check_offset(&self, offset: i64) -> Result<()> {
+        if offset < self.next_offset {
+            return Err(Error::OffsetRegression {
+                partition: self.partition,
+                offset,
+                next_offset: self.next_offset,
+            });
+        }
+        Ok(())
+    }
+
+    /// Processes the decoded event at `offset` (offsets must increase; gaps are fine).
+    /// Aggregates that become final are buffered for [`Self::drain_output`]. On `Err` (a store
+    /// failed, or the offset went backwards) the engine is unchanged and the call can be retried.
+    pub fn on_event<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        offset: i64,
+        ev: &UsageEventRef<'_>,
+        stores: &mut S,
+    ) -> Result<Outcome> {
+        self.check_offset(offset)?;
+        let outcome = self.process(ev, offset, stores)?;
+        self.next_offset = offset + 1;
+        match &outcome {
+            Outcome::Accepted => self.stats.accepted += 1,
+            Outcome::Duplicate => self.stats.duplicates += 1,
+            Outcome::Rejected { reason, .. } => self.stats.rejected[*reason as usize] += 1,
+        }
+        Ok(outcome)
+    }
+
+    /// A record the service could not decode (so it never reaches `on_event`): counted as
+    /// rejected `Undecodable`, its offset covered, so that stats add up to the input and
+    /// `next_offset` moves on. Returns false (and does nothing) for an offset already covered.
+    /// (Every other reject reason is decided by the engine, so this takes none.)
+    pub fn on_skipped(&mut self, offset: i64) -> bool {
+        if offset < self.next_offset {
+            return false;
+        }
+        self.next_offset = offset + 1;
+        self.stats.rejected[RejectReason::Undecodable as usize] += 1;
+        true
+    }
+
+    /// A tick control record at `offset` of the input log: the aggregator writes one for an
+    /// idle partition with `time_ms` taken from its clock, so that windows close without
+    /// traffic, and replay sees the same ticks. Advances partition time to `time_ms` (never
+    /// backwards) and emits every pending restatement. `time_ms` is a partition time, comparable
+    /// with event times; each meter's lateness still applies.
+    pub fn on_tick<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        offset: i64,
+        time_ms: i64,
+        stores: &mut S,
+    ) -> Result<()> {
+        self.check_offset(offset)?;
+        self.next_offset = offset + 1;
+        self.stats.ticks += 1;
+        self.on_watermark(time_ms, stores);
+        Ok(())
+    }
+
+    /// Advances partition time to `time_ms` (ignored if not ahead, clamped to ±2^50), closes
+    /// windows, emits every pending restatement and evicts expired state. A pure function of
+    /// the state and `time_ms`; it covers no offset (use [`Self::on_tick`] for logged ticks).
+    pub fn on_watermark<S: ColdStore + WindowStore + ?Sized>(&mut self, time_ms: i64, stores: &mut S) {
+        let t = time_ms.clamp(-MAX_ABS_EVENT_TIME_MS, MAX_ABS_EVENT_TIME_MS);
+        self.advance(t, stores, true);
+    }
+
+    fn process<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        ev: &UsageEventRef<'_>,
+        offset: i64,
+        store: &mut S,
+    ) -> Result<Outcome> {
+        if ev.tenant.is_empty() {
+            return Ok(reject(RejectReason::MissingTenant, "empty tenant".into()));
+        }
+        if ev.event_id.is_empty() {
+            return Ok(reject(RejectReason::MissingEventId, "empty event_id".into()));
+        }
+        let Some(&mi) = self.meter_index.get(ev.meter) else {
+            return Ok(reject(
+                RejectReason::UnknownMeter,
+                format!("unknown meter {:?}", truncate(ev.meter)),
+            ));
+        };
+        let m = &self.meters[usize::from(mi)].def;
+        let t = ev.event_time_ms;
+        let floor = self.max_time.map(|now| self.dedup.floor(now));
+        if t < -MAX_ABS_EVENT_TIME_MS || floor.is_some_and(|f| t < f) {
+            return Ok(reject(
+                RejectReason::TooLate,
+                match floor {
+                    Some(f) => format!("event time {t} is older than the dedup horizon (earliest accepted {f})"),
+                    None => format!("event time {t} is before -2^50"),
+                },
+            ));
+        }
+        let latest = self.max_time.map(|now| now.saturating_add(m.max_future_ms));
+        if t > MAX_ABS_EVENT_TIME_MS || latest.is_some_and(|l| t > l) {
+            return Ok(reject(
+                RejectReason::TooEarly,
+                match latest {
+                    Some(l) => format!("event time {t} is beyond max_future (latest accepted {l})"),
+                    None => format!("event time {t} is after 2^50"),
+                },
+            ));
+        }
+        let pos = SourcePos {
+            partition: self.partition,
+            offset,
+            next_seq: self.next_seq,
+        };
+        let new_id = match self.dedup.probe(ev.tenant, ev.event_id, t, pos, store)? {
+            Probe::Duplicate => return Ok(Outcome::Duplicate),
+            Probe::New(id) => id,
+        };
+        let quantity = match parse_decimal("quantity", ev.quantity) {
+            Ok(q) => q,
+            Err(e) => return Ok(reject(RejectReason::BadQuantity, e.to_string())),
+        };
+        if !m.allow_negative && quantity < Decimal::ZERO {
+            return Ok(reject(
+                RejectReason::NegativeQuantity,
+                format!("quantity {} is negative and meter {} does not allow_negative", truncate(ev.quantity), m.name),
+            ));
+        }
+        let provider_cost = match ev.provider_cost.map(|c| parse_decimal("provider_cost", c)).transpose() {
+            Ok(c) => c,
+            Err(e) => return Ok(reject(RejectReason::BadProviderCost, e.to_string())),
+        };
+
+        // The window.
+        let agg = m.aggregation;
+        let window_start = m.window_start(t);
+        let window_end = window_start + m.window_ms;
+        let close_at = window_end + m.allowed_lateness_ms;
+        let mut inline = [""; INLINE_DIMS];
+        let heap: Vec<&str>;
+        let dims: &[&str] = if m.group_by.len() <= INLINE_DIMS {
+            for (slot, name) in inline.iter_mut().zip(&m.group_by) {
+                *slot = ev.dimension(name).unwrap_or("");
+            }
+            &inline[..m.group_by.len()]
+        } else {
+            heap = m.group_by.iter().map(|name| ev.dimension(name).unwrap_or("")).collect();
+            &heap
+        };
+        let unique_value = match &m.unique_dimension {
+            Some(u) => ev.dimension(u).unwrap_or(""),
+            None => "",
+        };
+        let c = Contribution {
+            quantity,
+            event_time_ms: t,
+            event_id: ev.event_id,
+            unique_value,
+            provider_cost,
+        };
+        let hash = key_hash(&self.hasher, mi, window_start, ev.tenant, dims.iter().copied());
+        let slab = &self.slab;
+        let found = self
+            .index
+            .find(hash, |&i| {
+                slab[i as usize]
+                    .as_ref()
+                    .is_some_and(|w| w.key.matches(mi, window_start, ev.tenant, dims))
+            })
+            .copied();
+        let slot = match found {
+            Some(i) => {
+                let w = self.slab[i as usize].as_mut().expect("indexed slot is live");
+                if let Err(o) = w.try_apply(&c) {
+                    return Ok(overflow_reject(o));
+                }
+                i
+            }
+            None => {
+                let is_open = self.max_time.is_none_or(|now| close_at > now);
+                let key = WindowKey {
+                    window_start,
+                    meter: mi,
+                    tenant: Box::from(ev.tenant),
+                    dims: dims.iter().map(|d| Box::from(*d)).collect(),
+                };
+                let mut base: Option<Window> = None;
+                let mut prior_last: Option<LastEmitted> = None;
+                if !is_open && window_end <= self.meters[usize::from(mi)].evicted_end_bound {
+                    let group: Vec<(&str, &str)> =
+                        m.group_by.iter().map(String::as_str).zip(dims.iter().copied()).collect();
+                    let q = WindowQuery {
+                        meter: m,
+                        tenant: ev.tenant,
+                        group: &group,
+                        window_start,
+                        window_end,
+                        before: pos,
+                    };
+                    if let Some(loaded) = store.load(&q)? {
+                        base = Window::rebuild(key.clone(), hash, agg, &loaded)?;
+                        // (No events but an emission cannot happen within the horizon; if a
+                        // store says so anyway, the revision sequence still continues.)
+                        prior_last = loaded.last_emitted;
+                        self.stats.windows_loaded += 1;
+                    }
+                }
+                let w = match base {
+                    Some(mut w) => {
+                        if let Err(o) = w.try_apply(&c) {
+                            return Ok(overflow_reject(o));
+                        }
+                        w
+                    }
+                    None => {
+                        let mut w = Window::new(key, hash, agg, &c);
+                        w.last = prior_last;
+                        w
+                    }
+                };
+                self.insert_window(w, is_open, close_at)
+            }
+        };
+        self.accept(new_id, slot, t, store)
+    }
+
+    /// Commits the id, marks a closed window dirty and moves time.
+    fn accept<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        new_id: crate::dedup::NewId,
+        slot: u32,
+        t: i64,
+        store: &mut S,
+    ) -> Result<Outcome> {
+        self.dedup.commit(new_id, store);
+        let w = self.slab[slot as usize].as_mut().expect("live slot");
+        if w.closed && !w.dirty {
+            w.dirty = true;
+            self.dirty.push(slot);
+        }
+        if self.max_time.is_none_or(|now| t > now) {
+            self.advance(t, store, false);
+        }
+        if self.cfg.restate_interval_ms == 0 && !self.dirty.is_empty() {
+            self.flush_dirty();
+        }
+        Ok(Outcome::Accepted)
+    }
+
+    /// Puts a new window in the slab, the hash index and the right time index.
+    fn insert_window(&mut self, mut w: Window, is_open: bool, close_at: i64) -> u32 {
+        w.closed = !is_open;
+        let hash = w.hash;
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slab[s as usize] = Some(w);
+                s
+            }
+            None => {
+                self.slab.push(Some(w));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let slab = &self.slab;
+        self.index.insert_unique(hash, slot, |&i| {
+            slab[i as usize].as_ref().map_or(0, |w| w.hash)
+        });
+        if is_open {
+            self.closing.entry(close_at).or_default().push(slot);
+        } else {
+            let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
+            self.retained.entry(evict_at).or_default().push(slot);
+        }
+        self.stats.windows_opened += 1;
+        slot
+    }
+
+    /// Moves partition time to `t` (if ahead) and does everything that follows from it.
+    fn advance<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        t: i64,
+        store: &mut S,
+        force_flush: bool,
+    ) {
+        let prev = self.max_time;
+        if prev.is_some_and(|p| p >= t) {
+            if force_flush {
+                self.flush_dirty();
+            }
+            return;
+        }
+        self.max_time = Some(t);
+        self.dedup.advance(t);
+
+        // 1. Close windows (revision 0).
+        if self.closing.first_key_value().is_some_and(|(&k, _)| k <= t) {
+            let mut batch: Vec<(i64, u32)> = Vec::new();
+            while let Some(entry) = self.closing.first_entry() {
+                if *entry.key() > t {
+                    break;
+                }
+                let close_at = *entry.key();
+                batch.extend(entry.remove().into_iter().map(|s| (close_at, s)));
+            }
+            let slab = &self.slab;
+            batch.sort_unstable_by(|a, b| {
+                a.0.cmp(&b.0).then_with(|| {
+                    let ka = &slab[a.1 as usize].as_ref().expect("live").key;
+                    let kb = &slab[b.1 as usize].as_ref().expect("live").key;
+                    ka.cmp(kb)
+                })
+            });
+            for (close_at, slot) in batch {
+                self.slab[slot as usize].as_mut().expect("live").closed = true;
+                self.emit(slot);
+                let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
+                self.retained.entry(evict_at).or_default().push(slot);
+            }
+        }
+
+        // 2. Coalesced restatements.
+        let interval = self.cfg.restate_interval_ms;
+        let crossed = interval > 0 && prev.is_none_or(|p| p.div_euclid(interval) != t.div_euclid(interval));
+        if force_flush || crossed {
+            self.flush_dirty();
+        }
+
+        // 3. Evict closed windows past retention (flushing their pending restatements first).
+        if self.retained.first_key_value().is_some_and(|(&k, _)| k <= t) {
+            let mut batch: Vec<u32> = Vec::new();
+            while let Some(entry) = self.retained.first_entry() {
+                if *entry.key() > t {
+                    break;
+                }
+                batch.extend(entry.remove());
+            }
+            if batch.iter().any(|&s| self.slab[s as usize].as_ref().expect("live").dirty) {
+                self.flush_dirty();
+            }
+            let slab = &self.slab;
+            batch.sort_unstable_by(|a, b| {
+                let ka = &slab[*a as usize].as_ref().expect("live").key;
+                let kb = &slab[*b as usize].as_ref().expect("live").key;
+                ka.cmp(kb)
+            });
+            let pos = SourcePos {
+                partition: self.partition,
+                offset: self.next_offset,
+                next_seq: self.next_seq,
+            };
+            for slot in batch {
+                let w = self.slab[slot as usize].take().expect("live");
+                let hash = w.hash;
+                self.index
+                    .find_entry(hash, |&i| i == slot)
+                    .expect("evicted window is indexed")
+                    .remove();
+                self.free.push(slot);
+                let rt = &mut self.meters[usize::from(w.key.meter)];
+                let window_end = w.key.window_start + rt.def.window_ms;
+                rt.evicted_end_bound = rt.evicted_end_bound.max(window_end);
+                self.stats.windows_evicted += 1;
+                let group: Vec<(&str, &str)> =
+                    rt.def.group_by.iter().map(String::as_str).zip(w.key.dims.iter().map(|d| &**d)).collect();
+                let q = WindowQuery {
+                    meter: &rt.def,
+                    tenant: &w.key.tenant,
+                    group: &group,
+                    window_start: w.key.window_start,
+                    window_end,
+                    before: pos,
+                };
+                let last = w.last.expect("a closed, flushed window has been emitted");
+                store.window_evicted(&q, &last);
+            }
+        }
+    }
+
+    /// Emits every dirty window, in key order.
+    fn flush_dirty(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let slab = &self.slab;
+        dirty.sort_unstable_by(|a, b| {
+            let ka = &slab[*a as usize].as_ref().expect("live").key;
+            let kb = &slab[*b as usize].as_ref().expect("live").key;
+            ka.cmp(kb)
+        });
+        for &slot in &dirty {
+            self.emit(slot);
+        }
+        dirty.clear();
+        self.dirty = dirty;
+    }
+
+    /// Emits the current state of a closed window as its next revision.
+    fn emit(&mut self, slot: u32) {
+        let now = self.max_time.expect("emission happens after time started");
+        let w = self.slab[slot as usize].as_mut().expect("live");
+        let m = &self.meters[usize::from(w.key.meter)].def;
+        let value = w.value(m.aggregation);
+        let provider_cost = canonical(w.provider_cost);
+        let (revision, previous_value, previous_provider_cost) = match &w.last {
+            None => (0, Decimal::ZERO, Decimal::ZERO),
+            Some(l) => (l.revision + 1, l.value, l.provider_cost),
+        };
+        self.output.push(MeterAggregate {
+            tenant: w.key.tenant.to_string(),
+            meter: m.name.clone(),
+            aggregation: m.aggregation.as_str().to_owned(),
+            dimensions: m
+                .group_by
+                .iter()
+                .cloned()
+                .zip(w.key.dims.iter().map(|d| d.to_string()))
+                .collect(),
+            window_start: w.key.window_start,
+            window_end: w.key.window_start + m.window_ms,
+            revision,
+            value,
+            previous_value,
+            event_count: w.event_count,
+            provider_cost,
+            previous_provider_cost,
+            source_partition: self.partition,
+            seq: self.next_seq,
+            emitted_at: now.saturating_sub(m.allowed_lateness_ms),
+        });
+        self.next_seq += 1;
+        self.stats.aggregates += 1;
+        if revision > 0 {
+            self.stats.restatements += 1;
+        }
+        w.last = Some(LastEmitted {
+            revision,
+            value,
+            provider_cost,
+        });
+        w.dirty = false;
+    }
+}
+
+fn overflow_reject(o: Overflow) -> Outcome {
+    match o {
+        Overflow::Quantity => reject(RejectReason::BadQuantity, "window total would lose precision".into()),
+        Overflow::ProviderCost => {
+            reject(RejectReason::BadProviderCost, "window provider cost would lose precision".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

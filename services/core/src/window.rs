@@ -1,0 +1,391 @@
+//! Event-time tumbling windows: the per-window state, how events fold into it, and the
+//! [`WindowStore`] that lets a window evicted from memory be rebuilt for a restatement.
+//!
+//! # Exactness
+//!
+//! Values are `rust_decimal::Decimal` and additions are *checked for exactness*:
+//! `rust_decimal` silently rounds (drops fractional digits) when a sum needs more than 28-29
+//! significant digits. A rounded total would make results depend on the order of events, so an
+//! addition that would round is refused and the event is rejected (`BadQuantity` /
+//! `BadProviderCost`, detail "window total would lose precision"). In practice that needs totals
+//! beyond 10^19 with 9 fractional digits. Order-independence of every aggregation then follows:
+//! exact sums commute, min/max/unique sets are lattices, `latest` is a max over
+//! `(event_time, event_id)`.
+//!
+//! `avg` is `sum / count` rounded half-to-even to 9 fractional digits
+//! ([`crate::decimal::round_amount`]), computed from the exact sum and count at emission, so
+//! it is reproducible and matches what ClickHouse `Decimal(38, 9)` can store.
+//!
+//! # Missing dimensions
+//!
+//! A `group_by` or `unique_dimension` dimension absent from an event counts as the empty
+//! string. That is what ClickHouse's `dimensions['x']` returns for a missing key, so a
+//! [`WindowStore`] over stored raw events agrees with the in-memory state without special
+//! cases, and every aggregate of a meter carries the same dimension keys.
+
+use rust_decimal::Decimal;
+
+use crate::dedup::SourcePos;
+use crate::meter::{Aggregation, MeterDef};
+use crate::{Error, Result};
+
+/// One accepted event as a [`WindowStore`] returns it: just the fields that aggregation needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub quantity: Decimal,
+    pub event_time_ms: i64,
+    /// Value of the meter's `unique_dimension` ("" when absent or not a unique_count meter).
+    pub unique_value: String,
+    pub provider_cost: Option<Decimal>,
+}
+
+/// The last aggregate emitted for a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastEmitted {
+    pub revision: i32,
+    pub value: Decimal,
+    pub provider_cost: Decimal,
+}
+
+/// What a [`WindowStore`] knows about a window evicted from memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedWindow {
+    /// Accepted events of the window, in source-offset order.
+    pub events: Vec<StoredEvent>,
+    /// The highest revision emitted for it (None if none was).
+    pub last_emitted: Option<LastEmitted>,
+}
+
+/// Identifies one window of one meter, tenant and `group_by` dimension set.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowQuery<'a> {
+    pub meter: &'a MeterDef,
+    pub tenant: &'a str,
+    /// `(dimension, value)` for each of the meter's `group_by` dimensions, in `group_by` order
+    /// (sorted); a missing dimension has value "".
+    pub group: &'a [(&'a str, &'a str)],
+    pub window_start: i64,
+    pub window_end: i64,
+    /// Answer as of this position (see [`SourcePos`]).
+    pub before: SourcePos,
+}
+
+/// Where windows evicted from memory can be reloaded from, for restatements days later.
+///
+/// The aggregator implements it over ClickHouse, with two queries:
+///
+/// ```sql
+/// -- events (the raw events it stores for every Accepted outcome)
+/// SELECT event_id, quantity, event_time, dimensions[{unique_dimension}], provider_cost
+/// FROM raw_events
+/// WHERE source_partition = {before.partition} AND tenant = {tenant} AND meter = {meter.name}
+///   AND event_time >= {window_start} AND event_time < {window_end}
+///   AND dimensions[{g1}] = {v1} AND ...            -- each group pair
+///   AND source_offset < {before.offset}
+/// ORDER BY source_offset;
+/// -- last emission (the aggregates it publishes)
+/// SELECT revision, value, provider_cost FROM meter_aggregates
+/// WHERE source_partition = {before.partition} AND tenant = ... AND meter = ...
+///   AND dimensions = {group as map} AND window_start = {window_start}
+///   AND seq < {before.next_seq}
+/// ORDER BY seq DESC LIMIT 1;
+/// ```
+///
+/// Contract: reflect every accepted event at offsets `< before.offset` and every aggregate with
+/// `seq < before.next_seq` (flush or consult buffered inserts first), and nothing later
+/// (replay determinism). Return `None` if neither query finds anything. An error aborts the
+/// current `on_event` without changing the engine; retry it.
+pub trait WindowStore {
+    fn load(&mut self, q: &WindowQuery<'_>) -> Result<Option<LoadedWindow>>;
+
+    /// The engine dropped a closed window from memory; `last` is its final emitted state.
+    /// Stores backed by raw events need no action.
+    fn window_evicted(&mut self, q: &WindowQuery<'_>, last: &LastEmitted) {
+        let _ = (q, last);
+    }
+}
+
+/// A window's identity inside the engine. Ordered by `(window_start, meter, tenant, dims)`,
+/// which is the deterministic emission order among windows that close together.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct WindowKey {
+    pub window_start: i64,
+    pub meter: u16,
+    pub tenant: Box<str>,
+    /// Values of the meter's `group_by` dimensions, in `group_by` order.
+    pub dims: Box<[Box<str>]>,
+}
+
+impl WindowKey {
+    #[inline]
+    pub fn matches(&self, meter: u16, window_start: i64, tenant: &str, dims: &[&str]) -> bool {
+        self.window_start == window_start
+            && self.meter == meter
+            && &*self.tenant == tenant
+            && self.dims.len() == dims.len()
+            && self.dims.iter().zip(dims).all(|(a, b)| &**a == *b)
+    }
+}
+
+/// One event's contribution, already validated and parsed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Contribution<'a> {
+    pub quantity: Decimal,
+    pub event_time_ms: i64,
+    pub event_id: &'a str,
+    pub unique_value: &'a str,
+    pub provider_cost: Option<Decimal>,
+}
+
+/// Which addition could not be done exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Overflow {
+    Quantity,
+    ProviderCost,
+}
+
+/// `a + b`, or None if the result does not fit or would be rounded.
+#[inline]
+pub(crate) fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let r = a.checked_add(b)?;
+    (r.scale() >= a.scale().max(b.scale())).then_some(r)
+}
+
+/// The aggregation-specific part of a window's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Acc {
+    /// Sum (also the numerator of avg; the count is `event_count`).
+    Sum(Decimal),
+    /// Count needs no state beyond `event_count`.
+    Count,
+    Min(Decimal),
+    Max(Decimal),
+    Unique(hashbrown::HashSet<Box<str>>),
+    Latest {
+        event_time_ms: i64,
+        event_id: Box<str>,
+        value: Decimal,
+    },
+}
+
+/// The state of one window.
+#[derive(Debug, Clone)]
+pub(crate) struct Window {
+    pub key: WindowKey,
+    pub hash: u64,
+    pub acc: Acc,
+    pub event_count: i64,
+    pub provider_cost: Decimal,
+    pub closed: bool,
+    /// Closed and changed since its last emission (a restatement is pending).
+    pub dirty: bool,
+    pub last: Option<LastEmitted>,
+}
+
+impl Window {
+    pub fn new(key: WindowKey, hash: u64, agg: Aggregation, c: &Contribution<'_>) -> Self {
+        let acc = match agg {
+            Aggregation::Sum | Aggregation::Avg => Acc::Sum(c.quantity),
+            Aggregation::Count => Acc::Count,
+            Aggregation::Min => Acc::Min(c.quantity),
+            Aggregation::Max => Acc::Max(c.quantity),
+            Aggregation::UniqueCount => {
+                let mut s = hashbrown::HashSet::new();
+                s.insert(Box::from(c.unique_value));
+                Acc::Unique(s)
+            }
+            Aggregation::Latest => Acc::Latest {
+                event_time_ms: c.event_time_ms,
+                event_id: Box::from(c.event_id),
+                value: c.quantity,
+            },
+        };
+        Self {
+            key,
+            hash,
+            acc,
+            event_count: 1,
+            provider_cost: c.provider_cost.unwrap_or(Decimal::ZERO),
+            closed: false,
+            dirty: false,
+            last: None,
+        }
+    }
+
+    /// Adds one event, all or nothing.
+    #[inline]
+    pub fn try_apply(&mut self, c: &Contribution<'_>) -> Result<(), Overflow> {
+        let cost = match c.provider_cost {
+            Some(pc) => Some(exact_add(self.provider_cost, pc).ok_or(Overflow::ProviderCost)?),
+            None => None,
+        };
+        match &mut self.acc {
+            Acc::Sum(s) => *s = exact_add(*s, c.quantity).ok_or(Overflow::Quantity)?,
+            Acc::Count => {}
+            Acc::Min(m) => {
+                if c.quantity < *m {
+                    *m = c.quantity
+                }
+            }
+            Acc::Max(m) => {
+                if c.quantity > *m {
+                    *m = c.quantity
+                }
+            }
+            Acc::Unique(set) => {
+                if !set.contains(c.unique_value) {
+                    set.insert(Box::from(c.unique_value));
+                }
+            }
+            Acc::Latest {
+                event_time_ms,
+                event_id,
+                value,
+            } => {
+                if (c.event_time_ms, c.event_id) > (*event_time_ms, &**event_id) {
+                    *event_time_ms = c.event_time_ms;
+                    *event_id = Box::from(c.event_id);
+                    *value = c.quantity;
+                }
+            }
+        }
+        if let Some(cost) = cost {
+            self.provider_cost = cost;
+        }
+        self.event_count += 1;
+        Ok(())
+    }
+
+    /// Rebuilds a window from a store's events (in offset order, as they were first applied).
+    pub fn rebuild(key: WindowKey, hash: u64, agg: Aggregation, loaded: &LoadedWindow) -> Result<Option<Self>> {
+        let mut w: Option<Window> = None;
+        for e in &loaded.events {
+            let c = Contribution {
+                quantity: e.quantity,
+                event_time_ms: e.event_time_ms,
+                event_id: &e.event_id,
+                unique_value: &e.unique_value,
+                provider_cost: e.provider_cost,
+            };
+            match &mut w {
+                None => w = Some(Window::new(key.clone(), hash, agg, &c)),
+                Some(w) => w
+                    .try_apply(&c)
+                    .map_err(|_| Error::Store("stored events of a window overflow its total".into()))?,
+            }
+        }
+        if let Some(w) = &mut w {
+            w.closed = true;
+            w.last = loaded.last_emitted;
+        }
+        Ok(w)
+    }
+
+    /// The window's value, canonical (normalised, no negative zero) so that a window rebuilt
+    /// from a store with another scale (ClickHouse returns scale 9) emits identical bytes.
+    pub fn value(&self, agg: Aggregation) -> Decimal {
+        let v = match (&self.acc, agg) {
+            (Acc::Sum(s), Aggregation::Avg) => {
+                crate::decimal::round_amount(*s / Decimal::from(self.event_count))
+            }
+            (Acc::Sum(s), _) => *s,
+            (Acc::Count, _) => Decimal::from(self.event_count),
+            (Acc::Min(m) | Acc::Max(m), _) => *m,
+            (Acc::Unique(set), _) => Decimal::from(set.len() as u64),
+            (Acc::Latest { value, .. }, _) => *value,
+        };
+        canonical(v)
+    }
+}
+
+/// Normalised, with zero always positive.
+#[inline]
+pub(crate) fn canonical(d: Decimal) -> Decimal {
+    if d.is_zero() {
+        Decimal::ZERO
+    } else {
+        d.normalize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn c<'a>(q: &str, t: i64, id: &'a str, u: &'a str) -> Contribution<'a> {
+        Contribution {
+            quantity: d(q),
+            event_time_ms: t,
+            event_id: id,
+            unique_value: u,
+            provider_cost: Some(d("0.5")),
+        }
+    }
+
+    fn key() -> WindowKey {
+        WindowKey {
+            window_start: 0,
+            meter: 0,
+            tenant: "t".into(),
+            dims: Box::new([]),
+        }
+    }
+
+    #[test]
+    fn exact_add_refuses_rounding() {
+        assert_eq!(exact_add(d("1.5"), d("1")), Some(d("2.5")));
+        assert_eq!(exact_add(d("100000000000000000000"), d("0.000000001")), None);
+        assert_eq!(exact_add(Decimal::MAX, Decimal::ONE), None);
+    }
+
+    #[test]
+    fn every_aggregation() {
+        let evs = [c("3", 5, "b", "u1"), c("1.5", 9, "a", "u2"), c("7", 9, "c", "u1"), c("-2", 1, "z", "")];
+        let expect = [
+            (Aggregation::Sum, "9.5"),
+            (Aggregation::Count, "4"),
+            (Aggregation::Min, "-2"),
+            (Aggregation::Max, "7"),
+            (Aggregation::Avg, "2.375"),
+            (Aggregation::UniqueCount, "3"),
+            (Aggregation::Latest, "7"),
+        ];
+        for (agg, want) in expect {
+            let mut w = Window::new(key(), 0, agg, &evs[0]);
+            for e in &evs[1..] {
+                w.try_apply(e).unwrap();
+            }
+            assert_eq!(w.value(agg), d(want), "{agg:?}");
+            assert_eq!(w.event_count, 4);
+            assert_eq!(w.provider_cost, d("2"));
+        }
+        // avg rounds half to even at 9 digits.
+        let mut w = Window::new(key(), 0, Aggregation::Avg, &c("0.000000001", 0, "a", ""));
+        w.try_apply(&c("0", 0, "b", "")).unwrap();
+        assert_eq!(w.value(Aggregation::Avg), d("0"));
+        w.try_apply(&c("0.000000002", 0, "c", "")).unwrap();
+        assert_eq!(w.value(Aggregation::Avg), d("0.000000001"));
+    }
+
+    #[test]
+    fn overflow_is_all_or_nothing() {
+        let mut w = Window::new(key(), 0, Aggregation::Sum, &c("79228162514264337593543950335", 0, "a", ""));
+        let before = w.acc.clone();
+        assert_eq!(w.try_apply(&c("1", 0, "b", "")), Err(Overflow::Quantity));
+        assert_eq!(w.acc, before);
+        assert_eq!(w.event_count, 1);
+        assert_eq!(w.provider_cost, d("0.5"));
+    }
+
+    #[test]
+    fn canonical_values() {
+        assert_eq!(canonical(d("-0.000")).to_string(), "0");
+        assert_eq!(canonical(d("1.500")).to_string(), "1.5");
+    }
+}
