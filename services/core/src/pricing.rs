@@ -68,6 +68,14 @@
 //! A cumulative quantity at or below the free allowance (including a negative one, which
 //! credits can produce) prices as zero.
 //!
+//! The only other rounding is of a *prorated* minimum commitment
+//! ([`Catalog::commitments`]): a plan's minimum times the share of the month it was in force,
+//! divided once and rounded half-to-even to 9 digits.
+//!
+//! A price's `name` is its identity: the rater keeps cumulative quantities per (plan id,
+//! price name), so renaming a price (or a plan) in a reloaded catalog restarts its tiers for
+//! the rest of the period. Publish a changed price as a new plan and assign tenants to it.
+//!
 //! # Plans over time
 //!
 //! A tenant's assignments form a timeline: an assignment is in force from its `from` until
@@ -75,7 +83,7 @@
 //! `default_plan` applies, if there is one. See [`crate::rating`] for how windows, segments
 //! and minimum commitments use it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -135,6 +143,13 @@ fn days_in_month(y: i64, m: u32) -> u32 {
         _ => 28,
     }
 }
+
+/// First instant the calendar functions are meant for (the Unix epoch).
+pub const MIN_TIME_MS: i64 = 0;
+/// First instant past the supported range (year 10000). Times outside
+/// `MIN_TIME_MS..MAX_TIME_MS` are rejected or clamped by the rater, so calendar arithmetic
+/// cannot overflow and a bogus watermark cannot make it walk millions of months.
+pub const MAX_TIME_MS: i64 = 253_402_300_800_000;
 
 /// Start (Unix ms, UTC) of the calendar-month billing period holding `ms`.
 pub fn period_start(ms: i64) -> i64 {
@@ -678,7 +693,14 @@ fn serde_error(plan: &str, price: &str, fallback_field: &str, e: &dyn std::fmt::
         .split_once("unknown field `")
         .and_then(|(_, rest)| rest.split_once('`'))
         .map_or_else(|| fallback_field.to_owned(), |(f, _)| f.to_owned());
-    let reason = msg.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(&msg).trim().to_owned();
+    // toml's messages are multi-line: "TOML parse error at line L, column C", a source
+    // excerpt, then the cause. Keep the cause and the location.
+    let mut lines = msg.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    let reason = match lines.next_back() {
+        Some(last) if first.starts_with("TOML parse error") => format!("{last} ({first})"),
+        _ => first.to_owned(),
+    };
     invalid(plan, price, &field, reason)
 }
 
@@ -954,11 +976,6 @@ pub fn margin_percent(amount: Decimal, margin: Decimal) -> Option<Decimal> {
         .checked_mul(Decimal::ONE_HUNDRED)?
         .checked_div(amount)
         .map(|p| p.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven))
-}
-
-/// Set of currencies used by the catalog's plans (handy for wallet thresholds).
-pub fn currencies(catalog: &Catalog) -> BTreeSet<String> {
-    catalog.plans().map(|p| p.currency.clone()).collect()
 }
 
 #[cfg(test)]

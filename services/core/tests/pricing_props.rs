@@ -240,7 +240,11 @@ fn catalog_errors_name_plan_price_and_field() {
             other => panic!("expected InvalidCatalog for {field}, got {other:?}\n{text}"),
         }
     }
-    assert!(matches!(Catalog::from_toml_str("colour = 1"), Err(Error::InvalidCatalog { .. })));
+    assert!(matches!(Catalog::from_toml_str("colour = 1"), Err(Error::InvalidCatalog { field, .. }) if field == "colour"));
+    match Catalog::from_toml_str("[[plan]]\nid = \"p\"\ncurrency = \"USD\"\nminimum_commitment = = 1") {
+        Err(Error::InvalidCatalog { reason, .. }) => assert!(reason.contains("line 4"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn demo_catalog() -> Catalog {
@@ -427,6 +431,21 @@ fn finalized_periods_are_rejected() {
     s.advance(&c, ts("2027-01-05T00:00:00Z"));
     let late = MeterAggregate { revision: 1, value: d("2"), previous_value: d("1"), seq: 2, ..a };
     assert!(matches!(s.rate(&c, &late).unwrap(), RateOutcome::Rejected(Error::Unrateable { .. })));
+}
+
+#[test]
+fn absurd_times_do_not_overflow() {
+    let c = single_price_catalog("model = \"per_unit\"\nunit_price = \"1\"", "100");
+    let mut s = RatingState::new(0, RatingConfig::default());
+    for (seq, w) in [i64::MIN, -1, i64::MAX - MINUTE, pricing::MAX_TIME_MS].into_iter().enumerate() {
+        let a = MeterAggregate { window_end: w.saturating_add(MINUTE), ..agg("t", "m", &[], w, 0, d("1"), d("0"), 0, seq as i64) };
+        assert!(matches!(s.rate(&c, &a).unwrap(), RateOutcome::Rejected(Error::Unrateable { .. })), "{w}");
+    }
+    assert!(s.advance(&c, i64::MIN).is_empty());
+    charged(s.rate(&c, &agg("t", "m", &[], ts("9999-12-31T00:00:00Z"), 0, d("1"), d("0"), 1, 1)).unwrap());
+    assert!(s.on_period_close(&c, "t", i64::MAX).is_empty());
+    s.advance(&c, i64::MAX);
+    assert_eq!(s.watermark(), Some(pricing::MAX_TIME_MS));
 }
 
 #[test]

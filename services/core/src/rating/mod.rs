@@ -51,7 +51,10 @@
 //!   during the period ([`Catalog::commitments`]). If usage of a closed period is rated later
 //!   (restatements, late windows), the true-up is recomputed and the difference is emitted
 //!   as an adjusting `true_up` charge with `revision + 1`, so usage plus true-ups always equal
-//!   `max(commitment, usage)` exactly. Every period from the first one a tenant was seen in is
+//!   `max(commitment, usage)` exactly. A true-up charge has `kind = "true_up"`, an empty
+//!   meter and dimensions, quantity 0, no provider cost, and spans the whole period
+//!   (`window_start = period_start`, `window_end` = next month); its id hashes (tenant,
+//!   currency, period, revision). Every period from the first one a tenant was seen in is
 //!   closed, including months without usage (they owe the full minimum); a tenant this state
 //!   never saw gets no true-up unless the rater calls `on_period_close` for it.
 //! * **Retention.** Period records are dropped [`RatingConfig::retention_ms`] after the period
@@ -307,6 +310,9 @@ impl RatingState {
         if agg.window_end <= agg.window_start {
             return reject(format!("window end {} is not after its start {}", agg.window_end, agg.window_start));
         }
+        if !(pricing::MIN_TIME_MS..pricing::MAX_TIME_MS).contains(&agg.window_start) {
+            return reject(format!("window start {} ms is outside 1970..10000", agg.window_start));
+        }
         if agg.revision < 0 {
             return reject(format!("negative revision {}", agg.revision));
         }
@@ -372,17 +378,22 @@ impl RatingState {
         })))
     }
 
-    /// Moves the watermark (never backwards) and closes every period whose end plus grace it
-    /// passed, returning their true-ups. Also drops records past retention.
+    /// Moves the watermark (never backwards; clamped to 1970..10000) and closes every period
+    /// whose end plus grace it passed, returning their true-ups. Also drops records past
+    /// retention.
     pub fn advance(&mut self, catalog: &Catalog, watermark_ms: i64) -> Vec<Charge> {
-        let wm = self.watermark_ms.map_or(watermark_ms, |w| w.max(watermark_ms));
+        let wm = watermark_ms.clamp(pricing::MIN_TIME_MS, pricing::MAX_TIME_MS);
+        let wm = self.watermark_ms.map_or(wm, |w| w.max(wm));
         self.watermark_ms = Some(wm);
         let mut out = Vec::new();
         for (tenant, ts) in &mut self.tenants {
             out.extend(close_due(catalog, tenant, ts, Some(wm), self.config.grace_ms));
         }
         // Finalize periods that ended more than grace + retention ago.
-        let horizon = wm.saturating_sub(self.config.grace_ms).saturating_sub(self.config.retention_ms);
+        let horizon = wm
+            .saturating_sub(self.config.grace_ms.max(0))
+            .saturating_sub(self.config.retention_ms.max(0))
+            .max(pricing::MIN_TIME_MS);
         let cutoff = pricing::period_start(horizon);
         if self.finalized_before.is_none_or(|f| cutoff > f) {
             self.finalized_before = Some(cutoff);
@@ -399,6 +410,9 @@ impl RatingState {
     /// tenant this state has never seen usage for). Idempotent: a closed period yields
     /// nothing. A finalized period yields nothing either.
     pub fn on_period_close(&mut self, catalog: &Catalog, tenant: &str, period_start: i64) -> Vec<Charge> {
+        if !(pricing::MIN_TIME_MS..pricing::MAX_TIME_MS).contains(&period_start) {
+            return Vec::new();
+        }
         let period = pricing::period_start(period_start);
         if self.finalized_before.is_some_and(|f| period < f) {
             return Vec::new();
