@@ -564,14 +564,14 @@ impl Catalog {
             .map(|r| r.per_unit)
     }
 
-    /// What `tenant` is committed to for the period starting at `period_start`, per currency.
+    /// What `tenant` is committed to for the period holding `period` (ms), per currency.
     ///
     /// Why prorated: a tenant moving onto (or off) a committed plan mid-month owes that plan's
     /// minimum for the share of the month it was in force, like a prorated fixed fee, rather
     /// than all of it or none of it. The division happens once, in integer arithmetic on
     /// 9-digit mantissas, rounded half-to-even, so the result is exact and deterministic.
-    pub fn commitments(&self, tenant: &str, period_start: i64) -> BTreeMap<String, Commitment> {
-        let start = self::period_start(period_start);
+    pub fn commitments(&self, tenant: &str, period: i64) -> BTreeMap<String, Commitment> {
+        let start = period_start(period);
         let end = period_end(start);
         let mut cuts: Vec<i64> = vec![start];
         cuts.extend(self.assignments(tenant).iter().map(|a| a.from_ms).filter(|&t| t > start && t < end));

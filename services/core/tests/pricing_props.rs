@@ -450,10 +450,14 @@ fn absurd_times_do_not_overflow() {
 
 #[test]
 fn snapshots_are_versioned() {
-    let s = RatingState::new(1, RatingConfig::default());
+    let c = single_price_catalog("model = \"per_unit\"\nunit_price = \"0.000000000001\"", "0");
+    let mut s = RatingState::new(1, RatingConfig::default());
+    charged(s.rate(&c, &agg("t", "m", &[], nov(), 0, d("1500"), d("0"), 0, 1)).unwrap());
     let bytes = s.snapshot();
     assert_eq!(RatingState::restore(&bytes).unwrap(), s);
     let text = String::from_utf8(bytes).unwrap();
+    // Decimals are strings in snapshots: exact, whatever the JSON reader does with numbers.
+    assert!(text.contains("\"revenue\":{\"USD\":\"0.000000002\"}"), "{text}");
     let v2 = text.replace("\"version\":1", "\"version\":2");
     assert!(matches!(RatingState::restore(v2.as_bytes()), Err(Error::Snapshot(_))));
     assert!(matches!(Wallets::restore(text.as_bytes()), Err(Error::Snapshot(_))));
