@@ -1,1 +1,452 @@
 //! Unit tests of the engine's edge cases (properties are in tests/engine_props.rs).
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use super::*;
+use crate::meter::MeterCatalog;
+
+const METERS: &str = r#"
+[[meter]]
+name = "tokens"
+aggregation = "sum"
+group_by = ["model"]
+window = 60
+allowed_lateness = "10s"
+max_future = "1h"
+
+[[meter]]
+name = "requests"
+aggregation = "count"
+window = 60
+allowed_lateness = "10s"
+max_future = "1h"
+
+[[meter]]
+name = "lo"
+aggregation = "min"
+window = 60
+allow_negative = true
+max_future = "1h"
+
+[[meter]]
+name = "hi"
+aggregation = "max"
+window = 60
+max_future = "1h"
+
+[[meter]]
+name = "mean"
+aggregation = "avg"
+window = 60
+max_future = "1h"
+
+[[meter]]
+name = "users"
+aggregation = "unique_count"
+unique_dimension = "user"
+window = 60
+max_future = "1h"
+
+[[meter]]
+name = "gauge"
+aggregation = "latest"
+window = 60
+max_future = "1h"
+"#;
+
+fn catalog() -> Arc<MeterCatalog> {
+    Arc::new(MeterCatalog::from_toml_str(METERS).unwrap())
+}
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[derive(Clone, Debug)]
+struct Ev {
+    id: String,
+    tenant: String,
+    meter: String,
+    quantity: String,
+    time: i64,
+    dims: Vec<(String, String)>,
+    cost: Option<String>,
+}
+
+fn ev(id: &str, meter: &str, q: &str, time: i64) -> Ev {
+    Ev {
+        id: id.into(),
+        tenant: "acme".into(),
+        meter: meter.into(),
+        quantity: q.into(),
+        time,
+        dims: vec![("model".into(), "m1".into())],
+        cost: None,
+    }
+}
+
+impl Ev {
+    fn r(&self) -> UsageEventRef<'_> {
+        UsageEventRef {
+            event_id: &self.id,
+            tenant: &self.tenant,
+            meter: &self.meter,
+            quantity: &self.quantity,
+            event_time_ms: self.time,
+            dimensions: self.dims.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            provider_cost: self.cost.as_deref(),
+            source: "",
+        }
+    }
+    fn dim(mut self, k: &str, v: &str) -> Self {
+        self.dims.push((k.into(), v.into()));
+        self
+    }
+    fn cost(mut self, c: &str) -> Self {
+        self.cost = Some(c.into());
+        self
+    }
+    fn tenant(mut self, t: &str) -> Self {
+        self.tenant = t.into();
+        self
+    }
+}
+
+struct H {
+    e: PartitionEngine,
+    store: MemoryStore,
+    out: Vec<MeterAggregate>,
+    offset: i64,
+}
+
+impl H {
+    fn new(cfg: EngineConfig) -> Self {
+        let cat = catalog();
+        Self {
+            store: MemoryStore::new(&cat),
+            e: PartitionEngine::with_dedup_key(cat, cfg, 0, 42).unwrap(),
+            out: Vec::new(),
+            offset: 0,
+        }
+    }
+    fn drain(&mut self) -> Vec<MeterAggregate> {
+        let new: Vec<_> = self.e.drain_output().collect();
+        self.store.record_emitted(&new);
+        self.out.extend(new.iter().cloned());
+        new
+    }
+    fn send(&mut self, ev: &Ev) -> Outcome {
+        let o = self.e.on_event(self.offset, &ev.r(), &mut self.store).unwrap();
+        if o == Outcome::Accepted {
+            self.store.record_accepted(0, self.offset, &ev.r()).unwrap();
+        }
+        self.offset += 1;
+        o
+    }
+    fn tick(&mut self, t: i64) -> Vec<MeterAggregate> {
+        self.e.on_tick(self.offset, t, &mut self.store).unwrap();
+        self.offset += 1;
+        self.drain()
+    }
+}
+
+fn immediate() -> EngineConfig {
+    EngineConfig {
+        restate_interval_ms: 0,
+        ..EngineConfig::default()
+    }
+}
+
+fn rejected(o: &Outcome) -> Option<RejectReason> {
+    match o {
+        Outcome::Rejected { reason, .. } => Some(*reason),
+        _ => None,
+    }
+}
+
+#[test]
+fn window_closes_at_watermark_then_restates() {
+    let mut h = H::new(immediate());
+    assert_eq!(h.send(&ev("a", "tokens", "10", 1_000)), Outcome::Accepted);
+    assert_eq!(h.send(&ev("b", "tokens", "5", 59_999)), Outcome::Accepted);
+    // Window [0, 60s) closes when partition time reaches 60s + 10s lateness.
+    assert_eq!(h.send(&ev("c", "tokens", "1", 69_999)), Outcome::Accepted);
+    assert!(h.drain().is_empty());
+    assert_eq!(h.send(&ev("d", "tokens", "1", 70_000)), Outcome::Accepted);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    let a = &out[0];
+    assert_eq!((a.window_start, a.window_end, a.revision), (0, 60_000, 0));
+    assert_eq!((a.value, a.previous_value, a.event_count), (d("15"), d("0"), 2));
+    assert_eq!(a.seq, 1);
+    assert_eq!(a.emitted_at, 60_000);
+    assert_eq!(a.dimensions.get("model").map(String::as_str), Some("m1"));
+    assert_eq!(a.aggregation, "sum");
+    // A late event restates immediately (interval 0) with the full value.
+    assert_eq!(h.send(&ev("late", "tokens", "2.5", 30_000)), Outcome::Accepted);
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].revision, out[0].value, out[0].previous_value), (1, d("17.5"), d("15")));
+    assert_eq!(out[0].seq, 2);
+    // A duplicate of it changes nothing.
+    assert_eq!(h.send(&ev("late", "tokens", "2.5", 30_000)), Outcome::Duplicate);
+    assert!(h.drain().is_empty());
+    let s = h.e.stats();
+    assert_eq!((s.accepted, s.duplicates, s.rejected_total(), s.input()), (5, 1, 0, 6));
+}
+
+#[test]
+fn restatements_are_coalesced_per_interval() {
+    let mut h = H::new(EngineConfig {
+        restate_interval_ms: 1_000,
+        ..EngineConfig::default()
+    });
+    h.send(&ev("a", "tokens", "1", 0));
+    h.send(&ev("b", "tokens", "1", 70_000));
+    assert_eq!(h.drain().len(), 1);
+    for i in 0..5 {
+        h.send(&ev(&format!("late{i}"), "tokens", "1", 10 + i));
+    }
+    assert!(h.drain().is_empty(), "pending until the next interval boundary");
+    h.send(&ev("c", "tokens", "1", 70_500));
+    assert!(h.drain().is_empty());
+    h.send(&ev("d", "tokens", "1", 71_000));
+    let out = h.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].revision, out[0].value, out[0].previous_value), (1, d("6"), d("1")));
+    // A tick flushes whatever is pending.
+    h.send(&ev("late9", "tokens", "1", 10));
+    let out = h.tick(71_001);
+    assert_eq!((out[0].revision, out[0].value), (2, d("7")));
+}
+
+#[test]
+fn validation_rejects_with_typed_reasons() {
+    let mut h = H::new(immediate());
+    let cases = [
+        (ev("x", "tokens", "1", 0).tenant(""), RejectReason::MissingTenant),
+        (ev("", "tokens", "1", 0), RejectReason::MissingEventId),
+        (ev("x", "nope", "1", 0), RejectReason::UnknownMeter),
+        (ev("x", "tokens", "1e3", 0), RejectReason::BadQuantity),
+        (ev("x", "tokens", "NaN", 0), RejectReason::BadQuantity),
+        (ev("x", "tokens", "0.0000000001", 0), RejectReason::BadQuantity),
+        (ev("x", "tokens", "-1", 0), RejectReason::NegativeQuantity),
+        (ev("x", "tokens", "1", 0).cost("free"), RejectReason::BadProviderCost),
+    ];
+    for (e, want) in &cases {
+        assert_eq!(rejected(&h.send(e)), Some(*want), "{e:?}");
+    }
+    // None of them consumed the id "x".
+    assert_eq!(h.send(&ev("x", "tokens", "1", 0)), Outcome::Accepted);
+    // Negative is fine where allowed; "-0" is not negative.
+    assert_eq!(h.send(&ev("n", "lo", "-3", 0)), Outcome::Accepted);
+    assert_eq!(h.send(&ev("z", "tokens", "-0", 0)), Outcome::Accepted);
+    let s = h.e.stats();
+    assert_eq!(s.rejected(RejectReason::BadQuantity), 3);
+    assert_eq!(s.input(), cases.len() as u64 + 3);
+}
+
+#[test]
+fn too_late_and_too_early() {
+    let mut h = H::new(EngineConfig {
+        dedup_horizon_ms: 86_400_000,
+        ..immediate()
+    });
+    // The first event of a partition is always accepted, whatever its time.
+    assert_eq!(h.send(&ev("a", "tokens", "1", 10 * 86_400_000)), Outcome::Accepted);
+    // max_future is 1h for tokens.
+    assert_eq!(h.send(&ev("b", "tokens", "1", 10 * 86_400_000 + 3_600_000)), Outcome::Accepted);
+    assert_eq!(
+        rejected(&h.send(&ev("c", "tokens", "1", 10 * 86_400_000 + 2 * 3_600_000 + 1))),
+        Some(RejectReason::TooEarly)
+    );
+    // Horizon: one day behind partition time.
+    let now = 10 * 86_400_000 + 3_600_000;
+    assert_eq!(h.send(&ev("d", "tokens", "1", now - 86_400_000)), Outcome::Accepted);
+    assert_eq!(rejected(&h.send(&ev("e", "tokens", "1", now - 86_400_000 - 1))), Some(RejectReason::TooLate));
+    // Absurd times are rejected even on a fresh partition.
+    let mut h = H::new(immediate());
+    assert_eq!(rejected(&h.send(&ev("f", "tokens", "1", i64::MAX))), Some(RejectReason::TooEarly));
+    assert_eq!(rejected(&h.send(&ev("g", "tokens", "1", i64::MIN))), Some(RejectReason::TooLate));
+    // A tick establishes partition time, so max_future applies from the first event on.
+    h.tick(1_000_000);
+    assert_eq!(rejected(&h.send(&ev("h", "tokens", "1", 1_000_000 + 3_600_001))), Some(RejectReason::TooEarly));
+    // A tick far ahead does not overflow anything.
+    h.tick(i64::MAX);
+    assert_eq!(h.e.partition_time(), Some(MAX_ABS_EVENT_TIME_MS));
+}
+
+#[test]
+fn offsets_must_not_go_backwards() {
+    let mut h = H::new(immediate());
+    h.e.on_event(5, &ev("a", "tokens", "1", 0).r(), &mut h.store).unwrap();
+    assert_eq!(h.e.next_offset(), 6);
+    let err = h.e.on_event(5, &ev("b", "tokens", "1", 0).r(), &mut h.store).unwrap_err();
+    assert!(matches!(err, Error::OffsetRegression { offset: 5, next_offset: 6, .. }));
+    assert!(!h.e.on_skipped(3));
+    assert!(h.e.on_skipped(9));
+    assert_eq!(h.e.next_offset(), 10);
+    assert_eq!(h.e.stats().rejected(RejectReason::Undecodable), 1);
+    assert!(h.e.on_tick(9, 0, &mut h.store).is_err());
+    assert_eq!(h.e.stats().input(), 2);
+}
+
+#[test]
+fn only_group_by_dimensions_split_windows_and_missing_is_empty() {
+    let mut h = H::new(immediate());
+    h.send(&ev("a", "tokens", "1", 0).dim("region", "eu"));
+    h.send(&ev("b", "tokens", "2", 0).dim("region", "us"));
+    let mut no_model = ev("c", "tokens", "4", 0);
+    no_model.dims.clear();
+    h.send(&no_model);
+    let out = h.tick(100_000);
+    assert_eq!(out.len(), 2);
+    // Ordered by key: "" < "m1".
+    assert_eq!(out[0].dimensions.get("model").map(String::as_str), Some(""));
+    assert_eq!(out[0].value, d("4"));
+    assert_eq!(out[1].value, d("3"));
+    assert_eq!(out[1].dimensions.len(), 1);
+}
+
+/// Every aggregation restates exactly after its window was evicted from memory: the store's
+/// raw events are folded again.
+#[test]
+fn evicted_windows_restate_exactly_for_every_aggregation() {
+    for meter in ["tokens", "requests", "lo", "hi", "mean", "users", "gauge"] {
+        let mut h = H::new(EngineConfig {
+            retain_closed_ms: 0,
+            ..immediate()
+        });
+        let base = [("a", "5", 1_000, "u1"), ("b", "1.5", 2_000, "u2"), ("c", "9", 500, "u1")];
+        for (id, q, t, u) in base {
+            h.send(&ev(id, meter, q, t).dim("user", u).cost("0.1"));
+        }
+        h.tick(1_000_000);
+        assert_eq!(h.e.windows_in_memory(), 0, "{meter}: evicted");
+        assert_eq!(h.store.stats.evicted_windows, 1);
+        let late = ev("late", meter, "7", 59_000).dim("user", "u3").cost("0.2");
+        assert_eq!(h.send(&late), Outcome::Accepted);
+        assert_eq!(h.store.stats.window_loads, 1);
+        let out = h.drain();
+        assert_eq!(out.len(), 1, "{meter}");
+        let a = &out[0];
+        let (before, after) = match meter {
+            "tokens" => ("15.5", "22.5"),
+            "requests" => ("3", "4"),
+            "lo" => ("1.5", "1.5"),
+            "hi" => ("9", "9"),
+            "mean" => ("5.166666667", "5.625"),
+            "users" => ("2", "3"),
+            "gauge" => ("1.5", "7"),
+            _ => unreachable!(),
+        };
+        assert_eq!((a.revision, a.previous_value, a.value), (1, d(before), d(after)), "{meter}");
+        assert_eq!((a.event_count, a.provider_cost, a.previous_provider_cost), (4, d("0.5"), d("0.3")));
+        // And once more, after another eviction.
+        h.tick(2_000_000);
+        h.send(&ev("later", meter, "1", 59_500).dim("user", "u3"));
+        let out = h.drain();
+        assert_eq!((out[0].revision, out[0].previous_value), (2, d(after)), "{meter}");
+        assert_eq!(out[0].event_count, 5);
+    }
+}
+
+#[test]
+fn late_event_for_a_window_that_never_existed_is_revision_zero() {
+    let mut h = H::new(immediate());
+    h.send(&ev("a", "tokens", "1", 1_000_000));
+    let late = ev("b", "tokens", "3", 0);
+    assert_eq!(h.send(&late), Outcome::Accepted);
+    let out = h.drain();
+    assert_eq!((out[0].revision, out[0].value, out[0].window_start), (0, d("3"), 0));
+    assert_eq!(h.store.stats.window_loads, 0, "within retention nothing is loaded");
+}
+
+#[test]
+fn overflow_is_rejected_without_consuming_the_id() {
+    let mut h = H::new(immediate());
+    let big = "79228162514264337593543950335";
+    assert_eq!(h.send(&ev("a", "tokens", big, 0)), Outcome::Accepted);
+    assert_eq!(rejected(&h.send(&ev("b", "tokens", "1", 0))), Some(RejectReason::BadQuantity));
+    assert_eq!(rejected(&h.send(&ev("c", "tokens", "0.5", 0))), Some(RejectReason::BadQuantity));
+    // The same id in another window (same bucket) is still accepted: it was never committed.
+    assert_eq!(h.send(&ev("b", "tokens", "1", 60_000)), Outcome::Accepted);
+}
+
+#[test]
+fn dedup_is_per_tenant() {
+    let mut h = H::new(immediate());
+    assert_eq!(h.send(&ev("a", "tokens", "1", 0)), Outcome::Accepted);
+    assert_eq!(h.send(&ev("a", "tokens", "1", 0).tenant("other")), Outcome::Accepted);
+    assert_eq!(h.send(&ev("a", "requests", "1", 0)), Outcome::Duplicate, "ids are per tenant, not per meter");
+}
+
+#[test]
+fn snapshot_restores_exactly_and_rejects_garbage() {
+    let mut h = H::new(EngineConfig {
+        restate_interval_ms: 1_000,
+        ..EngineConfig::default()
+    });
+    for i in 0..50 {
+        let m = ["tokens", "requests", "lo", "hi", "mean", "users", "gauge"][i % 7];
+        h.send(&ev(&format!("e{i}"), m, &format!("{}.5", i), (i as i64) * 3_000).dim("user", &format!("u{}", i % 3)));
+    }
+    h.send(&ev("late", "tokens", "1", 0)); // dirty, pending
+    let snap = h.e.snapshot();
+    let back = PartitionEngine::restore(&snap, catalog(), h.e.config().clone()).unwrap();
+    assert_eq!(back.snapshot(), snap, "restore loses nothing");
+    assert_eq!(back.next_offset(), h.e.next_offset());
+    assert_eq!(back.stats(), h.e.stats());
+    assert_eq!(back.output(), h.e.output());
+    assert_eq!(back.dedup().key(), 42);
+
+    let cfg = EngineConfig::default();
+    for garbage in [&b""[..], b"MFENGSNP", b"hello world, this is not a snapshot"] {
+        assert!(matches!(PartitionEngine::restore(garbage, catalog(), cfg.clone()), Err(Error::Snapshot(_))));
+    }
+    for cut in [snap.len() - 1, snap.len() / 2, 13] {
+        assert!(matches!(PartitionEngine::restore(&snap[..cut], catalog(), cfg.clone()), Err(Error::Snapshot(_))));
+    }
+    for i in (0..snap.len()).step_by(7) {
+        let mut bad = snap.clone();
+        bad[i] ^= 0x10;
+        assert!(matches!(PartitionEngine::restore(&bad, catalog(), cfg.clone()), Err(Error::Snapshot(_))), "flip at {i}");
+    }
+    // A meter whose definition changed cannot be restored into.
+    let changed = Arc::new(MeterCatalog::from_toml_str(&METERS.replacen("group_by = [\"model\"]", "group_by = [\"region\"]", 1)).unwrap());
+    assert!(matches!(PartitionEngine::restore(&snap, changed, cfg.clone()), Err(Error::Snapshot(_))));
+}
+
+#[test]
+fn fast_decimal_parse_matches_slow_path() {
+    let cases = [
+        "0", "-0", "1", "-1", "007", "1.5", "1.50", "-0.000000001", "123456789012345678", "12345678901234567.8",
+        "999999999.999999999", "1234567890123456789", "-123456789012345678", "1.", ".5", "1e5", "", "-", "--1",
+        "1.0000000001", "+1", "1.2.3", "١",
+    ];
+    for s in cases {
+        let fast = parse_decimal("q", s);
+        let slow = crate::decimal::parse("q", s);
+        assert_eq!(fast, slow, "{s:?}");
+        if let (Ok(f), Ok(sl)) = (fast, slow) {
+            assert_eq!(f.scale(), sl.scale(), "{s:?}");
+            assert_eq!(f.to_string(), sl.to_string(), "{s:?}");
+        }
+    }
+}
+
+#[test]
+fn on_watermark_is_pure_and_never_moves_time_back() {
+    let mut h = H::new(immediate());
+    h.send(&ev("a", "tokens", "1", 0));
+    h.e.on_watermark(100_000, &mut h.store);
+    assert_eq!(h.drain().len(), 1);
+    h.e.on_watermark(50_000, &mut h.store);
+    assert_eq!(h.e.partition_time(), Some(100_000));
+    assert_eq!(h.e.watermark(), Some(90_000));
+    assert_eq!(h.e.meter_watermark("hi"), Some(100_000));
+    assert!(h.drain().is_empty());
+}
