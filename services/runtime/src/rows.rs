@@ -36,7 +36,3 @@ pub fn secs(ms: i64) -> u32 {
     ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32
 }
 
-/// Unix milliseconds to ClickHouse `DateTime` seconds, clamped to its range.
-pub fn secs(ms: i64) -> u32 {
-    ms.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32
-}

@@ -1,0 +1,477 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clickhouse::Client;
+use meterflow_core::pricing::Catalog;
+use meterflow_core::rating::{AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets};
+use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
+use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use meterflow_runtime::http::{self, Health};
+use meterflow_runtime::kafka::{self, Ownership, RebalanceLog};
+use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
+use meterflow_runtime::retry::{until_ok, Backoff};
+use metrics::{counter, gauge, histogram};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::metrics as m;
+use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow};
+
+const SERVICE: &str = "rater";
+const STATE_VERSION: u32 = 1;
+const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
+
+/// Revenue, cost and margin rated so far, exported as gauges (exact here, f64 at export).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Totals {
+    revenue: Decimal,
+    cost: Decimal,
+    margin: Decimal,
+}
+
+/// Everything one aggregates partition needs, checkpointed as one blob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Shard {
+    version: u32,
+    aggregates_next: i64,
+    wallet_next: i64,
+    rating: RatingState,
+    wallets: Wallets,
+    /// (currency, meter, plan) -> totals.
+    totals: BTreeMap<(String, String, String), Totals>,
+    /// The watermark last given to `RatingState::advance`.
+    advanced_to: i64,
+}
+
+struct Owned {
+    shard: Shard,
+    checkpoint_version: u64,
+    checkpointed: (i64, i64),
+}
+
+#[derive(Default)]
+struct Outputs {
+    charges: Vec<Charge>,
+    alerts: Vec<(Alert, i64)>,
+    adjustments: Vec<AdjustmentRow>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+impl Outputs {
+    fn rows(&self) -> usize {
+        self.charges.len() + self.alerts.len() + self.adjustments.len() + self.dead_letters.len()
+    }
+}
+
+/// Runs until `shutdown`, then flushes and checkpoints.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    m::describe();
+    let text = std::fs::read_to_string(&config.catalog)
+        .with_context(|| format!("reading catalog {}", config.catalog.display()))?;
+    let catalog = Arc::new(Catalog::from_toml_str(&text)?);
+    let mut low_balance = BTreeMap::new();
+    for kv in &config.low_balance {
+        let (cur, amount) = kv
+            .split_once('=')
+            .with_context(|| format!("low balance threshold {kv:?} is not CURRENCY=AMOUNT"))?;
+        let amount = meterflow_core::decimal::parse("low_balance", amount.trim())?;
+        low_balance.insert(cur.trim().to_owned(), amount);
+    }
+    let wallet_config = WalletConfig { low_balance, ..WalletConfig::default() };
+
+    let health = Health::default();
+    let (addr, http_task) = http::serve(config.http_addr, health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
+    let client = meterflow_runtime::clickhouse::client(&config.clickhouse);
+    let producer: FutureProducer = kafka::producer_config(&config.kafka)?.create()?;
+    let rebalances = RebalanceLog::default();
+    let consumer: StreamConsumer<RebalanceLog> =
+        kafka::consumer_config(&config.kafka, &config.group)?.create_with_context(rebalances.clone())?;
+    consumer.subscribe(&[&config.topics.aggregates_topic, &config.topics.wallet_topic])?;
+
+    let mut rater = Rater {
+        rating_config: RatingConfig { grace_ms: config.period_grace_ms, ..RatingConfig::default() },
+        wallet_config,
+        checkpoints: CheckpointStore::new(client.clone()),
+        client,
+        producer,
+        catalog,
+        shards: BTreeMap::new(),
+        outputs: Outputs::default(),
+        rebalances,
+        config,
+        last_flush: Instant::now(),
+        last_checkpoint: Instant::now(),
+        gauge_labels: BTreeMap::new(),
+    };
+    health.set_ready(true);
+    let result = rater.run_loop(&consumer, &shutdown).await;
+    consumer.unsubscribe();
+    shutdown.cancel();
+    let _ = http_task.await;
+    result
+}
+
+struct Rater {
+    config: Config,
+    rating_config: RatingConfig,
+    wallet_config: WalletConfig,
+    catalog: Arc<Catalog>,
+    client: Client,
+    producer: FutureProducer,
+    checkpoints: CheckpointStore,
+    shards: BTreeMap<i32, Owned>,
+    outputs: Outputs,
+    rebalances: RebalanceLog,
+    last_flush: Instant,
+    last_checkpoint: Instant,
+    /// Label sets exported last time, so a revoked shard's series drop to what remains.
+    gauge_labels: BTreeMap<(String, String, String), ()>,
+}
+
+impl Rater {
+    async fn run_loop(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut timer = tokio::time::interval(Duration::from_millis(100));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                msg = consumer.recv() => {
+                    self.apply_rebalances();
+                    match msg {
+                        Ok(msg) => self.handle(&msg, shutdown).await?,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    if self.outputs.rows() >= self.config.max_buffered_rows {
+                        self.flush(shutdown).await;
+                    }
+                }
+                _ = timer.tick() => {
+                    self.apply_rebalances();
+                    if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_interval_ms as u64) {
+                        self.flush_and_checkpoint(consumer, shutdown).await;
+                    } else if self.last_flush.elapsed() >= Duration::from_millis(self.config.flush_interval_ms as u64) {
+                        self.flush(shutdown).await;
+                    }
+                }
+            }
+        }
+        let drain = CancellationToken::new();
+        tokio::select! {
+            _ = self.flush_and_checkpoint(consumer, &drain) => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!("final flush did not finish in 30 s"),
+        }
+        Ok(())
+    }
+
+    fn apply_rebalances(&mut self) {
+        for ev in self.rebalances.drain() {
+            let (Ownership::Assigned(list) | Ownership::Revoked(list)) = &ev;
+            for (_, p) in list {
+                self.shards.remove(p);
+            }
+        }
+    }
+
+    fn checkpoint_key(&self, partition: i32) -> CheckpointKey {
+        CheckpointKey {
+            service: SERVICE.into(),
+            consumer_group: self.config.group.clone(),
+            topic: self.config.topics.aggregates_topic.clone(),
+            partition,
+        }
+    }
+
+    async fn load(&mut self, partition: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        if self.shards.contains_key(&partition) {
+            return Ok(true);
+        }
+        let key = self.checkpoint_key(partition);
+        let Some(loaded) = until_ok(
+            "load checkpoint",
+            &Backoff::default(),
+            shutdown,
+            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
+            || self.checkpoints.load(&key),
+        )
+        .await
+        else {
+            return Ok(false);
+        };
+        let owned = match loaded {
+            Some(cp) => {
+                let shard: Shard = serde_json::from_slice(&cp.state)
+                    .with_context(|| format!("restoring rater checkpoint of partition {partition}"))?;
+                anyhow::ensure!(shard.version == STATE_VERSION, "checkpoint version {} is not {STATE_VERSION}", shard.version);
+                tracing::info!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "restored checkpoint");
+                let at = (shard.aggregates_next, shard.wallet_next);
+                Owned { shard, checkpoint_version: cp.version, checkpointed: at }
+            }
+            None => Owned {
+                shard: Shard {
+                    version: STATE_VERSION,
+                    aggregates_next: 0,
+                    wallet_next: 0,
+                    rating: RatingState::new(partition, self.rating_config.clone()),
+                    wallets: Wallets::new(self.wallet_config.clone()),
+                    totals: BTreeMap::new(),
+                    advanced_to: i64::MIN,
+                },
+                checkpoint_version: 0,
+                checkpointed: (0, 0),
+            },
+        };
+        self.shards.insert(partition, owned);
+        Ok(true)
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let partition = msg.partition();
+        if !self.load(partition, shutdown).await? {
+            return Ok(());
+        }
+        let offset = msg.offset();
+        let payload = msg.payload().unwrap_or_default();
+        let is_wallet = msg.topic() == self.config.topics.wallet_topic;
+        let Self { shards, outputs, catalog, config, .. } = self;
+        let shard = &mut shards.get_mut(&partition).expect("loaded above").shard;
+        if is_wallet {
+            if offset < shard.wallet_next {
+                return Ok(());
+            }
+            shard.wallet_next = offset + 1;
+            match WalletAdjustment::from_avro(payload).map_err(|e| e.to_string()).and_then(|adj| {
+                shard.wallets.apply_adjustment(&adj).map(|o| (adj, o)).map_err(|e| e.to_string())
+            }) {
+                Ok((adj, AdjustmentOutcome::Applied { alerts, .. })) => {
+                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "applied").increment(1);
+                    outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset));
+                    outputs.alerts.extend(alerts.into_iter().map(|a| (a, adj.created_at)));
+                }
+                Ok((_, AdjustmentOutcome::Duplicate { .. })) => {
+                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "duplicate").increment(1);
+                }
+                Err(detail) => {
+                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "invalid").increment(1);
+                    outputs.dead_letters.push(dead_letter(&config.topics.wallet_topic, partition, offset, "invalid_adjustment", detail, payload));
+                }
+            }
+            return Ok(());
+        }
+        if offset < shard.aggregates_next {
+            return Ok(());
+        }
+        counter!(m::AGGREGATES_IN).increment(1);
+        if let Some(ts) = msg.timestamp().to_millis() {
+            gauge!(m::RATING_LAG).set((wall_ms() - ts).max(0) as f64 / 1000.0);
+        }
+        let agg = match MeterAggregate::from_avro(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                shard.aggregates_next = offset + 1;
+                counter!(m::REJECTED).increment(1);
+                outputs.dead_letters.push(dead_letter(&config.topics.aggregates_topic, partition, offset, "undecodable", e.to_string(), payload));
+                return Ok(());
+            }
+        };
+        // Decimal overflow leaves the state untouched and is a bug or absurd input: stop
+        // rather than skip money.
+        let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
+        shard.aggregates_next = offset + 1;
+        let mut charges = match outcome {
+            RateOutcome::Charged(c) => c,
+            RateOutcome::Skipped { .. } => {
+                counter!(m::SKIPPED).increment(1);
+                Vec::new()
+            }
+            RateOutcome::Rejected(e) => {
+                counter!(m::REJECTED).increment(1);
+                outputs.dead_letters.push(dead_letter(&config.topics.aggregates_topic, partition, offset, "unrateable", e.to_string(), payload));
+                Vec::new()
+            }
+        };
+        // Periods close on the aggregates' own (event-time) watermark: deterministic in replay.
+        if agg.emitted_at >= shard.advanced_to.saturating_add(60_000) {
+            shard.advanced_to = agg.emitted_at;
+            charges.extend(shard.rating.advance(catalog, agg.emitted_at));
+        }
+        for c in charges {
+            let t = shard.totals.entry((c.currency.clone(), label_meter(&c), c.plan.clone())).or_default();
+            t.revenue += c.amount;
+            t.cost += c.provider_cost;
+            t.margin += c.margin;
+            counter!(m::CHARGES, "kind" => c.kind.clone()).increment(1);
+            for a in shard.wallets.apply_charge(&c) {
+                counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
+                outputs.alerts.push((a, agg.emitted_at));
+            }
+            outputs.charges.push(c);
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        let out = &mut self.outputs;
+        if out.rows() == 0 {
+            self.last_flush = Instant::now();
+            return true;
+        }
+        let b = Backoff::default();
+        let c = &self.client;
+        let charges: Vec<ChargeRow> = out.charges.iter().map(ChargeRow::from).collect();
+        let alerts: Vec<AlertRow> = out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect();
+        let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
+        let ok = insert_all(c, "charges", &charges, &b, shutdown, WRITE_METRICS).await
+            && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await
+            && insert_all(c, "wallet_alerts", &alerts, &b, shutdown, WRITE_METRICS).await
+            && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await;
+        if !ok {
+            return false;
+        }
+        let topics = &self.config.topics;
+        let mut records: Vec<OutRecord<'_>> = Vec::new();
+        for ch in &out.charges {
+            records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
+        }
+        for (a, _) in &out.alerts {
+            let json = serde_json::to_vec(a).unwrap_or_default();
+            records.push((&topics.alerts_topic, a.tenant.clone(), json));
+        }
+        for d in &out.dead_letters {
+            records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));
+        }
+        if !produce_all(&self.producer, &records, &b, shutdown, WRITE_METRICS).await {
+            return false;
+        }
+        *out = Outputs::default();
+        self.last_flush = Instant::now();
+        self.export_gauges();
+        true
+    }
+
+    fn export_gauges(&mut self) {
+        let mut sums: BTreeMap<(String, String, String), Totals> = BTreeMap::new();
+        for o in self.shards.values() {
+            for (k, t) in &o.shard.totals {
+                let s = sums.entry(k.clone()).or_default();
+                s.revenue += t.revenue;
+                s.cost += t.cost;
+                s.margin += t.margin;
+            }
+        }
+        for k in self.gauge_labels.keys() {
+            sums.entry(k.clone()).or_default();
+        }
+        for ((currency, meter, plan), t) in &sums {
+            let labels = [("currency", currency.clone()), ("meter", meter.clone()), ("plan", plan.clone())];
+            gauge!(m::REVENUE, &labels).set(t.revenue.to_f64().unwrap_or(0.0));
+            gauge!(m::COST, &labels).set(t.cost.to_f64().unwrap_or(0.0));
+            gauge!(m::MARGIN, &labels).set(t.margin.to_f64().unwrap_or(0.0));
+            self.gauge_labels.insert((currency.clone(), meter.clone(), plan.clone()), ());
+        }
+        if self.config.wallet_gauges {
+            for o in self.shards.values() {
+                for (tenant, by_cur) in o.shard.wallets.balances() {
+                    for (cur, bal) in by_cur {
+                        gauge!(m::WALLET_BALANCE, "tenant" => tenant.clone(), "currency" => cur.clone())
+                            .set(bal.to_f64().unwrap_or(0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn flush_and_checkpoint(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
+        if !self.flush(shutdown).await {
+            return;
+        }
+        let started = Instant::now();
+        let mut items = Vec::new();
+        for (p, o) in &self.shards {
+            let at = (o.shard.aggregates_next, o.shard.wallet_next);
+            if at == o.checkpointed {
+                continue;
+            }
+            let state = match serde_json::to_vec(&o.shard) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, partition = p, "cannot serialise rater state");
+                    continue;
+                }
+            };
+            items.push((self.checkpoint_key(*p), Checkpoint { version: o.checkpoint_version + 1, next_offset: at.0, state }, at.1));
+        }
+        if items.is_empty() {
+            self.last_checkpoint = Instant::now();
+            return;
+        }
+        let to_save: Vec<(CheckpointKey, Checkpoint)> = items.iter().map(|(k, c, _)| (k.clone(), c.clone())).collect();
+        let saved = until_ok(
+            "write checkpoint",
+            &Backoff::default(),
+            shutdown,
+            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
+            || self.checkpoints.save_all(&to_save),
+        )
+        .await;
+        if saved.is_none() {
+            return;
+        }
+        let mut commits = Vec::new();
+        for (key, cp, wallet_next) in &items {
+            if let Some(o) = self.shards.get_mut(&key.partition) {
+                o.checkpoint_version = cp.version;
+                o.checkpointed = (cp.next_offset, *wallet_next);
+            }
+            commits.push((self.config.topics.aggregates_topic.clone(), key.partition, cp.next_offset));
+            commits.push((self.config.topics.wallet_topic.clone(), key.partition, *wallet_next));
+        }
+        kafka::commit(consumer, &commits);
+        histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+        self.last_checkpoint = Instant::now();
+    }
+}
+
+fn label_meter(c: &Charge) -> String {
+    if c.meter.is_empty() {
+        c.kind.clone()
+    } else {
+        c.meter.clone()
+    }
+}
+
+fn encode<R: AvroRecord>(r: &R) -> Vec<u8> {
+    r.to_avro().expect("meterflow record encodes with its own schema")
+}
+
+fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, detail: String, payload: &[u8]) -> DeadLetter {
+    DeadLetter {
+        source_topic: topic.to_owned(),
+        source_partition: partition,
+        source_offset: offset,
+        reason: reason.to_owned(),
+        detail,
+        tenant: None,
+        event_id: None,
+        payload: payload.to_vec(),
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
