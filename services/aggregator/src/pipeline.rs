@@ -91,6 +91,8 @@ struct Part {
     checkpointed_offset: i64,
     last_input: Instant,
     last_tick: Instant,
+    /// Events arrived since the last tick was written (restatements may be pending).
+    input_since_tick: bool,
 }
 
 struct Aggregator {
@@ -199,7 +201,7 @@ impl Aggregator {
             let now = Instant::now();
             self.partitions.insert(
                 partition,
-                Part { engine, version, checkpointed_offset: offset, last_input: now, last_tick: now },
+                Part { engine, version, checkpointed_offset: offset, last_input: now, last_tick: now, input_since_tick: true },
             );
             gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         }
@@ -236,6 +238,7 @@ impl Aggregator {
         } else {
             counter!(m::EVENTS_IN).increment(1);
             part.last_input = Instant::now();
+            part.input_since_tick = true;
             match codec.decode(payload) {
                 Err(e) => {
                     part.engine.on_skipped(offset);
@@ -355,23 +358,25 @@ impl Aggregator {
     async fn send_ticks(&mut self) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let now_ms = wall_ms();
-        let mut sends = Vec::new();
+        let mut due = Vec::new();
         for (p, part) in self.partitions.iter_mut() {
-            if part.last_input.elapsed() < idle || part.last_tick.elapsed() < idle || !part.engine.has_pending_windows() {
+            let waiting = part.engine.open_windows() > 0 || part.input_since_tick;
+            if part.last_input.elapsed() < idle || part.last_tick.elapsed() < idle || !waiting {
                 continue;
             }
             part.last_tick = Instant::now();
-            let payload = now_ms.to_be_bytes();
+            part.input_since_tick = false;
+            due.push(*p);
+        }
+        let payload = now_ms.to_be_bytes();
+        for p in due {
             let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(TICK) });
             let rec = FutureRecord::<[u8], [u8]>::to(&self.config.topics.usage_topic)
-                .partition(*p)
+                .partition(p)
                 .payload(&payload[..])
                 .headers(headers);
-            sends.push(self.producer.send(rec, Duration::from_secs(5)));
-        }
-        for s in sends {
-            if let Err((e, _)) = s.await {
-                tracing::warn!(error = %e, "could not write idle tick");
+            if let Err((e, _)) = self.producer.send(rec, Duration::from_secs(5)).await {
+                tracing::warn!(error = %e, partition = p, "could not write idle tick");
             }
         }
     }
