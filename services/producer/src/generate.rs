@@ -1,0 +1,551 @@
+//! The workload generator: realistic traffic with injected duplicates, late, malformed and
+//! too-late messages, and the exact ground truth of what the pipeline must make of it.
+//!
+//! Every message slot draws its kind first (duplicate, malformed, too-late, or the next event
+//! of a request), so the rates are fractions of all messages sent. Content depends only on the
+//! seed (and, in real-time mode, the clock): event ids come from the seeded generator, and in
+//! simulated-time mode with `--events` event times come from the message index, so two runs
+//! with the same flags write byte-identical payloads.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use meterflow_core::codec::{Framing, WriterVersion};
+use meterflow_core::meter::{Aggregation, MeterCatalog};
+use meterflow_core::{RejectReason, UsageEvent, UsageEventRef};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::event::event_id_from;
+use crate::metrics::{ProducerMetrics, SentKind, LATENCY_SAMPLE_EVERY};
+use crate::producer::{EventProducer, Sent, SendWindow};
+use crate::progress::{Progress, Reporter};
+use crate::time::{duration_ms, now_ms};
+use crate::truth::{GroundTruth, RunInfo, TruthBuilder};
+use crate::workload::{Workload, REGIONS};
+
+/// How event times are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventTimeMode {
+    /// Event time = wall clock when the request is generated.
+    RealTime,
+    /// Event times spread evenly over `[start_ms, start_ms + span_ms)` in step with progress
+    /// (message index for `events`, elapsed time for `duration`), whatever the wall clock:
+    /// an hour of windows in a few seconds of test.
+    Simulated { start_ms: i64, span_ms: i64 },
+}
+
+/// What to generate. [`GenerateConfig::new`] gives the CLI's defaults.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// Meter definitions: which meters exist, their windows, group_by and lateness.
+    pub meters: MeterCatalog,
+    /// Total messages to send, injected ones included. At least one of `events` and
+    /// `duration` must be set; with both, whichever comes first ends the run.
+    pub events: Option<u64>,
+    pub duration: Option<Duration>,
+    /// Messages per second; 0 = as fast as possible.
+    pub rate: f64,
+    pub seed: u64,
+    pub tenants: usize,
+    /// Zipf exponent of tenant activity (1.1: the top tenant sends ~20% of the traffic of 50).
+    pub zipf_exponent: f64,
+    /// Fraction of messages that re-send the exact bytes of an earlier event.
+    pub duplicate_rate: f64,
+    /// Fraction of requests whose events are moved back into an already-closed window.
+    pub late_rate: f64,
+    /// Upper bound of how far back a late event is moved.
+    pub max_lateness: Duration,
+    /// Fraction of messages that are malformed (undecodable, unknown meter, bad fields).
+    pub malformed_rate: f64,
+    /// Fraction of messages older than the dedup horizon (expected reason `too_late`).
+    pub too_late_rate: f64,
+    /// The aggregator's dedup horizon; too-late events are placed beyond it.
+    pub dedup_horizon: Duration,
+    pub event_time: EventTimeMode,
+    /// The events' `source` field.
+    pub source: String,
+    /// Messages in flight at most (see [`SendWindow`]).
+    pub max_in_flight: usize,
+    /// Cancelled = stop sending, wait (30 s at most) for what is in flight, return the truth so far.
+    pub shutdown: CancellationToken,
+}
+
+impl GenerateConfig {
+    pub fn new(meters: MeterCatalog) -> Self {
+        Self {
+            meters,
+            events: Some(100_000),
+            duration: None,
+            rate: 0.0,
+            seed: 1,
+            tenants: 50,
+            zipf_exponent: 1.1,
+            duplicate_rate: 0.10,
+            late_rate: 0.05,
+            max_lateness: Duration::from_secs(600),
+            malformed_rate: 0.01,
+            too_late_rate: 0.0,
+            dedup_horizon: DEFAULT_DEDUP_HORIZON,
+            event_time: EventTimeMode::RealTime,
+            source: "meterflow-producer".into(),
+            max_in_flight: 100_000,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Rejects settings that cannot produce what they promise.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.events.is_some() || self.duration.is_some(), "set a number of events or a duration");
+        for (name, r) in [
+            ("duplicate rate", self.duplicate_rate),
+            ("late rate", self.late_rate),
+            ("malformed rate", self.malformed_rate),
+            ("too-late rate", self.too_late_rate),
+        ] {
+            anyhow::ensure!((0.0..=1.0).contains(&r), "{name} must be between 0 and 1, got {r}");
+        }
+        let injected = self.duplicate_rate + self.malformed_rate + self.too_late_rate;
+        anyhow::ensure!(injected < 1.0, "duplicate + malformed + too-late rates add up to {injected}: no room for valid events");
+        anyhow::ensure!(self.rate >= 0.0 && self.rate.is_finite(), "rate must be >= 0");
+        anyhow::ensure!(self.tenants >= 1, "at least one tenant");
+        anyhow::ensure!(self.max_in_flight >= 1, "max in flight must be >= 1");
+        if let EventTimeMode::Simulated { span_ms, .. } = self.event_time {
+            anyhow::ensure!(span_ms > 0, "the event-time span must be positive");
+        }
+        if self.late_rate > 0.0 {
+            let (lo, hi) = self.late_bounds_ms();
+            anyhow::ensure!(
+                hi > lo,
+                "max lateness ({hi} ms) must exceed the largest window + allowed lateness + jitter ({lo} ms): a late event must land in a closed window"
+            );
+        }
+        anyhow::ensure!(duration_ms(self.dedup_horizon) > 0, "the dedup horizon must be positive");
+        Ok(())
+    }
+
+    /// Backwards jitter of ordinary event times: at most half the smallest allowed lateness
+    /// (and 1 s), so that jitter alone never makes an event late.
+    fn jitter_ms(&self) -> i64 {
+        let min_lateness = self.meters.meters().iter().map(|m| m.allowed_lateness_ms).min().unwrap_or(0);
+        (min_lateness / 2).min(1000)
+    }
+
+    /// How far back a late event goes: far enough that its window has closed for every meter
+    /// (window + allowed lateness + jitter behind the newest event time), and at most
+    /// `max_lateness`.
+    fn late_bounds_ms(&self) -> (i64, i64) {
+        let closed = self
+            .meters
+            .meters()
+            .iter()
+            .map(|m| m.window_ms + m.allowed_lateness_ms)
+            .max()
+            .unwrap_or(0);
+        (closed + self.jitter_ms() + 1, duration_ms(self.max_lateness))
+    }
+}
+
+/// What the delivery report of a message means for the ground truth.
+#[derive(Debug)]
+enum Tag {
+    Accepted { event: UsageEvent, late: bool },
+    Duplicate,
+    Rejected { reason: RejectReason, kind: &'static str },
+}
+
+/// The ways a generated message is broken, with the rejection each must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Malformed {
+    Garbage,
+    Json,
+    Truncated,
+    UnknownMeter,
+    EmptyTenant,
+    EmptyEventId,
+    QuantityNaN,
+    QuantityExponent,
+    NegativeQuantity,
+    BadProviderCost,
+}
+
+impl Malformed {
+    const ALL: [Malformed; 10] = [
+        Malformed::Garbage,
+        Malformed::Json,
+        Malformed::Truncated,
+        Malformed::UnknownMeter,
+        Malformed::EmptyTenant,
+        Malformed::EmptyEventId,
+        Malformed::QuantityNaN,
+        Malformed::QuantityExponent,
+        Malformed::NegativeQuantity,
+        Malformed::BadProviderCost,
+    ];
+
+    fn kind(self) -> &'static str {
+        match self {
+            Malformed::Garbage => "garbage",
+            Malformed::Json => "json",
+            Malformed::Truncated => "truncated",
+            Malformed::UnknownMeter => "unknown_meter",
+            Malformed::EmptyTenant => "empty_tenant",
+            Malformed::EmptyEventId => "empty_event_id",
+            Malformed::QuantityNaN => "quantity_nan",
+            Malformed::QuantityExponent => "quantity_exponent",
+            Malformed::NegativeQuantity => "negative_quantity",
+            Malformed::BadProviderCost => "bad_provider_cost",
+        }
+    }
+
+    fn reason(self) -> RejectReason {
+        match self {
+            Malformed::Garbage | Malformed::Json | Malformed::Truncated => RejectReason::Undecodable,
+            Malformed::UnknownMeter => RejectReason::UnknownMeter,
+            Malformed::EmptyTenant => RejectReason::MissingTenant,
+            Malformed::EmptyEventId => RejectReason::MissingEventId,
+            Malformed::QuantityNaN | Malformed::QuantityExponent => RejectReason::BadQuantity,
+            Malformed::NegativeQuantity => RejectReason::NegativeQuantity,
+            Malformed::BadProviderCost => RejectReason::BadProviderCost,
+        }
+    }
+}
+
+/// Where event time stands for message `i`.
+#[derive(Debug)]
+struct Clock {
+    mode: EventTimeMode,
+    started: Instant,
+    events: Option<u64>,
+    duration: Option<Duration>,
+}
+
+impl Clock {
+    fn now_ms(&self, i: u64) -> i64 {
+        match self.mode {
+            EventTimeMode::RealTime => now_ms(),
+            EventTimeMode::Simulated { start_ms, span_ms } => {
+                let fraction = match (self.events, self.duration) {
+                    (Some(n), _) => i as f64 / n.max(1) as f64,
+                    (None, Some(d)) => self.started.elapsed().as_secs_f64() / d.as_secs_f64().max(1e-9),
+                    (None, None) => 0.0,
+                };
+                start_ms + (fraction.min(1.0) * span_ms as f64) as i64
+            }
+        }
+    }
+}
+
+/// The aggregator's default dedup horizon (35 days: a month plus slack for late producers).
+pub const DEFAULT_DEDUP_HORIZON: Duration = Duration::from_secs(35 * 86_400);
+
+/// Recently sent valid events, for duplicates: (tenant index, exact bytes).
+const DUPLICATE_RING: usize = 4096;
+/// Share of duplicates that immediately follow their original (a client retrying at once).
+const IMMEDIATE_DUPLICATES: f64 = 0.3;
+/// How often (in messages) progress and the in-flight gauge are updated.
+const REPORT_EVERY: u64 = 1024;
+
+/// Generates the workload described by `cfg` into `producer`'s topic and returns the ground
+/// truth of what was acknowledged.
+pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: Progress) -> anyhow::Result<GroundTruth> {
+    cfg.validate()?;
+    let metrics = ProducerMetrics::register();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let workload = Workload::new(&cfg.meters, cfg.tenants, cfg.zipf_exponent, &cfg.source, &mut rng)?;
+    // Negative quantities go to sum meters that forbid them: a count meter might
+    // reasonably not look at the quantity at all.
+    let negative_meters: Vec<&str> = cfg
+        .meters
+        .meters()
+        .iter()
+        .filter(|m| !m.allow_negative && m.aggregation == Aggregation::Sum && workload_meter(&m.name))
+        .map(|m| m.name.as_str())
+        .collect();
+    let emitted_meters: Vec<&str> = cfg.meters.meters().iter().map(|m| m.name.as_str()).filter(|m| workload_meter(m)).collect();
+    let unknown_meter = (0..)
+        .map(|i| if i == 0 { "image_generations".to_string() } else { format!("image_generations_{i}") })
+        .find(|m| cfg.meters.get(m).is_none())
+        .expect("some name is free");
+    let jitter_ms = cfg.jitter_ms();
+    let (late_lo, late_hi) = cfg.late_bounds_ms();
+    let horizon_ms = duration_ms(cfg.dedup_horizon);
+    let p_dup = cfg.duplicate_rate;
+    let p_malformed = p_dup + cfg.malformed_rate;
+    let p_too_late = p_malformed + cfg.too_late_rate;
+
+    let started_wall = now_ms();
+    let started = Instant::now();
+    let clock = Clock {
+        mode: cfg.event_time,
+        started,
+        events: cfg.events,
+        duration: cfg.duration,
+    };
+    let mut reporter = Reporter::new(progress, cfg.events, cfg.duration);
+    let mut truth = TruthBuilder::new(cfg.meters.clone());
+    let mut window: SendWindow<'_, Tag> = producer.window(cfg.max_in_flight);
+    let mut ctx = Apply {
+        metrics: &metrics,
+        delivered: 0,
+        errors_logged: 0,
+    };
+
+    // Events of the current request not sent yet: (tenant index, event, late).
+    let mut pending: VecDeque<(usize, UsageEvent, bool)> = VecDeque::new();
+    let mut ring: VecDeque<(usize, Vec<u8>)> = VecDeque::with_capacity(DUPLICATE_RING);
+    // Newest event time sent per tenant: too-late events are placed relative to it, so that
+    // they are too late whatever else shares the tenant's partition.
+    let mut tenant_max: Vec<Option<i64>> = vec![None; workload.tenant_count()];
+    let mut interrupted = false;
+    let mut i: u64 = 0;
+
+    loop {
+        if cfg.events.is_some_and(|n| i >= n) || cfg.duration.is_some_and(|d| started.elapsed() >= d) {
+            break;
+        }
+        if cfg.shutdown.is_cancelled() {
+            interrupted = true;
+            break;
+        }
+        if cfg.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / cfg.rate);
+            if due > Instant::now() + Duration::from_millis(1) {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = cfg.shutdown.cancelled() => continue,
+                }
+            }
+        }
+        let now = clock.now_ms(i);
+        let r: f64 = rng.random();
+
+        if r < p_dup && !ring.is_empty() {
+            let j = if rng.random_bool(IMMEDIATE_DUPLICATES) { ring.len() - 1 } else { rng.random_range(0..ring.len()) };
+            let (tenant, bytes) = &ring[j];
+            window.send(workload.tenant_name(*tenant), bytes, Tag::Duplicate).await;
+        } else if (p_dup..p_malformed).contains(&r) {
+            let mut what = Malformed::ALL[rng.random_range(0..Malformed::ALL.len())];
+            if what == Malformed::NegativeQuantity && negative_meters.is_empty() {
+                what = Malformed::QuantityNaN;
+            }
+            let tenant = workload.pick_tenant(&mut rng);
+            let meter = match what {
+                Malformed::UnknownMeter => unknown_meter.as_str(),
+                Malformed::NegativeQuantity => negative_meters[rng.random_range(0..negative_meters.len())],
+                _ => emitted_meters[rng.random_range(0..emitted_meters.len())],
+            };
+            let time = now - rng.random_range(0..=jitter_ms);
+            let (key, payload) = malformed(what, &workload, tenant, meter, time, &cfg.source, producer, &mut rng);
+            window.send(key, &payload, Tag::Rejected { reason: what.reason(), kind: what.kind() }).await;
+        } else if let Some(tenant) = (p_malformed..p_too_late)
+            .contains(&r)
+            .then(|| workload.pick_tenant(&mut rng))
+            .filter(|&t| tenant_max[t].is_some())
+        {
+            let newest = tenant_max[tenant].expect("filtered");
+            let time = newest - horizon_ms - rng.random_range(3_600_000..86_400_000);
+            let req = workload.request(tenant, &mut rng);
+            let id = event_id_from(&mut rng);
+            let mut events = workload.events(&req, &id, time);
+            let ev = events.swap_remove(rng.random_range(0..events.len()));
+            let payload = producer.encode(&ev);
+            let tag = Tag::Rejected { reason: RejectReason::TooLate, kind: "too_late" };
+            window.send(workload.tenant_name(tenant), &payload, tag).await;
+        } else {
+            if pending.is_empty() {
+                let tenant = workload.pick_tenant(&mut rng);
+                let req = workload.request(tenant, &mut rng);
+                let late = cfg.late_rate > 0.0 && rng.random_bool(cfg.late_rate);
+                let time = if late { now - rng.random_range(late_lo..=late_hi) } else { now - rng.random_range(0..=jitter_ms) };
+                let id = event_id_from(&mut rng);
+                pending.extend(workload.events(&req, &id, time).into_iter().map(|ev| (tenant, ev, late)));
+            }
+            let (tenant, ev, late) = pending.pop_front().expect("a request has at least one event");
+            let payload = producer.encode(&ev);
+            let newest = tenant_max[tenant].get_or_insert(ev.event_time_ms);
+            *newest = (*newest).max(ev.event_time_ms);
+            window.send(workload.tenant_name(tenant), &payload, Tag::Accepted { event: ev, late }).await;
+            if ring.len() == DUPLICATE_RING {
+                ring.pop_front();
+            }
+            ring.push_back((tenant, payload));
+        }
+        i += 1;
+
+        for sent in window.drain_completed() {
+            ctx.apply(sent, &mut truth);
+        }
+        if i % REPORT_EVERY == 0 {
+            metrics.in_flight(window.in_flight());
+            reporter.update(i, window.in_flight(), truth.counters().send_errors);
+            // The loop only awaits when the window is full: let other tasks (the /metrics
+            // server, signal handling) run on a busy runtime.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // Wait for the rest; after a shutdown request, not longer than 30 s.
+    let deadline = interrupted.then(|| tokio::time::Instant::now() + Duration::from_secs(30));
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, window.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let lost = window.in_flight();
+                    tracing::warn!("{lost} messages still unacknowledged after 30 s: counted as send errors");
+                    for _ in 0..lost {
+                        truth.send_error();
+                        metrics.send_error();
+                    }
+                    break;
+                }
+            },
+            None => window.next().await,
+        };
+        match next {
+            Some(sent) => ctx.apply(sent, &mut truth),
+            None => break,
+        }
+    }
+    metrics.in_flight(0);
+    reporter.update(i, 0, truth.counters().send_errors);
+    reporter.finish();
+
+    let (min_t, max_t) = truth.min_max_time();
+    let run = RunInfo {
+        topic: producer.topic().to_owned(),
+        seed: cfg.seed,
+        framing: match producer.framing() {
+            Framing::SingleObject => "single-object".into(),
+            Framing::Confluent { .. } => "confluent".into(),
+        },
+        event_time_mode: match cfg.event_time {
+            EventTimeMode::RealTime => "real-time".into(),
+            EventTimeMode::Simulated { .. } => "simulated".into(),
+        },
+        dedup_horizon_ms: horizon_ms,
+        started_at_ms: started_wall,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        min_event_time_ms: min_t,
+        max_event_time_ms: max_t,
+        interrupted,
+    };
+    let gt = truth.finish(run);
+    gt.check_consistency()?;
+    Ok(gt)
+}
+
+fn workload_meter(name: &str) -> bool {
+    use crate::workload::{GPU_SECONDS, INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS};
+    [INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, GPU_SECONDS].contains(&name)
+}
+
+/// Folds delivery reports into the ground truth and the metrics.
+struct Apply<'m> {
+    metrics: &'m ProducerMetrics,
+    delivered: u64,
+    errors_logged: u32,
+}
+
+impl Apply<'_> {
+    fn apply(&mut self, sent: Sent<Tag>, truth: &mut TruthBuilder) {
+        self.delivered += 1;
+        if self.delivered % LATENCY_SAMPLE_EVERY == 0 {
+            self.metrics.latency(sent.latency.as_secs_f64());
+        }
+        let at = match sent.result {
+            Ok(at) => at,
+            Err(e) => {
+                truth.send_error();
+                self.metrics.send_error();
+                if self.errors_logged < 10 {
+                    self.errors_logged += 1;
+                    tracing::warn!(error = %e, "message not acknowledged (not counted in the ground truth)");
+                }
+                return;
+            }
+        };
+        match sent.tag {
+            Tag::Accepted { event, late } => {
+                truth.accepted(&event, late);
+                self.metrics.sent(if late { SentKind::Late } else { SentKind::Valid });
+            }
+            Tag::Duplicate => {
+                truth.duplicate();
+                self.metrics.sent(SentKind::Duplicate);
+            }
+            Tag::Rejected { reason, kind } => {
+                truth.rejected(at, reason, kind);
+                self.metrics.sent(if reason == RejectReason::TooLate { SentKind::TooLate } else { SentKind::Malformed });
+            }
+        }
+    }
+}
+
+/// Builds one malformed message: (key, payload).
+#[allow(clippy::too_many_arguments)]
+fn malformed<'w>(
+    what: Malformed,
+    workload: &'w Workload,
+    tenant: usize,
+    meter: &str,
+    time: i64,
+    source: &str,
+    producer: &EventProducer,
+    rng: &mut StdRng,
+) -> (&'w str, Vec<u8>) {
+    let key = workload.tenant_name(tenant);
+    let mut out = Vec::with_capacity(160);
+    match what {
+        Malformed::Garbage => {
+            // Never a valid framing byte (0x00 Confluent, 0xC3 single-object), so it cannot
+            // decode by accident.
+            let len = rng.random_range(1..64);
+            out.push(rng.random_range(0x01..0xC3u8));
+            out.extend((1..len).map(|_| rng.random::<u8>()));
+            return (key, out);
+        }
+        Malformed::Json => {
+            // A client that sends JSON instead of Avro.
+            let text = format!(r#"{{"event_id":"{}","tenant":"{key}","meter":"{meter}","quantity":"1","event_time":{time}}}"#, event_id_from(rng));
+            return (key, text.into_bytes());
+        }
+        _ => {}
+    }
+    let event_id = event_id_from(rng);
+    let region = REGIONS[rng.random_range(0..REGIONS.len())];
+    let mut quantity = rng.random_range(1..5000u32).to_string();
+    let mut cost = Some(format!("0.{:06}", rng.random_range(1..1_000_000u32)));
+    let (mut tenant_field, mut id_field) = (key, event_id.as_str());
+    match what {
+        Malformed::EmptyTenant => tenant_field = "",
+        Malformed::EmptyEventId => id_field = "",
+        Malformed::QuantityNaN => quantity = "NaN".into(),
+        Malformed::QuantityExponent => quantity = "1e5".into(),
+        Malformed::NegativeQuantity => quantity = "-3".into(),
+        Malformed::BadProviderCost => {
+            let bad = ["free", "1e-3", "0.0000000001", "1,5", "NaN"];
+            cost = Some(bad[rng.random_range(0..bad.len())].into());
+        }
+        _ => {}
+    }
+    let ev = UsageEventRef {
+        event_id: id_field,
+        tenant: tenant_field,
+        meter,
+        quantity: &quantity,
+        event_time_ms: time,
+        dimensions: vec![("model", "gpt-4o-mini"), ("region", region)],
+        provider_cost: cost.as_deref(),
+        source,
+    };
+    producer.codec().encode_ref(&ev, WriterVersion::V2, producer.framing(), &mut out);
+    if what == Malformed::Truncated {
+        // Every proper prefix of an encoding fails to decode (the codec's tests check it).
+        let cut = rng.random_range(1..out.len());
+        out.truncate(cut);
+    }
+    (if what == Malformed::EmptyTenant { "" } else { key }, out)
+}
