@@ -1,1 +1,6 @@
-//! End-to-end tests live in e2e/.
+//! Shared pieces of meterflow's end-to-end tests, chaos run and benchmarks: checking what
+//! the pipeline wrote against the producer's ground truth, and running the services as real
+//! processes that can be killed.
+
+pub mod procs;
+pub mod verify;
