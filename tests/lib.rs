@@ -3,4 +3,5 @@
 //! processes that can be killed.
 
 pub mod procs;
+pub mod scenario;
 pub mod verify;

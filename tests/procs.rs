@@ -137,3 +137,19 @@ impl Drop for ServiceProc {
         let _ = self.kill9();
     }
 }
+
+/// Turns environment pairs into the command line of a clap parser, so an in-process run is
+/// configured exactly like a process (each pair's variable maps to the flag that reads it).
+pub fn parse_with_env<P: clap::Parser>(env: &[(String, String)]) -> anyhow::Result<P> {
+    let cmd = P::command();
+    let mut args = vec![cmd.get_name().to_owned()];
+    for (k, v) in env {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == k.as_str()))
+            .with_context(|| format!("{} reads no variable {k}", cmd.get_name()))?;
+        let long = arg.get_long().with_context(|| format!("{k} maps to a flag without a long name"))?;
+        args.push(format!("--{long}={v}"));
+    }
+    Ok(P::try_parse_from(args)?)
+}
