@@ -35,7 +35,7 @@ pub struct Config {
 
     /// How far back (event time) a duplicate is still recognised, and the oldest event
     /// accepted; older events are dead-lettered as too_late.
-    #[arg(long, env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
+    #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
     pub dedup_horizon_ms: i64,
 
     /// Upper bound of event ids kept in memory per partition; older ids are looked up in
@@ -45,16 +45,16 @@ pub struct Config {
 
     /// How long (event time) closed windows stay in memory for cheap restatements; older
     /// ones are rebuilt from usage_events when a late event arrives.
-    #[arg(long, env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = parse_ms)]
+    #[arg(long = "retain-closed", env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = parse_ms)]
     pub retain_closed_ms: i64,
 
     /// Outputs are flushed at least this often.
-    #[arg(long, env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
     pub flush_interval_ms: i64,
 
     /// State is checkpointed (and offsets committed) at least this often: the most input a
     /// restart re-reads.
-    #[arg(long, env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
     pub checkpoint_interval_ms: i64,
 
     /// Buffered output rows that force a flush; bounds memory while ClickHouse is down.
@@ -63,7 +63,7 @@ pub struct Config {
 
     /// A partition with no input for this long gets a tick record, so its windows close
     /// without new events.
-    #[arg(long, env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "idle-timeout", env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = parse_ms)]
     pub idle_timeout_ms: i64,
 }
 

@@ -283,6 +283,8 @@ impl Aggregator {
         }
         self.send_ticks().await;
         let now_ms = wall_ms();
+        let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
+        gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
         for (p, part) in &self.partitions {
             if let Some(wm) = part.engine.watermark() {
                 gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);

@@ -39,13 +39,13 @@ pub struct Config {
     pub low_balance: Vec<String>,
 
     /// How long after a billing period ends late usage is awaited before its true-up.
-    #[arg(long, env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = parse_ms)]
+    #[arg(long = "period-grace", env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = parse_ms)]
     pub period_grace_ms: i64,
 
-    #[arg(long, env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
     pub flush_interval_ms: i64,
 
-    #[arg(long, env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
     pub checkpoint_interval_ms: i64,
 
     #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 100_000)]
