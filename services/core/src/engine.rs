@@ -205,6 +205,8 @@ pub struct PartitionEngine {
     max_time: Option<i64>,
     next_offset: i64,
     next_seq: i64,
+    /// Creation number of the next window (see `Window::created`).
+    next_window_id: u64,
     stats: EngineStats,
     /// Emitted, not yet drained aggregates.
     output: Vec<MeterAggregate>,
@@ -341,6 +343,7 @@ impl PartitionEngine {
             max_time: None,
             next_offset: 0,
             next_seq: 1,
+            next_window_id: 0,
             stats: EngineStats::default(),
             output: Vec::new(),
         })
@@ -596,12 +599,8 @@ impl PartitionEngine {
             }
             None => {
                 let is_open = self.max_time.is_none_or(|now| close_at > now);
-                let key = WindowKey {
-                    window_start,
-                    meter: mi,
-                    tenant: Box::from(ev.tenant),
-                    dims: dims.iter().map(|d| Box::from(*d)).collect(),
-                };
+                let key = WindowKey::new(mi, window_start, ev.tenant, dims.iter().copied());
+                let created = self.next_window_id;
                 let mut base: Option<Window> = None;
                 let mut prior_last: Option<LastEmitted> = None;
                 if !is_open && window_end <= self.meters[usize::from(mi)].evicted_end_bound {
@@ -616,7 +615,7 @@ impl PartitionEngine {
                         before: pos,
                     };
                     if let Some(loaded) = store.load(&q)? {
-                        base = Window::rebuild(key.clone(), hash, agg, &loaded)?;
+                        base = Window::rebuild(key.clone(), hash, created, agg, &loaded)?;
                         // (No events but an emission cannot happen within the horizon; if a
                         // store says so anyway, the revision sequence still continues.)
                         prior_last = loaded.last_emitted;
@@ -631,11 +630,12 @@ impl PartitionEngine {
                         w
                     }
                     None => {
-                        let mut w = Window::new(key, hash, agg, &c);
+                        let mut w = Window::new(key, hash, created, agg, &c);
                         w.last = prior_last;
                         w
                     }
                 };
+                self.next_window_id += 1;
                 self.insert_window(w, is_open, close_at)
             }
         };
@@ -720,14 +720,8 @@ impl PartitionEngine {
                 let close_at = *entry.key();
                 batch.extend(entry.remove().into_iter().map(|s| (close_at, s)));
             }
-            let slab = &self.slab;
-            batch.sort_unstable_by(|a, b| {
-                a.0.cmp(&b.0).then_with(|| {
-                    let ka = &slab[a.1 as usize].as_ref().expect("live").key;
-                    let kb = &slab[b.1 as usize].as_ref().expect("live").key;
-                    ka.cmp(kb)
-                })
-            });
+            // Each list is in creation order (windows are pushed when created), so the batch
+            // is in (close time, creation) order without sorting.
             for (close_at, slot) in batch {
                 self.slab[slot as usize].as_mut().expect("live").closed = true;
                 self.emit(slot);
@@ -755,12 +749,7 @@ impl PartitionEngine {
             if batch.iter().any(|&s| self.slab[s as usize].as_ref().expect("live").dirty) {
                 self.flush_dirty();
             }
-            let slab = &self.slab;
-            batch.sort_unstable_by(|a, b| {
-                let ka = &slab[*a as usize].as_ref().expect("live").key;
-                let kb = &slab[*b as usize].as_ref().expect("live").key;
-                ka.cmp(kb)
-            });
+            // (Eviction order only affects store notifications, never output.)
             let pos = SourcePos {
                 partition: self.partition,
                 offset: self.next_offset,
@@ -778,12 +767,22 @@ impl PartitionEngine {
                 let window_end = w.key.window_start + rt.def.window_ms;
                 rt.evicted_end_bound = rt.evicted_end_bound.max(window_end);
                 self.stats.windows_evicted += 1;
-                let group: Vec<(&str, &str)> =
-                    rt.def.group_by.iter().map(String::as_str).zip(w.key.dims.iter().map(|d| &**d)).collect();
+                let mut inline = [("", ""); INLINE_DIMS];
+                let heap: Vec<(&str, &str)>;
+                let pairs = rt.def.group_by.iter().map(String::as_str).zip(w.key.dims());
+                let group: &[(&str, &str)] = if rt.def.group_by.len() <= INLINE_DIMS {
+                    for (slot, pair) in inline.iter_mut().zip(pairs) {
+                        *slot = pair;
+                    }
+                    &inline[..rt.def.group_by.len()]
+                } else {
+                    heap = pairs.collect();
+                    &heap
+                };
                 let q = WindowQuery {
                     meter: &rt.def,
-                    tenant: &w.key.tenant,
-                    group: &group,
+                    tenant: w.key.tenant(),
+                    group,
                     window_start: w.key.window_start,
                     window_end,
                     before: pos,
@@ -801,11 +800,7 @@ impl PartitionEngine {
         }
         let mut dirty = std::mem::take(&mut self.dirty);
         let slab = &self.slab;
-        dirty.sort_unstable_by(|a, b| {
-            let ka = &slab[*a as usize].as_ref().expect("live").key;
-            let kb = &slab[*b as usize].as_ref().expect("live").key;
-            ka.cmp(kb)
-        });
+        dirty.sort_unstable_by_key(|&s| slab[s as usize].as_ref().expect("live").created);
         for &slot in &dirty {
             self.emit(slot);
         }
@@ -824,16 +819,16 @@ impl PartitionEngine {
             None => (0, Decimal::ZERO, Decimal::ZERO),
             Some(l) => (l.revision + 1, l.value, l.provider_cost),
         };
+        // Inserting in (sorted) group_by order is cheaper than `collect`, which sorts.
+        let mut dimensions = BTreeMap::new();
+        for (name, value) in m.group_by.iter().zip(w.key.dims()) {
+            dimensions.insert(name.clone(), value.to_owned());
+        }
         self.output.push(MeterAggregate {
-            tenant: w.key.tenant.to_string(),
+            tenant: w.key.tenant().to_owned(),
             meter: m.name.clone(),
             aggregation: m.aggregation.as_str().to_owned(),
-            dimensions: m
-                .group_by
-                .iter()
-                .cloned()
-                .zip(w.key.dims.iter().map(|d| d.to_string()))
-                .collect(),
+            dimensions,
             window_start: w.key.window_start,
             window_end: w.key.window_start + m.window_ms,
             revision,

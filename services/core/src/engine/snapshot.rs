@@ -279,11 +279,12 @@ fn read_last(r: &mut Reader<'_>) -> Result<Option<LastEmitted>> {
 
 fn write_window(w: &mut Writer, win: &Window) {
     let k = &win.key;
+    w.u64(win.created);
     w.i64(k.window_start);
     w.u32(u32::from(k.meter));
-    w.str(&k.tenant);
-    w.len(k.dims.len());
-    for d in k.dims.iter() {
+    w.str(k.tenant());
+    w.len(k.dims().count());
+    for d in k.dims() {
         w.str(d);
     }
     w.bool(win.closed);
@@ -388,6 +389,7 @@ impl PartitionEngine {
         w.i64(self.next_offset);
         w.i64(self.next_seq);
         w.opt_i64(self.max_time);
+        w.u64(self.next_window_id);
         write_stats(&mut w, &self.stats);
         w.len(self.meters.len());
         for m in &self.meters {
@@ -403,7 +405,7 @@ impl PartitionEngine {
             w.i64(m.evicted_end_bound);
         }
         let mut windows: Vec<&Window> = self.slab.iter().flatten().collect();
-        windows.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        windows.sort_unstable_by_key(|w| w.created);
         w.len(windows.len());
         for win in windows {
             write_window(&mut w, win);
@@ -427,6 +429,7 @@ impl PartitionEngine {
         let next_offset = r.i64()?;
         let next_seq = r.i64()?;
         let max_time = r.opt_i64()?;
+        let next_window_id = r.u64()?;
         let stats = read_stats(&mut r)?;
         cfg.validate()?;
         // Placeholder dedup, replaced once its section is read.
@@ -469,7 +472,13 @@ impl PartitionEngine {
         }
 
         let n = r.len(40)?;
+        let mut last_created = None;
         for _ in 0..n {
+            let created = r.u64()?;
+            if last_created.is_some_and(|l| l >= created) || created >= next_window_id {
+                return Err(bad("window creation numbers out of order"));
+            }
+            last_created = Some(created);
             let window_start = r.i64()?;
             let mi = r.u32()? as usize;
             let meter = map
@@ -478,14 +487,14 @@ impl PartitionEngine {
                 .clone()
                 .map_err(Error::Snapshot)?;
             let def = &e.meters[usize::from(meter)].def;
-            let tenant: Box<str> = r.str()?.into();
+            let tenant = r.str()?;
             let nd = r.len(4)?;
             if nd != def.group_by.len() {
                 return Err(bad("dimension count"));
             }
             let mut dims = Vec::with_capacity(nd);
             for _ in 0..nd {
-                dims.push(Box::<str>::from(r.str()?));
+                dims.push(r.str()?);
             }
             let closed = r.bool()?;
             let dirty = r.bool()?;
@@ -518,13 +527,8 @@ impl PartitionEngine {
             if event_count < 1 || (dirty && !closed) || (closed && !dirty && last.is_none()) {
                 return Err(bad("inconsistent window state"));
             }
-            let key = WindowKey {
-                window_start,
-                meter,
-                tenant,
-                dims: dims.into_boxed_slice(),
-            };
-            let hash = key_hash(&e.hasher, meter, window_start, &key.tenant, key.dims.iter().map(|d| &**d));
+            let key = WindowKey::new(meter, window_start, tenant, dims.iter().copied());
+            let hash = key_hash(&e.hasher, meter, window_start, tenant, dims.iter().copied());
             let slab = &e.slab;
             if e.index
                 .find(hash, |&i| slab[i as usize].as_ref().is_some_and(|w| w.key == key))
@@ -538,6 +542,7 @@ impl PartitionEngine {
             let win = Window {
                 key,
                 hash,
+                created,
                 acc,
                 event_count,
                 provider_cost,
@@ -560,6 +565,7 @@ impl PartitionEngine {
         }
         e.next_offset = next_offset;
         e.next_seq = next_seq;
+        e.next_window_id = next_window_id;
         e.max_time = max_time;
         e.stats = stats;
         Ok(e)
