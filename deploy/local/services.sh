@@ -159,7 +159,8 @@ comp_command() {
     dir="$(comp_dir "$comp")"
     case "$comp" in
         broker)
-            CMD=("$NISSHI_BIN" broker
+            # env -u: the broker reads these from the environment too; never inherit them.
+            CMD=(env -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT -u STORAGE_ENGINE "$NISSHI_BIN" broker
                 --listener-url "tcp://$MF_HOST:$BROKER_PORT"
                 --advertised-listener-url "tcp://$MF_HOST:$BROKER_PORT"
                 --storage-engine "$(broker_storage_url)")
