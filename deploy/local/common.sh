@@ -68,18 +68,36 @@ pid_is_ours() {
     return 0
 }
 
+# The port that identifies a running component (its first one).
+comp_main_port() {
+    case "$1" in
+        broker) echo "$BROKER_PORT" ;;
+        clickhouse) echo "$CLICKHOUSE_HTTP_PORT" ;;
+        prometheus) echo "$PROMETHEUS_PORT" ;;
+    esac
+}
+
 # Prints the pid of COMPONENT if it is running (started by us), else returns 1. Removes a
-# stale pid file.
+# stale pid file. A process of ours that lost its pid file (same program, same state dir,
+# listening on the component's port) is adopted.
 running_pid() {
     local comp="$1" pidfile pid
     pidfile="$(comp_pidfile "$comp")"
-    [[ -f "$pidfile" ]] || return 1
-    pid="$(cat "$pidfile" 2>/dev/null || true)"
-    if pid_is_ours "$comp" "$pid"; then
-        printf '%s' "$pid"
-        return 0
+    if [[ -f "$pidfile" ]]; then
+        pid="$(cat "$pidfile" 2>/dev/null || true)"
+        if pid_is_ours "$comp" "$pid"; then
+            printf '%s' "$pid"
+            return 0
+        fi
+        rm -f "$pidfile"
     fi
-    rm -f "$pidfile"
+    for pid in $(listeners_on "$(comp_main_port "$comp")"); do
+        if pid_is_ours "$comp" "$pid"; then
+            echo "$pid" >"$pidfile"
+            printf '%s' "$pid"
+            return 0
+        fi
+    done
     return 1
 }
 

@@ -357,6 +357,10 @@ main() {
             for ((i = ${#selected[@]} - 1; i >= 0; i--)); do stop_one "${selected[$i]}"; done
             ;;
         restart)
+            # A restarted broker keeps its storage unless METERFLOW_BROKER_STORAGE says otherwise.
+            if [[ -z "${METERFLOW_BROKER_STORAGE:-}" && -f "$(comp_dir broker)/storage" ]]; then
+                MF_BROKER_STORAGE="$(cat "$(comp_dir broker)/storage")"
+            fi
             for ((i = ${#selected[@]} - 1; i >= 0; i--)); do stop_one "${selected[$i]}"; done
             for c in "${selected[@]}"; do start_one "$c"; done
             ;;
