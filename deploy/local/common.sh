@@ -8,6 +8,8 @@
 #   METERFLOW_BROKER_STORAGE  sqlite (durable, default) | memory (fast, lost on restart)
 #   METERFLOW_READY_TIMEOUT   seconds each service gets to become ready (default 60)
 #   METERFLOW_PROMETHEUS      1 (default) to let `up` start Prometheus, 0 to skip it
+#   METERFLOW_BROKER_PORT, METERFLOW_CLICKHOUSE_HTTP_PORT, METERFLOW_CLICKHOUSE_TCP_PORT,
+#   METERFLOW_PROMETHEUS_PORT  ports (defaults 9092, 8123, 9000, 9090)
 
 MF_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MF_STATE="${METERFLOW_STATE:-$MF_REPO/.state}"
@@ -21,11 +23,13 @@ NISSHI_BIN="$NISSHI_ROOT/bin/nisshi"
 NISSHI_BUILD_LOG="$MF_CACHE/nisshi-build.log"
 NISSHI_LOCK="$MF_CACHE/nisshi-$NISSHI_VERSION.lock"
 
+# Loopback only. The ports can be moved (e.g. to run a second stack beside the usual one);
+# point clients at them with METERFLOW_KAFKA_BROKERS / METERFLOW_CLICKHOUSE_URL.
 MF_HOST=127.0.0.1
-BROKER_PORT=9092
-CLICKHOUSE_HTTP_PORT=8123
-CLICKHOUSE_TCP_PORT=9000
-PROMETHEUS_PORT=9090
+BROKER_PORT="${METERFLOW_BROKER_PORT:-9092}"
+CLICKHOUSE_HTTP_PORT="${METERFLOW_CLICKHOUSE_HTTP_PORT:-8123}"
+CLICKHOUSE_TCP_PORT="${METERFLOW_CLICKHOUSE_TCP_PORT:-9000}"
+PROMETHEUS_PORT="${METERFLOW_PROMETHEUS_PORT:-9090}"
 
 MF_COMPONENTS=(broker clickhouse prometheus)
 
