@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Applies every migration in schemas/clickhouse (or $1) to current ClickHouse, run in-process
-# by chdb-core from PyPI, and fails on any error. The local server is ClickHouse 18.16; this is
+# by the chdb-core Python package (pip), and fails on any error. The local server is ClickHouse 18.16; this is
 # the check that the same DDL also works on a current release (no syntax or behaviour that new
 # versions dropped). Never skips: if chdb-core cannot be installed, it fails.
 #
@@ -51,7 +51,7 @@ ensure_venv() {
         "$py" -m venv "$VENV" || die "check-ddl-current: cannot create a virtualenv with $py"
     fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "chdb-core==$CHDB_VERSION" ||
-        die "check-ddl-current: pip install chdb-core==$CHDB_VERSION failed; this check does not skip: fix the install (network? PyPI?) and re-run"
+        die "check-ddl-current: pip install chdb-core==$CHDB_VERSION failed; this check does not skip: fix the install (network? package index?) and re-run"
     "$VENV/bin/python" -c 'import chdb' || die "check-ddl-current: chdb-core installed but 'import chdb' fails"
     exec 8>&-
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the local services need, idempotently. Nothing goes into the repo:
-#   broker      nisshi (Kafka-API broker) built from crates.io with the nightly toolchain into
-#               $METERFLOW_CACHE/nisshi-0.8.1/bin/nisshi (~25 min on 2 cores the first time;
+#   broker      nisshi (Kafka-API broker) built with `cargo +nightly install` (it needs rustc
+#               >= 1.96) into $METERFLOW_CACHE/nisshi-0.8.1/bin/nisshi (~25 min on 2 cores the first time;
 #               a lock file makes concurrent callers wait for one build instead of starting two)
 #   clickhouse  Debian's clickhouse-server + clickhouse-client (apt)
 #   prometheus  Debian's prometheus (apt)
@@ -78,7 +78,7 @@ build_broker_locked() {
         warn "broker: that build finished without producing $NISSHI_BIN; building again"
     fi
     ensure_build_tools
-    log "broker: building nisshi $NISSHI_VERSION from crates.io into $NISSHI_ROOT"
+    log "broker: building nisshi $NISSHI_VERSION with cargo +nightly install into $NISSHI_ROOT"
     log "broker: this takes ~25 min on 2 cores the first time; progress in $NISSHI_BUILD_LOG"
     local start rc=0
     start="$(now_s)"
