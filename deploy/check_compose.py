@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Static checks of the container deployment against the code (run by deploy/check-compose.sh).
+
+  * deploy/docker-compose.yml, deploy/prometheus/prometheus.yml and the Grafana provisioning
+    files parse as YAML; every dashboard parses as JSON and is what build_dashboards.py writes;
+  * every file or directory compose mounts or builds from, and every COPY source of
+    deploy/Dockerfile, exists;
+  * every METERFLOW_* variable set in compose or the Dockerfile is read by the code (the
+    `env = "..."` of the clap flags), and by the binary of the service it is set on;
+  * topic variables, if set, equal the runtime defaults, and the defaults are the meterflow.*
+    names of TopicArgs::with_prefix;
+  * service HTTP addresses bind 0.0.0.0 on the services' default ports (aggregator 9101, rater
+    9102, producer 9103), published 1:1, and Prometheus scrapes exactly those (same jobs as
+    deploy/local/services.sh); Kafka 9092, ClickHouse 8123, Prometheus 9090, Grafana 3000
+    are published like the local setup;
+  * Grafana installs grafana-clickhouse-datasource; the dashboards use only provisioned data
+    source uids, only the ClickHouse macros that work on 18.16, no SQL that 18.16 lacks, and
+    only metric names declared in services/*/src/metrics.rs.
+
+usage: check_compose.py   (exit 1 with a list of problems)
+"""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+try:
+    import yaml
+except ImportError:  # check-compose.sh installs it
+    print("check_compose.py needs PyYAML (pip install pyyaml)", file=sys.stderr)
+    sys.exit(2)
+
+DEPLOY = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(DEPLOY)
+COMPOSE = os.path.join(DEPLOY, "docker-compose.yml")
+DOCKERFILE = os.path.join(DEPLOY, "Dockerfile")
+PROMETHEUS = os.path.join(DEPLOY, "prometheus", "prometheus.yml")
+GRAFANA = os.path.join(DEPLOY, "grafana")
+
+PORTS = {"aggregator": 9101, "rater": 9102, "producer": 9103}
+HTTP_VAR = {
+    "aggregator": "METERFLOW_AGGREGATOR_HTTP_ADDR",
+    "rater": "METERFLOW_RATER_HTTP_ADDR",
+    "producer": "METERFLOW_PRODUCER_METRICS_ADDR",
+}
+INFRA_PORTS = {"kafka": 9092, "clickhouse": 8123, "prometheus": 9090, "grafana": 3000}
+
+problems: list[str] = []
+
+
+def problem(msg: str):
+    problems.append(msg)
+
+
+def rel(p: str) -> str:
+    return os.path.relpath(p, REPO)
+
+
+def load_yaml(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except Exception as e:  # noqa: BLE001
+        problem(f"{rel(path)}: does not parse as YAML: {e}")
+        return None
+
+
+# --- what the code reads -------------------------------------------------------------------
+
+def arg_attributes(text: str):
+    """The inside of every #[arg(...)] attribute."""
+    for m in re.finditer(r"#\[arg\(", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            if text[i] == "(":
+                depth += 1
+            elif text[i] == ")":
+                depth -= 1
+            elif text[i] == '"':
+                i = text.index('"', i + 1)
+            i += 1
+        yield text[m.end():i - 1]
+
+
+def crate_env(crate_dir: str) -> dict[str, str | None]:
+    """METERFLOW_* variables read by a crate's clap flags -> default value (or None)."""
+    out: dict[str, str | None] = {}
+    for path in glob.glob(os.path.join(crate_dir, "src", "**", "*.rs"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for attr in arg_attributes(text):
+            env = re.search(r'\benv\s*=\s*"(METERFLOW_[A-Z0-9_]+)"', attr)
+            if env:
+                d = re.search(r'\bdefault_value\s*=\s*"([^"]*)"', attr)
+                out[env.group(1)] = d.group(1) if d else None
+        # Variables read by hand (std::env::var) count too.
+        for m in re.finditer(r'env::var(?:_os)?\(\s*"(METERFLOW_[A-Z0-9_]+)"', text):
+            out.setdefault(m.group(1), None)
+    return out
+
+
+def binaries() -> dict[str, str]:
+    """binary name -> crate dir."""
+    out = {}
+    for manifest in glob.glob(os.path.join(REPO, "services", "*", "Cargo.toml")):
+        with open(manifest, encoding="utf-8") as f:
+            text = f.read()
+        for m in re.finditer(r'\[\[bin\]\]\s*\nname\s*=\s*"([^"]+)"', text):
+            out[m.group(1)] = os.path.dirname(manifest)
+    return out
+
+
+def declared_metrics() -> set[str]:
+    names = set()
+    for path in glob.glob(os.path.join(REPO, "services", "*", "src", "metrics.rs")):
+        with open(path, encoding="utf-8") as f:
+            names.update(re.findall(r'"(meterflow_[a-z0-9_]+)"', f.read()))
+    return names
+
+
+# --- checks --------------------------------------------------------------------------------
+
+def check_dockerfile() -> dict[str, str]:
+    """Checks COPY sources; returns the ENV it sets."""
+    env: dict[str, str] = {}
+    if not os.path.isfile(DOCKERFILE):
+        problem("deploy/Dockerfile is missing")
+        return env
+    with open(DOCKERFILE, encoding="utf-8") as f:
+        text = re.sub(r"\\\n", " ", f.read())
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "COPY" and not any(w.startswith("--from") for w in words[1:]):
+            srcs = [w for w in words[1:-1] if not w.startswith("--")]
+            for s in srcs:
+                if not glob.glob(os.path.join(REPO, s)):
+                    problem(f"deploy/Dockerfile: COPY {s}: no such file or directory in the build context (repository root)")
+        if words[0] == "ENV":
+            for m in re.finditer(r"(\w+)=(\S+)", line):
+                env[m.group(1)] = m.group(2)
+    return env
+
+
+def check_env_vars(where: str, env: dict, allowed: dict[str, str | None], topic_defaults: dict[str, str]):
+    for k, v in env.items():
+        if not k.startswith("METERFLOW_"):
+            continue
+        if k not in allowed:
+            problem(f"{where}: {k} is not read by this service (no clap flag with env = \"{k}\")")
+        if k in topic_defaults and str(v) != topic_defaults[k]:
+            problem(f"{where}: {k}={v} differs from the runtime default {topic_defaults[k]} (the local setup uses the defaults)")
+
+
+def port_of(addr) -> int | None:
+    m = re.fullmatch(r"[\w.\-\[\]:]*:(\d+)", str(addr))
+    return int(m.group(1)) if m else None
+
+
+def published(svc: dict) -> dict[int, int]:
+    """container port -> host port."""
+    out = {}
+    for p in svc.get("ports", []) or []:
+        parts = str(p).split(":")
+        if len(parts) >= 2:
+            out[int(parts[-1].split("/")[0])] = int(parts[-2])
+    return out
+
+
+def check_compose(runtime_env, bins, docker_env):
+    doc = load_yaml(COMPOSE)
+    if not isinstance(doc, dict) or "services" not in doc:
+        problem("deploy/docker-compose.yml has no services")
+        return None
+    services = doc["services"]
+    base = DEPLOY
+
+    # Images of the infrastructure.
+    expect_images = {"kafka": "apache/kafka", "clickhouse": "clickhouse/clickhouse-server",
+                     "prometheus": "prom/prometheus", "grafana": "grafana/grafana"}
+    for name, image in expect_images.items():
+        img = str(services.get(name, {}).get("image", ""))
+        if not img.startswith(image + ":"):
+            problem(f"compose: service {name} must run a pinned {image} image, not {img!r}")
+    kenv = services.get("kafka", {}).get("environment", {}) or {}
+    if "controller" not in str(kenv.get("KAFKA_PROCESS_ROLES", "")):
+        problem("compose: kafka must run in KRaft mode (KAFKA_PROCESS_ROLES with controller)")
+
+    # Mounts and build contexts exist.
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build:
+            ctx = os.path.normpath(os.path.join(base, build.get("context", ".") if isinstance(build, dict) else build))
+            if not os.path.isdir(ctx):
+                problem(f"compose: {name}: build context {rel(ctx)} does not exist")
+            df = os.path.normpath(os.path.join(ctx, build.get("dockerfile", "Dockerfile"))) if isinstance(build, dict) else os.path.join(ctx, "Dockerfile")
+            if not os.path.isfile(df):
+                problem(f"compose: {name}: dockerfile {rel(df)} does not exist")
+        for v in svc.get("volumes", []) or []:
+            src = v.get("source") if isinstance(v, dict) else str(v).split(":")[0]
+            if src and (src.startswith(".") or src.startswith("/")):
+                path = os.path.normpath(os.path.join(base, src))
+                if not os.path.exists(path):
+                    problem(f"compose: {name}: mounted {src} ({rel(path)}) does not exist")
+            elif src and src not in (doc.get("volumes") or {}):
+                problem(f"compose: {name}: named volume {src} is not declared under volumes:")
+
+    # meterflow services: binaries, env vars, ports.
+    topic_defaults = {k: v for k, v in runtime_env.items() if k.endswith("_TOPIC") and v}
+    meterflow = {}
+    for name, svc in services.items():
+        cmd = svc.get("command")
+        if not isinstance(cmd, list) or not cmd or not str(cmd[0]).startswith("meterflow-"):
+            continue
+        meterflow[name] = svc
+        binary = cmd[0]
+        if binary not in bins:
+            problem(f"compose: {name}: runs {binary}, which no crate builds ([[bin]] names: {sorted(bins)})")
+            continue
+        allowed = dict(runtime_env)
+        allowed.update(crate_env(bins[binary]))
+        env = svc.get("environment", {}) or {}
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) for e in env)
+        check_env_vars(f"compose: {name} ({binary})", env, allowed, topic_defaults)
+        if "build" not in svc and not svc.get("image"):
+            problem(f"compose: {name}: neither build nor image")
+    for name, var in HTTP_VAR.items():
+        svc = meterflow.get(name)
+        if svc is None:
+            problem(f"compose: no {name} service")
+            continue
+        addr = (svc.get("environment") or {}).get(var)
+        if not addr or not str(addr).startswith("0.0.0.0:"):
+            problem(f"compose: {name}: {var} must bind 0.0.0.0 inside the container (got {addr!r})")
+        if port_of(addr) != PORTS[name]:
+            problem(f"compose: {name}: {var}={addr}, expected port {PORTS[name]} (the local setup's)")
+        if published(svc).get(PORTS[name]) != PORTS[name]:
+            problem(f"compose: {name}: must publish {PORTS[name]}:{PORTS[name]}")
+    init = services.get("init")
+    if not init or init.get("command") != ["meterflow-admin", "init"]:
+        problem("compose: a one-shot `init` service must run [meterflow-admin, init]")
+    else:
+        for name in ("aggregator", "rater"):
+            dep = (services.get(name, {}).get("depends_on") or {})
+            if not isinstance(dep, dict) or dep.get("init", {}).get("condition") != "service_completed_successfully":
+                problem(f"compose: {name} must depend on init with condition service_completed_successfully")
+    # Dockerfile ENV applies to every binary: each must be read by someone.
+    every = dict(runtime_env)
+    for crate in set(bins.values()):
+        every.update(crate_env(crate))
+    check_env_vars("deploy/Dockerfile ENV", docker_env, every, topic_defaults)
+
+    # Infrastructure ports like the local setup.
+    kafka_host = published(services.get("kafka", {}))
+    if 9092 not in kafka_host.values():
+        problem("compose: kafka must be published on host port 9092")
+    for name in ("clickhouse", "prometheus", "grafana"):
+        port = INFRA_PORTS[name]
+        if published(services.get(name, {})).get(port) != port:
+            problem(f"compose: {name} must publish {port}:{port}")
+    if "kafka:9092" not in str(runtime_env_value(services, "METERFLOW_KAFKA_BROKERS")):
+        problem("compose: METERFLOW_KAFKA_BROKERS must point at kafka:9092")
+    if "clickhouse:8123" not in str(runtime_env_value(services, "METERFLOW_CLICKHOUSE_URL")):
+        problem("compose: METERFLOW_CLICKHOUSE_URL must point at http://clickhouse:8123")
+
+    # Grafana.
+    genv = services.get("grafana", {}).get("environment", {}) or {}
+    if "grafana-clickhouse-datasource" not in str(genv.get("GF_INSTALL_PLUGINS", "")):
+        problem("compose: grafana must install grafana-clickhouse-datasource via GF_INSTALL_PLUGINS")
+    home = genv.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        name = os.path.basename(str(home))
+        if not os.path.isfile(os.path.join(GRAFANA, "dashboards", name)):
+            problem(f"compose: GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH names {name}, not in deploy/grafana/dashboards")
+    return services
+
+
+def runtime_env_value(services, var):
+    for svc in services.values():
+        env = svc.get("environment") or {}
+        if isinstance(env, dict) and var in env:
+            return env[var]
+    return None
+
+
+def check_topic_defaults(runtime_env):
+    with open(os.path.join(REPO, "services", "runtime", "src", "args.rs"), encoding="utf-8") as f:
+        text = f.read()
+    m = re.search(r"fn with_prefix.*?Self \{(.*?)\n\s*\}", text, re.S)
+    suffixes = dict(re.findall(r'(\w+): format!\("\{prefix\}([\w.\-]+)"\)', m.group(1))) if m else {}
+    default_prefix = re.search(r'Self::with_prefix\("([^"]+)"\)', text)
+    if not suffixes or not default_prefix:
+        problem("services/runtime/src/args.rs: cannot find TopicArgs::with_prefix / Default")
+        return
+    expected = {default_prefix.group(1) + s for s in suffixes.values()}
+    declared = {v for k, v in runtime_env.items() if k.endswith("_TOPIC")}
+    if declared != expected:
+        problem(f"runtime topic defaults {sorted(declared)} differ from TopicArgs::default() {sorted(expected)}")
+
+
+def check_prometheus():
+    doc = load_yaml(PROMETHEUS)
+    if not doc:
+        return
+    jobs = {}
+    for sc in doc.get("scrape_configs", []):
+        targets = [t for s in sc.get("static_configs", []) for t in s.get("targets", [])]
+        jobs[sc.get("job_name")] = targets
+    for name, port in PORTS.items():
+        if jobs.get(name) != [f"{name}:{port}"]:
+            problem(f"deploy/prometheus/prometheus.yml: job {name} must scrape [{name}:{port}], got {jobs.get(name)}")
+    # Same jobs and ports as the local Prometheus.
+    local = os.path.join(REPO, "deploy", "local", "services.sh")
+    if os.path.isfile(local):
+        with open(local, encoding="utf-8") as f:
+            text = f.read()
+        local_jobs = dict(re.findall(r"job_name:\s*(\w+)\s*\n\s*static_configs:\s*\n\s*- targets: \['127\.0\.0\.1:(\d+)'\]", text))
+        for job, port in local_jobs.items():
+            if job in PORTS and int(port) != PORTS[job]:
+                problem(f"deploy/local/services.sh scrapes {job} on {port}, compose on {PORTS[job]}")
+        missing = {j for j in local_jobs if j in PORTS} ^ set(PORTS)
+        if missing:
+            problem(f"jobs {sorted(missing)} are not scraped by both deploy/local/services.sh and deploy/prometheus/prometheus.yml")
+
+
+BANNED_SQL = [
+    (r"\bDateTime64\b", "DateTime64 (not in 18.16)"),
+    (r"\bLowCardinality\b", "LowCardinality (not in 18.16)"),
+    (r"\bJSON\b", "the JSON type (not in 18.16)"),
+    (r"\bOVER\s*\(", "window functions (not in 18.16)"),
+    (r"\bWITH\s+FILL\b", "WITH FILL (not in 18.16)"),
+    (r"\btoStartOfInterval\b", "toStartOfInterval (not in 18.16)"),
+    (r"fromUnixTimestamp64", "fromUnixTimestamp64* (not in 18.16)"),
+    (r"\$__(timeInterval|timeInterval_ms|timeFilter_ms|fromTime_ms|toTime_ms|dateTimeFilter|dt)\b",
+     "a macro that expands to SQL 18.16 lacks"),
+]
+ALLOWED_MACROS = {"timeFilter", "dateFilter", "fromTime", "toTime", "interval_s"}
+PROM_MACROS = {"rate_interval", "interval"}
+
+
+def check_grafana(metric_names: set[str]):
+    ds_doc = load_yaml(os.path.join(GRAFANA, "provisioning", "datasources", "meterflow.yml")) or {}
+    uids = {d.get("uid"): d.get("type") for d in ds_doc.get("datasources", [])}
+    if uids.get("clickhouse") != "grafana-clickhouse-datasource" or uids.get("prometheus") != "prometheus":
+        problem(f"grafana provisioning: expected data sources clickhouse and prometheus, got {uids}")
+    ch = next((d for d in ds_doc.get("datasources", []) if d.get("uid") == "clickhouse"), {})
+    jd = ch.get("jsonData", {})
+    if (jd.get("host"), jd.get("port"), jd.get("defaultDatabase")) != ("clickhouse", 8123, "meterflow"):
+        problem(f"grafana provisioning: the ClickHouse data source must use clickhouse:8123, database meterflow (got {jd})")
+    prov = load_yaml(os.path.join(GRAFANA, "provisioning", "dashboards", "meterflow.yml")) or {}
+    paths = [p.get("options", {}).get("path") for p in prov.get("providers", [])]
+    if paths != ["/etc/grafana/dashboards"]:
+        problem(f"grafana provisioning: dashboards provider path must be /etc/grafana/dashboards (the compose mount), got {paths}")
+
+    r = subprocess.run([sys.executable, os.path.join(GRAFANA, "build_dashboards.py"), "--check"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        problem("dashboards are stale: " + r.stderr.strip())
+
+    boards = sorted(glob.glob(os.path.join(GRAFANA, "dashboards", "*.json")))
+    if len(boards) < 3:
+        problem(f"expected the three dashboards in deploy/grafana/dashboards, found {len(boards)}")
+    seen_uids = set()
+    n_targets = 0
+    for path in boards:
+        try:
+            with open(path, encoding="utf-8") as f:
+                board = json.load(f)
+        except Exception as e:  # noqa: BLE001
+            problem(f"{rel(path)}: not JSON: {e}")
+            continue
+        if board.get("uid") in seen_uids:
+            problem(f"{rel(path)}: duplicate dashboard uid {board.get('uid')}")
+        seen_uids.add(board.get("uid"))
+        ids = set()
+        for panel in board.get("panels", []):
+            where = f"{os.path.basename(path)} / {panel.get('title')}"
+            if panel.get("id") in ids:
+                problem(f"{where}: duplicate panel id {panel.get('id')}")
+            ids.add(panel.get("id"))
+            if panel.get("type") == "row":
+                if panel.get("panels"):
+                    problem(f"{where}: collapsed rows hide panels from the checks; keep rows expanded")
+                continue
+            targets = panel.get("targets") or []
+            if not targets:
+                problem(f"{where}: no queries")
+            for t in targets:
+                n_targets += 1
+                w = f"{where} / {t.get('refId')}"
+                ds = t.get("datasource") or panel.get("datasource") or {}
+                if uids.get(ds.get("uid")) != ds.get("type"):
+                    problem(f"{w}: data source {ds} is not provisioned")
+                if ds.get("type") == "grafana-clickhouse-datasource":
+                    q = t.get("rawSql", "")
+                    for pat, what in BANNED_SQL:
+                        if re.search(pat, q, re.I if "OVER" in pat or "FILL" in pat else 0):
+                            problem(f"{w}: uses {what}")
+                    for m in re.findall(r"\$__(\w+)", q):
+                        if m not in ALLOWED_MACROS:
+                            problem(f"{w}: macro $__{m} is not one of {sorted(ALLOWED_MACROS)}")
+                    if re.search(r"\$\{|\$(?!__)\w", q):
+                        problem(f"{w}: template variables are not used by these dashboards")
+                    if re.search(r"\bmeterflow\.\w", q):
+                        problem(f"{w}: names the database; use the data source's default database")
+                elif ds.get("type") == "prometheus":
+                    q = t.get("expr", "")
+                    for m in re.findall(r"\$__(\w+)", q):
+                        if m not in PROM_MACROS:
+                            problem(f"{w}: Prometheus macro $__{m} is not one of {sorted(PROM_MACROS)}")
+                    for name in re.findall(r"\b(meterflow_[a-z0-9_]+)", q):
+                        base = re.sub(r"_(bucket|sum|count)$", "", name)
+                        if name not in metric_names and base not in metric_names:
+                            problem(f"{w}: metric {name} is not declared in services/*/src/metrics.rs")
+    return n_targets
+
+
+def main() -> int:
+    runtime_env = crate_env(os.path.join(REPO, "services", "runtime"))
+    bins = binaries()
+    docker_env = check_dockerfile()
+    check_compose(runtime_env, bins, docker_env)
+    check_topic_defaults(runtime_env)
+    check_prometheus()
+    n = check_grafana(declared_metrics())
+    for p in problems:
+        print(f"check-compose: {p}", file=sys.stderr)
+    if problems:
+        print(f"check-compose: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"check-compose: OK (compose, Dockerfile, Prometheus, Grafana provisioning, {n} dashboard queries)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
