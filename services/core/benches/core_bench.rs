@@ -1,13 +1,24 @@
 //! Throughput of the aggregator's hot path on one thread: Avro decode + dedup + window
 //! aggregation, over ~2M realistic events. Prints a table.
 //!
-//! `cargo bench -p meterflow-core --bench core_bench` (env `EVENTS=n` to change the count).
+//! `cargo bench -p meterflow-core --bench core_bench` (env `EVENTS=n` to change the count,
+//! `WORKLOADS=busy` or `sparse` to run one).
 //!
 //! The input is built like production traffic on one partition: ~1000 tenants with a Zipf
-//! (s = 1.1) skew, the four meters of config/meters.toml, 2M events over 4 hours of event time
-//! with ±2 s producer jitter, 10% duplicates (retries shortly after the original, same event
-//! time), 1% late events (30 s to 10 min, so they restate closed windows), all encoded as Avro
-//! single-object bytes by `UsageEventCodec::encode`.
+//! (s = 1.1) skew, the four meters of config/meters.toml, ±2 s producer jitter, 10% duplicates
+//! (retries shortly after the original, same event time), 1% late events (30 s to 10 min, so
+//! they restate closed windows), all encoded as Avro single-object bytes by
+//! `UsageEventCodec::encode`. Two workloads differ only in how much event time the 2M events
+//! span, which decides how many events share a window:
+//!
+//! * **busy**: 10 minutes (≈3,300 events/s on the partition), ≈20 events per window;
+//! * **sparse**: 4 hours (≈140 events/s), ≈2 events per window: nearly every event opens,
+//!   closes and evicts a window, the worst case for the window operator, and the run that shows
+//!   the sealed dedup tier's memory (3 of its 4 hour-buckets are sealed).
+//!
+//! Times are reported as wall clock and as the thread's CPU time (`/proc/thread-self/schedstat`):
+//! on a shared machine the wall clock includes time spent waiting for a core, while
+//! "events/s/core" is about CPU time.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -21,7 +32,6 @@ use rust_decimal::Decimal;
 
 const METERS_TOML: &str = include_str!("../../../config/meters.toml");
 const TENANTS: usize = 1000;
-const SPAN_MS: i64 = 4 * 3_600_000;
 const START_MS: i64 = 1_767_225_600_000; // 2026-01-01
 
 /// SplitMix64: deterministic and dependency-free.
@@ -59,7 +69,7 @@ impl Input {
     }
 }
 
-fn generate(n: usize) -> Input {
+fn generate(n: usize, span_ms: i64) -> Input {
     let codec = UsageEventCodec::new();
     let mut rng = Rng(0x5eed);
     // Zipf CDF over tenants.
@@ -93,7 +103,7 @@ fn generate(n: usize) -> Input {
         }
         i += 1;
         let progress = input.ends.len() as f64 / n as f64;
-        let mut t = START_MS + (progress * SPAN_MS as f64) as i64 + rng.below(4_000) as i64 - 2_000;
+        let mut t = START_MS + (progress * span_ms as f64) as i64 + rng.below(4_000) as i64 - 2_000;
         if rng.below(100) == 0 {
             t -= 30_000 + rng.below(570_000) as i64; // late: restates a closed window
         }
@@ -129,6 +139,26 @@ fn generate(n: usize) -> Input {
     input
 }
 
+/// Nanoseconds this thread has spent on a CPU.
+fn cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Runs `f`, returning (wall seconds, CPU seconds or wall if unavailable).
+fn timed(f: impl FnOnce()) -> (f64, f64) {
+    let cpu0 = cpu_ns();
+    let started = Instant::now();
+    f();
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(cpu_ns()).map_or(wall, |(a, b)| (b - a) as f64 / 1e9);
+    (wall, cpu)
+}
+
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
@@ -138,6 +168,7 @@ fn rss_bytes() -> Option<u64> {
 #[derive(Default)]
 struct RunResult {
     secs: f64,
+    cpu_secs: f64,
     accepted: u64,
     duplicates: u64,
     rejected: u64,
@@ -154,30 +185,35 @@ fn run_engine(input: &Input, catalog: &Arc<MeterCatalog>) -> RunResult {
     let codec = UsageEventCodec::new();
     let mut store = MemoryStore::new(catalog);
     let rss_before = rss_bytes();
-    let mut engine = PartitionEngine::with_dedup_key(catalog.clone(), EngineConfig::default(), 0, 7).unwrap();
-    let mut aggregates = 0u64;
-    let started = Instant::now();
-    for (offset, bytes) in input.iter().enumerate() {
-        match codec.decode(bytes) {
-            Ok(ev) => {
-                let o = engine.on_event(offset as i64, &ev, &mut store).unwrap();
-                black_box(&o);
-                debug_assert!(!matches!(o, Outcome::Rejected { .. }));
-            }
-            Err(_) => {
-                engine.on_skipped(offset as i64);
-            }
-        }
-        for a in engine.drain_output() {
-            aggregates += 1;
-            black_box(a);
-        }
+    let mut cfg = EngineConfig::default();
+    if let Some(ms) = std::env::var("DEDUP_BUCKET_MS").ok().and_then(|s| s.parse().ok()) {
+        cfg.dedup_bucket_ms = ms;
     }
-    let secs = started.elapsed().as_secs_f64();
+    let mut engine = PartitionEngine::with_dedup_key(catalog.clone(), cfg, 0, 7).unwrap();
+    let mut aggregates = 0u64;
+    let (secs, cpu_secs) = timed(|| {
+        for (offset, bytes) in input.iter().enumerate() {
+            match codec.decode(bytes) {
+                Ok(ev) => {
+                    let o = engine.on_event(offset as i64, &ev, &mut store).unwrap();
+                    black_box(&o);
+                    debug_assert!(!matches!(o, Outcome::Rejected { .. }));
+                }
+                Err(_) => {
+                    engine.on_skipped(offset as i64);
+                }
+            }
+            for a in engine.drain_output() {
+                aggregates += 1;
+                black_box(a);
+            }
+        }
+    });
     let st = *engine.stats();
     let rss_after = rss_bytes();
     RunResult {
         secs,
+        cpu_secs,
         accepted: st.accepted,
         duplicates: st.duplicates,
         rejected: st.rejected_total(),
@@ -191,73 +227,107 @@ fn run_engine(input: &Input, catalog: &Arc<MeterCatalog>) -> RunResult {
     }
 }
 
-fn row(name: &str, events: usize, secs: f64) {
+fn row(workload: &str, name: &str, events: usize, wall: f64, cpu: f64) {
     println!(
-        "| {name:<36} | {events:>10} | {:>9.1} | {:>9.1} | {:>12.0} |",
-        secs * 1e3,
-        secs * 1e9 / events as f64,
-        events as f64 / secs
+        "| {workload:<7} | {name:<34} | {events:>9} | {:>8.0} | {:>8.0} | {:>8.0} | {:>11.0} |",
+        wall * 1e3,
+        wall * 1e9 / events as f64,
+        cpu * 1e9 / events as f64,
+        events as f64 / cpu
     );
 }
 
+struct Workload {
+    name: &'static str,
+    span_ms: i64,
+}
+
 fn main() {
-    // `cargo bench` passes `--bench`; ignore arguments.
+    // `cargo bench` passes `--bench`; arguments are ignored.
     let n: usize = std::env::var("EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000_000);
+    let only = std::env::var("WORKLOADS").unwrap_or_default();
     let catalog = Arc::new(MeterCatalog::from_toml_str(METERS_TOML).unwrap());
-    let t = Instant::now();
-    let input = generate(n);
-    println!(
-        "generated {n} events ({:.0} MB of Avro, {:.0} bytes/event) in {:.1} s",
-        input.bytes.len() as f64 / 1e6,
-        input.bytes.len() as f64 / n as f64,
-        t.elapsed().as_secs_f64()
-    );
-
+    let workloads = [
+        Workload { name: "busy", span_ms: 10 * 60_000 },
+        Workload { name: "sparse", span_ms: 4 * 3_600_000 },
+    ];
     let codec = UsageEventCodec::new();
-    let mut decode_secs = f64::MAX;
-    for _ in 0..3 {
-        let started = Instant::now();
-        for bytes in input.iter() {
-            black_box(codec.decode(black_box(bytes)).unwrap());
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let mut best_rate = f64::MAX;
+    for w in workloads.iter().filter(|w| only.is_empty() || only.contains(w.name)) {
+        let t = Instant::now();
+        let input = generate(n, w.span_ms);
+        notes.push(format!(
+            "{}: {n} events over {} min of event time ({:.0} MB of Avro, {:.0} bytes/event), generated in {:.1} s",
+            w.name,
+            w.span_ms / 60_000,
+            input.bytes.len() as f64 / 1e6,
+            input.bytes.len() as f64 / n as f64,
+            t.elapsed().as_secs_f64()
+        ));
+        let mut decode = (f64::MAX, f64::MAX);
+        for _ in 0..3 {
+            let (wall, cpu) = timed(|| {
+                for bytes in input.iter() {
+                    black_box(codec.decode(black_box(bytes)).unwrap());
+                }
+            });
+            if cpu < decode.1 {
+                decode = (wall, cpu);
+            }
         }
-        decode_secs = decode_secs.min(started.elapsed().as_secs_f64());
+        let mut runs: Vec<RunResult> = (0..3).map(|_| run_engine(&input, &catalog)).collect();
+        runs.sort_by(|a, b| a.cpu_secs.total_cmp(&b.cpu_secs));
+        let (best, median) = (&runs[0], &runs[1]);
+        best_rate = best_rate.min(n as f64 / best.cpu_secs);
+        rows.push((w.name, "decode only (best of 3)", decode.0, decode.1));
+        rows.push((w.name, "decode + dedup + aggregate (best)", best.secs, best.cpu_secs));
+        rows.push((w.name, "decode + dedup + aggregate (median)", median.secs, median.cpu_secs));
+        rows.push((
+            w.name,
+            "dedup + aggregate (best - decode)",
+            (best.secs - decode.0).max(1e-9),
+            (best.cpu_secs - decode.1).max(1e-9),
+        ));
+        notes.push(format!(
+            "{}: accepted {}, duplicates {}, rejected {}; {} aggregates ({:.1} events per window, {} restatements); {} windows in memory at the end",
+            w.name,
+            best.accepted,
+            best.duplicates,
+            best.rejected,
+            best.aggregates,
+            best.accepted as f64 / (best.aggregates - best.restatements).max(1) as f64,
+            best.restatements,
+            best.windows
+        ));
+        let rss = median
+            .rss_delta
+            .map(|r| format!("; RSS growth {:.0} MiB = {:.1} bytes/id, an upper bound incl. windows and allocator slack", r as f64 / (1 << 20) as f64, r as f64 / best.hot_ids.max(1) as f64))
+            .unwrap_or_default();
+        notes.push(format!(
+            "{}: dedup remembers {} ids in {:.1} MiB = {:.1} bytes/id by its own accounting (tables, vector capacities, per-bucket overhead){rss}",
+            w.name,
+            best.hot_ids,
+            best.hot_bytes as f64 / (1 << 20) as f64,
+            best.bytes_per_id
+        ));
     }
-
-    let mut runs: Vec<RunResult> = (0..3).map(|_| run_engine(&input, &catalog)).collect();
-    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
-    let best = &runs[0];
-    let median = &runs[1];
-
-    println!();
-    println!("| {:<36} | {:>10} | {:>9} | {:>9} | {:>12} |", "phase (one thread)", "events", "ms", "ns/event", "events/s");
-    println!("|{:-<38}|{:-<12}|{:-<11}|{:-<11}|{:-<14}|", "", "", "", "", "");
-    row("decode only (best of 3)", n, decode_secs);
-    row("decode + dedup + aggregate (best)", n, best.secs);
-    row("decode + dedup + aggregate (median)", n, median.secs);
-    row("dedup + aggregate only (best - decode)", n, (best.secs - decode_secs).max(1e-9));
     println!();
     println!(
-        "outcomes: accepted {}, duplicates {}, rejected {}; aggregates emitted {} (restatements {}); windows in memory at end {}",
-        best.accepted, best.duplicates, best.rejected, best.aggregates, best.restatements, best.windows
+        "| {:<7} | {:<34} | {:>9} | {:>8} | {:>8} | {:>8} | {:>11} |",
+        "load", "phase (one thread)", "events", "wall ms", "ns/ev", "CPU ns/ev", "events/s/CPU"
     );
-    println!(
-        "dedup: {} ids remembered, {:.1} MiB hot, {:.1} bytes/id (accounting: table allocations + vector capacities + per-bucket overhead)",
-        best.hot_ids,
-        best.hot_bytes as f64 / (1 << 20) as f64,
-        best.bytes_per_id
-    );
-    if let Some(rss) = median.rss_delta {
-        println!(
-            "RSS growth during a run: {:.1} MiB = {:.1} bytes per remembered id (upper bound: includes windows and allocator slack; 0 if reused from an earlier run)",
-            rss as f64 / (1 << 20) as f64,
-            rss as f64 / best.hot_ids.max(1) as f64
-        );
+    println!("|{:-<9}|{:-<36}|{:-<11}|{:-<10}|{:-<10}|{:-<10}|{:-<13}|", "", "", "", "", "", "", "");
+    for (w, name, wall, cpu) in rows {
+        row(w, name, n, wall, cpu);
     }
-    let target = 1_000_000.0;
-    let rate = n as f64 / best.secs;
+    println!();
+    for note in notes {
+        println!("{note}");
+    }
     println!(
-        "target ≥ {:.0} events/s/core: {}",
-        target,
-        if rate >= target { "met" } else { "NOT met" }
+        "target >= 1,000,000 events/s per core (decode + dedup + aggregate, CPU time, slowest workload): {}",
+        if best_rate >= 1_000_000.0 { "met" } else { "NOT met" }
     );
 }

@@ -79,7 +79,7 @@ pub const MAX_ABS_EVENT_TIME_MS: i64 = 1 << 50;
 pub struct EngineConfig {
     /// See [`DedupConfig::horizon_ms`] (default 35 days).
     pub dedup_horizon_ms: i64,
-    /// See [`DedupConfig::bucket_ms`] (default 1 hour).
+    /// See [`DedupConfig::bucket_ms`] (default 1 minute).
     pub dedup_bucket_ms: i64,
     /// See [`DedupConfig::seal_after_ms`] (default 5 minutes).
     pub dedup_seal_after_ms: i64,
