@@ -19,7 +19,7 @@
 //!   restore replays records that a crashed run already wrote to the stores;
 //! * events older than the dedup horizon are rejected `TooLate`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -463,7 +463,9 @@ fn reference_totals(accepted: &[Ev], cat: &MeterCatalog) -> BTreeMap<WinKey, Tot
 
 /// What a consumer rebuilds from the aggregates, checking revision order on the way. Returns
 /// (highest revision per window, sum of deltas per window).
-fn consumer_totals(out: &[MeterAggregate]) -> Result<(BTreeMap<WinKey, Total>, BTreeMap<WinKey, Total>), TestCaseError> {
+type Totals = BTreeMap<WinKey, Total>;
+
+fn consumer_totals(out: &[MeterAggregate]) -> Result<(Totals, Totals), TestCaseError> {
     let mut latest: BTreeMap<WinKey, (i32, Total)> = BTreeMap::new();
     let mut deltas: BTreeMap<WinKey, Total> = BTreeMap::new();
     for (i, a) in out.iter().enumerate() {
@@ -634,7 +636,6 @@ fn reference_smoke() {
     let got = run(&s, &s.cfg);
     let (latest, _) = consumer_totals(&got.out).unwrap();
     assert_eq!(latest, t);
-    let _: HashMap<(), ()> = HashMap::new();
 }
 
 /// Guards against vacuous properties: the generator must reach every interesting path
