@@ -338,12 +338,18 @@ pub(crate) enum Acc {
     Count,
     Min(Decimal),
     Max(Decimal),
-    Unique(hashbrown::HashSet<Box<str>>),
-    Latest {
-        event_time_ms: i64,
-        event_id: Box<str>,
-        value: Decimal,
-    },
+    /// Boxed (like `Latest`): rare aggregations should not make every window's state bigger;
+    /// the common ones then fit with the key in two cache lines.
+    Unique(Box<hashbrown::HashSet<Box<str>>>),
+    Latest(Box<Latest>),
+}
+
+/// State of a `latest` window: the greatest `(event_time, event_id)` and its quantity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Latest {
+    pub event_time_ms: i64,
+    pub event_id: Box<str>,
+    pub value: Decimal,
 }
 
 /// The state of one window. `repr(C)` so that the fields every event touches (key, then the
@@ -375,13 +381,13 @@ impl Window {
             Aggregation::UniqueCount => {
                 let mut s = hashbrown::HashSet::new();
                 s.insert(Box::from(c.unique_value));
-                Acc::Unique(s)
+                Acc::Unique(Box::new(s))
             }
-            Aggregation::Latest => Acc::Latest {
+            Aggregation::Latest => Acc::Latest(Box::new(Latest {
                 event_time_ms: c.event_time_ms,
                 event_id: Box::from(c.event_id),
                 value: c.quantity,
-            },
+            })),
         };
         Self {
             key,
@@ -421,15 +427,11 @@ impl Window {
                     set.insert(Box::from(c.unique_value));
                 }
             }
-            Acc::Latest {
-                event_time_ms,
-                event_id,
-                value,
-            } => {
-                if (c.event_time_ms, c.event_id) > (*event_time_ms, &**event_id) {
-                    *event_time_ms = c.event_time_ms;
-                    *event_id = Box::from(c.event_id);
-                    *value = c.quantity;
+            Acc::Latest(l) => {
+                if (c.event_time_ms, c.event_id) > (l.event_time_ms, &*l.event_id) {
+                    l.event_time_ms = c.event_time_ms;
+                    l.event_id = Box::from(c.event_id);
+                    l.value = c.quantity;
                 }
             }
         }
@@ -482,7 +484,7 @@ impl Window {
             (Acc::Count, _) => Decimal::from(self.event_count),
             (Acc::Min(m) | Acc::Max(m), _) => *m,
             (Acc::Unique(set), _) => Decimal::from(set.len() as u64),
-            (Acc::Latest { value, .. }, _) => *value,
+            (Acc::Latest(l), _) => l.value,
         };
         canonical(v)
     }

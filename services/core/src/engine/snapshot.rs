@@ -200,7 +200,7 @@ use super::{key_hash, EngineConfig, EngineStats, PartitionEngine};
 use crate::dedup::Deduplicator;
 use crate::meter::{Aggregation, MeterCatalog};
 use crate::records::MeterAggregate;
-use crate::window::{Acc, LastEmitted, Window, WindowKey};
+use crate::window::{Acc, LastEmitted, Latest, Window, WindowKey};
 
 const ACC_SUM: u8 = 0;
 const ACC_COUNT: u8 = 1;
@@ -315,15 +315,11 @@ fn write_window(w: &mut Writer, win: &Window) {
                 w.str(v);
             }
         }
-        Acc::Latest {
-            event_time_ms,
-            event_id,
-            value,
-        } => {
+        Acc::Latest(l) => {
             w.u8(ACC_LATEST);
-            w.i64(*event_time_ms);
-            w.str(event_id);
-            w.decimal(value);
+            w.i64(l.event_time_ms);
+            w.str(&l.event_id);
+            w.decimal(&l.value);
         }
     }
 }
@@ -516,13 +512,13 @@ impl PartitionEngine {
                     for _ in 0..k {
                         set.insert(Box::<str>::from(r.str()?));
                     }
-                    Acc::Unique(set)
+                    Acc::Unique(Box::new(set))
                 }
-                _ => Acc::Latest {
+                _ => Acc::Latest(Box::new(Latest {
                     event_time_ms: r.i64()?,
                     event_id: r.str()?.into(),
                     value: r.decimal()?,
-                },
+                })),
             };
             if event_count < 1 || (dirty && !closed) || (closed && !dirty && last.is_none()) {
                 return Err(bad("inconsistent window state"));
