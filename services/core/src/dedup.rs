@@ -24,7 +24,7 @@
 //! * **Hot, sealed buckets**: once a bucket's end is `seal_after_ms` behind the partition time
 //!   it is converted to a sorted `Vec<u128>` (exactly 16 bytes per id, binary-search
 //!   lookup); the rare late insert goes to a small sorted side vector that is merged in when it
-//!   grows. Because the open buckets hold only the last hour or so of a 35-day horizon,
+//!   grows. Because the open buckets hold only the last few minutes of a 35-day horizon,
 //!   the overall cost stays close to 16 bytes per id (target ≤ 24, see [`Deduplicator::bytes_per_id`]).
 //! * **Cold**: when the hot tier holds more than `hot_max_ids`, whole buckets are evicted
 //!   oldest-first to a [`ColdStore`]. Memory is therefore bounded by configuration, never by

@@ -38,10 +38,12 @@
 //!   and is accepted: the aggregator should send a tick with its wall clock when it starts a
 //!   fresh partition. Event times beyond ±2^50 ms (±35,000 years) are rejected outright, so
 //!   window arithmetic can never overflow.
-//! * **Output order** is deterministic: within one call, windows closing together are emitted
-//!   by `(close time, window_start, meter, tenant, dimensions)`; restatements by
-//!   `(window_start, meter, tenant, dimensions)`. Every aggregate gets the next value of a
-//!   per-partition `seq` (from 1), and `emitted_at` is the meter's watermark at emission.
+//! * **Output order** is deterministic: windows closing together are emitted by close time,
+//!   then in the order they were opened; pending restatements in the order their windows were
+//!   opened (or reloaded). The opening order is a per-engine counter kept in the snapshot, so it
+//!   is as reproducible as a content order and needs no sorting by string keys (which cost ~10%
+//!   of the hot path when measured). Every aggregate gets the next value of a per-partition
+//!   `seq` (from 1), and `emitted_at` is the meter's watermark at emission.
 //!
 //! # Validation order
 //!
@@ -793,7 +795,7 @@ impl PartitionEngine {
         }
     }
 
-    /// Emits every dirty window, in key order.
+    /// Emits every dirty window, in opening order.
     fn flush_dirty(&mut self) {
         if self.dirty.is_empty() {
             return;
