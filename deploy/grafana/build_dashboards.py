@@ -487,10 +487,11 @@ def pipeline_health() -> Board:
             [prom_target("A", f"sum by (kind) (rate(meterflow_rater_charges_total[{RI}]))", "{{kind}}")],
             w=8, unit="ops")
     b.panel("timeseries", "Rater input",
-            "Aggregates read, skipped as re-deliveries and rejected, per second.",
+            "Aggregates read, skipped as re-deliveries and rejected, per second (skipped and "
+            "rejected are 0 until the first one).",
             [prom_target("A", f"sum(rate(meterflow_rater_aggregates_in_total[{RI}]))", "in"),
-             prom_target("B", f"sum(rate(meterflow_rater_aggregates_skipped_total[{RI}]))", "skipped"),
-             prom_target("C", f"sum(rate(meterflow_rater_aggregates_rejected_total[{RI}]))", "rejected")],
+             prom_target("B", f"sum(rate(meterflow_rater_aggregates_skipped_total[{RI}])) or on() vector(0)", "skipped"),
+             prom_target("C", f"sum(rate(meterflow_rater_aggregates_rejected_total[{RI}])) or on() vector(0)", "rejected")],
             w=8, unit="ops")
     b.panel("timeseries", "Producer send rate and errors",
             "meterflow_producer_events_sent_total (all kinds) and _send_errors_total, per second.",
