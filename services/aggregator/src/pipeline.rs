@@ -33,6 +33,7 @@ const TICK: &[u8] = b"tick";
 
 /// Runs until `shutdown`, then flushes and checkpoints what it holds.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    http::prometheus(); // the recorder must exist before metrics are described
     m::describe();
     let meters_text = std::fs::read_to_string(&config.meters)
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
@@ -122,9 +123,14 @@ impl Aggregator {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.health.set_ready(true);
         loop {
+            // Biased so that a busy partition cannot starve flushes and checkpoints.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = timer.tick() => {
+                    self.apply_rebalances();
+                    self.periodic(consumer, shutdown).await;
+                }
                 msg = consumer.recv() => {
                     self.apply_rebalances();
                     match msg {
@@ -137,10 +143,6 @@ impl Aggregator {
                     if self.outputs.rows() >= self.config.max_buffered_rows {
                         self.flush(shutdown).await;
                     }
-                }
-                _ = timer.tick() => {
-                    self.apply_rebalances();
-                    self.periodic(consumer, shutdown).await;
                 }
             }
         }
@@ -247,7 +249,9 @@ impl Aggregator {
                 }
                 Ok(ev) => {
                     let mut stores = ChStores { client, handle: &handle, pending: outputs };
-                    let outcome = retry_sync(|| part.engine.on_event(offset, &ev, &mut stores), shutdown).await?;
+                    let record_ms = msg.timestamp().to_millis();
+                    let outcome =
+                        retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
                     match outcome {
                         Outcome::Accepted => {
                             counter!(m::ACCEPTED).increment(1);

@@ -440,8 +440,25 @@ impl PartitionEngine {
         ev: &UsageEventRef<'_>,
         stores: &mut S,
     ) -> Result<Outcome> {
+        self.on_event_at(offset, None, ev, stores)
+    }
+
+    /// [`Self::on_event`] with the record's log timestamp (Kafka CreateTime or LogAppendTime,
+    /// Unix ms). When given, it bounds the event time instead of partition time: too late is
+    /// older than the horizon before `max(partition time, record time)`, too early is more than
+    /// `max_future` after the record time. Why: partition time only knows what this partition
+    /// has seen, so a first event that is itself late (or 36 days old) would otherwise make
+    /// every normal event after it look "too early" (or be accepted although too late). The
+    /// timestamp is part of the record, so replays decide the same way.
+    pub fn on_event_at<S: ColdStore + WindowStore + ?Sized>(
+        &mut self,
+        offset: i64,
+        record_time_ms: Option<i64>,
+        ev: &UsageEventRef<'_>,
+        stores: &mut S,
+    ) -> Result<Outcome> {
         self.check_offset(offset)?;
-        let outcome = self.process(ev, offset, stores)?;
+        let outcome = self.process(ev, offset, record_time_ms, stores)?;
         self.next_offset = offset + 1;
         match &outcome {
             Outcome::Accepted => self.stats.accepted += 1,
@@ -494,6 +511,7 @@ impl PartitionEngine {
         &mut self,
         ev: &UsageEventRef<'_>,
         offset: i64,
+        record_time_ms: Option<i64>,
         store: &mut S,
     ) -> Result<Outcome> {
         if ev.tenant.is_empty() {
@@ -510,7 +528,11 @@ impl PartitionEngine {
         };
         let m = &self.meters[usize::from(mi)].def;
         let t = ev.event_time_ms;
-        let floor = self.max_time.map(|now| self.dedup.floor(now));
+        let now = match (self.max_time, record_time_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let floor = now.map(|now| self.dedup.floor(now));
         if t < -MAX_ABS_EVENT_TIME_MS || floor.is_some_and(|f| t < f) {
             return Ok(reject(
                 RejectReason::TooLate,
@@ -520,7 +542,7 @@ impl PartitionEngine {
                 },
             ));
         }
-        let latest = self.max_time.map(|now| now.saturating_add(m.max_future_ms));
+        let latest = record_time_ms.or(self.max_time).map(|now| now.saturating_add(m.max_future_ms));
         if t > MAX_ABS_EVENT_TIME_MS || latest.is_some_and(|l| t > l) {
             return Ok(reject(
                 RejectReason::TooEarly,

@@ -46,8 +46,8 @@ struct Shard {
     wallet_next: i64,
     rating: RatingState,
     wallets: Wallets,
-    /// (currency, meter, plan) -> totals.
-    totals: BTreeMap<(String, String, String), Totals>,
+    /// Totals by [`TotalsKey`] (JSON maps need string keys).
+    totals: BTreeMap<String, Totals>,
     /// The watermark last given to `RatingState::advance`.
     advanced_to: i64,
 }
@@ -74,6 +74,7 @@ impl Outputs {
 
 /// Runs until `shutdown`, then flushes and checkpoints.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    http::prometheus(); // the recorder must exist before metrics are described
     m::describe();
     let text = std::fs::read_to_string(&config.catalog)
         .with_context(|| format!("reading catalog {}", config.catalog.display()))?;
@@ -135,7 +136,7 @@ struct Rater {
     last_flush: Instant,
     last_checkpoint: Instant,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
-    gauge_labels: BTreeMap<(String, String, String), ()>,
+    gauge_labels: BTreeMap<String, ()>,
 }
 
 impl Rater {
@@ -143,9 +144,18 @@ impl Rater {
         let mut timer = tokio::time::interval(Duration::from_millis(100));
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Biased so that a busy partition cannot starve flushes and checkpoints.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                _ = timer.tick() => {
+                    self.apply_rebalances();
+                    if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_interval_ms as u64) {
+                        self.flush_and_checkpoint(consumer, shutdown).await;
+                    } else if self.last_flush.elapsed() >= Duration::from_millis(self.config.flush_interval_ms as u64) {
+                        self.flush(shutdown).await;
+                    }
+                }
                 msg = consumer.recv() => {
                     self.apply_rebalances();
                     match msg {
@@ -156,14 +166,6 @@ impl Rater {
                         }
                     }
                     if self.outputs.rows() >= self.config.max_buffered_rows {
-                        self.flush(shutdown).await;
-                    }
-                }
-                _ = timer.tick() => {
-                    self.apply_rebalances();
-                    if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_interval_ms as u64) {
-                        self.flush_and_checkpoint(consumer, shutdown).await;
-                    } else if self.last_flush.elapsed() >= Duration::from_millis(self.config.flush_interval_ms as u64) {
                         self.flush(shutdown).await;
                     }
                 }
@@ -258,6 +260,9 @@ impl Rater {
             }) {
                 Ok((adj, AdjustmentOutcome::Applied { alerts, .. })) => {
                     counter!(m::WALLET_ADJUSTMENTS, "outcome" => "applied").increment(1);
+                    for a in &alerts {
+                        counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
+                    }
                     outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset));
                     outputs.alerts.extend(alerts.into_iter().map(|a| (a, adj.created_at)));
                 }
@@ -309,7 +314,7 @@ impl Rater {
             charges.extend(shard.rating.advance(catalog, agg.emitted_at));
         }
         for c in charges {
-            let t = shard.totals.entry((c.currency.clone(), label_meter(&c), c.plan.clone())).or_default();
+            let t = shard.totals.entry(totals_key(&c.currency, &label_meter(&c), &c.plan)).or_default();
             t.revenue += c.amount;
             t.cost += c.provider_cost;
             t.margin += c.margin;
@@ -363,7 +368,7 @@ impl Rater {
     }
 
     fn export_gauges(&mut self) {
-        let mut sums: BTreeMap<(String, String, String), Totals> = BTreeMap::new();
+        let mut sums: BTreeMap<String, Totals> = BTreeMap::new();
         for o in self.shards.values() {
             for (k, t) in &o.shard.totals {
                 let s = sums.entry(k.clone()).or_default();
@@ -375,12 +380,14 @@ impl Rater {
         for k in self.gauge_labels.keys() {
             sums.entry(k.clone()).or_default();
         }
-        for ((currency, meter, plan), t) in &sums {
-            let labels = [("currency", currency.clone()), ("meter", meter.clone()), ("plan", plan.clone())];
+        for (key, t) in &sums {
+            let mut parts = key.splitn(3, '\u{1f}');
+            let (currency, meter, plan) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let labels = [("currency", currency.to_owned()), ("meter", meter.to_owned()), ("plan", plan.to_owned())];
             gauge!(m::REVENUE, &labels).set(t.revenue.to_f64().unwrap_or(0.0));
             gauge!(m::COST, &labels).set(t.cost.to_f64().unwrap_or(0.0));
             gauge!(m::MARGIN, &labels).set(t.margin.to_f64().unwrap_or(0.0));
-            self.gauge_labels.insert((currency.clone(), meter.clone(), plan.clone()), ());
+            self.gauge_labels.insert(key.clone(), ());
         }
         if self.config.wallet_gauges {
             for o in self.shards.values() {
@@ -443,6 +450,11 @@ impl Rater {
         histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
         self.last_checkpoint = Instant::now();
     }
+}
+
+/// `currency \x1f meter \x1f plan`: the unit separator cannot occur in catalog names.
+fn totals_key(currency: &str, meter: &str, plan: &str) -> String {
+    format!("{currency}\u{1f}{meter}\u{1f}{plan}")
 }
 
 fn label_meter(c: &Charge) -> String {

@@ -451,3 +451,26 @@ fn on_watermark_is_pure_and_never_moves_time_back() {
     assert_eq!(h.e.meter_watermark("hi"), Some(100_000));
     assert!(h.drain().is_empty());
 }
+
+#[test]
+fn record_time_bounds_a_fresh_partition() {
+    let day = 86_400_000;
+    let mut h = H::new(EngineConfig { dedup_horizon_ms: day, ..immediate() });
+    let now = 10 * day;
+    let send_at = |h: &mut H, e: &Ev, ts: i64| {
+        let o = h.e.on_event_at(h.offset, Some(ts), &e.r(), &mut h.store).unwrap();
+        if o == Outcome::Accepted {
+            h.store.record_accepted(0, h.offset, &e.r()).unwrap();
+        }
+        h.offset += 1;
+        o
+    };
+    // A first event older than the horizon (by its record's time) is too late, not accepted.
+    assert_eq!(rejected(&send_at(&mut h, &ev("old", "tokens", "1", now - day - 1), now)), Some(RejectReason::TooLate));
+    // A first event that is merely late does not make the next, current events "too early".
+    assert_eq!(send_at(&mut h, &ev("late", "tokens", "1", now - 600_000), now), Outcome::Accepted);
+    assert_eq!(send_at(&mut h, &ev("current", "tokens", "1", now), now), Outcome::Accepted);
+    // Too early is judged against the record's time (max_future is 1h for tokens).
+    assert_eq!(rejected(&send_at(&mut h, &ev("future", "tokens", "1", now + 3_600_001), now)), Some(RejectReason::TooEarly));
+    assert_eq!(send_at(&mut h, &ev("soon", "tokens", "1", now + 3_600_000), now), Outcome::Accepted);
+}
