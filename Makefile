@@ -69,7 +69,7 @@ test:
 	@$(MAKE) --no-print-directory clippy
 
 test-rust:
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 # The DDL must work on current ClickHouse too (the local server is 18.16): chdb-core.
 check-ddl:
