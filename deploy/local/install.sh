@@ -122,6 +122,18 @@ install_broker() {
     exec 9>&-
 }
 
+# What the scripts themselves use: ss (iproute2), curl, flock and setsid (util-linux).
+ensure_base_tools() {
+    local missing=()
+    have ss || missing+=(iproute2)
+    have curl || missing+=(curl)
+    { have flock && have setsid; } || missing+=(util-linux)
+    if ((${#missing[@]})); then
+        log "installing tools the local-services scripts need: ${missing[*]}"
+        apt_install "${missing[@]}" || die "could not install ${missing[*]}"
+    fi
+}
+
 main() {
     local background=0 comps=()
     for a in "$@"; do
@@ -141,6 +153,7 @@ main() {
         log "installing ${comps[*]} in the background (pid $!, log: $MF_CACHE/install-background.log)"
         return 0
     fi
+    ensure_base_tools
     for c in "${comps[@]}"; do
         "install_$c"
     done
