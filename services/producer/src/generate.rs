@@ -12,18 +12,18 @@ use std::time::{Duration, Instant};
 
 use meterflow_core::codec::{Framing, WriterVersion};
 use meterflow_core::meter::{Aggregation, MeterCatalog};
-use meterflow_core::{RejectReason, UsageEvent, UsageEventRef};
+use meterflow_core::{RejectReason, UsageEventRef};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::event::event_id_from;
-use crate::metrics::{ProducerMetrics, SentKind, LATENCY_SAMPLE_EVERY};
+use crate::metrics::{ProducerMetrics, SentKind};
 use crate::producer::{EventProducer, Sent, SendWindow};
 use crate::progress::{Progress, Reporter};
 use crate::time::{duration_ms, now_ms};
-use crate::truth::{GroundTruth, RunInfo, TruthBuilder};
-use crate::workload::{Workload, REGIONS};
+use crate::truth::{EventView, GroundTruth, RunInfo, TruthBuilder};
+use crate::workload::{GenEvent, Workload, REGIONS};
 
 /// How event times are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +150,7 @@ impl GenerateConfig {
 /// What the delivery report of a message means for the ground truth.
 #[derive(Debug)]
 enum Tag {
-    Accepted { event: UsageEvent, late: bool },
+    Accepted { event: GenEvent, late: bool },
     Duplicate,
     Rejected { reason: RejectReason, kind: &'static str },
 }
@@ -288,12 +288,14 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
     let mut window: SendWindow<'_, Tag> = producer.window(cfg.max_in_flight);
     let mut ctx = Apply {
         metrics: &metrics,
-        delivered: 0,
+        workload: &workload,
         errors_logged: 0,
     };
+    let mut enc = Encoder::default();
 
-    // Events of the current request not sent yet: (tenant index, event, late).
-    let mut pending: VecDeque<(usize, UsageEvent, bool)> = VecDeque::new();
+    // Events of the current request not sent yet: (event, late).
+    let mut pending: VecDeque<(GenEvent, bool)> = VecDeque::new();
+    let mut scratch: Vec<GenEvent> = Vec::with_capacity(4);
     let mut ring: VecDeque<(usize, Vec<u8>)> = VecDeque::with_capacity(DUPLICATE_RING);
     // Newest event time sent per tenant: too-late events are placed relative to it, so that
     // they are too late whatever else shares the tenant's partition.
@@ -348,9 +350,10 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
             let time = newest - horizon_ms - rng.random_range(3_600_000..86_400_000);
             let req = workload.request(tenant, &mut rng);
             let id = event_id_from(&mut rng);
-            let mut events = workload.events(&req, &id, time);
-            let ev = events.swap_remove(rng.random_range(0..events.len()));
-            let payload = producer.encode(&ev);
+            scratch.clear();
+            workload.gen_events(&req, &id, time, &mut scratch);
+            let ev = scratch.swap_remove(rng.random_range(0..scratch.len()));
+            let payload = enc.encode(&ev, &workload, producer);
             let tag = Tag::Rejected { reason: RejectReason::TooLate, kind: "too_late" };
             window.send(workload.tenant_name(tenant), &payload, tag).await;
         } else {
@@ -360,10 +363,13 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
                 let late = cfg.late_rate > 0.0 && rng.random_bool(cfg.late_rate);
                 let time = if late { now - rng.random_range(late_lo..=late_hi) } else { now - rng.random_range(0..=jitter_ms) };
                 let id = event_id_from(&mut rng);
-                pending.extend(workload.events(&req, &id, time).into_iter().map(|ev| (tenant, ev, late)));
+                scratch.clear();
+                workload.gen_events(&req, &id, time, &mut scratch);
+                pending.extend(scratch.drain(..).map(|ev| (ev, late)));
             }
-            let (tenant, ev, late) = pending.pop_front().expect("a request has at least one event");
-            let payload = producer.encode(&ev);
+            let (ev, late) = pending.pop_front().expect("a request has at least one event");
+            let tenant = ev.tenant;
+            let payload = enc.encode(&ev, &workload, producer);
             let newest = tenant_max[tenant].get_or_insert(ev.event_time_ms);
             *newest = (*newest).max(ev.event_time_ms);
             window.send(workload.tenant_name(tenant), &payload, Tag::Accepted { event: ev, late }).await;
@@ -442,18 +448,49 @@ fn workload_meter(name: &str) -> bool {
     [INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, GPU_SECONDS].contains(&name)
 }
 
+/// Encodes generated events, reusing its buffers across calls.
+#[derive(Debug, Default)]
+struct Encoder {
+    quantity: String,
+    cost: String,
+}
+
+impl Encoder {
+    fn encode(&mut self, ev: &GenEvent, workload: &Workload, producer: &EventProducer) -> Vec<u8> {
+        use std::fmt::Write as _;
+        self.quantity.clear();
+        let _ = write!(self.quantity, "{}", ev.quantity);
+        self.cost.clear();
+        if let Some(c) = ev.provider_cost {
+            let _ = write!(self.cost, "{c}");
+        }
+        let r = UsageEventRef {
+            event_id: &ev.event_id,
+            tenant: workload.tenant_name(ev.tenant),
+            meter: ev.meter,
+            quantity: &self.quantity,
+            event_time_ms: ev.event_time_ms,
+            dimensions: ev.dimensions().collect(),
+            provider_cost: ev.provider_cost.is_some().then_some(self.cost.as_str()),
+            source: workload.source(),
+        };
+        let mut out = Vec::with_capacity(192);
+        producer.codec().encode_ref(&r, WriterVersion::V2, producer.framing(), &mut out);
+        out
+    }
+}
+
 /// Folds delivery reports into the ground truth and the metrics.
 struct Apply<'m> {
     metrics: &'m ProducerMetrics,
-    delivered: u64,
+    workload: &'m Workload,
     errors_logged: u32,
 }
 
 impl Apply<'_> {
     fn apply(&mut self, sent: Sent<Tag>, truth: &mut TruthBuilder) {
-        self.delivered += 1;
-        if self.delivered % LATENCY_SAMPLE_EVERY == 0 {
-            self.metrics.latency(sent.latency.as_secs_f64());
+        if let Some(latency) = sent.latency {
+            self.metrics.latency(latency.as_secs_f64());
         }
         let at = match sent.result {
             Ok(at) => at,
@@ -469,7 +506,22 @@ impl Apply<'_> {
         };
         match sent.tag {
             Tag::Accepted { event, late } => {
-                truth.accepted(&event, late);
+                let mut dims = [("", ""); 4];
+                let mut n = 0;
+                for d in event.dimensions() {
+                    dims[n] = d;
+                    n += 1;
+                }
+                let view = EventView {
+                    tenant: self.workload.tenant_name(event.tenant),
+                    meter: event.meter,
+                    event_id: &event.event_id,
+                    quantity: event.quantity,
+                    provider_cost: event.provider_cost,
+                    event_time_ms: event.event_time_ms,
+                    dimensions: &dims[..n],
+                };
+                truth.accepted(&view, late);
                 self.metrics.sent(if late { SentKind::Late } else { SentKind::Valid });
             }
             Tag::Duplicate => {

@@ -10,15 +10,11 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 pub const EVENTS_SENT: &str = "meterflow_producer_events_sent_total";
 /// `meterflow_producer_send_errors_total`: messages the broker did not acknowledge.
 pub const SEND_ERRORS: &str = "meterflow_producer_send_errors_total";
-/// `meterflow_producer_send_latency_seconds`: hand-over to acknowledgement, sampled.
+/// `meterflow_producer_send_latency_seconds`: hand-over to acknowledgement, 1 in
+/// [`crate::producer::DEFAULT_LATENCY_SAMPLE_EVERY`] messages.
 pub const SEND_LATENCY: &str = "meterflow_producer_send_latency_seconds";
 /// `meterflow_producer_in_flight`: messages handed over and not acknowledged yet.
 pub const IN_FLIGHT: &str = "meterflow_producer_in_flight";
-
-/// One latency sample in this many: at 100k+ events/s, recording every send would make the
-/// histogram's sample buffer the producer's biggest allocation between two scrapes, and a
-/// 1-in-16 sample still gives thousands of samples per second.
-pub const LATENCY_SAMPLE_EVERY: u64 = 16;
 
 /// What kind of message was sent (the `kind` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,7 +66,7 @@ impl ProducerMetrics {
     pub fn register() -> Self {
         describe_counter!(EVENTS_SENT, Unit::Count, "Messages acknowledged by the broker, by kind (valid, late, duplicate, malformed, too_late).");
         describe_counter!(SEND_ERRORS, Unit::Count, "Messages the broker did not acknowledge.");
-        describe_histogram!(SEND_LATENCY, Unit::Seconds, "Time from handing a message to librdkafka to its delivery report (1 in 16 messages sampled).");
+        describe_histogram!(SEND_LATENCY, Unit::Seconds, "Time from handing a message to librdkafka to its delivery report (1 in 256 messages sampled).");
         describe_gauge!(IN_FLIGHT, Unit::Count, "Messages handed to librdkafka and not acknowledged yet.");
         Self {
             sent: SentKind::ALL.map(|k| counter!(EVENTS_SENT, "kind" => k.as_str())),

@@ -17,7 +17,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use meterflow_core::decimal;
 use meterflow_core::meter::{Aggregation, MeterCatalog, MeterDef};
-use meterflow_core::{RejectReason, UsageEvent};
+use meterflow_core::RejectReason;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -232,7 +232,7 @@ impl Acc {
         }
     }
 
-    fn add(&mut self, def: &MeterDef, ev: &UsageEvent, late: bool) {
+    fn add(&mut self, def: &MeterDef, ev: &EventView<'_>, late: bool) {
         let q = ev.quantity;
         self.count += 1;
         self.sum += q;
@@ -240,14 +240,16 @@ impl Acc {
         self.max = Some(self.max.map_or(q, |m| m.max(q)));
         let newer = match &self.latest {
             None => true,
-            Some((t, id, _)) => (ev.event_time_ms, ev.event_id.as_str()) > (*t, id.as_str()),
+            Some((t, id, _)) => (ev.event_time_ms, ev.event_id) > (*t, id.as_str()),
         };
         if newer {
-            self.latest = Some((ev.event_time_ms, ev.event_id.clone(), q));
+            self.latest = Some((ev.event_time_ms, ev.event_id.to_owned(), q));
         }
         if let Some(dim) = &def.unique_dimension {
-            if let Some(v) = ev.dimensions.get(dim) {
-                self.uniques.insert(v.clone());
+            if let Some(v) = ev.dimension(dim) {
+                if !self.uniques.contains(v) {
+                    self.uniques.insert(v.to_owned());
+                }
             }
         }
         self.provider_cost += ev.provider_cost.unwrap_or(Decimal::ZERO);
@@ -269,12 +271,36 @@ impl Acc {
     }
 }
 
+/// What the ground truth needs to know of an accepted event (borrowed, so that the
+/// generator's hot loop does not build an owned [`UsageEvent`] per event).
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub tenant: &'a str,
+    pub meter: &'a str,
+    pub event_id: &'a str,
+    pub quantity: Decimal,
+    pub provider_cost: Option<Decimal>,
+    pub event_time_ms: i64,
+    /// Sorted by key.
+    pub dimensions: &'a [(&'a str, &'a str)],
+}
+
+impl EventView<'_> {
+    fn dimension(&self, key: &str) -> Option<&str> {
+        self.dimensions.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+}
+
 /// Accumulates the ground truth while the generator runs.
+///
+/// Windows are looked up by a flat text key built in a reused buffer, so an event of an
+/// existing window costs no allocation; the structured key is stored once, with the window.
 #[derive(Debug)]
 pub(crate) struct TruthBuilder {
     catalog: MeterCatalog,
-    windows: HashMap<WindowKey, Acc>,
-    totals: HashMap<(String, String), Acc>,
+    windows: HashMap<String, (WindowKey, Acc)>,
+    totals: HashMap<String, ((String, String), Acc)>,
+    key_buf: String,
     counters: Counters,
     malformed: Vec<MalformedRecord>,
     min_time: Option<i64>,
@@ -287,6 +313,7 @@ impl TruthBuilder {
             catalog,
             windows: HashMap::new(),
             totals: HashMap::new(),
+            key_buf: String::with_capacity(128),
             counters: Counters::default(),
             malformed: Vec::new(),
             min_time: None,
@@ -299,22 +326,47 @@ impl TruthBuilder {
     }
 
     /// A distinct valid event the broker acknowledged.
-    pub(crate) fn accepted(&mut self, ev: &UsageEvent, late: bool) {
+    pub(crate) fn accepted(&mut self, ev: &EventView<'_>, late: bool) {
+        use std::fmt::Write as _;
         let def = self
             .catalog
-            .get(&ev.meter)
+            .get(ev.meter)
             .expect("the generator only marks events of known meters as accepted");
-        let dims: BTreeMap<String, String> = def
-            .group_by
-            .iter()
-            .filter_map(|k| ev.dimensions.get(k).map(|v| (k.clone(), v.clone())))
-            .collect();
-        let key = (ev.tenant.clone(), ev.meter.clone(), dims, def.window_start(ev.event_time_ms));
-        self.windows.entry(key).or_insert_with(|| Acc::new(def.aggregation)).add(def, ev, late);
-        self.totals
-            .entry((ev.tenant.clone(), ev.meter.clone()))
-            .or_insert_with(|| Acc::new(def.aggregation))
-            .add(def, ev, late);
+        let window_start = def.window_start(ev.event_time_ms);
+        // Separators that cannot occur in the generator's names keep the flat key unambiguous.
+        let key = &mut self.key_buf;
+        key.clear();
+        let _ = write!(key, "{}\u{1f}{}", ev.tenant, ev.meter);
+        let total_len = key.len();
+        for k in &def.group_by {
+            if let Some(v) = ev.dimension(k) {
+                let _ = write!(key, "\u{1f}{k}\u{1e}{v}");
+            }
+        }
+        let _ = write!(key, "\u{1f}{window_start}");
+        match self.windows.get_mut(key.as_str()) {
+            Some((_, acc)) => acc.add(def, ev, late),
+            None => {
+                let dims: BTreeMap<String, String> = def
+                    .group_by
+                    .iter()
+                    .filter_map(|k| ev.dimension(k).map(|v| (k.clone(), v.to_owned())))
+                    .collect();
+                let mut acc = Acc::new(def.aggregation);
+                acc.add(def, ev, late);
+                let wkey = (ev.tenant.to_owned(), ev.meter.to_owned(), dims, window_start);
+                self.windows.insert(key.clone(), (wkey, acc));
+            }
+        }
+        key.truncate(total_len);
+        match self.totals.get_mut(key.as_str()) {
+            Some((_, acc)) => acc.add(def, ev, late),
+            None => {
+                let mut acc = Acc::new(def.aggregation);
+                acc.add(def, ev, late);
+                self.totals.insert(key.clone(), ((ev.tenant.to_owned(), ev.meter.to_owned()), acc));
+            }
+        }
         self.counters.sent += 1;
         self.counters.unique_accepted += 1;
         self.counters.late += u64::from(late);
@@ -363,7 +415,7 @@ impl TruthBuilder {
         let window_ms = |meter: &str| self.catalog.get(meter).map_or(0, |m| m.window_ms);
         let mut windows: Vec<WindowTotal> = self
             .windows
-            .iter()
+            .values()
             .map(|((tenant, meter, dims, start), acc)| WindowTotal {
                 tenant: tenant.clone(),
                 meter: meter.clone(),
@@ -382,7 +434,7 @@ impl TruthBuilder {
         });
         let mut totals: Vec<MeterTotal> = self
             .totals
-            .iter()
+            .values()
             .map(|((tenant, meter), acc)| MeterTotal {
                 tenant: tenant.clone(),
                 meter: meter.clone(),
@@ -458,22 +510,39 @@ mod tests {
     #[test]
     fn windows_only_group_by_dims_and_json_round_trip() {
         let mut b = TruthBuilder::new(MeterCatalog::from_toml_str(METERS).unwrap());
-        let ev = |id: &str, meter: &str, q: &str, t: i64| {
-            UsageEvent::new(id, "acme", meter, d(q), t)
-                .with_dimension("model", "m1")
-                .with_dimension("region", "eu")
-                .with_dimension("user", id)
+        let dims_a = [("model", "m1"), ("region", "eu"), ("user", "a")];
+        let a = EventView {
+            tenant: "acme",
+            meter: "input_tokens",
+            event_id: "a",
+            quantity: d("10"),
+            provider_cost: Some(d("0.25")),
+            event_time_ms: 1_000,
+            dimensions: &dims_a,
         };
-        b.accepted(&ev("a", "input_tokens", "10", 1_000).with_provider_cost(d("0.25")), false);
-        b.accepted(&ev("b", "input_tokens", "5.5", 59_999), true);
-        b.accepted(&ev("c", "input_tokens", "1", 60_000), false);
-        b.accepted(&ev("d", "requests", "1", 60_000), false);
-        b.accepted(&ev("e", "requests", "1", 61_000), false);
-        b.accepted(&ev("f", "peak", "3", 0), false);
-        b.accepted(&ev("g", "peak", "7", 1), false);
-        b.accepted(&ev("h", "users", "1", 0), false);
-        b.accepted(&ev("h", "users", "1", 0), false);
-        b.accepted(&ev("i", "users", "1", 0), false);
+        b.accepted(&a, false);
+        let mut add = |id: &str, meter: &str, q: &str, t: i64, late: bool| {
+            let dims = [("model", "m1"), ("region", "eu"), ("user", id)];
+            let ev = EventView {
+                tenant: "acme",
+                meter,
+                event_id: id,
+                quantity: d(q),
+                provider_cost: None,
+                event_time_ms: t,
+                dimensions: &dims,
+            };
+            b.accepted(&ev, late);
+        };
+        add("b", "input_tokens", "5.5", 59_999, true);
+        add("c", "input_tokens", "1", 60_000, false);
+        add("d", "requests", "1", 60_000, false);
+        add("e", "requests", "1", 61_000, false);
+        add("f", "peak", "3", 0, false);
+        add("g", "peak", "7", 1, false);
+        add("h", "users", "1", 0, false);
+        add("h", "users", "1", 0, false);
+        add("i", "users", "1", 0, false);
         b.duplicate();
         b.rejected(Delivery { partition: 1, offset: 9 }, RejectReason::BadQuantity, "quantity_nan");
         b.rejected(Delivery { partition: 0, offset: 3 }, RejectReason::Undecodable, "garbage");

@@ -240,47 +240,109 @@ impl Workload {
     /// The events a request emits, in the order a gateway would send them. Event ids are
     /// `<request id>.<meter>`: unique per tenant, and traceable back to the request.
     pub fn events(&self, req: &Request, request_id: &str, event_time_ms: i64) -> Vec<UsageEvent> {
-        let tenant = &self.tenants[req.tenant].name;
-        let spec = &MODELS[req.model];
-        let region = REGIONS[req.region];
-        let endpoint = if spec.output.is_some() { "chat" } else { "embeddings" };
-        let event = |meter: &str, quantity: Decimal| {
-            let mut ev = UsageEvent::new(format!("{request_id}.{meter}"), tenant.as_str(), meter, quantity, event_time_ms)
-                .with_dimension("model", spec.name)
-                .with_dimension("region", region)
-                // Not in any meter's group_by: the pipeline must ignore it.
-                .with_dimension("endpoint", endpoint)
-                .with_source(self.source.as_str());
-            if let Some(g) = req.gpu {
-                ev = ev.with_dimension("gpu", GPUS[g].name);
-            }
-            ev
-        };
         let mut out = Vec::with_capacity(4);
+        self.gen_events(req, request_id, event_time_ms, &mut out);
+        out.iter().map(|e| e.to_usage_event(self)).collect()
+    }
+
+    /// Like [`Workload::events`], in the compact form the generator's hot loop uses (an owned
+    /// [`UsageEvent`] costs a dozen allocations, a [`GenEvent`] one).
+    pub fn gen_events(&self, req: &Request, request_id: &str, event_time_ms: i64, out: &mut Vec<GenEvent>) {
+        let spec = &MODELS[req.model];
+        let endpoint = if spec.output.is_some() { "chat" } else { "embeddings" };
+        let event = |meter: &'static str, quantity: Decimal, provider_cost: Option<Decimal>| {
+            let mut event_id = String::with_capacity(request_id.len() + 1 + meter.len());
+            event_id.push_str(request_id);
+            event_id.push('.');
+            event_id.push_str(meter);
+            GenEvent {
+                tenant: req.tenant,
+                meter,
+                event_id,
+                quantity,
+                provider_cost,
+                event_time_ms,
+                endpoint,
+                model: spec.name,
+                region: REGIONS[req.region],
+                gpu: req.gpu.map(|g| GPUS[g].name),
+            }
+        };
         if self.emit[0] {
             let q = Decimal::from(req.input_tokens);
-            let mut ev = event(INPUT_TOKENS, q);
-            if let Some(p) = self.price_in[req.model] {
-                ev = ev.with_provider_cost((q * p).normalize());
-            }
-            out.push(ev);
+            out.push(event(INPUT_TOKENS, q, self.price_in[req.model].map(|p| (q * p).normalize())));
         }
         if self.emit[1] && spec.output.is_some() {
             let q = Decimal::from(req.output_tokens);
-            let mut ev = event(OUTPUT_TOKENS, q);
-            if let Some(p) = self.price_out[req.model] {
-                ev = ev.with_provider_cost((q * p).normalize());
-            }
-            out.push(ev);
+            out.push(event(OUTPUT_TOKENS, q, self.price_out[req.model].map(|p| (q * p).normalize())));
         }
         if self.emit[2] {
-            out.push(event(REQUESTS, Decimal::ONE));
+            out.push(event(REQUESTS, Decimal::ONE, None));
         }
         if let (true, Some(g)) = (self.emit[3], req.gpu) {
             let secs = Decimal::new(req.gpu_millis as i64, 3).normalize();
-            out.push(event(GPU_SECONDS, secs).with_provider_cost((secs * self.gpu_price[g]).normalize()));
+            out.push(event(GPU_SECONDS, secs, Some((secs * self.gpu_price[g]).normalize())));
         }
-        out
+    }
+
+    /// The events' `source` field.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// A generated event in compact form: everything but the id points into static tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenEvent {
+    /// Index of the tenant in the [`Workload`].
+    pub tenant: usize,
+    pub meter: &'static str,
+    pub event_id: String,
+    pub quantity: Decimal,
+    pub provider_cost: Option<Decimal>,
+    pub event_time_ms: i64,
+    /// `chat` or `embeddings`: in no meter's group_by, so the pipeline must ignore it.
+    pub endpoint: &'static str,
+    pub model: &'static str,
+    pub region: &'static str,
+    /// Self-hosted model only.
+    pub gpu: Option<&'static str>,
+}
+
+impl GenEvent {
+    /// The dimensions sorted by key (the order the codec writes them in).
+    pub fn dimensions(&self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        [
+            Some(("endpoint", self.endpoint)),
+            self.gpu.map(|g| ("gpu", g)),
+            Some(("model", self.model)),
+            Some(("region", self.region)),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// The value of one dimension.
+    pub fn dimension(&self, key: &str) -> Option<&'static str> {
+        self.dimensions().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    pub fn to_usage_event(&self, workload: &Workload) -> UsageEvent {
+        let mut ev = UsageEvent::new(
+            self.event_id.as_str(),
+            workload.tenant_name(self.tenant),
+            self.meter,
+            self.quantity,
+            self.event_time_ms,
+        )
+        .with_source(workload.source());
+        for (k, v) in self.dimensions() {
+            ev = ev.with_dimension(k, v);
+        }
+        if let Some(c) = self.provider_cost {
+            ev = ev.with_provider_cost(c);
+        }
+        ev
     }
 }
 
