@@ -7,7 +7,7 @@
 //! this passes, a pipeline test comparing ClickHouse with the ground truth is comparing with
 //! what really went through Kafka.
 //!
-//! Needs the broker on 127.0.0.1:9092 (`make up`).
+//! Needs the local services (`make up`); each test gets fresh topics from the testkit.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -17,76 +17,14 @@ use meterflow_core::codec::{Framing, UsageEventCodec};
 use meterflow_core::meter::{Aggregation, MeterCatalog};
 use meterflow_core::{decimal, RejectReason, UsageEvent};
 use meterflow_producer::{generate, usage_event, EventProducer, EventTimeMode, GenerateConfig, GroundTruth, Progress, WindowKey};
-use meterflow_runtime::args::KafkaArgs;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use meterflow_testkit::{Record, TestEnv};
 use rust_decimal::Decimal;
 
 const METERS: &str = include_str!("../../config/meters.toml");
 
-fn kafka_args() -> KafkaArgs {
-    KafkaArgs {
-        brokers: std::env::var("METERFLOW_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
-        properties: Vec::new(),
-    }
-}
-
-/// A topic name no other test run uses.
-fn fresh_topic(name: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    format!("e2e.{name}.{}.{nanos}", std::process::id())
-}
-
-/// One consumed message.
-#[derive(Debug)]
-struct Record {
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-}
-
-/// Reads every message of `topic` from the beginning up to the high watermarks as of now.
-async fn consume_all(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<Vec<Record>> {
-    let kafka = kafka.clone();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = meterflow_runtime::kafka::consumer_config(&kafka, &format!("{topic}.reader"))?.create()?;
-        let timeout = Duration::from_secs(10);
-        let md = consumer.fetch_metadata(Some(&topic), timeout)?;
-        let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-        ensure!(!partitions.is_empty(), "topic {topic} has no partitions");
-        let mut tpl = TopicPartitionList::new();
-        let mut remaining = HashMap::new();
-        for &p in &partitions {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
-            let (_low, high) = consumer.fetch_watermarks(&topic, p, timeout)?;
-            if high > 0 {
-                remaining.insert(p, high);
-            }
-        }
-        consumer.assign(&tpl)?;
-        let mut out = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
-        while !remaining.is_empty() {
-            ensure!(std::time::Instant::now() < deadline, "timed out reading {topic}; still to read: {remaining:?}");
-            let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
-            let msg = msg?;
-            let (p, o) = (msg.partition(), msg.offset());
-            out.push(Record {
-                partition: p,
-                offset: o,
-                key: msg.key().map(<[u8]>::to_vec),
-                payload: msg.payload().unwrap_or_default().to_vec(),
-            });
-            if remaining.get(&p).is_some_and(|&high| o + 1 >= high) {
-                remaining.remove(&p);
-            }
-        }
-        Ok(out)
-    })
-    .await?
+/// Everything in a topic, sorted by (partition, offset).
+async fn consume_all(env: &TestEnv, topic: &str) -> anyhow::Result<Vec<Record>> {
+    env.consume_all(topic, Duration::from_secs(180)).await
 }
 
 /// What the test's own replay finds.
@@ -101,16 +39,19 @@ struct Replay {
 
 /// Decodes and validates every message, in partition order, with naive rules written from the
 /// schema and meter definitions (not the aggregator's code).
-fn replay(records: &mut [Record], catalog: &MeterCatalog, codec: &UsageEventCodec, horizon_ms: i64) -> anyhow::Result<Replay> {
-    records.sort_by_key(|r| (r.partition, r.offset));
+fn replay(records: &[Record], catalog: &MeterCatalog, codec: &UsageEventCodec, horizon_ms: i64) -> anyhow::Result<Replay> {
     let mut out = Replay::default();
     let mut seen: HashMap<(String, String), &[u8]> = HashMap::new();
     let mut partition_time: HashMap<i32, i64> = HashMap::new();
-    for r in records.iter() {
+    let mut last: Option<(i32, i64)> = None;
+    for (partition, offset, key, payload) in records {
+        let (partition, offset) = (*partition, *offset);
+        ensure!(last < Some((partition, offset)), "records must come in (partition, offset) order");
+        last = Some((partition, offset));
         let reject = |out: &mut Replay, reason| {
-            out.rejected.insert((r.partition, r.offset), reason);
+            out.rejected.insert((partition, offset), reason);
         };
-        let Ok(ev) = codec.decode(&r.payload) else {
+        let Ok(ev) = codec.decode(payload) else {
             reject(&mut out, RejectReason::Undecodable);
             continue;
         };
@@ -141,20 +82,20 @@ fn replay(records: &mut [Record], catalog: &MeterCatalog, codec: &UsageEventCode
                 continue;
             }
         };
-        let pt = partition_time.entry(r.partition).or_insert(i64::MIN);
+        let pt = partition_time.entry(partition).or_insert(i64::MIN);
         if *pt != i64::MIN && ev.event_time_ms < *pt - horizon_ms {
             reject(&mut out, RejectReason::TooLate);
             continue;
         }
         *pt = (*pt).max(ev.event_time_ms);
         // The producer keys every event by its tenant.
-        ensure!(r.key.as_deref() == Some(ev.tenant.as_bytes()), "message at {}/{} is not keyed by its tenant", r.partition, r.offset);
+        ensure!(key.as_deref() == Some(ev.tenant.as_bytes()), "message at {partition}/{offset} is not keyed by its tenant");
         if let Some(first) = seen.get(&(ev.tenant.to_owned(), ev.event_id.to_owned())) {
-            ensure!(*first == r.payload.as_slice(), "duplicate of {}/{} at {}/{} is not byte-identical", ev.tenant, ev.event_id, r.partition, r.offset);
+            ensure!(*first == payload.as_slice(), "duplicate of {}/{} at {partition}/{offset} is not byte-identical", ev.tenant, ev.event_id);
             out.duplicates += 1;
             continue;
         }
-        seen.insert((ev.tenant.to_owned(), ev.event_id.to_owned()), &r.payload);
+        seen.insert((ev.tenant.to_owned(), ev.event_id.to_owned()), payload);
         out.unique += 1;
         let dims: BTreeMap<String, String> = def
             .group_by
@@ -246,11 +187,10 @@ fn config(catalog: &MeterCatalog, events: u64, seed: u64) -> GenerateConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_workload_round_trips_through_the_broker() -> anyhow::Result<()> {
-    let kafka = kafka_args();
-    let topic = fresh_topic("producer-roundtrip");
-    meterflow_producer::cli::create_topic(&kafka, &topic, 4).await?;
+    let env = TestEnv::new("producer_roundtrip").await?;
+    let topic = env.topics().usage_topic.clone();
     let catalog = MeterCatalog::from_toml_str(METERS)?;
-    let producer = EventProducer::new(&kafka, topic.clone())?;
+    let producer = EventProducer::new(env.kafka_args(), topic.clone())?;
 
     let gt = generate(config(&catalog, 100_000, 42), &producer, Progress::Hidden).await?;
     gt.check_consistency()?;
@@ -275,34 +215,34 @@ async fn generated_workload_round_trips_through_the_broker() -> anyhow::Result<(
     assert_eq!(GroundTruth::load(&path)?, gt);
     std::fs::remove_file(&path)?;
 
-    let mut records = consume_all(&kafka, &topic).await?;
-    let replay = replay(&mut records, &catalog, &UsageEventCodec::new(), gt.run.dedup_horizon_ms)?;
+    let records = consume_all(&env, &topic).await?;
+    let replay = replay(&records, &catalog, &UsageEventCodec::new(), gt.run.dedup_horizon_ms)?;
     compare(&gt, &replay, records.len())?;
-    Ok(())
+    env.cleanup().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_seed_same_truth_confluent_framing() -> anyhow::Result<()> {
     // Determinism: the same seed (simulated time, event count) gives the same totals and
     // counters; the Confluent framing decodes with the core codec too.
-    let kafka = kafka_args();
     let catalog = MeterCatalog::from_toml_str(METERS)?;
     let codec = UsageEventCodec::new().with_confluent_ids(11, 12);
     let mut truths = Vec::new();
     for run in 0..2 {
-        let topic = fresh_topic(&format!("producer-seed-{run}"));
-        meterflow_producer::cli::create_topic(&kafka, &topic, 2).await?;
-        let producer = EventProducer::new(&kafka, topic.clone())?
+        let env = TestEnv::with_partitions(&format!("producer_seed_{run}"), 2).await?;
+        let topic = env.topics().usage_topic.clone();
+        let producer = EventProducer::new(env.kafka_args(), topic.clone())?
             .with_codec(codec.clone())
             .with_framing(Framing::Confluent { schema_id: 12 });
         let mut cfg = config(&catalog, 5_000, 7);
         cfg.event_time = EventTimeMode::Simulated { start_ms: 1_767_225_600_000, span_ms: 3_600_000 };
         cfg.too_late_rate = 0.0;
         let gt = generate(cfg, &producer, Progress::Hidden).await?;
-        let mut records = consume_all(&kafka, &topic).await?;
-        let replay = replay(&mut records, &catalog, &codec, gt.run.dedup_horizon_ms)?;
+        let records = consume_all(&env, &topic).await?;
+        let replay = replay(&records, &catalog, &codec, gt.run.dedup_horizon_ms)?;
         compare(&gt, &replay, records.len())?;
         truths.push(gt);
+        env.cleanup().await?;
     }
     assert_eq!(truths[0].windows, truths[1].windows);
     assert_eq!(truths[0].counters, truths[1].counters);
@@ -311,10 +251,9 @@ async fn same_seed_same_truth_confluent_framing() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_and_send_raw_report_where_the_message_is() -> anyhow::Result<()> {
-    let kafka = kafka_args();
-    let topic = fresh_topic("producer-send");
-    meterflow_producer::cli::create_topic(&kafka, &topic, 3).await?;
-    let producer = EventProducer::new(&kafka, topic.clone())?;
+    let env = TestEnv::with_partitions("producer_send", 3).await?;
+    let topic = env.topics().usage_topic.clone();
+    let producer = EventProducer::new(env.kafka_args(), topic.clone())?;
     let mut sent: Vec<(meterflow_producer::Delivery, UsageEvent)> = Vec::new();
     for i in 0..20 {
         let ev = usage_event(format!("tenant-{}", i % 4), "input_tokens", Decimal::from(100 + i))
@@ -323,18 +262,15 @@ async fn send_and_send_raw_report_where_the_message_is() -> anyhow::Result<()> {
         sent.push((producer.send(&ev).await?, ev));
     }
     let raw_at = producer.send_raw("tenant-0", b"not avro").await?;
-    let records = consume_all(&kafka, &topic).await?;
+    let records = consume_all(&env, &topic).await?;
     assert_eq!(records.len(), 21);
+    let at = |d: meterflow_producer::Delivery| records.iter().find(|r| (r.0, r.1) == (d.partition, d.offset));
     let codec = UsageEventCodec::new();
-    for (at, ev) in &sent {
-        let r = records
-            .iter()
-            .find(|r| r.partition == at.partition && r.offset == at.offset)
-            .context("delivered message not found at its reported position")?;
-        assert_eq!(&codec.decode(&r.payload)?.to_owned_event()?, ev);
-        assert_eq!(r.key.as_deref(), Some(ev.tenant.as_bytes()));
+    for (d, ev) in &sent {
+        let (_, _, key, payload) = at(*d).context("delivered message not found at its reported position")?;
+        assert_eq!(&codec.decode(payload)?.to_owned_event()?, ev);
+        assert_eq!(key.as_deref(), Some(ev.tenant.as_bytes()));
     }
-    let raw = records.iter().find(|r| r.partition == raw_at.partition && r.offset == raw_at.offset).unwrap();
-    assert_eq!(raw.payload, b"not avro");
-    Ok(())
+    assert_eq!(at(raw_at).context("raw message")?.3, b"not avro");
+    env.cleanup().await
 }
