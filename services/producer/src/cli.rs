@@ -95,17 +95,17 @@ pub struct GenerateArgs {
     pub common: CommonArgs,
 
     /// Messages to send in total, injected ones included [default: 100000 unless --duration is given].
-    #[arg(long, env = "METERFLOW_PRODUCER_EVENTS")]
+    #[arg(long, env = "METERFLOW_PRODUCER_EVENTS", help_heading = "Run")]
     pub events: Option<u64>,
     /// Run for this long (e.g. 60s, 10m); with --events too, whichever comes first.
-    #[arg(long, env = "METERFLOW_PRODUCER_DURATION", value_parser = parse_duration)]
+    #[arg(long, env = "METERFLOW_PRODUCER_DURATION", value_parser = parse_duration, help_heading = "Run")]
     pub duration: Option<Duration>,
     /// Messages per second; 0 = as fast as the broker takes them.
-    #[arg(long, env = "METERFLOW_PRODUCER_RATE", default_value_t = 0.0)]
+    #[arg(long, env = "METERFLOW_PRODUCER_RATE", default_value_t = 0.0, help_heading = "Run")]
     pub rate: f64,
     /// Seed of all random choices: the same seed and flags give the same payloads (with
     /// simulated event time and --events) [default: random, recorded in the ground truth].
-    #[arg(long, env = "METERFLOW_PRODUCER_SEED")]
+    #[arg(long, env = "METERFLOW_PRODUCER_SEED", help_heading = "Run")]
     pub seed: Option<u64>,
 
     /// Number of tenants, named tenant-000, tenant-001, ...
@@ -171,26 +171,29 @@ pub struct GenerateArgs {
 pub struct SendArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    #[arg(long, env = "METERFLOW_PRODUCER_TENANT")]
+    /// Tenant (also the message key, so a tenant's events stay in order on one partition).
+    #[arg(long, env = "METERFLOW_PRODUCER_TENANT", help_heading = "Event")]
     pub tenant: String,
-    #[arg(long, env = "METERFLOW_PRODUCER_METER")]
+    /// Meter name, e.g. input_tokens (see config/meters.toml).
+    #[arg(long, env = "METERFLOW_PRODUCER_METER", help_heading = "Event")]
     pub meter: String,
     /// Canonical decimal, e.g. 1200 or 0.5.
-    #[arg(long, env = "METERFLOW_PRODUCER_QUANTITY", value_parser = parse_decimal)]
+    #[arg(long, env = "METERFLOW_PRODUCER_QUANTITY", value_parser = parse_decimal, help_heading = "Event")]
     pub quantity: Decimal,
     /// Idempotency key [default: a random UUID]. Re-use it to send a duplicate on purpose.
-    #[arg(long, env = "METERFLOW_PRODUCER_EVENT_ID")]
+    #[arg(long, env = "METERFLOW_PRODUCER_EVENT_ID", help_heading = "Event")]
     pub event_id: Option<String>,
     /// RFC 3339 or Unix ms [default: now].
-    #[arg(long, env = "METERFLOW_PRODUCER_EVENT_TIME", value_parser = parse_time_ms)]
+    #[arg(long, env = "METERFLOW_PRODUCER_EVENT_TIME", value_parser = parse_time_ms, help_heading = "Event")]
     pub event_time: Option<i64>,
     /// A dimension as key=value; repeat for several.
-    #[arg(long = "dimension", short = 'd', env = "METERFLOW_PRODUCER_DIMENSIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    #[arg(long = "dimension", short = 'd', env = "METERFLOW_PRODUCER_DIMENSIONS", value_delimiter = ',', value_parser = parse_key_value, help_heading = "Event")]
     pub dimensions: Vec<(String, String)>,
     /// What the upstream provider charged for this usage (canonical decimal).
-    #[arg(long, env = "METERFLOW_PRODUCER_PROVIDER_COST", value_parser = parse_decimal)]
+    #[arg(long, env = "METERFLOW_PRODUCER_PROVIDER_COST", value_parser = parse_decimal, help_heading = "Event")]
     pub provider_cost: Option<Decimal>,
-    #[arg(long, env = "METERFLOW_PRODUCER_SOURCE", default_value = "meterflow-producer")]
+    /// The event's `source` field (who emitted it).
+    #[arg(long, env = "METERFLOW_PRODUCER_SOURCE", default_value = "meterflow-producer", help_heading = "Event")]
     pub source: String,
 }
 

@@ -73,6 +73,9 @@ pub struct GenerateConfig {
 }
 
 impl GenerateConfig {
+    /// The CLI's defaults: 100,000 messages (set `events = None` for a run bounded by
+    /// `duration` only), 50 tenants, 10% duplicates, 5% late, 1% malformed, no too-late,
+    /// real-time event time, seed 1.
     pub fn new(meters: MeterCatalog) -> Self {
         Self {
             meters,
