@@ -18,7 +18,8 @@ pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     let release = dir.file_name().is_some_and(|n| n == "release");
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--bin", name]);
+    // Every meterflow binary lives in the package of the same name.
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
     if release {
         cmd.arg("--release");
     }

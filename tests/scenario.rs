@@ -74,3 +74,10 @@ pub async fn wait_until_exact(
         }
     }
 }
+
+/// Logs of in-process services go to stderr (shown for failing tests) at `METERFLOW_LOG`
+/// level, default `info`.
+pub fn init_test_logging() {
+    let level = std::env::var("METERFLOW_LOG").unwrap_or_else(|_| "info".into());
+    meterflow_runtime::telemetry::init_logging(&meterflow_runtime::args::LogArgs { format: "text".into(), level });
+}

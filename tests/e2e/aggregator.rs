@@ -19,10 +19,11 @@ const PARTITIONS: i32 = 4;
 
 fn aggregator_env(env: &TestEnv, group: &str) -> Vec<(String, String)> {
     let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
+    let meters_path = meterflow_e2e::procs::workspace_root().join("config/meters.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
-        ("METERFLOW_METERS", "config/meters.toml"),
+        ("METERFLOW_METERS", &meters_path),
         ("METERFLOW_IDLE_TIMEOUT", "1s"),
         ("METERFLOW_CHECKPOINT_INTERVAL", "2s"),
         ("METERFLOW_LOG", "info"),
@@ -42,6 +43,7 @@ fn log_path(env: &TestEnv, name: &str) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_totals_with_duplicates_late_and_malformed() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
+    meterflow_e2e::scenario::init_test_logging();
     let env = TestEnv::with_partitions("agg_exact", PARTITIONS).await?;
     let gt = produce(env.kafka_args(), &env.topics().usage_topic, workload(EVENTS, 11)?).await?;
     assert!(gt.counters.duplicates > EVENTS / 20, "the workload must contain duplicates");

@@ -75,7 +75,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config,
         last_flush: Instant::now(),
         last_checkpoint: Instant::now(),
+        last_progress: Instant::now(),
+        progress_records: 0,
+        positions: Arc::default(),
     };
+    spawn_lag_reporter(&agg.config, agg.positions.clone(), shutdown.clone())?;
     let result = agg.run_loop(&consumer, &shutdown).await;
     // Leave the group promptly so a successor gets the partitions without a session timeout.
     consumer.unsubscribe();
@@ -111,9 +115,39 @@ struct Aggregator {
     health: Health,
     last_flush: Instant,
     last_checkpoint: Instant,
+    last_progress: Instant,
+    /// Offsets covered per owned partition, read by the lag reporter thread.
+    positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
+    /// Records handled when progress was last logged.
+    progress_records: u64,
 }
 
 impl Aggregator {
+    /// One line every 10 s while records flow: what an operator tailing the log wants to know.
+    fn log_progress(&mut self) {
+        let (mut input, mut accepted, mut duplicates, mut rejected) = (0, 0, 0, 0);
+        for part in self.partitions.values() {
+            let s = part.engine.stats();
+            input += s.input();
+            accepted += s.accepted;
+            duplicates += s.duplicates;
+            rejected += s.rejected_total();
+        }
+        let secs = self.last_progress.elapsed().as_secs_f64();
+        let rate = input.saturating_sub(self.progress_records) as f64 / secs;
+        if input != self.progress_records {
+            tracing::info!(
+                partitions = self.partitions.len(),
+                input, accepted, duplicates, rejected,
+                rate = format!("{rate:.0}/s"),
+                buffered = self.outputs.rows(),
+                "progress"
+            );
+        }
+        self.progress_records = input;
+        self.last_progress = Instant::now();
+    }
+
     async fn run_loop(
         &mut self,
         consumer: &StreamConsumer<RebalanceLog>,
@@ -286,6 +320,9 @@ impl Aggregator {
             self.flush(shutdown).await;
         }
         self.send_ticks().await;
+        if self.last_progress.elapsed() >= Duration::from_secs(10) {
+            self.log_progress();
+        }
         let now_ms = wall_ms();
         let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
         gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
@@ -349,14 +386,12 @@ impl Aggregator {
         self.report_lag(consumer);
     }
 
-    fn report_lag(&self, consumer: &StreamConsumer<RebalanceLog>) {
-        for (p, part) in &self.partitions {
-            if let Ok((_, high)) =
-                consumer.fetch_watermarks(&self.config.topics.usage_topic, *p, Duration::from_millis(500))
-            {
-                gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set((high - part.engine.next_offset()).max(0) as f64);
-            }
-        }
+    /// Publishes the covered offsets for the lag reporter (a network round trip per partition
+    /// must not run on this loop).
+    fn report_lag(&self, _consumer: &StreamConsumer<RebalanceLog>) {
+        let positions: BTreeMap<i32, i64> =
+            self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
+        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
     }
 
     /// Writes a tick into each partition that has been idle for `idle_timeout` and still has
@@ -386,6 +421,34 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// Every 5 s, the end offset of each owned partition minus what the aggregator covers, from
+/// a separate client on a blocking thread.
+fn spawn_lag_reporter(
+    config: &Config,
+    positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.kafka)?.create()?;
+    let topic = config.topics.usage_topic.clone();
+    tokio::task::spawn_blocking(move || {
+        while !shutdown.is_cancelled() {
+            let owned = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for (p, next) in owned {
+                if let Ok((_, high)) = client.fetch_watermarks(&topic, p, Duration::from_secs(2)) {
+                    gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set((high - next).max(0) as f64);
+                }
+            }
+            for _ in 0..50 {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    Ok(())
 }
 
 fn is_tick(msg: &BorrowedMessage<'_>) -> bool {

@@ -48,6 +48,8 @@ impl Sink {
         if out.is_empty() {
             return true;
         }
+        let started = std::time::Instant::now();
+        let rows = out.rows();
         let c = &self.client;
         if !insert_all(c, "usage_events", &out.usage, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
@@ -74,6 +76,7 @@ impl Sink {
         }
         out.aggregates.clear();
         out.dead_letters.clear();
+        tracing::debug!(rows, ms = started.elapsed().as_millis() as u64, "flushed");
         gauge!(m::BUFFERED_ROWS).set(0.0);
         true
     }

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use clickhouse::Client;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -77,15 +78,35 @@ pub async fn produce_all(
         shutdown,
         |_| metrics::counter!(m.errors, "sink" => "kafka").increment(1),
         || async {
+            // `send_result` enqueues now and hands back the delivery future; `send` would do
+            // nothing until awaited, i.e. one round trip per record.
             let mut pending = Vec::with_capacity(records.len());
             for (topic, key, payload) in records {
-                let rec = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
-                pending.push(producer.send(rec, Duration::from_secs(30)));
+                let mut rec = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+                loop {
+                    match producer.send_result(rec) {
+                        Ok(delivery) => {
+                            pending.push(delivery);
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            rec = back;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => return Err(e),
+                    }
+                }
             }
             let mut first_err = None;
             for p in pending {
-                if let Err((e, _)) = p.await {
-                    first_err.get_or_insert(e);
+                match p.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        first_err.get_or_insert(e);
+                    }
+                    Err(_canceled) => {
+                        first_err.get_or_insert(KafkaError::Canceled);
+                    }
                 }
             }
             first_err.map_or(Ok(()), Err)
