@@ -39,20 +39,22 @@ fn env_with(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn aggregator_env(env: &TestEnv) -> Vec<(String, String)> {
+    let meters_path = workspace_root().join("config/meters.toml").display().to_string();
     env_with(env, &[
         ("METERFLOW_AGGREGATOR_GROUP", "agg"),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
-        ("METERFLOW_METERS", "config/meters.toml"),
+        ("METERFLOW_METERS", &meters_path),
         ("METERFLOW_IDLE_TIMEOUT", "1s"),
         ("METERFLOW_CHECKPOINT_INTERVAL", "2s"),
     ])
 }
 
 fn rater_env(env: &TestEnv, http: &str) -> Vec<(String, String)> {
+    let catalog_path = workspace_root().join("config/catalog.toml").display().to_string();
     env_with(env, &[
         ("METERFLOW_RATER_GROUP", "rater"),
         ("METERFLOW_RATER_HTTP_ADDR", http),
-        ("METERFLOW_CATALOG", "config/catalog.toml"),
+        ("METERFLOW_CATALOG", &catalog_path),
         ("METERFLOW_CHECKPOINT_INTERVAL", "2s"),
         ("METERFLOW_LOW_BALANCE", "USD=900"),
     ])
