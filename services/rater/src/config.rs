@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "METERFLOW_CATALOG", default_value = "config/catalog.toml")]
     pub catalog: PathBuf,
 
+    /// Meter definitions; when the file exists, the catalog is checked against them at start
+    /// (a price for a meter that does not exist is a typo that would never bill).
+    #[arg(long, env = "METERFLOW_METERS", default_value = "config/meters.toml")]
+    pub meters: PathBuf,
+
     /// Address of /healthz, /readyz and /metrics (port 0 picks a free one).
     #[arg(long, env = "METERFLOW_RATER_HTTP_ADDR", default_value = "127.0.0.1:9102")]
     pub http_addr: SocketAddr,

@@ -79,6 +79,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let text = std::fs::read_to_string(&config.catalog)
         .with_context(|| format!("reading catalog {}", config.catalog.display()))?;
     let catalog = Arc::new(Catalog::from_toml_str(&text)?);
+    if let Ok(meters) = std::fs::read_to_string(&config.meters) {
+        let meters = meterflow_core::meter::MeterCatalog::from_toml_str(&meters)
+            .with_context(|| format!("reading meters file {}", config.meters.display()))?;
+        catalog.validate_meters(&meters).context("the catalog does not match the meters")?;
+    }
     let mut low_balance = BTreeMap::new();
     for kv in &config.low_balance {
         let (cur, amount) = kv
