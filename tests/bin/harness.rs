@@ -1,0 +1,307 @@
+//! What `meterflow-bench` and `meterflow-chaos` share (`mod harness;` in both): a private
+//! broker + ClickHouse started through `deploy/local/services.sh` on free ports with their own
+//! state dir (so restarting the broker or stopping ClickHouse never disturbs anybody using the
+//! shared instances on 9092/8123), service processes whose pid is known (SIGKILL, RSS), and
+//! scraping a service's `/metrics`.
+
+// Each binary uses a different part of this module.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use meterflow_e2e::procs::{bin_path, service_env, workspace_root};
+use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
+
+/// A free TCP port on loopback (bound, read, released: a tiny race, fine on a dev machine).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Seconds since `t` with millisecond precision, for timelines.
+pub fn secs(t: Instant) -> f64 {
+    (t.elapsed().as_millis() as f64) / 1000.0
+}
+
+/// The 1/5/15-minute load averages, as `/proc/loadavg` shows them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// A broker and a ClickHouse of our own. Dropping it stops both; the state dir is removed
+/// unless `keep` is set (logs stay readable after a failure).
+#[derive(Debug)]
+pub struct Stack {
+    pub state: PathBuf,
+    pub broker_port: u16,
+    pub ch_http_port: u16,
+    pub ch_tcp_port: u16,
+    /// `memory` or `sqlite`.
+    pub storage: String,
+    pub keep: bool,
+}
+
+impl Stack {
+    /// Starts a broker with `storage` and a ClickHouse under a fresh `state` dir.
+    pub fn start(state: &Path, storage: &str) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(state);
+        std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+        let state = state.canonicalize()?;
+        let stack = Self {
+            state,
+            broker_port: free_port()?,
+            ch_http_port: free_port()?,
+            ch_tcp_port: free_port()?,
+            storage: storage.to_owned(),
+            keep: false,
+        };
+        stack.services("start", "broker")?;
+        stack.services("start", "clickhouse")?;
+        Ok(stack)
+    }
+
+    /// `deploy/local/services.sh ACTION COMPONENT` against this stack (blocks; `start` waits
+    /// until the component answers).
+    pub fn services(&self, action: &str, component: &str) -> Result<()> {
+        let script = workspace_root().join("deploy/local/services.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args([action, component])
+            .env("METERFLOW_STATE", &self.state)
+            .env("METERFLOW_BROKER_STORAGE", &self.storage)
+            .env("METERFLOW_BROKER_PORT", self.broker_port.to_string())
+            .env("METERFLOW_CLICKHOUSE_HTTP_PORT", self.ch_http_port.to_string())
+            .env("METERFLOW_CLICKHOUSE_TCP_PORT", self.ch_tcp_port.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "services.sh {action} {component} (state {}) failed: {}\n{}{}",
+            self.state.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.broker_port)
+    }
+
+    pub fn clickhouse_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ch_http_port)
+    }
+
+    /// Points meterflow-testkit (`TestEnv`) at this stack. Must run before any other thread
+    /// exists (call it from `main` before building the tokio runtime).
+    pub fn export_env(&self) {
+        std::env::set_var("METERFLOW_KAFKA_BROKERS", self.brokers());
+        std::env::set_var("METERFLOW_CLICKHOUSE_URL", self.clickhouse_url());
+        std::env::remove_var("METERFLOW_KAFKA_PROPERTIES");
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "broker 127.0.0.1:{} ({} storage), ClickHouse {}; state {}",
+            self.broker_port,
+            self.storage,
+            self.clickhouse_url(),
+            self.state.display()
+        )
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.services("stop", "clickhouse");
+        let _ = self.services("stop", "broker");
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
+    }
+}
+
+/// Environment of an aggregator process on `kafka`/`topics`/`ch`.
+pub fn aggregator_env(
+    kafka: &KafkaArgs,
+    topics: &TopicArgs,
+    ch: &ClickHouseArgs,
+    group: &str,
+    http: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut e = service_env(kafka, topics, ch);
+    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    for (k, v) in [
+        ("METERFLOW_AGGREGATOR_GROUP", group),
+        ("METERFLOW_AGGREGATOR_HTTP_ADDR", http),
+        ("METERFLOW_METERS", &meters),
+        ("METERFLOW_LOG", "info"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        e.retain(|(key, _)| key != k);
+        e.push((k.to_owned(), v.to_owned()));
+    }
+    e
+}
+
+/// Environment of a rater process.
+pub fn rater_env(
+    kafka: &KafkaArgs,
+    topics: &TopicArgs,
+    ch: &ClickHouseArgs,
+    group: &str,
+    http: &str,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut e = service_env(kafka, topics, ch);
+    let catalog = workspace_root().join("config/catalog.toml").display().to_string();
+    for (k, v) in [
+        ("METERFLOW_RATER_GROUP", group),
+        ("METERFLOW_RATER_HTTP_ADDR", http),
+        ("METERFLOW_CATALOG", &catalog),
+        ("METERFLOW_LOG", "info"),
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    {
+        e.retain(|(key, _)| key != k);
+        e.push((k.to_owned(), v.to_owned()));
+    }
+    e
+}
+
+/// A service binary run as a child process, restartable with the same configuration. Like
+/// `meterflow_e2e::procs::ServiceProc`, plus the pid (for RSS) and the HTTP address.
+pub struct Proc {
+    pub name: String,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Proc {
+    /// `name` is the workspace binary (built like the e2e tests build it, same profile).
+    pub fn new(name: &str, env: Vec<(String, String)>, log: PathBuf) -> Result<Self> {
+        Ok(Self { name: name.to_owned(), bin: bin_path(name)?, env, log, child: None, starts: 0 })
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.bin)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.starts += 1;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no flush, no checkpoint, no goodbye.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait up to 40 s (a graceful stop flushes and checkpoints).
+    pub fn terminate(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    c.kill()?;
+                    c.wait()?;
+                    anyhow::bail!("{} did not stop within 40 s of SIGTERM", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails if the process died on its own.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(c) = self.child.as_mut() {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                anyhow::bail!("{} exited by itself with {status}; see {}", self.name, self.log.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Resident set size of the process (VmRSS), bytes.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+/// `GET http://addr/path` over HTTP/1.0 (enough for a local /metrics); the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        anyhow::Ok(text)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), fut).await.context("HTTP GET timed out")??;
+    Ok(text.split_once("\r\n\r\n").map_or(text.clone(), |(_, b)| b.to_owned()))
+}
+
+/// Sum of every series of metric `name` in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Directory for logs of one run (`target/<what>/logs`).
+pub fn log_dir(what: &str) -> Result<PathBuf> {
+    let dir = workspace_root().join("target").join(what).join("logs");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
