@@ -11,11 +11,12 @@ use meterflow_core::meter::MeterCatalog;
 use meterflow_core::records::DeadLetter;
 use meterflow_core::RejectReason;
 use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
-use meterflow_runtime::http::{self, Health};
-use meterflow_runtime::kafka::{self, Ownership, RebalanceLog, CONTROL_HEADER};
-use meterflow_runtime::retry::{until_ok, Backoff};
-use metrics::{counter, gauge, histogram};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use meterflow_runtime::http;
+use meterflow_runtime::kafka::{self, Ownership, CONTROL_HEADER};
+use meterflow_runtime::partitioned::{load_checkpoint, LoopConfig, Partitioned, PendingCheckpoint, ServiceIo};
+use meterflow_runtime::retry::Backoff;
+use metrics::{counter, gauge};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
@@ -38,17 +39,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let meters_text = std::fs::read_to_string(&config.meters)
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
     let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
-    let health = Health::default();
-    let (addr, http_task) = http::serve(config.http_addr, health.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
-
-    let client = meterflow_runtime::clickhouse::client(&config.clickhouse);
-    let producer: FutureProducer = kafka::producer_config(&config.kafka)?.create()?;
-    let rebalances = RebalanceLog::default();
-    let consumer: StreamConsumer<RebalanceLog> =
-        kafka::consumer_config(&config.kafka, &config.group)?.create_with_context(rebalances.clone())?;
-    consumer.subscribe(&[&config.topics.usage_topic])?;
-
+    let io = ServiceIo::connect(
+        &config.kafka,
+        &config.clickhouse,
+        &config.group,
+        &[&config.topics.usage_topic],
+        config.http_addr,
+        &shutdown,
+    )
+    .await?;
+    let (client, producer) = (io.client.clone(), io.producer.clone());
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -70,22 +70,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         codec: UsageEventCodec::new(),
         partitions: BTreeMap::new(),
         outputs: Outputs::default(),
-        rebalances,
-        health,
         config,
-        last_flush: Instant::now(),
-        last_checkpoint: Instant::now(),
         last_progress: Instant::now(),
         progress_records: 0,
         positions: Arc::default(),
     };
     spawn_lag_reporter(&agg.config, agg.positions.clone(), shutdown.clone())?;
-    let result = agg.run_loop(&consumer, &shutdown).await;
-    // Leave the group promptly so a successor gets the partitions without a session timeout.
-    consumer.unsubscribe();
-    shutdown.cancel();
-    let _ = http_task.await;
-    result
+    let loop_config = LoopConfig {
+        flush_interval: Duration::from_millis(agg.config.flush_interval_ms as u64),
+        checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
+        max_buffered_rows: agg.config.max_buffered_rows,
+        checkpoint_seconds: m::CHECKPOINT_SECONDS,
+        errors: m::FLUSH_ERRORS,
+    };
+    io.serve(&mut agg, &loop_config, &shutdown).await
 }
 
 struct Part {
@@ -111,15 +109,80 @@ struct Aggregator {
     sink: Sink,
     partitions: BTreeMap<i32, Part>,
     outputs: Outputs,
-    rebalances: RebalanceLog,
-    health: Health,
-    last_flush: Instant,
-    last_checkpoint: Instant,
     last_progress: Instant,
     /// Offsets covered per owned partition, read by the lag reporter thread.
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
     /// Records handled when progress was last logged.
     progress_records: u64,
+}
+
+impl Partitioned for Aggregator {
+    fn on_ownership(&mut self, change: &Ownership) {
+        let (Ownership::Assigned(list) | Ownership::Revoked(list)) = change;
+        for (topic, p) in list {
+            if *topic == self.config.topics.usage_topic {
+                self.partitions.remove(p);
+            }
+        }
+        gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.handle_record(msg, shutdown).await
+    }
+
+    fn buffered_rows(&self) -> usize {
+        self.outputs.rows()
+    }
+
+    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        self.sink.flush(&mut self.outputs, shutdown).await
+    }
+
+    fn checkpoints(&mut self) -> Vec<PendingCheckpoint> {
+        let mut out = Vec::new();
+        for (p, part) in &self.partitions {
+            let next = part.engine.next_offset();
+            if next == part.checkpointed_offset {
+                continue;
+            }
+            let key = self.checkpoint_key(*p);
+            out.push(PendingCheckpoint {
+                commits: vec![(key.topic.clone(), *p, next)],
+                key,
+                checkpoint: Checkpoint { version: part.version + 1, next_offset: next, state: part.engine.snapshot() },
+            });
+        }
+        out
+    }
+
+    fn checkpointed(&mut self, done: &[PendingCheckpoint]) {
+        for d in done {
+            if let Some(part) = self.partitions.get_mut(&d.key.partition) {
+                part.version = d.checkpoint.version;
+                part.checkpointed_offset = d.checkpoint.next_offset;
+            }
+        }
+        // Covered offsets for the lag reporter (it does the network round trips elsewhere).
+        let positions: BTreeMap<i32, i64> =
+            self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
+        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
+    }
+
+    async fn on_timer(&mut self) {
+        self.send_ticks().await;
+        if self.last_progress.elapsed() >= Duration::from_secs(10) {
+            self.log_progress();
+        }
+        let now_ms = wall_ms();
+        let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
+        gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
+        for (p, part) in &self.partitions {
+            if let Some(wm) = part.engine.watermark() {
+                gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
+            }
+        }
+    }
 }
 
 impl Aggregator {
@@ -147,75 +210,10 @@ impl Aggregator {
         self.progress_records = input;
         self.last_progress = Instant::now();
     }
-
-    async fn run_loop(
-        &mut self,
-        consumer: &StreamConsumer<RebalanceLog>,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
-        let mut timer = tokio::time::interval(Duration::from_millis(100));
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.health.set_ready(true);
-        loop {
-            // Biased so that a busy partition cannot starve flushes and checkpoints.
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = timer.tick() => {
-                    self.apply_rebalances();
-                    self.periodic(consumer, shutdown).await;
-                }
-                msg = consumer.recv() => {
-                    self.apply_rebalances();
-                    match msg {
-                        Ok(msg) => self.handle(&msg, shutdown).await?,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "consumer error");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                    if self.outputs.rows() >= self.config.max_buffered_rows {
-                        self.flush(shutdown).await;
-                    }
-                }
-            }
-        }
-        // Graceful stop: write what we hold so a successor re-reads nothing.
-        let drain = CancellationToken::new();
-        let deadline = tokio::time::sleep(Duration::from_secs(30));
-        tokio::select! {
-            _ = self.flush_and_checkpoint(consumer, &drain) => {}
-            _ = deadline => tracing::warn!("final flush did not finish in 30 s; a restart will replay from the last checkpoint"),
-        }
-        Ok(())
-    }
-
-    fn apply_rebalances(&mut self) {
-        for ev in self.rebalances.drain() {
-            let (Ownership::Assigned(list) | Ownership::Revoked(list)) = &ev;
-            for (topic, p) in list {
-                if *topic == self.config.topics.usage_topic {
-                    // Either way the in-memory state may be stale: reload from the checkpoint
-                    // when the next record of the partition arrives.
-                    self.partitions.remove(p);
-                }
-            }
-        }
-        gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
-    }
-
     async fn part(&mut self, partition: i32, shutdown: &CancellationToken) -> anyhow::Result<Option<&mut Part>> {
         if !self.partitions.contains_key(&partition) {
             let key = self.checkpoint_key(partition);
-            let Some(loaded) = until_ok(
-                "load checkpoint",
-                &Backoff::default(),
-                shutdown,
-                |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
-                || self.checkpoints.load(&key),
-            )
-            .await
-            else {
+            let Some(loaded) = load_checkpoint(&self.checkpoints, &key, m::FLUSH_ERRORS, shutdown).await else {
                 return Ok(None);
             };
             let (engine, version, offset) = match loaded {
@@ -253,7 +251,7 @@ impl Aggregator {
         }
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let partition = msg.partition();
         let offset = msg.offset();
         if self.part(partition, shutdown).await?.is_none() {
@@ -311,91 +309,8 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn periodic(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
-        let flush_every = Duration::from_millis(self.config.flush_interval_ms as u64);
-        let checkpoint_every = Duration::from_millis(self.config.checkpoint_interval_ms as u64);
-        if self.last_checkpoint.elapsed() >= checkpoint_every {
-            self.flush_and_checkpoint(consumer, shutdown).await;
-        } else if self.last_flush.elapsed() >= flush_every {
-            self.flush(shutdown).await;
-        }
-        self.send_ticks().await;
-        if self.last_progress.elapsed() >= Duration::from_secs(10) {
-            self.log_progress();
-        }
-        let now_ms = wall_ms();
-        let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
-        gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
-        for (p, part) in &self.partitions {
-            if let Some(wm) = part.engine.watermark() {
-                gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
-            }
-        }
-    }
-
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        let ok = self.sink.flush(&mut self.outputs, shutdown).await;
-        if ok {
-            self.last_flush = Instant::now();
-        }
-        ok
-    }
-
-    async fn flush_and_checkpoint(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
-        if !self.flush(shutdown).await {
-            return;
-        }
-        let started = Instant::now();
-        let mut items = Vec::new();
-        for (p, part) in &self.partitions {
-            let next = part.engine.next_offset();
-            if next == part.checkpointed_offset {
-                continue;
-            }
-            items.push((
-                self.checkpoint_key(*p),
-                Checkpoint { version: part.version + 1, next_offset: next, state: part.engine.snapshot() },
-            ));
-        }
-        if items.is_empty() {
-            self.last_checkpoint = Instant::now();
-            return;
-        }
-        let saved = until_ok(
-            "write checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
-            || self.checkpoints.save_all(&items),
-        )
-        .await;
-        if saved.is_none() {
-            return;
-        }
-        let mut commits = Vec::new();
-        for (key, cp) in &items {
-            if let Some(part) = self.partitions.get_mut(&key.partition) {
-                part.version = cp.version;
-                part.checkpointed_offset = cp.next_offset;
-            }
-            commits.push((key.topic.clone(), key.partition, cp.next_offset));
-        }
-        kafka::commit(consumer, &commits);
-        histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
-        self.last_checkpoint = Instant::now();
-        self.report_lag(consumer);
-    }
-
-    /// Publishes the covered offsets for the lag reporter (a network round trip per partition
-    /// must not run on this loop).
-    fn report_lag(&self, _consumer: &StreamConsumer<RebalanceLog>) {
-        let positions: BTreeMap<i32, i64> =
-            self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
-        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
-    }
-
-    /// Writes a tick into each partition that has been idle for `idle_timeout` and still has
-    /// windows waiting to close.
+    /// Writes a tick into each partition that has been idle for `idle_timeout` and may still
+    /// hold windows to close or restatements to emit.
     async fn send_ticks(&mut self) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let now_ms = wall_ms();

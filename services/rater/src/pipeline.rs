@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clickhouse::Client;
@@ -8,12 +8,12 @@ use meterflow_core::pricing::Catalog;
 use meterflow_core::rating::{AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets};
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
 use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
-use meterflow_runtime::http::{self, Health};
-use meterflow_runtime::kafka::{self, Ownership, RebalanceLog};
+use meterflow_runtime::http;
+use meterflow_runtime::kafka::Ownership;
 use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
-use meterflow_runtime::retry::{until_ok, Backoff};
-use metrics::{counter, gauge, histogram};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use meterflow_runtime::partitioned::{load_checkpoint, LoopConfig, Partitioned, PendingCheckpoint, ServiceIo};
+use meterflow_runtime::retry::Backoff;
+use metrics::{counter, gauge};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
@@ -94,16 +94,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let wallet_config = WalletConfig { low_balance, ..WalletConfig::default() };
 
-    let health = Health::default();
-    let (addr, http_task) = http::serve(config.http_addr, health.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
-    let client = meterflow_runtime::clickhouse::client(&config.clickhouse);
-    let producer: FutureProducer = kafka::producer_config(&config.kafka)?.create()?;
-    let rebalances = RebalanceLog::default();
-    let consumer: StreamConsumer<RebalanceLog> =
-        kafka::consumer_config(&config.kafka, &config.group)?.create_with_context(rebalances.clone())?;
-    consumer.subscribe(&[&config.topics.aggregates_topic, &config.topics.wallet_topic])?;
-
+    let io = ServiceIo::connect(
+        &config.kafka,
+        &config.clickhouse,
+        &config.group,
+        &[&config.topics.aggregates_topic, &config.topics.wallet_topic],
+        config.http_addr,
+        &shutdown,
+    )
+    .await?;
+    let (client, producer) = (io.client.clone(), io.producer.clone());
     let mut rater = Rater {
         rating_config: RatingConfig { grace_ms: config.period_grace_ms, ..RatingConfig::default() },
         wallet_config,
@@ -113,18 +113,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         catalog,
         shards: BTreeMap::new(),
         outputs: Outputs::default(),
-        rebalances,
         config,
-        last_flush: Instant::now(),
-        last_checkpoint: Instant::now(),
         gauge_labels: BTreeMap::new(),
     };
-    health.set_ready(true);
-    let result = rater.run_loop(&consumer, &shutdown).await;
-    consumer.unsubscribe();
-    shutdown.cancel();
-    let _ = http_task.await;
-    result
+    let loop_config = LoopConfig {
+        flush_interval: Duration::from_millis(rater.config.flush_interval_ms as u64),
+        checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
+        max_buffered_rows: rater.config.max_buffered_rows,
+        checkpoint_seconds: m::CHECKPOINT_SECONDS,
+        errors: m::FLUSH_ERRORS,
+    };
+    io.serve(&mut rater, &loop_config, &shutdown).await
 }
 
 struct Rater {
@@ -137,62 +136,11 @@ struct Rater {
     checkpoints: CheckpointStore,
     shards: BTreeMap<i32, Owned>,
     outputs: Outputs,
-    rebalances: RebalanceLog,
-    last_flush: Instant,
-    last_checkpoint: Instant,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
     gauge_labels: BTreeMap<String, ()>,
 }
 
 impl Rater {
-    async fn run_loop(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut timer = tokio::time::interval(Duration::from_millis(100));
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // Biased so that a busy partition cannot starve flushes and checkpoints.
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = timer.tick() => {
-                    self.apply_rebalances();
-                    if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_interval_ms as u64) {
-                        self.flush_and_checkpoint(consumer, shutdown).await;
-                    } else if self.last_flush.elapsed() >= Duration::from_millis(self.config.flush_interval_ms as u64) {
-                        self.flush(shutdown).await;
-                    }
-                }
-                msg = consumer.recv() => {
-                    self.apply_rebalances();
-                    match msg {
-                        Ok(msg) => self.handle(&msg, shutdown).await?,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "consumer error");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                    if self.outputs.rows() >= self.config.max_buffered_rows {
-                        self.flush(shutdown).await;
-                    }
-                }
-            }
-        }
-        let drain = CancellationToken::new();
-        tokio::select! {
-            _ = self.flush_and_checkpoint(consumer, &drain) => {}
-            _ = tokio::time::sleep(Duration::from_secs(30)) => tracing::warn!("final flush did not finish in 30 s"),
-        }
-        Ok(())
-    }
-
-    fn apply_rebalances(&mut self) {
-        for ev in self.rebalances.drain() {
-            let (Ownership::Assigned(list) | Ownership::Revoked(list)) = &ev;
-            for (_, p) in list {
-                self.shards.remove(p);
-            }
-        }
-    }
-
     fn checkpoint_key(&self, partition: i32) -> CheckpointKey {
         CheckpointKey {
             service: SERVICE.into(),
@@ -207,15 +155,7 @@ impl Rater {
             return Ok(true);
         }
         let key = self.checkpoint_key(partition);
-        let Some(loaded) = until_ok(
-            "load checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
-            || self.checkpoints.load(&key),
-        )
-        .await
-        else {
+        let Some(loaded) = load_checkpoint(&self.checkpoints, &key, m::FLUSH_ERRORS, shutdown).await else {
             return Ok(false);
         };
         let owned = match loaded {
@@ -245,7 +185,7 @@ impl Rater {
         Ok(true)
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let partition = msg.partition();
         if !self.load(partition, shutdown).await? {
             return Ok(());
@@ -333,10 +273,9 @@ impl Rater {
         Ok(())
     }
 
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+    async fn flush_outputs(&mut self, shutdown: &CancellationToken) -> bool {
         let out = &mut self.outputs;
         if out.rows() == 0 {
-            self.last_flush = Instant::now();
             return true;
         }
         let b = Backoff::default();
@@ -367,7 +306,6 @@ impl Rater {
             return false;
         }
         *out = Outputs::default();
-        self.last_flush = Instant::now();
         self.export_gauges();
         true
     }
@@ -405,59 +343,68 @@ impl Rater {
             }
         }
     }
+}
 
-    async fn flush_and_checkpoint(&mut self, consumer: &StreamConsumer<RebalanceLog>, shutdown: &CancellationToken) {
-        if !self.flush(shutdown).await {
-            return;
+impl Partitioned for Rater {
+    fn on_ownership(&mut self, change: &Ownership) {
+        // Partition N of the aggregates and of the wallet topic share one state.
+        let (Ownership::Assigned(list) | Ownership::Revoked(list)) = change;
+        for (_, p) in list {
+            self.shards.remove(p);
         }
-        let started = Instant::now();
-        let mut items = Vec::new();
+    }
+
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.handle_record(msg, shutdown).await
+    }
+
+    fn buffered_rows(&self) -> usize {
+        self.outputs.rows()
+    }
+
+    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        self.flush_outputs(shutdown).await
+    }
+
+    fn checkpoints(&mut self) -> Vec<PendingCheckpoint> {
+        let mut out = Vec::new();
         for (p, o) in &self.shards {
             let at = (o.shard.aggregates_next, o.shard.wallet_next);
             if at == o.checkpointed {
                 continue;
             }
+            // The state is plain data: failing to serialise it is a bug, and skipping the
+            // checkpoint would silently grow the replay, so say it loudly.
             let state = match serde_json::to_vec(&o.shard) {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(error = %e, partition = p, "cannot serialise rater state");
+                    tracing::error!(error = %e, partition = p, "cannot serialise rater state; not checkpointing it");
+                    counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1);
                     continue;
                 }
             };
-            items.push((self.checkpoint_key(*p), Checkpoint { version: o.checkpoint_version + 1, next_offset: at.0, state }, at.1));
+            out.push(PendingCheckpoint {
+                key: self.checkpoint_key(*p),
+                checkpoint: Checkpoint { version: o.checkpoint_version + 1, next_offset: at.0, state },
+                commits: vec![
+                    (self.config.topics.aggregates_topic.clone(), *p, at.0),
+                    (self.config.topics.wallet_topic.clone(), *p, at.1),
+                ],
+            });
         }
-        if items.is_empty() {
-            self.last_checkpoint = Instant::now();
-            return;
-        }
-        let to_save: Vec<(CheckpointKey, Checkpoint)> = items.iter().map(|(k, c, _)| (k.clone(), c.clone())).collect();
-        let saved = until_ok(
-            "write checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1),
-            || self.checkpoints.save_all(&to_save),
-        )
-        .await;
-        if saved.is_none() {
-            return;
-        }
-        let mut commits = Vec::new();
-        for (key, cp, wallet_next) in &items {
-            if let Some(o) = self.shards.get_mut(&key.partition) {
-                o.checkpoint_version = cp.version;
-                o.checkpointed = (cp.next_offset, *wallet_next);
+        out
+    }
+
+    fn checkpointed(&mut self, done: &[PendingCheckpoint]) {
+        for d in done {
+            if let Some(o) = self.shards.get_mut(&d.key.partition) {
+                o.checkpoint_version = d.checkpoint.version;
+                o.checkpointed = (d.commits[0].2, d.commits[1].2);
             }
-            commits.push((self.config.topics.aggregates_topic.clone(), key.partition, cp.next_offset));
-            commits.push((self.config.topics.wallet_topic.clone(), key.partition, *wallet_next));
         }
-        kafka::commit(consumer, &commits);
-        histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
-        self.last_checkpoint = Instant::now();
     }
 }
 
-/// `currency \x1f meter \x1f plan`: the unit separator cannot occur in catalog names.
 fn totals_key(currency: &str, meter: &str, plan: &str) -> String {
     format!("{currency}\u{1f}{meter}\u{1f}{plan}")
 }

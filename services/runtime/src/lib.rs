@@ -7,6 +7,7 @@ pub mod error;
 pub mod http;
 pub mod kafka;
 pub mod output;
+pub mod partitioned;
 pub mod retry;
 pub mod rows;
 pub mod shutdown;
