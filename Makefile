@@ -84,9 +84,23 @@ init: up
 
 ## --- placeholders: their owners fill the bodies -----------------------------------------
 
-# demo: the end-to-end walkthrough (producer -> aggregator -> rater). Owner: fills this in.
-demo: init
-	@echo "demo: not written yet; services are up and topics/tables exist (meterflow-admin init)"
+# demo: the whole pipeline on ~1M events, checked against the ground truth (deploy/local/demo.sh;
+# README "The demo"). Resets topics meterflow.* and database meterflow first; leaves the
+# aggregator and the rater running (demo-stop stops them). METERFLOW_DEMO_EVENTS,
+# METERFLOW_DEMO_RATE (messages/s), METERFLOW_DEMO_TIMEOUT (s) change the run.
+.PHONY: demo-stop demo-status demo-summary
+demo:
+	@deploy/local/demo.sh run
+
+demo-stop:
+	@deploy/local/demo.sh stop
+
+demo-status:
+	@deploy/local/demo.sh status || true
+
+# The last demo's summary again, re-read from ClickHouse and re-checked.
+demo-summary:
+	@deploy/local/demo.sh summary
 
 # bench: throughput/latency benchmark of the whole pipeline. Owner: fills this in
 # (tip: METERFLOW_BROKER_STORAGE=memory make restart-broker for the in-memory broker).

@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# `make demo`: the whole pipeline on ~1M events, on one machine, checked against the ground truth.
+#
+# usage: demo.sh run | stop | status | summary
+#
+#   run      1. start the local services (services.sh start all: broker, ClickHouse, Prometheus;
+#               installs/builds what is missing)
+#            2. build the release binaries (admin, aggregator, rater, producer, demo-summary)
+#            3. stop the aggregator/rater a previous demo left running
+#            4. reset the default names: delete topics meterflow.* and the consumer groups,
+#               drop database meterflow; then `meterflow-admin init` recreates them empty
+#            5. start meterflow-aggregator and meterflow-rater in the background on their
+#               default metrics ports 9101/9102 (Prometheus scrapes them)
+#            6. publish prepaid wallet top-ups for ten tenants
+#            7. meterflow-producer generate: METERFLOW_DEMO_EVENTS messages (1,000,000) at
+#               METERFLOW_DEMO_RATE messages/s (16,667: one minute), real-time event time,
+#               10% duplicates, 5% late, 1% malformed, 0.1% too late; ground truth to
+#               .state/demo/truth.json
+#            8. wait until ClickHouse equals the ground truth (METERFLOW_DEMO_TIMEOUT s, 900)
+#            9. print the summary (meterflow-demo-summary report) and where to look next
+#            The aggregator and the rater keep running afterwards.
+#   stop     stop the demo's aggregator and rater (the local services stay up: `make down`)
+#   status   are they running; where are their logs
+#   summary  print the summary of the last run again (re-checked against ClickHouse)
+#
+# Every run starts from empty topics and an empty database, so its summary is about that run
+# only; the previous run's data is gone. State: .state/demo/ (pid files, logs, truth.json,
+# wallets.json, summary.txt). Other METERFLOW_* variables (topics, database, brokers, ...)
+# are honoured by every step, as by the services themselves.
+set -euo pipefail
+# shellcheck source=deploy/local/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEMO_DIR="$MF_STATE/demo"
+EVENTS="${METERFLOW_DEMO_EVENTS:-1000000}"
+RATE="${METERFLOW_DEMO_RATE:-16667}"
+TIMEOUT="${METERFLOW_DEMO_TIMEOUT:-900}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$MF_REPO/target}"
+BIN="$TARGET_DIR/release"
+CARGO="${CARGO:-cargo}"
+AGG_PORT=9101
+RATER_PORT=9102
+PRODUCER_PORT=9103
+CH_HTTP="http://$MF_HOST:$CLICKHOUSE_HTTP_PORT"
+DATABASE="${METERFLOW_CLICKHOUSE_DATABASE:-meterflow}"
+# The aggregator, the rater and the producer find config/ relative to the repository.
+export METERFLOW_CLICKHOUSE_URL="${METERFLOW_CLICKHOUSE_URL:-$CH_HTTP}"
+export METERFLOW_KAFKA_BROKERS="${METERFLOW_KAFKA_BROKERS:-$MF_HOST:$BROKER_PORT}"
+
+# Seconds since a `date +%s.%N` timestamp, one decimal.
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+step_no=0
+step_started=0
+TIMINGS=()
+step() {
+    finish_step
+    step_no=$((step_no + 1))
+    step_name="$1"
+    step_started="$(date +%s.%N)"
+    printf '\n\033[1m==> [%d/9] %s\033[0m\n' "$step_no" "$1"
+}
+finish_step() {
+    if ((step_no > 0)) && [[ -n "${step_name:-}" ]]; then
+        TIMINGS+=("$(printf '%-34s %6s s' "$step_name" "$(since "$step_started")")")
+        step_name=""
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# the demo's own processes: pid files in .state/demo, recognised by a marker in their environment
+
+svc_pidfile() { printf '%s/%s.pid' "$DEMO_DIR" "$1"; }
+svc_log() { printf '%s/%s.log' "$DEMO_DIR" "$1"; }
+svc_port() { case "$1" in aggregator) echo "$AGG_PORT" ;; rater) echo "$RATER_PORT" ;; esac }
+
+# Is PID the demo's NAME? (Its binary, and our marker in its environment: tests run the same
+# binaries from the same directory, and a pid may have been reused.)
+svc_is_ours() {
+    local name="$1" pid="$2"
+    [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
+    [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"meterflow-$name"* ]] || return 1
+    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "METERFLOW_DEMO_STATE=$DEMO_DIR" || return 1
+    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
+}
+
+svc_pid() {
+    local name="$1" pid
+    pid="$(cat "$(svc_pidfile "$name")" 2>/dev/null || true)"
+    if svc_is_ours "$name" "$pid"; then
+        printf '%s' "$pid"
+        return 0
+    fi
+    rm -f "$(svc_pidfile "$name")"
+    return 1
+}
+
+svc_stop() {
+    local name="$1" pid start
+    if ! pid="$(svc_pid "$name")"; then
+        log "demo $name: not running"
+        return 0
+    fi
+    log "demo $name: stopping (pid $pid; it flushes and checkpoints first)"
+    kill -TERM "$pid" 2>/dev/null || true
+    start="$(now_s)"
+    while svc_is_ours "$name" "$pid"; do
+        if (($(now_s) - start >= 40)); then
+            warn "demo $name: pid $pid still running 40 s after SIGTERM, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 1
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$(svc_pidfile "$name")"
+    log "demo $name: stopped"
+}
+
+svc_start() {
+    local name="$1" port pid log_file holders start
+    port="$(svc_port "$name")"
+    log_file="$(svc_log "$name")"
+    if port_in_use "$port"; then
+        holders="$(listeners_on "$port" | while read -r p; do describe_pid "$p"; echo; done)"
+        die "demo $name: 127.0.0.1:$port is in use by ${holders:-another process}; stop it (or run 'make demo-stop')"
+    fi
+    printf '\n[meterflow] ==== demo %s starting at %s\n' "$name" "$(date -u +%FT%TZ)" >>"$log_file"
+    # setsid: a Ctrl-C in the terminal that ran `make demo` does not reach it; it keeps running.
+    (cd "$MF_REPO" && exec setsid env METERFLOW_DEMO_STATE="$DEMO_DIR" NO_COLOR=1 "$BIN/meterflow-$name" >>"$log_file" 2>&1 </dev/null) &
+    pid=$!
+    echo "$pid" >"$(svc_pidfile "$name")"
+    start="$(now_s)"
+    while ! curl -fsS --max-time 2 "http://$MF_HOST:$port/readyz" >/dev/null 2>&1; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            rm -f "$(svc_pidfile "$name")"
+            tail -n 15 "$log_file" | sed 's/^/    /' >&2
+            die "demo $name exited during start-up; log: $log_file"
+        fi
+        if (($(now_s) - start >= 60)); then
+            tail -n 15 "$log_file" | sed 's/^/    /' >&2
+            die "demo $name not ready after 60 s (pid $pid still running; 'make demo-stop' stops it); log: $log_file"
+        fi
+        sleep 0.5
+    done
+    log "demo $name: ready in $(($(now_s) - start)) s (pid $pid, http://$MF_HOST:$port/metrics, log $log_file)"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+summary_args() {
+    SUMMARY_ARGS=(--truth "$DEMO_DIR/truth.json" --credits "$DEMO_DIR/wallets.json"
+        --catalog "$MF_REPO/config/catalog.toml")
+}
+
+where_next() {
+    local db="$DATABASE"
+    cat <<EOF
+
+== Where to look next (the aggregator and the rater keep running)
+  Prometheus UI   http://$MF_HOST:$PROMETHEUS_PORT/graph?g0.expr=sum(rate(meterflow_aggregator_events_in_total%5B30s%5D))&g0.range_input=15m
+                  also try: meterflow_rater_revenue, meterflow_rater_margin, meterflow_rater_wallet_balance,
+                  meterflow_aggregator_dead_letters_total, meterflow_aggregator_watermark_lag_seconds
+  /metrics        http://$MF_HOST:$AGG_PORT/metrics (aggregator)   http://$MF_HOST:$RATER_PORT/metrics (rater)
+                  (the producer's, http://$MF_HOST:$PRODUCER_PORT/metrics, only while it generates)
+  logs            $(svc_log aggregator)  $(svc_log rater)  $DEMO_DIR/producer.log
+  files           $DEMO_DIR/truth.json (ground truth)  $DEMO_DIR/wallets.json  $DEMO_DIR/summary.txt
+  ClickHouse      clickhouse-client --port $CLICKHOUSE_TCP_PORT --database $db
+    SELECT tenant, meter, sum(value) AS usage FROM meter_totals GROUP BY tenant, meter ORDER BY usage DESC LIMIT 10;
+    SELECT tenant, sum(revenue) AS revenue, sum(cost) AS cost, sum(margin) AS margin FROM revenue_daily GROUP BY tenant ORDER BY revenue DESC LIMIT 10;
+    SELECT reason, count() FROM dead_letters GROUP BY reason ORDER BY count() DESC;
+    SELECT * FROM wallet_balances WHERE credited > 0 ORDER BY balance;
+    SELECT tenant, meter, window_start, revision, value, previous_value FROM meter_aggregates WHERE revision > 0 LIMIT 10;
+  or over HTTP    curl '$CH_HTTP/?database=$db' --data-binary 'SELECT count() FROM usage_events'
+  one more event  $BIN/meterflow-producer send --tenant tenant-042 --meter input_tokens --quantity 1200 -d model=gpt-4o -d region=eu-west
+  re-check        make demo-summary        a fresh run: make demo
+  stop            make demo-stop (aggregator + rater), then make down (broker, ClickHouse, Prometheus)
+EOF
+}
+
+cmd_run() {
+    mkdir -p "$DEMO_DIR"
+    local t0 pid_agg pid_rater rc=0
+    t0="$(date +%s.%N)"
+    printf '\033[1mmeterflow demo\033[0m: %s messages at %s/s into %s, database %s (state %s)\n' \
+        "$EVENTS" "$RATE" "${METERFLOW_USAGE_TOPIC:-meterflow.usage-events}" "$DATABASE" "$DEMO_DIR"
+
+    step "local services (make up)"
+    "$HERE/services.sh" start all
+
+    step "release build"
+    have "$CARGO" || die "cargo not found: install Rust (https://rustup.rs), then re-run"
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release \
+        -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-e2e --bin meterflow-demo-summary
+
+    step "stop a previous demo's services"
+    svc_stop rater
+    svc_stop aggregator
+
+    step "reset topics + database, meterflow-admin init"
+    "$BIN/meterflow-demo-summary" reset
+    "$BIN/meterflow-admin" init
+    rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt"
+
+    step "start aggregator + rater"
+    svc_start aggregator
+    svc_start rater
+    pid_agg="$(svc_pid aggregator)"
+    pid_rater="$(svc_pid rater)"
+
+    step "wallet top-ups"
+    "$BIN/meterflow-demo-summary" top-up --credits "$DEMO_DIR/wallets.json"
+
+    step "generate $EVENTS messages"
+    local metrics_addr="$MF_HOST:$PRODUCER_PORT"
+    if port_in_use "$PRODUCER_PORT"; then
+        warn "127.0.0.1:$PRODUCER_PORT is in use ($(listeners_on "$PRODUCER_PORT" | head -n1 | { read -r p && describe_pid "$p"; } || true)); the producer's /metrics goes to a free port instead (Prometheus will not see it)"
+        metrics_addr="$MF_HOST:0"
+    fi
+    # Progress bar on the terminal (stderr); the summary also into producer.log.
+    (cd "$MF_REPO" && "$BIN/meterflow-producer" generate --events "$EVENTS" --rate "$RATE" \
+        --too-late-rate 0.001 --metrics-addr "$metrics_addr" \
+        --ground-truth "$DEMO_DIR/truth.json") | tee "$DEMO_DIR/producer.log"
+
+    step "wait for the pipeline to catch up"
+    summary_args
+    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" wait "${SUMMARY_ARGS[@]}" --timeout "$TIMEOUT" \
+        --watch-pid "aggregator=$pid_agg" --watch-pid "rater=$pid_rater") || rc=$?
+
+    step "summary"
+    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    finish_step
+
+    where_next
+    printf '\n== Timings\n'
+    printf '  %s\n' "${TIMINGS[@]}"
+    printf '  %-34s %6s s\n' "total" "$(since "$t0")"
+    if ((rc != 0)); then
+        printf '\n[meterflow] the demo did NOT end in agreement with the ground truth; logs: %s %s\n' "$(svc_log aggregator)" "$(svc_log rater)" >&2
+    fi
+    return "$rc"
+}
+
+cmd_stop() {
+    svc_stop rater
+    svc_stop aggregator
+}
+
+cmd_status() {
+    local name pid rc=0
+    for name in aggregator rater; do
+        if pid="$(svc_pid "$name")"; then
+            printf 'demo %-11s running  pid %-7s http://%s:%s/metrics; log %s\n' "$name" "$pid" "$MF_HOST" "$(svc_port "$name")" "$(svc_log "$name")"
+        else
+            printf 'demo %-11s stopped\n' "$name"
+            rc=3
+        fi
+    done
+    return "$rc"
+}
+
+cmd_summary() {
+    [[ -f "$DEMO_DIR/truth.json" && -f "$DEMO_DIR/wallets.json" ]] || die "no demo run to summarise (run 'make demo' first)"
+    summary_args
+    local rc=0
+    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    where_next
+    return "$rc"
+}
+
+case "${1:-run}" in
+    run) cmd_run ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    summary) cmd_summary ;;
+    *)
+        echo "usage: $0 run|stop|status|summary" >&2
+        exit 2
+        ;;
+esac
