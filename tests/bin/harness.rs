@@ -107,6 +107,11 @@ impl Stack {
         std::env::remove_var("METERFLOW_KAFKA_PROPERTIES");
     }
 
+    /// Pid of one of the stack's components (`broker`, `clickhouse`), from its pid file.
+    pub fn pid(&self, component: &str) -> Option<u32> {
+        std::fs::read_to_string(self.state.join(component).join(format!("{component}.pid"))).ok()?.trim().parse().ok()
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "broker 127.0.0.1:{} ({} storage), ClickHouse {}; state {}",
@@ -275,6 +280,17 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.kill9();
     }
+}
+
+/// CPU seconds (user + system) process `pid` has used so far (`/proc/<pid>/stat`, clock
+/// ticks of 1/100 s).
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces: fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// `GET http://addr/path` over HTTP/1.0 (enough for a local /metrics); the body.
