@@ -19,7 +19,7 @@ COMPONENTS := broker clickhouse prometheus
 # The admin binary, built on demand (release, shared with `make build`).
 ADMIN := $(CARGO) run --quiet --release -p meterflow-admin --
 
-.PHONY: help up down status install build test test-rust check-ddl clippy init demo bench chaos bench-core \
+.PHONY: help up down status install build test test-rust check-ddl check-compose clippy init demo bench chaos bench-core \
 	$(foreach c,$(COMPONENTS),start-$(c) stop-$(c) restart-$(c) status-$(c))
 
 help:
@@ -65,6 +65,7 @@ build:
 test:
 	@$(MAKE) --no-print-directory up
 	@$(MAKE) --no-print-directory check-ddl
+	@$(MAKE) --no-print-directory check-compose
 	@$(MAKE) --no-print-directory test-rust
 	@$(MAKE) --no-print-directory clippy
 
@@ -74,6 +75,11 @@ test-rust:
 # The DDL must work on current ClickHouse too (the local server is 18.16): chdb-core.
 check-ddl:
 	deploy/local/check-ddl-current.sh
+
+# Compose file, Dockerfile, Prometheus and Grafana provisioning are consistent with the
+# services; every dashboard SQL query runs on current ClickHouse (chdb) and on 18.16.
+check-compose:
+	deploy/check-compose.sh
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
