@@ -63,7 +63,7 @@ step() {
 }
 finish_step() {
     if ((step_no > 0)) && [[ -n "${step_name:-}" ]]; then
-        TIMINGS+=("$(printf '%-34s %6s s' "$step_name" "$(since "$step_started")")")
+        TIMINGS+=("$(printf '%-46s %6s s' "$step_name" "$(since "$step_started")")")
         step_name=""
     fi
 }
@@ -201,7 +201,7 @@ cmd_run() {
 
     step "reset topics + database, meterflow-admin init"
     "$BIN/meterflow-demo-summary" reset
-    "$BIN/meterflow-admin" init
+    METERFLOW_LOG=warn "$BIN/meterflow-admin" init
     rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt"
 
     step "start aggregator + rater"
@@ -236,7 +236,7 @@ cmd_run() {
     where_next
     printf '\n== Timings\n'
     printf '  %s\n' "${TIMINGS[@]}"
-    printf '  %-34s %6s s\n' "total" "$(since "$t0")"
+    printf '  %-46s %6s s\n' "total" "$(since "$t0")"
     if ((rc != 0)); then
         printf '\n[meterflow] the demo did NOT end in agreement with the ground truth; logs: %s %s\n' "$(svc_log aggregator)" "$(svc_log rater)" >&2
     fi

@@ -117,19 +117,21 @@ fn parse_watch(s: &str) -> Result<(String, u32), String> {
     Ok((name.to_owned(), pid.parse().map_err(|e| format!("pid of {name}: {e}"))?))
 }
 
-/// The demo's wallets: (tenant, amount in USD). Sized for the default 1M-event run so that
-/// most stay healthy, a few run low and one goes negative (alerts).
+/// The demo's wallets: (tenant, amount in USD). Sized for the default 1M-event run (about
+/// USD 2,000 of revenue, a fifth to a quarter of it tenant-000's): most stay healthy, the
+/// small ones may fall below the low-balance threshold (USD 10) or below zero, which raises
+/// alerts (edge-triggered: a wallet must start above the threshold to alert).
 const TOP_UPS: &[(&str, i64)] = &[
-    ("tenant-000", 25_000),
-    ("tenant-001", 5_000),
-    ("tenant-002", 2_000),
-    ("tenant-003", 1_000),
-    ("tenant-004", 500),
-    ("tenant-005", 250),
-    ("tenant-007", 100),
+    ("tenant-000", 1_000),
+    ("tenant-001", 500),
+    ("tenant-002", 250),
+    ("tenant-003", 200),
+    ("tenant-004", 150),
+    ("tenant-005", 100),
+    ("tenant-007", 50),
     ("tenant-010", 50),
-    ("tenant-020", 20),
-    ("tenant-030", 1),
+    ("tenant-020", 25),
+    ("tenant-030", 15),
 ];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
