@@ -179,8 +179,9 @@ async fn reset(conn: &Conn, groups: &[String]) -> anyhow::Result<()> {
         if let Ok(list) = admin.inner().fetch_group_list(Some(g), Duration::from_secs(10)) {
             if let Some(members) = list.groups().iter().find(|x| x.name() == g).map(|x| x.members().len()).filter(|n| *n > 0) {
                 anyhow::bail!(
-                    "consumer group {g} still has {members} member(s): a meterflow service not started by the demo \
-                     consumes these topics; stop it first (the demo resets topics {} and database {db})",
+                    "consumer group {g} still has {members} member(s): a meterflow service still consumes these \
+                     topics (`make demo-stop` stops only the demo's own); stop it first (the reset deletes \
+                     topics {} and drops database {db})",
                     conn.topics.all().join(", ")
                 );
             }
@@ -749,7 +750,7 @@ async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_metrics: &s
     // --- wallets
     let found = balances(&ch).await?;
     let alerts: u64 = ch.query("SELECT uniqExact(alert_id) FROM wallet_alerts").fetch_one().await.unwrap_or(0);
-    let _ = writeln!(w, "\n== Prepaid wallets (wallet_balances, USD; {alerts} low-balance alerts in wallet_alerts)");
+    let _ = writeln!(w, "\n== Prepaid wallets (wallet_balances, USD; {alerts} alerts in wallet_alerts: low_balance below USD 10, exhausted below 0)");
     let _ = writeln!(w, "  {:<12} {:>12} {:>14} {:>14} {:>14}", "tenant", "credited", "charged", "balance", "expected");
     for (tenant, credit) in &credits {
         let (got_credit, charged, balance) = found.get(tenant).copied().unwrap_or_default();
