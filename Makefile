@@ -6,7 +6,8 @@
 #   make build                       release build of the workspace
 #   make test                        make up, cargo test, DDL check on current ClickHouse, clippy
 #   make init                        topics + migrations for the default names (meterflow.*)
-#   make demo | bench | chaos        placeholders, filled by their owners
+#   make demo                        the whole pipeline on ~1M events, checked (demo-stop, demo-status, demo-summary)
+#   make bench | chaos               benchmark table (target/bench/bench.md) / fault-injection run
 #   make bench-core                  criterion benchmarks of meterflow-core
 
 SHELL := /bin/bash
@@ -35,6 +36,7 @@ up:
 
 # Stops what `make up` started (and nothing else).
 down:
+	@deploy/local/demo.sh stop
 	@$(SERVICES) stop all
 
 status:

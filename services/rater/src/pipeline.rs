@@ -335,6 +335,9 @@ impl Rater {
         if self.config.wallet_gauges {
             for o in self.shards.values() {
                 for (tenant, by_cur) in o.shard.wallets.balances() {
+                    if !o.shard.wallets.has_wallet(tenant) {
+                        continue; // postpaid: no wallet to watch, and no unbounded series
+                    }
                     for (cur, bal) in by_cur {
                         gauge!(m::WALLET_BALANCE, "tenant" => tenant.clone(), "currency" => cur.clone())
                             .set(bal.to_f64().unwrap_or(0.0));

@@ -115,6 +115,12 @@ impl Wallets {
     }
 
     /// Number of duplicate adjustments ignored so far.
+    /// Whether the tenant ever had an adjustment (a prepaid wallet), as opposed to a postpaid
+    /// tenant whose balance is only the negative sum of its charges.
+    pub fn has_wallet(&self, tenant: &str) -> bool {
+        self.seen.contains_key(tenant)
+    }
+
     pub fn duplicates(&self) -> u64 {
         self.duplicates
     }
