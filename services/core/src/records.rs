@@ -142,12 +142,133 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
             [] => return Err(Error::Empty),
             [b, ..] => return Err(Error::UnknownFraming(*b)),
         };
+        // apache-avro believes the lengths and counts it reads: check them against the input first.
+        check_datum(&known.schema, &mut Cursor { buf: body, pos: 0 })?;
         let mut reader = body;
         let value = apache_avro::from_avro_datum(&known.schema, &mut reader, None)?;
         if !reader.is_empty() {
             return Err(Error::TrailingBytes(reader.len()));
         }
         Ok(apache_avro::from_value(&normalise(value))?)
+    }
+}
+
+/// Position in a datum being checked.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn skip(&mut self, n: usize, what: &'static str) -> Result<(), Error> {
+        if n > self.remaining() {
+            return Err(Error::Truncated(what));
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    fn long(&mut self, what: &'static str) -> Result<i64, Error> {
+        let mut value: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err(Error::Truncated(what));
+            };
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err(Error::BadVarint(what));
+            }
+            value |= u64::from(b & 0x7F) << shift;
+            if b & 0x80 == 0 {
+                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(Error::BadVarint(what));
+            }
+        }
+    }
+
+    /// A length or block count: non-negative and at most the bytes left (every string byte,
+    /// and every map entry or array item of these schemas, takes at least one byte).
+    fn bounded(&mut self, v: i64, what: &'static str) -> Result<usize, Error> {
+        if v < 0 {
+            return Err(Error::NegativeLength(what));
+        }
+        if v as u64 > self.remaining() as u64 {
+            return Err(Error::Truncated(what));
+        }
+        Ok(v as usize)
+    }
+
+    /// The next block count of an array or map (a negative count is followed by the block's
+    /// size in bytes).
+    fn block(&mut self, what: &'static str) -> Result<usize, Error> {
+        let count = self.long(what)?;
+        if count < 0 {
+            let count = count.checked_neg().ok_or(Error::BadVarint(what))?;
+            let size = self.long(what)?;
+            self.bounded(size, what)?;
+            return self.bounded(count, what);
+        }
+        self.bounded(count, what)
+    }
+}
+
+/// Walks a datum of `schema` without allocating and fails if any length or count in it claims
+/// more than the input holds. apache-avro trusts them: a map claiming 10^9 entries makes it
+/// reserve tens of GB before reading the first (an abort, found by fuzzing; see
+/// `services/core/fuzz`), a string length of 500 MB allocates 500 MB. After this check its
+/// allocations are bounded by a small multiple of the input's size.
+fn check_datum(schema: &apache_avro::Schema, c: &mut Cursor<'_>) -> Result<(), Error> {
+    use apache_avro::Schema as S;
+    match schema {
+        S::Null => Ok(()),
+        S::Boolean => c.skip(1, "boolean"),
+        S::Int | S::Long | S::Date | S::TimeMillis | S::TimeMicros | S::TimestampMillis | S::TimestampMicros
+        | S::LocalTimestampMillis | S::LocalTimestampMicros | S::Enum(_) => c.long("integer").map(|_| ()),
+        S::Float => c.skip(4, "float"),
+        S::Double => c.skip(8, "double"),
+        S::String | S::Bytes => {
+            let len = c.long("string")?;
+            let len = c.bounded(len, "string")?;
+            c.skip(len, "string")
+        }
+        S::Fixed(f) => c.skip(f.size, "fixed"),
+        S::Array(a) => loop {
+            let n = c.block("array")?;
+            if n == 0 {
+                return Ok(());
+            }
+            for _ in 0..n {
+                check_datum(&a.items, c)?;
+            }
+        },
+        S::Map(m) => loop {
+            let n = c.block("map")?;
+            if n == 0 {
+                return Ok(());
+            }
+            for _ in 0..n {
+                check_datum(&S::String, c)?;
+                check_datum(&m.types, c)?;
+            }
+        },
+        S::Union(u) => {
+            let index = c.long("union")?;
+            let variant = usize::try_from(index)
+                .ok()
+                .and_then(|i| u.variants().get(i))
+                .ok_or(Error::BadUnion { field: "union", index })?;
+            check_datum(variant, c)
+        }
+        S::Record(r) => r.fields.iter().try_for_each(|f| check_datum(&f.schema, c)),
+        other => Err(Error::Schema(format!("record schemas may not use {other:?}: the datum check does not know it"))),
     }
 }
 
@@ -313,6 +434,39 @@ mod tests {
             payload: vec![0, 1, 2, 255],
         };
         assert_eq!(DeadLetter::from_avro(&dl.to_avro().unwrap()).unwrap(), dl);
+    }
+
+    #[test]
+    fn lengths_beyond_the_input_are_rejected_before_allocating() {
+        // Found by fuzzing: a charge whose dimensions map claims ~2^30 entries made apache-avro
+        // reserve ~21 GB (an abort), from a 66-byte message.
+        let crash: [u8; 56] = [
+            0x1c, 0x1c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c,
+            0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x00, 0x31, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x00, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x8f, 0xf3, 0xf3, 0x71, 0x65, 0x67, 0x69, 0x6f, 0x04, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c, 0x0c,
+            0x0c, 0x0c,
+        ];
+        let mut framed = vec![0xC3, 0x01];
+        framed.extend_from_slice(&Charge::known().fingerprint.to_le_bytes());
+        framed.extend_from_slice(&crash);
+        assert!(Charge::from_avro(&framed).is_err());
+        // A string claiming 500 MB in a 20-byte message.
+        let mut big = vec![0xC3, 0x01];
+        big.extend_from_slice(&WalletAdjustment::known().fingerprint.to_le_bytes());
+        crate::codec::write_long(&mut big, 500 << 20);
+        big.extend_from_slice(b"pay_1");
+        assert_eq!(WalletAdjustment::from_avro(&big), Err(Error::Truncated("string")));
+        // Valid records still read.
+        let w = WalletAdjustment {
+            idempotency_key: "k".into(),
+            tenant: "t".into(),
+            currency: "USD".into(),
+            amount: d("1"),
+            kind: "top_up".into(),
+            reason: "r".into(),
+            created_at: 1,
+        };
+        assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
     }
 
     #[test]
