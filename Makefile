@@ -110,15 +110,62 @@ demo-status:
 demo-summary:
 	@deploy/local/demo.sh summary
 
-# bench: throughput/latency benchmark of the whole pipeline. Owner: fills this in
-# (tip: METERFLOW_BROKER_STORAGE=memory make restart-broker for the in-memory broker).
-bench: up
-	@echo "bench: not written yet"
+## --- benchmarks, chaos, fuzzing (README "Benchmarks and chaos") -------------------------
+# bench and chaos start their own broker and ClickHouse on free ports under target/bench/ and
+# target/chaos/ (deploy/local/services.sh with METERFLOW_STATE and port variables), so they
+# never restart or stop the shared ones on 9092/8123; no `make up` needed.
+#   make bench [BENCH_ARGS='--events 10000000']     meterflow vs raw consume and a raw-events baseline -> target/bench/bench.md
+#   make chaos [CHAOS_ARGS='--events 100000 ...']   SIGKILLs, broker restart, ClickHouse outage, then exact verification
+#   make fuzz [FUZZ_SECS=150] | fuzz-short          cargo-fuzz (nightly) on the event and record decoders
+BENCH_ARGS ?=
+CHAOS_ARGS ?=
+bench:
+	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-bench -- $(BENCH_ARGS)
 
-# chaos: fault-injection tests (stop ClickHouse, restart the broker) via deploy/local/services.sh.
-# Owner: fills this in.
-chaos: up
-	@echo "chaos: not written yet"
+chaos:
+	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-chaos -- $(CHAOS_ARGS)
+
+# Fuzz targets live in services/core/fuzz (their own cargo workspace). The corpus in
+# services/core/fuzz/corpus is kept in git and only read by a run; new inputs go to
+# target/fuzz/corpus/, and `make fuzz` merges those that add coverage back into the repo's.
+# cargo-fuzz is installed once into the cache. A crash (or a single allocation over 256 MB)
+# leaves its input in services/core/fuzz/artifacts/<target>/ and fails.
+FUZZ_SECS ?= 150
+FUZZ_TARGETS := decode_event decode_records
+FUZZ_ROOT := $(or $(METERFLOW_CACHE),$(HOME)/.cache/meterflow)/cargo-fuzz
+FUZZ := PATH="$(FUZZ_ROOT)/bin:$$PATH" CARGO_TARGET_DIR="$(CURDIR)/target/fuzz" cargo +nightly fuzz
+FUZZ_NEW := $(CURDIR)/target/fuzz/corpus
+.PHONY: fuzz fuzz-short fuzz-install fuzz-run
+fuzz-install:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@test -x "$(FUZZ_ROOT)/bin/cargo-fuzz" || cargo install cargo-fuzz --locked --root "$(FUZZ_ROOT)"
+
+# Each target FUZZ_SECS seconds, after replaying the corpus; FUZZ_MERGE=1 folds new coverage
+# into the repo's corpus.
+fuzz-run: fuzz-install
+	@cd services/core && for t in $(FUZZ_TARGETS); do \
+		mkdir -p "$(FUZZ_NEW)/$$t"; log="$(FUZZ_NEW)/$$t.log"; \
+		echo "== fuzz $$t: corpus replay + $(FUZZ_SECS) s (log $$log)"; \
+		if $(FUZZ) run $$t "$(FUZZ_NEW)/$$t" fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECS) \
+				-rss_limit_mb=4096 -malloc_limit_mb=256 -print_final_stats=1 >"$$log" 2>&1; then \
+			grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)' "$$log" || true; \
+		else \
+			{ grep -E 'error|ERROR|panicked|SUMMARY|Test unit written' "$$log" | head -20 || true; }; \
+			echo "fuzz $$t FAILED: input in services/core/fuzz/artifacts/$$t/, log $$log"; exit 1; \
+		fi; \
+		if [[ "$(FUZZ_MERGE)" == 1 ]]; then \
+			$(FUZZ) run $$t fuzz/corpus/$$t "$(FUZZ_NEW)/$$t" -- -merge=1 -max_len=512 >>"$$log" 2>&1 && \
+			echo "   corpus: $$(ls fuzz/corpus/$$t | wc -l) files in services/core/fuzz/corpus/$$t"; \
+		fi; \
+	done
+
+fuzz:
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_MERGE=1
+
+# The short pass for `make test`: corpus replay plus 15 s of new inputs per target (~35 s
+# once built; the first build of the targets takes ~4 minutes on 2 cores).
+fuzz-short:
+	@$(MAKE) --no-print-directory fuzz-run FUZZ_SECS=15 FUZZ_MERGE=0
 
 bench-core:
 	$(CARGO) bench -p meterflow-core --bench core_bench
