@@ -81,3 +81,39 @@ pub fn init_test_logging() {
     let level = std::env::var("METERFLOW_LOG").unwrap_or_else(|_| "info".into());
     meterflow_runtime::telemetry::init_logging(&meterflow_runtime::args::LogArgs { format: "text".into(), level });
 }
+
+/// Top-ups of 1,000 USD for tenant-000..tenant-009 plus one manual debit of 25.50 for
+/// tenant-001, each published twice (a retried publish the rater must ignore). Returns the
+/// expected credit per tenant.
+pub async fn publish_top_ups(kafka: &KafkaArgs, wallet_topic: &str) -> anyhow::Result<std::collections::BTreeMap<String, rust_decimal::Decimal>> {
+    use meterflow_core::records::{AvroRecord, WalletAdjustment};
+    use rust_decimal::Decimal;
+    let producer: rdkafka::producer::FutureProducer = meterflow_runtime::kafka::producer_config(kafka)?.create()?;
+    let mut expected = std::collections::BTreeMap::new();
+    let adjustment = |key: String, tenant: &str, amount: Decimal, kind: &str, reason: &str| WalletAdjustment {
+        idempotency_key: key,
+        tenant: tenant.to_owned(),
+        currency: "USD".into(),
+        amount,
+        kind: kind.into(),
+        reason: reason.into(),
+        created_at: now_ms(),
+    };
+    let mut adjustments = Vec::new();
+    for t in 0..10 {
+        let tenant = format!("tenant-{t:03}");
+        adjustments.push(adjustment(format!("pay_{t}"), &tenant, Decimal::from(1_000), "top_up", "card payment"));
+    }
+    adjustments.push(adjustment("adj_goodwill_1".into(), "tenant-001", Decimal::new(-2550, 2), "adjustment", "correction"));
+    for a in &adjustments {
+        *expected.entry(a.tenant.clone()).or_default() += a.amount;
+    }
+    for _retry in 0..2 {
+        for a in &adjustments {
+            let payload = a.to_avro()?;
+            let rec = rdkafka::producer::FutureRecord::to(wallet_topic).key(&a.tenant).payload(&payload);
+            producer.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+        }
+    }
+    Ok(expected)
+}

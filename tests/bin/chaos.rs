@@ -29,15 +29,13 @@ use clap::Parser;
 use harness::{aggregator_env, free_port, log_dir, rater_env, secs, Proc, Stack};
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_core::records::{AvroRecord, WalletAdjustment};
 use meterflow_e2e::procs::workspace_root;
-use meterflow_e2e::scenario::{now_ms, produce, workload};
+use meterflow_e2e::scenario::{produce, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
 use meterflow_testkit::TestEnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 
 #[derive(Debug, Clone, Parser)]
@@ -142,46 +140,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-const TOP_UP: i64 = 1_000;
-
-/// Top-ups for the first ten tenants, each published twice (a retried publish), plus one
-/// manual debit: the expected credit per tenant.
-async fn publish_top_ups(env: &TestEnv) -> Result<BTreeMap<String, Decimal>> {
-    let producer: FutureProducer = meterflow_runtime::kafka::producer_config(env.kafka_args())?.create()?;
-    let mut expected = BTreeMap::new();
-    let mut adjustments = Vec::new();
-    for t in 0..10 {
-        let tenant = format!("tenant-{t:03}");
-        adjustments.push(WalletAdjustment {
-            idempotency_key: format!("pay_{t}"),
-            tenant: tenant.clone(),
-            currency: "USD".into(),
-            amount: Decimal::from(TOP_UP),
-            kind: "top_up".into(),
-            reason: "card payment".into(),
-            created_at: now_ms(),
-        });
-        *expected.entry(tenant).or_default() += Decimal::from(TOP_UP);
-    }
-    adjustments.push(WalletAdjustment {
-        idempotency_key: "adj_goodwill_1".into(),
-        tenant: "tenant-001".into(),
-        currency: "USD".into(),
-        amount: Decimal::new(-2550, 2),
-        kind: "adjustment".into(),
-        reason: "correction".into(),
-        created_at: now_ms(),
-    });
-    *expected.entry("tenant-001".into()).or_default() += Decimal::new(-2550, 2);
-    for _round in 0..2 {
-        for a in &adjustments {
-            let payload = a.to_avro()?;
-            let rec = FutureRecord::to(&env.topics().wallet_topic).key(&a.tenant).payload(&payload);
-            producer.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
-        }
-    }
-    Ok(expected)
-}
 
 fn catalog() -> Result<Catalog> {
     Ok(Catalog::from_toml_str(&std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?)?)
@@ -303,7 +261,7 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(seed);
     let env = TestEnv::with_partitions("chaos", args.partitions).await?;
     tl.log(format!("database {} and topics {}* on the private stack", env.database(), env.topic_prefix()));
-    let credits = publish_top_ups(&env).await?;
+    let credits = meterflow_e2e::scenario::publish_top_ups(env.kafka_args(), &env.topics().wallet_topic).await?;
     tl.log(format!("published {} wallet adjustments twice (retried publish)", credits.len() + 1));
 
     let logs = log_dir("chaos")?;

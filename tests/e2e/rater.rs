@@ -7,14 +7,12 @@ use std::time::{Duration, Instant};
 
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_core::records::{AvroRecord, WalletAdjustment};
 use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root, ServiceProc};
-use meterflow_e2e::scenario::{now_ms, produce, wait_until_exact, workload};
+use meterflow_e2e::scenario::{produce, wait_until_exact, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
 use meterflow_testkit::TestEnv;
 use rand::Rng;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rust_decimal::Decimal;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 static SERIAL: Mutex<()> = Mutex::const_new(());
 const EVENTS: u64 = 60_000;
 const PARTITIONS: i32 = 4;
-const TOP_UP: i64 = 1_000;
 
 fn catalog() -> anyhow::Result<Catalog> {
     Ok(Catalog::from_toml_str(&std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?)?)
@@ -58,46 +55,6 @@ fn rater_env(env: &TestEnv, http: &str) -> Vec<(String, String)> {
         ("METERFLOW_CHECKPOINT_INTERVAL", "2s"),
         ("METERFLOW_LOW_BALANCE", "USD=900"),
     ])
-}
-
-/// Top-ups for the first ten tenants, each published twice (a retried publish), plus one
-/// manual debit adjustment. Returns the expected credit per tenant.
-async fn publish_top_ups(env: &TestEnv) -> anyhow::Result<BTreeMap<String, Decimal>> {
-    let producer: FutureProducer = meterflow_runtime::kafka::producer_config(env.kafka_args())?.create()?;
-    let mut expected = BTreeMap::new();
-    let mut adjustments = Vec::new();
-    for t in 0..10 {
-        let tenant = format!("tenant-{t:03}");
-        adjustments.push(WalletAdjustment {
-            idempotency_key: format!("pay_{t}"),
-            tenant: tenant.clone(),
-            currency: "USD".into(),
-            amount: Decimal::from(TOP_UP),
-            kind: "top_up".into(),
-            reason: "card payment".into(),
-            created_at: now_ms(),
-        });
-        *expected.entry(tenant).or_default() += Decimal::from(TOP_UP);
-    }
-    adjustments.push(WalletAdjustment {
-        idempotency_key: "adj_goodwill_1".into(),
-        tenant: "tenant-001".into(),
-        currency: "USD".into(),
-        amount: Decimal::new(-2550, 2),
-        kind: "adjustment".into(),
-        reason: "correction".into(),
-        created_at: now_ms(),
-    });
-    *expected.entry("tenant-001".into()).or_default() += Decimal::new(-2550, 2);
-    for round in 0..2 {
-        for a in &adjustments {
-            let payload = a.to_avro()?;
-            let rec = FutureRecord::to(&env.topics().wallet_topic).key(&a.tenant).payload(&payload);
-            producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
-        }
-        let _ = round;
-    }
-    Ok(expected)
 }
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
@@ -163,7 +120,7 @@ fn metric_sum(text: &str, name: &str) -> f64 {
 async fn charges_wallets_and_metrics_match_ground_truth() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::with_partitions("rater_exact", PARTITIONS).await?;
-    let credits = publish_top_ups(&env).await?;
+    let credits = meterflow_e2e::scenario::publish_top_ups(env.kafka_args(), &env.topics().wallet_topic).await?;
     let gt = produce(env.kafka_args(), &env.topics().usage_topic, workload(EVENTS, 21)?).await?;
 
     let shutdown = CancellationToken::new();
@@ -214,7 +171,7 @@ async fn charges_wallets_and_metrics_match_ground_truth() -> anyhow::Result<()> 
 async fn identical_charges_after_three_rater_sigkills() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::with_partitions("rater_kill", PARTITIONS).await?;
-    let credits = publish_top_ups(&env).await?;
+    let credits = meterflow_e2e::scenario::publish_top_ups(env.kafka_args(), &env.topics().wallet_topic).await?;
     let log = workspace_root().join("target/e2e-logs");
     std::fs::create_dir_all(&log)?;
     let mut agg = ServiceProc::new("meterflow-aggregator", aggregator_env(&env), log.join(format!("{}-aggregator.log", env.name())))?;
