@@ -2,6 +2,7 @@
 //! the pipeline wrote against the producer's ground truth, and running the services as real
 //! processes that can be killed.
 
+pub mod faults;
 pub mod procs;
 pub mod scenario;
 pub mod verify;

@@ -117,6 +117,13 @@ impl ServiceProc {
         Ok(())
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the running process; false if not running.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<bool> {
+        let Some(c) = self.child.as_ref() else { return Ok(false) };
+        let status = Command::new("kill").args([format!("-{signal}"), c.id().to_string()]).status()?;
+        Ok(status.success())
+    }
+
     /// Fails if the process died on its own.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.child.as_mut() {

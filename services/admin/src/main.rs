@@ -5,6 +5,7 @@
 //! meterflow-admin migrate [--migrations-dir schemas/clickhouse]
 //! meterflow-admin init    (both)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
+//! meterflow-admin checkpoint show|replay|reset --service aggregator|rater ...
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use meterflow_admin::checkpoints::{self, Service};
 use meterflow_admin::migrations::{self, MigrationSource};
 use meterflow_admin::{create_topics, list_topics, Partitions, TopicReport};
 use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
@@ -36,6 +38,123 @@ enum Command {
     Init(InitCmd),
     /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
     Status(StatusCmd),
+    /// Show what a service resumes from, or decide for a partition whose checkpoint and
+    /// outputs disagree (the service refuses to start until then; docs/operations.md).
+    #[command(subcommand)]
+    Checkpoint(CheckpointCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointCmd {
+    /// The newest checkpoint of every partition, with the group's committed offsets.
+    Show(CheckpointTarget),
+    /// Fresh state for one partition from the given offset (events from there on are counted
+    /// again: use it after deleting their outputs, or when those outputs were lost).
+    Replay(CheckpointReplay),
+    /// Fresh state for one partition from the beginning of its topics.
+    Reset(CheckpointOne),
+}
+
+#[derive(Debug, Args)]
+struct CheckpointTarget {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    topics: TopicArgs,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
+    /// Which service's checkpoints.
+    #[arg(long, env = "METERFLOW_SERVICE", value_enum)]
+    service: Service,
+    /// Its consumer group [default: meterflow-aggregator / meterflow-rater].
+    #[arg(long, env = "METERFLOW_GROUP")]
+    group: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CheckpointOne {
+    #[command(flatten)]
+    target: CheckpointTarget,
+    #[arg(long, env = "METERFLOW_PARTITION")]
+    partition: i32,
+    /// Why (kept in the checkpoint and logged by the service).
+    #[arg(long, env = "METERFLOW_NOTE", default_value = "")]
+    note: String,
+}
+
+#[derive(Debug, Args)]
+struct CheckpointReplay {
+    #[command(flatten)]
+    one: CheckpointOne,
+    /// First offset of the (first) input topic to process.
+    #[arg(long, env = "METERFLOW_FROM_OFFSET")]
+    from_offset: i64,
+    /// Rater only: first offset of the wallet topic [default: 0].
+    #[arg(long, env = "METERFLOW_WALLET_FROM_OFFSET", default_value_t = 0)]
+    wallet_from_offset: i64,
+}
+
+fn group_of(t: &CheckpointTarget) -> String {
+    t.group.clone().unwrap_or_else(|| t.service.default_group().to_owned())
+}
+
+async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
+    let (one, action, offsets) = match cmd {
+        CheckpointCmd::Show(t) => {
+            let group = group_of(t);
+            let shown = checkpoints::show(&t.clickhouse, &t.kafka, &t.topics, t.service, &group).await?;
+            println!("{} checkpoints of group {group} (database {}):", t.service.name(), t.clickhouse.database);
+            if shown.is_empty() {
+                println!("  none");
+            }
+            for s in shown {
+                println!(
+                    "  partition {:>3}  epoch {} #{}  offsets {:?}  committed {:?}  config {}  written {}{}",
+                    s.partition,
+                    s.version >> 32,
+                    s.version & 0xFFFF_FFFF,
+                    if s.meta.offsets.is_empty() { [(String::from("next_offset"), s.next_offset)].into() } else { s.meta.offsets.clone() },
+                    s.committed,
+                    if s.meta.config_hash.is_empty() { "-" } else { &s.meta.config_hash },
+                    s.written,
+                    s.meta.operator.as_ref().map(|o| format!("  OPERATOR {} ({})", o.action, o.note)).unwrap_or_default(),
+                );
+            }
+            return Ok(true);
+        }
+        CheckpointCmd::Reset(one) => {
+            let offsets = one.target.service.topics(&one.target.topics).into_iter().map(|t| (t, 0)).collect();
+            (one, "reset", offsets)
+        }
+        CheckpointCmd::Replay(r) => {
+            let names = r.one.target.service.topics(&r.one.target.topics);
+            let mut offsets = std::collections::BTreeMap::new();
+            offsets.insert(names[0].clone(), r.from_offset);
+            if let Some(w) = names.get(1) {
+                offsets.insert(w.clone(), r.wallet_from_offset);
+            }
+            (&r.one, "replay", offsets)
+        }
+    };
+    let t = &one.target;
+    let d = checkpoints::Decision {
+        service: t.service,
+        group: group_of(t),
+        partition: one.partition,
+        offsets,
+        action,
+        note: one.note.clone(),
+    };
+    let v = checkpoints::decide(&t.clickhouse, &t.topics, &d).await?;
+    println!(
+        "{} partition {} of group {}: {action} from {:?} recorded (checkpoint epoch {}); start the service to apply it",
+        t.service.name(),
+        one.partition,
+        d.group,
+        d.offsets,
+        v >> 32
+    );
+    Ok(true)
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +320,7 @@ async fn main() -> ExitCode {
         }
         .await,
         Command::Status(c) => run_status(c).await,
+        Command::Checkpoint(c) => run_checkpoint(c).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

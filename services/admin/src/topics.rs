@@ -130,8 +130,19 @@ pub async fn create_topics(
     if !missing.is_empty() {
         let admin: AdminClient<DefaultClientContext> =
             meterflow_runtime::kafka::base_config(kafka)?.create().context("creating a Kafka admin client")?;
-        let new: Vec<NewTopic<'_>> =
-            missing.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
+        // The usage topic is stamped by the broker's clock (LogAppendTime): event times are
+        // bounded by the record time, which a producer then cannot move (docs/operations.md).
+        let new: Vec<NewTopic<'_>> = missing
+            .iter()
+            .map(|(n, p)| {
+                let t = NewTopic::new(n, *p, TopicReplication::Fixed(1));
+                if *n == topics.usage_topic {
+                    t.set("message.timestamp.type", "LogAppendTime")
+                } else {
+                    t
+                }
+            })
+            .collect();
         let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT)).request_timeout(Some(TIMEOUT));
         let results = admin.create_topics(&new, &opts).await.with_context(|| kafka_hint(kafka))?;
         for r in results {

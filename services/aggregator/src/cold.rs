@@ -187,7 +187,7 @@ impl WindowStore for ChStores<'_> {
             .block_on(
                 self.client
                     .query(
-                        "SELECT revision, value, provider_cost, seq FROM meter_aggregates \
+                        "SELECT revision, value, provider_cost, seq FROM meter_revisions \
                          WHERE source_partition = ? AND tenant = ? AND meter = ? AND dimensions_key = ? \
                          AND window_start_ms = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
                     )

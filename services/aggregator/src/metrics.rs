@@ -13,6 +13,7 @@ pub const WATERMARK_LAG: &str = "meterflow_aggregator_watermark_lag_seconds";
 pub const CONSUMER_LAG: &str = "meterflow_aggregator_consumer_lag_messages";
 pub const INSERT_SECONDS: &str = "meterflow_aggregator_clickhouse_insert_seconds";
 pub const CHECKPOINT_SECONDS: &str = "meterflow_aggregator_checkpoint_seconds";
+pub const FENCED: &str = "meterflow_aggregator_partitions_fenced_total";
 pub const FLUSH_ERRORS: &str = "meterflow_aggregator_flush_errors_total";
 pub const BUFFERED_ROWS: &str = "meterflow_aggregator_buffered_rows";
 pub const DEDUP_HOT_IDS: &str = "meterflow_aggregator_dedup_hot_ids";
@@ -29,6 +30,8 @@ pub fn describe() {
     describe_gauge!(CONSUMER_LAG, "Messages between the committed position and the partition end.");
     describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
+    describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
+    counter!(FENCED).increment(0);
     describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
     describe_gauge!(BUFFERED_ROWS, "Output rows waiting to be flushed.");
     describe_gauge!(DEDUP_HOT_IDS, "Event ids remembered in memory.");

@@ -8,18 +8,19 @@ use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
 use meterflow_core::event::UsageEventRef;
 use meterflow_core::meter::MeterCatalog;
+use meterflow_core::partitioning::partition_for;
 use meterflow_core::records::DeadLetter;
 use meterflow_core::RejectReason;
-use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::kafka::{self, Ownership, CONTROL_HEADER};
-use meterflow_runtime::partitioned::{load_checkpoint, LoopConfig, Partitioned, PendingCheckpoint, ServiceIo};
+use meterflow_runtime::kafka::{self, CONTROL_HEADER};
+use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::retry::Backoff;
 use metrics::{counter, gauge};
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
+use rdkafka::{Message, Timestamp};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +57,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             retain_closed_ms: config.retain_closed_ms,
             ..EngineConfig::default()
         },
-        checkpoints: CheckpointStore::new(client.clone()),
+        config_hash: config_hash(&meters_text, &config),
         sink: Sink {
             client: client.clone(),
             producer: producer.clone(),
@@ -73,6 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config,
         last_progress: Instant::now(),
         progress_records: 0,
+        warned_create_time: false,
         positions: Arc::default(),
     };
     spawn_lag_reporter(&agg.config, agg.positions.clone(), shutdown.clone())?;
@@ -82,16 +84,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_buffered_rows: agg.config.max_buffered_rows,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
+        fenced: m::FENCED,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
 
+/// What the state depends on: the meters file and the engine settings (recorded in every
+/// checkpoint, so a change between restarts is visible).
+fn config_hash(meters_text: &str, config: &Config) -> String {
+    let mut h = crc32fast::Hasher::new();
+    h.update(meters_text.as_bytes());
+    h.update(format!("{}|{}|{}", config.dedup_horizon_ms, config.dedup_hot_max_ids, config.retain_closed_ms).as_bytes());
+    format!("{:08x}", h.finalize())
+}
+
 struct Part {
     engine: PartitionEngine,
-    /// Last checkpoint version written for this partition.
-    version: u64,
-    /// Offset covered by the last checkpoint written.
-    checkpointed_offset: i64,
+    /// Partition count of the usage topic (the partitioning contract's modulus).
+    partitions: i32,
     last_input: Instant,
     last_tick: Instant,
     /// Events arrived since the last tick was written (restatements may be pending).
@@ -105,7 +115,7 @@ struct Aggregator {
     codec: UsageEventCodec,
     client: Client,
     producer: FutureProducer,
-    checkpoints: CheckpointStore,
+    config_hash: String,
     sink: Sink,
     partitions: BTreeMap<i32, Part>,
     outputs: Outputs,
@@ -114,17 +124,115 @@ struct Aggregator {
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
     /// Records handled when progress was last logged.
     progress_records: u64,
+    /// Warned once that the usage topic carries producer timestamps.
+    warned_create_time: bool,
 }
 
 impl Partitioned for Aggregator {
-    fn on_ownership(&mut self, change: &Ownership) {
-        let (Ownership::Assigned(list) | Ownership::Revoked(list)) = change;
-        for (topic, p) in list {
-            if *topic == self.config.topics.usage_topic {
-                self.partitions.remove(p);
+    fn service(&self) -> &'static str {
+        SERVICE
+    }
+
+    fn group(&self) -> &str {
+        &self.config.group
+    }
+
+    fn topics(&self) -> Vec<String> {
+        vec![self.config.topics.usage_topic.clone()]
+    }
+
+    fn config_hash(&self) -> String {
+        self.config_hash.clone()
+    }
+
+    fn restore(
+        &mut self,
+        partition: i32,
+        from: Option<&Envelope>,
+        partition_counts: &BTreeMap<String, i32>,
+    ) -> anyhow::Result<()> {
+        let partitions = partition_counts.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+        let engine = match from {
+            Some(env) if env.meta.operator.is_none() => {
+                let engine = PartitionEngine::restore(&env.state, self.catalog.clone(), self.engine_config.clone())?;
+                tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
+                engine
             }
-        }
+            Some(env) => {
+                let op = env.meta.operator.as_ref().expect("matched above");
+                let mut engine = PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?;
+                let offset = env.meta.offsets.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+                let seq = op.next_seq.unwrap_or(1);
+                engine.start_at(offset, seq)?;
+                tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %op.action, "fresh state by operator decision");
+                engine
+            }
+            None => {
+                tracing::info!(partition, "no checkpoint: fresh state");
+                PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?
+            }
+        };
+        let now = Instant::now();
+        self.partitions
+            .insert(partition, Part { engine, partitions, last_input: now, last_tick: now, input_since_tick: true });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
+        Ok(())
+    }
+
+    async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
+        let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
+        let topic = &self.config.topics.usage_topic;
+        let count = |sql: &'static str| {
+            let client = self.client.clone();
+            let topic = topic.clone();
+            async move {
+                let q = client.query(sql).bind(partition);
+                let q = if sql.contains("source_topic") { q.bind(topic) } else { q };
+                q.fetch_one::<u64>().await
+            }
+        };
+        if from.is_none() {
+            let usage = count("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
+            let aggs = count("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
+            let dls = count("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
+            anyhow::ensure!(
+                usage + aggs + dls == 0,
+                "no checkpoint, but ClickHouse already holds output of this partition ({usage} raw events, \
+                 {aggs} aggregates, {dls} dead letters): starting fresh would count them again and restart seq at 1"
+            );
+            return Ok(());
+        }
+        let next_seq = part.engine.next_seq();
+        if next_seq > 1 {
+            let max: i64 = self
+                .client
+                .query("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?")
+                .bind(partition)
+                .fetch_one()
+                .await?;
+            anyhow::ensure!(
+                max >= next_seq - 1,
+                "the checkpoint has emitted aggregates up to seq {}, but meter_aggregates only holds up to seq {max}: \
+                 outputs the checkpoint covers are missing (ClickHouse restored from an older backup?)",
+                next_seq - 1
+            );
+        }
+        Ok(())
+    }
+
+    fn position(&self, _topic: &str, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition).map(|p| p.engine.next_offset())
+    }
+
+    fn release(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
+        self.publish_positions();
+    }
+
+    fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
+        let part = self.partitions.get(&partition).context("snapshot of a partition not held")?;
+        Ok(part.engine.snapshot())
     }
 
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -136,37 +244,11 @@ impl Partitioned for Aggregator {
     }
 
     async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        self.sink.flush(&mut self.outputs, shutdown).await
-    }
-
-    fn checkpoints(&mut self) -> Vec<PendingCheckpoint> {
-        let mut out = Vec::new();
-        for (p, part) in &self.partitions {
-            let next = part.engine.next_offset();
-            if next == part.checkpointed_offset {
-                continue;
-            }
-            let key = self.checkpoint_key(*p);
-            out.push(PendingCheckpoint {
-                commits: vec![(key.topic.clone(), *p, next)],
-                key,
-                checkpoint: Checkpoint { version: part.version + 1, next_offset: next, state: part.engine.snapshot() },
-            });
+        let ok = self.sink.flush(&mut self.outputs, shutdown).await;
+        if ok {
+            self.publish_positions();
         }
-        out
-    }
-
-    fn checkpointed(&mut self, done: &[PendingCheckpoint]) {
-        for d in done {
-            if let Some(part) = self.partitions.get_mut(&d.key.partition) {
-                part.version = d.checkpoint.version;
-                part.checkpointed_offset = d.checkpoint.next_offset;
-            }
-        }
-        // Covered offsets for the lag reporter (it does the network round trips elsewhere).
-        let positions: BTreeMap<i32, i64> =
-            self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
-        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
+        ok
     }
 
     async fn on_timer(&mut self) {
@@ -210,57 +292,22 @@ impl Aggregator {
         self.progress_records = input;
         self.last_progress = Instant::now();
     }
-    async fn part(&mut self, partition: i32, shutdown: &CancellationToken) -> anyhow::Result<Option<&mut Part>> {
-        if !self.partitions.contains_key(&partition) {
-            let key = self.checkpoint_key(partition);
-            let Some(loaded) = load_checkpoint(&self.checkpoints, &key, m::FLUSH_ERRORS, shutdown).await else {
-                return Ok(None);
-            };
-            let (engine, version, offset) = match loaded {
-                Some(cp) => {
-                    let engine = PartitionEngine::restore(&cp.state, self.catalog.clone(), self.engine_config.clone())
-                        .with_context(|| format!("restoring checkpoint of partition {partition}"))?;
-                    tracing::info!(partition, next_offset = cp.next_offset, "restored checkpoint");
-                    (engine, cp.version, cp.next_offset)
-                }
-                None => {
-                    tracing::info!(partition, "no checkpoint: starting fresh");
-                    (
-                        PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?,
-                        0,
-                        0,
-                    )
-                }
-            };
-            let now = Instant::now();
-            self.partitions.insert(
-                partition,
-                Part { engine, version, checkpointed_offset: offset, last_input: now, last_tick: now, input_since_tick: true },
-            );
-            gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
-        }
-        Ok(self.partitions.get_mut(&partition))
-    }
-
-    fn checkpoint_key(&self, partition: i32) -> CheckpointKey {
-        CheckpointKey {
-            service: SERVICE.into(),
-            consumer_group: self.config.group.clone(),
-            topic: self.config.topics.usage_topic.clone(),
-            partition,
-        }
+    /// Covered offsets for the lag reporter (it does the network round trips elsewhere).
+    fn publish_positions(&self) {
+        let positions: BTreeMap<i32, i64> =
+            self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
+        *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
     }
 
     async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let partition = msg.partition();
         let offset = msg.offset();
-        if self.part(partition, shutdown).await?.is_none() {
-            return Ok(());
-        }
         let handle = Handle::current();
         // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, client, codec, config, catalog, .. } = self;
-        let part = partitions.get_mut(&partition).expect("loaded above");
+        let Self { partitions, outputs, client, codec, config, catalog, warned_create_time, .. } = self;
+        let Some(part) = partitions.get_mut(&partition) else {
+            return Ok(()); // not held (the loop only hands over records of held partitions)
+        };
         if offset < part.engine.next_offset() {
             return Ok(()); // covered by the checkpoint
         }
@@ -279,9 +326,38 @@ impl Aggregator {
                     outputs.dead_letters.push(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
                     counter!(m::DEAD_LETTERS, "reason" => RejectReason::Undecodable.as_str()).increment(1);
                 }
+                Ok(ev) if !ev.tenant.is_empty() && partition_for(ev.tenant.as_bytes(), part.partitions) != partition => {
+                    let expected = partition_for(ev.tenant.as_bytes(), part.partitions);
+                    let reason = RejectReason::WrongPartition;
+                    part.engine.on_rejected(offset, reason);
+                    let detail = format!(
+                        "tenant {:?} belongs to partition {expected} of {} (key = tenant, crc32 partitioner), not {partition}",
+                        ev.tenant.chars().take(64).collect::<String>(),
+                        part.partitions
+                    );
+                    counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+                    outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                }
                 Ok(ev) => {
                     let mut stores = ChStores { client, handle: &handle, pending: outputs };
-                    let record_ms = msg.timestamp().to_millis();
+                    // Only the broker's clock bounds event time; a producer's CreateTime is
+                    // trusted only on topics not created by meterflow-admin (warned at start).
+                    let record_ms = match msg.timestamp() {
+                        Timestamp::LogAppendTime(t) => Some(t),
+                        Timestamp::CreateTime(t) => {
+                            if !*warned_create_time {
+                                *warned_create_time = true;
+                                tracing::warn!(
+                                    topic = %config.topics.usage_topic,
+                                    "records carry producer CreateTime: a producer with a wrong or hostile clock can move \
+                                     event time. Create the usage topic with message.timestamp.type=LogAppendTime \
+                                     (meterflow-admin topics does)"
+                                );
+                            }
+                            Some(t)
+                        }
+                        Timestamp::NotAvailable => None,
+                    };
                     let outcome =
                         retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
                     match outcome {
@@ -315,9 +391,16 @@ impl Aggregator {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let now_ms = wall_ms();
         let mut due = Vec::new();
+        // A window due to close by the wall clock gets a tick as soon as input pauses briefly,
+        // so that it is queryable within ~1 s of its close, not only after idle_timeout.
+        let brief = idle.min(Duration::from_millis(500));
         for (p, part) in self.partitions.iter_mut() {
             let waiting = part.engine.open_windows() > 0 || part.input_since_tick;
-            if part.last_input.elapsed() < idle || part.last_tick.elapsed() < idle || !waiting {
+            let idle_due = part.last_input.elapsed() >= idle && part.last_tick.elapsed() >= idle && waiting;
+            let close_due = part.engine.next_close_at().is_some_and(|c| c <= now_ms)
+                && part.last_input.elapsed() >= brief
+                && part.last_tick.elapsed() >= brief;
+            if !idle_due && !close_due {
                 continue;
             }
             part.last_tick = Instant::now();

@@ -379,6 +379,18 @@ impl PartitionEngine {
         self.next_offset
     }
 
+    /// Positions a fresh engine (no input seen yet) at `next_offset`, numbering its output from
+    /// `next_seq`: how an operator's `checkpoint replay` decision resumes a partition whose
+    /// earlier output consumers have already seen.
+    pub fn start_at(&mut self, next_offset: i64, next_seq: i64) -> Result<()> {
+        if self.stats.input() != 0 || self.stats.ticks != 0 || next_seq < 1 || next_offset < 0 {
+            return Err(Error::Config("start_at needs a fresh engine, next_offset >= 0 and next_seq >= 1".into()));
+        }
+        self.next_offset = next_offset;
+        self.next_seq = next_seq;
+        Ok(())
+    }
+
     /// The `seq` the next emitted aggregate will get.
     pub fn next_seq(&self) -> i64 {
         self.next_seq
@@ -413,6 +425,11 @@ impl PartitionEngine {
     /// Windows in memory (open and retained closed).
     pub fn windows_in_memory(&self) -> usize {
         self.index.len()
+    }
+
+    /// The partition time at which the next open window closes (its end plus lateness).
+    pub fn next_close_at(&self) -> Option<i64> {
+        self.closing.first_key_value().map(|(&k, _)| k)
     }
 
     /// Open (not yet closed) windows.
@@ -473,11 +490,17 @@ impl PartitionEngine {
     /// `next_offset` moves on. Returns false (and does nothing) for an offset already covered.
     /// (Every other reject reason is decided by the engine, so this takes none.)
     pub fn on_skipped(&mut self, offset: i64) -> bool {
+        self.on_rejected(offset, RejectReason::Undecodable)
+    }
+
+    /// A record the service rejected before the engine saw it (undecodable, or on the wrong
+    /// partition): counted, its offset covered. False (and nothing done) if already covered.
+    pub fn on_rejected(&mut self, offset: i64, reason: RejectReason) -> bool {
         if offset < self.next_offset {
             return false;
         }
         self.next_offset = offset + 1;
-        self.stats.rejected[RejectReason::Undecodable as usize] += 1;
+        self.stats.rejected[reason as usize] += 1;
         true
     }
 

@@ -117,10 +117,14 @@ pub enum RejectReason {
     TooLate,
     /// Further in the future than the meter allows.
     TooEarly,
+    /// On a partition other than its tenant's (message key not the tenant, or another
+    /// partitioner): its duplicates and its windows live on the tenant's partition.
+    WrongPartition,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    /// New reasons are appended (snapshots count rejections by index).
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Undecodable,
         RejectReason::UnknownMeter,
         RejectReason::MissingTenant,
@@ -130,6 +134,7 @@ impl RejectReason {
         RejectReason::BadProviderCost,
         RejectReason::TooLate,
         RejectReason::TooEarly,
+        RejectReason::WrongPartition,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -143,6 +148,7 @@ impl RejectReason {
             RejectReason::BadProviderCost => "bad_provider_cost",
             RejectReason::TooLate => "too_late",
             RejectReason::TooEarly => "too_early",
+            RejectReason::WrongPartition => "wrong_partition",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod event;
 pub mod meter;
+pub mod partitioning;
 pub mod pricing;
 pub mod rating;
 pub mod records;

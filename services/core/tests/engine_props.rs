@@ -285,6 +285,12 @@ fn drive(
                 kinds.push(Kind::Tick);
             }
             (_, Some(b)) => match codec.decode(b) {
+                // The service rejects some records before the engine sees them: undecodable
+                // ones, and (modelled here on odd offsets) records on the wrong partition.
+                Err(_) if offset % 2 == 1 => {
+                    assert!(engine.on_rejected(offset, RejectReason::WrongPartition));
+                    kinds.push(Kind::Rejected(RejectReason::WrongPartition));
+                }
                 Err(_) => {
                     assert!(engine.on_skipped(offset));
                     kinds.push(Kind::Rejected(RejectReason::Undecodable));
@@ -349,11 +355,15 @@ fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
     let mut seen: HashSet<(String, String, i64)> = HashSet::new();
     let mut kinds = Vec::new();
     let mut accepted = Vec::new();
-    for item in &s.items {
+    for (offset, item) in s.items.iter().enumerate() {
         let e = match item {
             Item::Tick(t) => {
                 now = Some(now.map_or(*t, |n| n.max(*t)));
                 kinds.push(Kind::Tick);
+                continue;
+            }
+            Item::Garbage if offset % 2 == 1 => {
+                kinds.push(Kind::Rejected(RejectReason::WrongPartition));
                 continue;
             }
             Item::Garbage => {

@@ -17,6 +17,7 @@ pub const ALERTS: &str = "meterflow_rater_wallet_alerts_total";
 pub const RATING_LAG: &str = "meterflow_rater_rating_lag_seconds";
 pub const INSERT_SECONDS: &str = "meterflow_rater_clickhouse_insert_seconds";
 pub const CHECKPOINT_SECONDS: &str = "meterflow_rater_checkpoint_seconds";
+pub const FENCED: &str = "meterflow_rater_partitions_fenced_total";
 pub const FLUSH_ERRORS: &str = "meterflow_rater_flush_errors_total";
 
 pub fn describe() {
@@ -33,6 +34,8 @@ pub fn describe() {
     describe_gauge!(RATING_LAG, Unit::Seconds, "Wall clock minus the time the last rated aggregate was produced.");
     describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
     describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
+    describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
+    counter!(FENCED).increment(0);
     describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
     for c in [AGGREGATES_IN, SKIPPED, REJECTED] {
         counter!(c).increment(0);

@@ -7,11 +7,10 @@ use clickhouse::Client;
 use meterflow_core::pricing::Catalog;
 use meterflow_core::rating::{AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets};
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
-use meterflow_runtime::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::kafka::Ownership;
 use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
-use meterflow_runtime::partitioned::{load_checkpoint, LoopConfig, Partitioned, PendingCheckpoint, ServiceIo};
+use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::retry::Backoff;
 use metrics::{counter, gauge};
 use rdkafka::message::BorrowedMessage;
@@ -54,8 +53,6 @@ struct Shard {
 
 struct Owned {
     shard: Shard,
-    checkpoint_version: u64,
-    checkpointed: (i64, i64),
 }
 
 #[derive(Default)]
@@ -107,7 +104,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut rater = Rater {
         rating_config: RatingConfig { grace_ms: config.period_grace_ms, ..RatingConfig::default() },
         wallet_config,
-        checkpoints: CheckpointStore::new(client.clone()),
+        config_hash: {
+            let mut h = crc32fast::Hasher::new();
+            h.update(text.as_bytes());
+            format!("{:08x}", h.finalize())
+        },
         client,
         producer,
         catalog,
@@ -122,6 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_buffered_rows: rater.config.max_buffered_rows,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
+        fenced: m::FENCED,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }
@@ -133,7 +135,7 @@ struct Rater {
     catalog: Arc<Catalog>,
     client: Client,
     producer: FutureProducer,
-    checkpoints: CheckpointStore,
+    config_hash: String,
     shards: BTreeMap<i32, Owned>,
     outputs: Outputs,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
@@ -141,60 +143,29 @@ struct Rater {
 }
 
 impl Rater {
-    fn checkpoint_key(&self, partition: i32) -> CheckpointKey {
-        CheckpointKey {
-            service: SERVICE.into(),
-            consumer_group: self.config.group.clone(),
-            topic: self.config.topics.aggregates_topic.clone(),
-            partition,
+    fn fresh_shard(&self, partition: i32) -> Shard {
+        Shard {
+            version: STATE_VERSION,
+            aggregates_next: 0,
+            wallet_next: 0,
+            rating: RatingState::new(partition, self.rating_config.clone()),
+            wallets: Wallets::new(self.wallet_config.clone()),
+            totals: BTreeMap::new(),
+            advanced_to: i64::MIN,
         }
-    }
-
-    async fn load(&mut self, partition: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
-        if self.shards.contains_key(&partition) {
-            return Ok(true);
-        }
-        let key = self.checkpoint_key(partition);
-        let Some(loaded) = load_checkpoint(&self.checkpoints, &key, m::FLUSH_ERRORS, shutdown).await else {
-            return Ok(false);
-        };
-        let owned = match loaded {
-            Some(cp) => {
-                let shard: Shard = serde_json::from_slice(&cp.state)
-                    .with_context(|| format!("restoring rater checkpoint of partition {partition}"))?;
-                anyhow::ensure!(shard.version == STATE_VERSION, "checkpoint version {} is not {STATE_VERSION}", shard.version);
-                tracing::info!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "restored checkpoint");
-                let at = (shard.aggregates_next, shard.wallet_next);
-                Owned { shard, checkpoint_version: cp.version, checkpointed: at }
-            }
-            None => Owned {
-                shard: Shard {
-                    version: STATE_VERSION,
-                    aggregates_next: 0,
-                    wallet_next: 0,
-                    rating: RatingState::new(partition, self.rating_config.clone()),
-                    wallets: Wallets::new(self.wallet_config.clone()),
-                    totals: BTreeMap::new(),
-                    advanced_to: i64::MIN,
-                },
-                checkpoint_version: 0,
-                checkpointed: (0, 0),
-            },
-        };
-        self.shards.insert(partition, owned);
-        Ok(true)
     }
 
     async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let _ = shutdown;
         let partition = msg.partition();
-        if !self.load(partition, shutdown).await? {
-            return Ok(());
-        }
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
         let is_wallet = msg.topic() == self.config.topics.wallet_topic;
         let Self { shards, outputs, catalog, config, .. } = self;
-        let shard = &mut shards.get_mut(&partition).expect("loaded above").shard;
+        let Some(owned) = shards.get_mut(&partition) else {
+            return Ok(()); // not held (the loop only hands over records of held partitions)
+        };
+        let shard = &mut owned.shard;
         if is_wallet {
             if offset < shard.wallet_next {
                 return Ok(());
@@ -349,12 +320,79 @@ impl Rater {
 }
 
 impl Partitioned for Rater {
-    fn on_ownership(&mut self, change: &Ownership) {
-        // Partition N of the aggregates and of the wallet topic share one state.
-        let (Ownership::Assigned(list) | Ownership::Revoked(list)) = change;
-        for (_, p) in list {
-            self.shards.remove(p);
+    fn service(&self) -> &'static str {
+        SERVICE
+    }
+
+    fn group(&self) -> &str {
+        &self.config.group
+    }
+
+    /// Partition N of the aggregates and of the wallet topic share one state.
+    fn topics(&self) -> Vec<String> {
+        vec![self.config.topics.aggregates_topic.clone(), self.config.topics.wallet_topic.clone()]
+    }
+
+    fn config_hash(&self) -> String {
+        self.config_hash.clone()
+    }
+
+    fn restore(
+        &mut self,
+        partition: i32,
+        from: Option<&Envelope>,
+        _partition_counts: &BTreeMap<String, i32>,
+    ) -> anyhow::Result<()> {
+        let shard = match from {
+            Some(env) if env.meta.operator.is_none() => {
+                let shard: Shard = serde_json::from_slice(&env.state).context("decoding the rater state")?;
+                anyhow::ensure!(shard.version == STATE_VERSION, "checkpoint version {} is not {STATE_VERSION}", shard.version);
+                tracing::info!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "restored checkpoint");
+                shard
+            }
+            Some(env) => {
+                let mut shard = self.fresh_shard(partition);
+                let topics = &self.config.topics;
+                shard.aggregates_next = env.meta.offsets.get(&topics.aggregates_topic).copied().unwrap_or(0);
+                shard.wallet_next = env.meta.offsets.get(&topics.wallet_topic).copied().unwrap_or(0);
+                tracing::warn!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "fresh state by operator decision");
+                shard
+            }
+            None => self.fresh_shard(partition),
+        };
+        self.shards.insert(partition, Owned { shard });
+        Ok(())
+    }
+
+    async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
+        if from.is_none() {
+            let n: u64 = self
+                .client
+                .query("SELECT count() FROM wallet_adjustments WHERE source_partition = ?")
+                .bind(partition)
+                .fetch_one()
+                .await?;
+            anyhow::ensure!(
+                n == 0,
+                "no checkpoint, but ClickHouse already holds {n} wallet adjustments applied from this partition: \
+                 starting fresh would lose the wallets' state"
+            );
         }
+        Ok(())
+    }
+
+    fn position(&self, topic: &str, partition: i32) -> Option<i64> {
+        let s = &self.shards.get(&partition)?.shard;
+        Some(if topic == self.config.topics.wallet_topic { s.wallet_next } else { s.aggregates_next })
+    }
+
+    fn release(&mut self, partition: i32) {
+        self.shards.remove(&partition);
+    }
+
+    fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
+        let o = self.shards.get(&partition).context("snapshot of a partition not held")?;
+        Ok(serde_json::to_vec(&o.shard)?)
     }
 
     async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -367,44 +405,6 @@ impl Partitioned for Rater {
 
     async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
         self.flush_outputs(shutdown).await
-    }
-
-    fn checkpoints(&mut self) -> Vec<PendingCheckpoint> {
-        let mut out = Vec::new();
-        for (p, o) in &self.shards {
-            let at = (o.shard.aggregates_next, o.shard.wallet_next);
-            if at == o.checkpointed {
-                continue;
-            }
-            // The state is plain data: failing to serialise it is a bug, and skipping the
-            // checkpoint would silently grow the replay, so say it loudly.
-            let state = match serde_json::to_vec(&o.shard) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, partition = p, "cannot serialise rater state; not checkpointing it");
-                    counter!(m::FLUSH_ERRORS, "sink" => "checkpoint").increment(1);
-                    continue;
-                }
-            };
-            out.push(PendingCheckpoint {
-                key: self.checkpoint_key(*p),
-                checkpoint: Checkpoint { version: o.checkpoint_version + 1, next_offset: at.0, state },
-                commits: vec![
-                    (self.config.topics.aggregates_topic.clone(), *p, at.0),
-                    (self.config.topics.wallet_topic.clone(), *p, at.1),
-                ],
-            });
-        }
-        out
-    }
-
-    fn checkpointed(&mut self, done: &[PendingCheckpoint]) {
-        for d in done {
-            if let Some(o) = self.shards.get_mut(&d.key.partition) {
-                o.checkpoint_version = d.checkpoint.version;
-                o.checkpointed = (d.commits[0].2, d.commits[1].2);
-            }
-        }
     }
 }
 

@@ -30,7 +30,10 @@ pub fn producer_config(args: &KafkaArgs) -> Result<ClientConfig, Error> {
         .set("queue.buffering.max.messages", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .set("message.timeout.ms", "300000")
-        .set("compression.type", "none");
+        .set("compression.type", "none")
+        // The partitioning contract (meterflow_core::partitioning): key = tenant, crc32.
+        // librdkafka's default, set explicitly so that no property file changes it unnoticed.
+        .set("partitioner", "consistent_random");
     merge(&mut cfg, base_config(args)?);
     Ok(cfg)
 }
@@ -114,6 +117,12 @@ impl rdkafka::consumer::ConsumerContext for RebalanceLog {
         match rebalance {
             rdkafka::consumer::Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?list(tpl), "partitions assigned");
+                // Nothing is fetched until the loop has restored the state and sought to the
+                // checkpoint's offsets (it resumes them): the committed offset is only a hint.
+                use rdkafka::consumer::Consumer as _;
+                if let Err(e) = _consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned partitions failed");
+                }
                 self.push(Ownership::Assigned(list(tpl)));
             }
             rdkafka::consumer::Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
@@ -124,7 +133,7 @@ impl rdkafka::consumer::ConsumerContext for RebalanceLog {
 
 /// Commits `offsets` (topic, partition, next offset) without waiting. A failure (e.g. the
 /// partition moved to another member) is harmless: the checkpoint is the source of truth
-/// and the committed offset only bounds how much a successor re-reads.
+/// and the committed offset is only checked against it.
 pub fn commit<C>(consumer: &C, offsets: &[(String, i32, i64)])
 where
     C: rdkafka::consumer::Consumer<RebalanceLog>,

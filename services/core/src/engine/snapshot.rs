@@ -238,10 +238,12 @@ fn read_stats(r: &mut Reader<'_>) -> Result<EngineStats> {
         duplicates: r.u64()?,
         ..EngineStats::default()
     };
-    if r.len(8)? != s.rejected.len() {
+    // Reasons are only ever appended: a snapshot from before a new reason has fewer counters.
+    let n = r.len(8)?;
+    if n > s.rejected.len() {
         return Err(bad("reject reasons"));
     }
-    for slot in s.rejected.iter_mut() {
+    for slot in s.rejected.iter_mut().take(n) {
         *slot = r.u64()?;
     }
     s.ticks = r.u64()?;

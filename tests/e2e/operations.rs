@@ -1,0 +1,510 @@
+//! Trust under operations (issue 11): what operators do besides crashing the services.
+//!
+//! Each case ran against the pipeline before the change and lost or doubled usage (the
+//! closing note of the session that added this file says how); each test asserts that its
+//! fault actually happened (the table was truncated, the rows were folded, the instance was
+//! stopped and its successor claimed the partitions, the connections were cut).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meterflow_core::codec::{Framing, UsageEventCodec};
+use meterflow_core::decimal::from_ch_i128;
+use meterflow_core::partitioning::partition_for;
+use meterflow_core::UsageEvent;
+use meterflow_e2e::faults::TcpProxy;
+use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root, ServiceProc};
+use meterflow_e2e::scenario::{init_test_logging, now_ms, produce, wait_until_exact, workload};
+use meterflow_producer::EventProducer;
+use meterflow_testkit::{wait_for, TestEnv};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+fn aggregator_env(env: &TestEnv, group: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
+    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    for (k, v) in [
+        ("METERFLOW_AGGREGATOR_GROUP", group),
+        ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
+        ("METERFLOW_METERS", meters.as_str()),
+        ("METERFLOW_IDLE_TIMEOUT", "1s"),
+        ("METERFLOW_CHECKPOINT_INTERVAL", "1s"),
+        ("METERFLOW_LOG", "info"),
+    ] {
+        e.push((k.to_owned(), v.to_owned()));
+    }
+    for (k, v) in extra {
+        e.retain(|(x, _)| x != k);
+        e.push(((*k).to_owned(), (*v).to_owned()));
+    }
+    e
+}
+
+fn log_path(env: &TestEnv, name: &str) -> std::path::PathBuf {
+    let dir = workspace_root().join("target/e2e-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(format!("{}-{name}.log", env.name()))
+}
+
+type Task = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+fn start_aggregator(env: &TestEnv, group: &str, extra: &[(&str, &str)]) -> anyhow::Result<(Task, CancellationToken)> {
+    let shutdown = CancellationToken::new();
+    let config = parse_with_env::<meterflow_aggregator::Config>(&aggregator_env(env, group, extra))?;
+    Ok((tokio::spawn(meterflow_aggregator::run(config, shutdown.clone())), shutdown))
+}
+
+async fn stop(task: Task, shutdown: CancellationToken) -> anyhow::Result<()> {
+    shutdown.cancel();
+    task.await?
+}
+
+fn event(id: &str, tenant: &str, qty: i64, t: i64) -> UsageEvent {
+    UsageEvent::new(id, tenant, "input_tokens", Decimal::from(qty), t)
+        .with_dimension("model", "gpt-x")
+        .with_dimension("region", "eu")
+}
+
+async fn send_all(env: &TestEnv, events: &[UsageEvent]) -> anyhow::Result<()> {
+    let p = EventProducer::new(env.kafka_args(), &env.topics().usage_topic)?;
+    for ev in events {
+        p.send(ev).await?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Total {
+    tenant: String,
+    window_start_ms: i64,
+    value: i128,
+    event_count: i64,
+    last_revision: u32,
+}
+
+/// meter_totals by (tenant, window start ms).
+async fn totals(env: &TestEnv) -> anyhow::Result<BTreeMap<(String, i64), (Decimal, i64, u32)>> {
+    let rows: Vec<Total> = env
+        .clickhouse()
+        .query(
+            "SELECT tenant, toInt64(toUInt32(window_start)) * 1000 AS window_start_ms, value, event_count, last_revision \
+             FROM meter_totals WHERE meter = 'input_tokens'",
+        )
+        .fetch_all()
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ((r.tenant, r.window_start_ms), (from_ch_i128(r.value), r.event_count, r.last_revision)))
+        .collect())
+}
+
+/// The independent reference: sum and count per (tenant, minute) of the events sent.
+fn expected(events: &[UsageEvent]) -> BTreeMap<(String, i64), (Decimal, i64)> {
+    let mut m: BTreeMap<(String, i64), (Decimal, i64)> = BTreeMap::new();
+    for e in events {
+        let w = e.event_time_ms.div_euclid(60_000) * 60_000;
+        let slot = m.entry((e.tenant.clone(), w)).or_default();
+        slot.0 += e.quantity;
+        slot.1 += 1;
+    }
+    m
+}
+
+async fn wait_totals(env: &TestEnv, want: &BTreeMap<(String, i64), (Decimal, i64)>, timeout: Duration) -> anyhow::Result<()> {
+    let res = wait_for(
+        || {
+            let env = env.clone();
+            async move {
+                let got: BTreeMap<(String, i64), (Decimal, i64)> =
+                    totals(&env).await?.into_iter().map(|(k, (v, n, _))| (k, (v, n))).collect();
+                Ok(got == *want)
+            }
+        },
+        timeout,
+    )
+    .await;
+    if let Err(e) = res {
+        let got = totals(env).await?;
+        anyhow::bail!("window totals never matched ({e:#}).\nexpected {want:?}\ngot {got:?}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Emission {
+    source_partition: i32,
+    seq: i64,
+    revision: u32,
+    value: i128,
+}
+
+/// No `(partition, seq)` was ever emitted with two different contents.
+async fn no_seq_with_two_contents(env: &TestEnv) -> anyhow::Result<usize> {
+    let rows: Vec<Emission> = env
+        .clickhouse()
+        .query("SELECT source_partition, seq, revision, value FROM meter_revisions")
+        .fetch_all()
+        .await?;
+    let mut seen: BTreeMap<(i32, i64), (u32, i128)> = BTreeMap::new();
+    for r in &rows {
+        if let Some(prev) = seen.insert((r.source_partition, r.seq), (r.revision, r.value)) {
+            anyhow::ensure!(
+                prev == (r.revision, r.value),
+                "partition {} seq {} emitted twice with different content: {prev:?} and {:?}",
+                r.source_partition,
+                r.seq,
+                (r.revision, r.value)
+            );
+        }
+    }
+    Ok(seen.len())
+}
+
+/// 11.1: a truncated `checkpoints` table (the group has committed offsets, the outputs exist)
+/// makes the aggregator refuse to start instead of "starting fresh"; an operator's `replay`
+/// decision lets it continue with sequence numbers after the ones already emitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_checkpoints_refuse_until_an_operator_decides() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_truncated", 2).await?;
+    let base = (now_ms() - 30 * 60_000).div_euclid(60_000) * 60_000;
+    let mut sent: Vec<UsageEvent> = (0..40)
+        .map(|i| event(&format!("a{i}"), &format!("tenant-{}", i % 4), 1000 + i, base + (i % 3) * 60_000 + 5_000))
+        .collect();
+    send_all(&env, &sent).await?;
+    let (task, shutdown) = start_aggregator(&env, "ops-truncated", &[])?;
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    stop(task, shutdown).await?;
+    let ch = env.clickhouse();
+    let aggregates_before: u64 = ch.query("SELECT count() FROM meter_aggregates").fetch_one().await?;
+    let max_seq_before: i64 = ch.query("SELECT max(seq) FROM meter_aggregates").fetch_one().await?;
+
+    ch.query("TRUNCATE TABLE checkpoints").execute().await?;
+    let left: u64 = ch.query("SELECT count() FROM checkpoints").fetch_one().await?;
+    assert_eq!(left, 0, "the fault: checkpoints truncated");
+
+    let (task, _shutdown) = start_aggregator(&env, "ops-truncated", &[])?;
+    let err = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .map_err(|_| anyhow::anyhow!("the aggregator did not refuse within 60 s"))??
+        .expect_err("a truncated checkpoints table must stop the aggregator");
+    let msg = format!("{err:#}");
+    eprintln!("refused as expected: {msg}");
+    assert!(msg.contains("no checkpoint") && msg.contains("committed offset"), "{msg}");
+    assert!(msg.contains("partition"), "the error names the partition: {msg}");
+    let aggregates_after: u64 = ch.query("SELECT count() FROM meter_aggregates").fetch_one().await?;
+    assert_eq!(aggregates_before, aggregates_after, "nothing was emitted while refusing");
+
+    // The operator decides: fresh state from the end of each partition.
+    let consumer: BaseConsumer = meterflow_runtime::kafka::base_config(env.kafka_args())?.create()?;
+    for p in 0..2 {
+        let (_, high) = consumer.fetch_watermarks(&env.topics().usage_topic, p, Duration::from_secs(10))?;
+        let d = meterflow_admin::checkpoints::Decision {
+            service: meterflow_admin::checkpoints::Service::Aggregator,
+            group: "ops-truncated".into(),
+            partition: p,
+            offsets: [(env.topics().usage_topic.clone(), high)].into(),
+            action: "replay",
+            note: "test: checkpoints truncated".into(),
+        };
+        meterflow_admin::checkpoints::decide(env.clickhouse_args(), env.topics(), &d).await?;
+    }
+    let (task, shutdown) = start_aggregator(&env, "ops-truncated", &[])?;
+    let later: Vec<UsageEvent> = (0..20)
+        .map(|i| event(&format!("b{i}"), &format!("tenant-{}", i % 4), 7, base + 10 * 60_000 + 1_000))
+        .collect();
+    send_all(&env, &later).await?;
+    sent.extend(later);
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    assert!(!task.is_finished(), "the aggregator runs after the decision");
+    stop(task, shutdown).await?;
+    let min_new: i64 = ch
+        .query("SELECT min(seq) FROM meter_aggregates WHERE window_start_ms = ?")
+        .bind(base + 10 * 60_000)
+        .fetch_one()
+        .await?;
+    assert!(min_new > max_seq_before, "seq continues after {max_seq_before} (got {min_new}): the rater would skip a restart at 1");
+    no_seq_with_two_contents(&env).await?;
+    env.cleanup().await?;
+    Ok(())
+}
+
+/// 11.3: rebuilding an evicted window after a crash does not depend on revisions that
+/// ReplacingMergeTree may have folded: `OPTIMIZE ... FINAL` between the crash and the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_optimize_final_is_exact() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_optimize", 1).await?;
+    // No checkpoint after the claim: the crash replays everything, including the rebuild.
+    let extra = [("METERFLOW_RETAIN_CLOSED", "1s"), ("METERFLOW_CHECKPOINT_INTERVAL", "1h")];
+    let w = (now_ms() - 40 * 60_000).div_euclid(60_000) * 60_000;
+    let mut sent: Vec<UsageEvent> = (0..50).map(|i| event(&format!("w{i}"), "tenant-1", 1000, w + 1_000 + i)).collect();
+    // Closes W (end + 10 s lateness) and evicts it (retention 1 s).
+    sent.push(event("next", "tenant-1", 5, w + 60_000 + 13_000));
+    // A late event for the evicted W: rebuilt from usage_events, revision 1.
+    sent.push(event("late-1", "tenant-1", 1000, w + 30_000));
+    send_all(&env, &sent).await?;
+    let (task, _shutdown) = start_aggregator(&env, "ops-optimize", &extra)?;
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    let t = totals(&env).await?;
+    assert_eq!(t[&("tenant-1".to_owned(), w)].2, 1, "W was restated once (revision 1)");
+    let loaded: u64 = env
+        .clickhouse()
+        .query("SELECT count() FROM meter_aggregates WHERE window_start_ms = ?")
+        .bind(w)
+        .fetch_one()
+        .await?;
+    assert_eq!(loaded, 2, "revisions 0 and 1 of W before the merge");
+    // Crash: no flush, no checkpoint.
+    task.abort();
+    let _ = task.await;
+
+    env.clickhouse().query("OPTIMIZE TABLE meter_aggregates FINAL").execute().await?;
+    let folded: u64 = env
+        .clickhouse()
+        .query("SELECT count() FROM meter_aggregates WHERE window_start_ms = ?")
+        .bind(w)
+        .fetch_one()
+        .await?;
+    assert_eq!(folded, 1, "the fault: the merge folded revision 0 away");
+
+    let (task, shutdown) = start_aggregator(&env, "ops-optimize", &extra)?;
+    let late2 = event("late-2", "tenant-1", 1000, w + 40_000);
+    send_all(&env, std::slice::from_ref(&late2)).await?;
+    sent.push(late2);
+    wait_totals(&env, &expected(&sent), Duration::from_secs(90)).await?;
+    stop(task, shutdown).await?;
+    let t = totals(&env).await?;
+    assert_eq!(t[&("tenant-1".to_owned(), w)], (Decimal::from(52_000), 52, 2), "W: 52 events, revision 2");
+    let emissions = no_seq_with_two_contents(&env).await?;
+    assert!(emissions >= 4, "emissions recorded: {emissions}");
+    env.cleanup().await?;
+    Ok(())
+}
+
+/// 11.5: after a graceful restart, a partition that receives nothing more still closes its
+/// open windows at window end + lateness + at most ~2 s (the restarted instance restores every
+/// assigned partition at once and ticks it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_quiet", 2).await?;
+    // Events in the current minute, early enough that the restart happens before it closes.
+    while now_ms().rem_euclid(60_000) > 30_000 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let w = now_ms().div_euclid(60_000) * 60_000;
+    let close_at = w + 60_000 + 10_000;
+    let sent: Vec<UsageEvent> = (0..50).map(|i| event(&format!("q{i}"), "tenant-7", 3, now_ms() - 100 + i)).collect();
+    send_all(&env, &sent).await?;
+    let (task, shutdown) = start_aggregator(&env, "ops-quiet", &[])?;
+    wait_for(
+        || {
+            let env = env.clone();
+            async move { Ok(env.query_scalar::<u64>("SELECT count() FROM usage_events").await? == 50) }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // a checkpoint covers them
+    stop(task, shutdown).await?;
+    assert!(now_ms() < close_at - 5_000, "the restart happens before the window closes");
+    let (task, shutdown) = start_aggregator(&env, "ops-quiet", &[])?;
+    let mut appeared = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let n: u64 = env
+            .clickhouse()
+            .query("SELECT count() FROM meter_aggregates WHERE window_start_ms = ? AND revision = 0")
+            .bind(w)
+            .fetch_one()
+            .await?;
+        if n > 0 {
+            appeared = Some(now_ms());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(task, shutdown).await?;
+    let appeared = appeared.ok_or_else(|| anyhow::anyhow!("revision 0 never appeared after the restart"))?;
+    let delay = appeared - close_at;
+    eprintln!("window closed {delay} ms after end + lateness");
+    assert!(delay <= 2_500, "revision 0 appeared {delay} ms after window end + lateness (goal <= 2 s)");
+    env.cleanup().await?;
+    Ok(())
+}
+
+/// 11.6: the partitioning contract. librdkafka's partitioner agrees with
+/// `partition_for(tenant)`; a record of a tenant on another partition is dead-lettered as
+/// `wrong_partition` (never deduplicated against the wrong state); a recreated topic with
+/// another partition count stops the aggregator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_partition_and_partition_count_change() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_partitions", 2).await?;
+    let topic = env.topics().usage_topic.clone();
+    let producer: FutureProducer = meterflow_runtime::kafka::producer_config(env.kafka_args())?.create()?;
+    let codec = UsageEventCodec::new();
+    let base = (now_ms() - 20 * 60_000).div_euclid(60_000) * 60_000;
+    let mut accepted = Vec::new();
+    let mut wrong = Vec::new();
+    for i in 0..40 {
+        let ev = event(&format!("k{i}"), &format!("tenant-{}", i % 10), 10 + i, base + 2_000);
+        let mut bytes = Vec::new();
+        codec.encode(&ev, Framing::SingleObject, &mut bytes);
+        // Even events keyed by tenant (the contract), odd ones by event id (a foreign producer).
+        let key = if i % 2 == 0 { ev.tenant.clone() } else { ev.event_id.clone() };
+        let delivery = producer
+            .send(FutureRecord::to(&topic).key(&key).payload(&bytes), Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)?;
+        let (p, offset) = (delivery.partition, delivery.offset);
+        let home = partition_for(ev.tenant.as_bytes(), 2);
+        if i % 2 == 0 {
+            assert_eq!(p, home, "librdkafka put tenant {} on {p}, partition_for says {home}", ev.tenant);
+        }
+        if p == home {
+            accepted.push(ev);
+        } else {
+            wrong.push((p, offset));
+        }
+    }
+    assert!(!wrong.is_empty(), "some records were produced to the wrong partition");
+    let (task, shutdown) = start_aggregator(&env, "ops-partitions", &[])?;
+    wait_totals(&env, &expected(&accepted), Duration::from_secs(60)).await?;
+    let want = wrong.len() as u64;
+    wait_for(
+        || {
+            let env = env.clone();
+            async move {
+                Ok(env.query_scalar::<u64>("SELECT count() FROM dead_letters WHERE reason = 'wrong_partition'").await? == want)
+            }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    for (p, o) in &wrong {
+        let n: u64 = env
+            .clickhouse()
+            .query("SELECT count() FROM dead_letters WHERE reason = 'wrong_partition' AND source_partition = ? AND source_offset = ?")
+            .bind(*p)
+            .bind(*o)
+            .fetch_one()
+            .await?;
+        assert_eq!(n, 1, "record {p}/{o} dead-lettered as wrong_partition");
+    }
+    stop(task, shutdown).await?;
+
+    // The topic is recreated with 4 partitions: the aggregator must refuse, not skip or split.
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        meterflow_runtime::kafka::base_config(env.kafka_args())?.create()?;
+    let opts = rdkafka::admin::AdminOptions::new();
+    admin.delete_topics(&[topic.as_str()], &opts).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    admin
+        .create_topics(&[rdkafka::admin::NewTopic::new(&topic, 4, rdkafka::admin::TopicReplication::Fixed(1))], &opts)
+        .await?;
+    wait_for(
+        || {
+            let kafka = env.kafka_args().clone();
+            let topic = topic.clone();
+            async move { Ok(meterflow_admin::list_topics(&kafka).await?.get(&topic) == Some(&4)) }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    let (task, _shutdown) = start_aggregator(&env, "ops-partitions", &[])?;
+    let err = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .map_err(|_| anyhow::anyhow!("the aggregator did not refuse within 60 s"))??
+        .expect_err("a changed partition count must stop the aggregator");
+    let msg = format!("{err:#}");
+    eprintln!("refused as expected: {msg}");
+    assert!(msg.contains("partition"), "{msg}");
+    assert!(msg.contains("recreated") || msg.contains("partitions"), "{msg}");
+    env.cleanup().await?;
+    Ok(())
+}
+
+/// 11.2: a stalled instance (SIGSTOP) whose partitions moved to a new owner, during a network
+/// partition between the new owner and ClickHouse, cannot land a checkpoint after the new
+/// owner's: totals stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::with_partitions("ops_fence", 2).await?;
+    let proxy = TcpProxy::start(env.clickhouse_args().url.trim_start_matches("http://")).await?;
+    let group = "ops-fence";
+    let mut a = ServiceProc::new("meterflow-aggregator", aggregator_env(&env, group, &[]), log_path(&env, "aggregator-a"))?;
+    let b_env = aggregator_env(&env, group, &[("METERFLOW_CLICKHOUSE_URL", &proxy.url())]);
+    let mut b = ServiceProc::new("meterflow-aggregator", b_env, log_path(&env, "aggregator-b"))?;
+    a.start()?;
+    let producing = {
+        let (kafka, topic) = (env.kafka_args().clone(), env.topics().usage_topic.clone());
+        let cfg = workload(30_000, 21)?;
+        tokio::spawn(async move { produce(&kafka, &topic, cfg).await })
+    };
+    let epochs = |env: TestEnv| async move {
+        #[derive(Debug, clickhouse::Row, Deserialize)]
+        struct E {
+            partition: i32,
+            epoch: u64,
+        }
+        let rows: Vec<E> = env
+            .clickhouse()
+            .query("SELECT partition, intDiv(max(version), 4294967296) AS epoch FROM checkpoints GROUP BY partition")
+            .fetch_all()
+            .await?;
+        anyhow::Ok(rows.into_iter().map(|r| (r.partition, r.epoch)).collect::<BTreeMap<i32, u64>>())
+    };
+    wait_for(|| { let env = env.clone(); async move { Ok(epochs(env).await?.len() == 2) } }, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = epochs(env.clone()).await?;
+    assert!(a.signal("STOP")?, "SIGSTOP reached the first instance");
+    eprintln!("aggregator A stopped; epochs {before:?}");
+    proxy.cut();
+    b.start()?;
+    tokio::time::sleep(Duration::from_secs(15)).await; // session timeout: B is assigned, cannot reach ClickHouse
+    b.check_alive()?;
+    assert_eq!(epochs(env.clone()).await?, before, "B cannot claim while cut off from ClickHouse");
+    proxy.restore();
+    assert!(proxy.refused() > 0, "the fault: B's ClickHouse connections were refused");
+    wait_for(
+        || {
+            let (env, before) = (env.clone(), before.clone());
+            async move { Ok(epochs(env).await?.iter().all(|(p, e)| *e > before[p])) }
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
+    eprintln!("B claimed every partition: {:?}", epochs(env.clone()).await?);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(a.signal("CONT")?, "SIGCONT reached the first instance");
+    let gt = producing.await??;
+    let ch = env.clickhouse();
+    wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(180), || {
+        a.check_alive()?;
+        b.check_alive()
+    })
+    .await?;
+    a.terminate()?;
+    b.terminate()?;
+    let log = std::fs::read_to_string(a.log_path())?;
+    assert!(
+        log.contains("another instance claimed") || log.contains("partitions revoked"),
+        "the stalled instance noticed it lost its partitions (see {})",
+        a.log_path().display()
+    );
+    env.cleanup().await?;
+    Ok(())
+}
