@@ -57,7 +57,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             retain_closed_ms: config.retain_closed_ms,
             ..EngineConfig::default()
         },
-        config_hash: config_hash(&meters_text, &config),
+        meters_text: meters_text.clone(),
+        switched: false,
         sink: Sink {
             client: client.clone(),
             producer: producer.clone(),
@@ -89,17 +90,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
 
-/// What the state depends on: the meters file and the engine settings (recorded in every
-/// checkpoint, so a change between restarts is visible).
-fn config_hash(meters_text: &str, config: &Config) -> String {
-    let mut h = crc32fast::Hasher::new();
-    h.update(meters_text.as_bytes());
-    h.update(format!("{}|{}|{}", config.dedup_horizon_ms, config.dedup_hot_max_ids, config.retain_closed_ms).as_bytes());
-    format!("{:08x}", h.finalize())
+/// A partition restored from a checkpoint written under other meter definitions keeps them
+/// until it has re-derived everything already output (so no `seq` is ever emitted with other
+/// content), then switches to the current ones.
+struct Switch {
+    catalog: Arc<MeterCatalog>,
+    text: String,
+    /// Highest `seq` and source offset already in ClickHouse for the partition (from `verify`).
+    max_seq: i64,
+    max_offset: i64,
 }
 
 struct Part {
     engine: PartitionEngine,
+    /// The meters text the engine runs with (the checkpoint's until a switch).
+    meters_text: String,
+    switch: Option<Switch>,
     /// Partition count of the usage topic (the partitioning contract's modulus).
     partitions: i32,
     last_input: Instant,
@@ -115,7 +121,10 @@ struct Aggregator {
     codec: UsageEventCodec,
     client: Client,
     producer: FutureProducer,
-    config_hash: String,
+    /// The current meter definitions (config/meters.toml).
+    meters_text: String,
+    /// A partition switched configuration since the last snapshot (checkpoint it at once).
+    switched: bool,
     sink: Sink,
     partitions: BTreeMap<i32, Part>,
     outputs: Outputs,
@@ -141,8 +150,12 @@ impl Partitioned for Aggregator {
         vec![self.config.topics.usage_topic.clone()]
     }
 
-    fn config_hash(&self) -> String {
-        self.config_hash.clone()
+    fn config_text(&self, partition: i32) -> String {
+        self.partitions.get(&partition).map_or_else(|| self.meters_text.clone(), |p| p.meters_text.clone())
+    }
+
+    fn wants_checkpoint(&self) -> bool {
+        self.switched
     }
 
     fn restore(
@@ -152,9 +165,31 @@ impl Partitioned for Aggregator {
         partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
         let partitions = partition_counts.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+        let mut switch = None;
+        let mut meters_text = self.meters_text.clone();
         let engine = match from {
             Some(env) if env.meta.operator.is_none() => {
-                let engine = PartitionEngine::restore(&env.state, self.catalog.clone(), self.engine_config.clone())?;
+                let changed = !env.meta.config_text.is_empty() && env.meta.config_text != self.meters_text;
+                let catalog = if changed {
+                    let old = MeterCatalog::from_toml_str(&env.meta.config_text)
+                        .context("the meter definitions recorded in the checkpoint")?;
+                    tracing::warn!(
+                        partition,
+                        "meter definitions changed since the checkpoint: replaying what was already output with the \
+                         recorded ones, then switching"
+                    );
+                    switch = Some(Switch {
+                        catalog: self.catalog.clone(),
+                        text: self.meters_text.clone(),
+                        max_seq: i64::MAX,
+                        max_offset: i64::MAX,
+                    });
+                    meters_text = env.meta.config_text.clone();
+                    Arc::new(old)
+                } else {
+                    self.catalog.clone()
+                };
+                let engine = PartitionEngine::restore(&env.state, catalog, self.engine_config.clone())?;
                 tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
                 engine
             }
@@ -174,7 +209,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, Part { engine, partitions, last_input: now, last_tick: now, input_since_tick: true });
+            .insert(partition, Part { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }
@@ -202,6 +237,34 @@ impl Partitioned for Aggregator {
             );
             return Ok(());
         }
+        if part.switch.is_some() {
+            let max_seq: i64 = self
+                .client
+                .query("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?")
+                .bind(partition)
+                .fetch_one()
+                .await?;
+            let raw: i64 = self
+                .client
+                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
+                .bind(partition)
+                .fetch_one()
+                .await?;
+            let dead: i64 = self
+                .client
+                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
+                .bind(partition)
+                .bind(topic)
+                .fetch_one()
+                .await?;
+            if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
+                sw.max_seq = max_seq;
+                sw.max_offset = raw.max(dead);
+                tracing::info!(partition, max_seq, max_offset = sw.max_offset, "configuration switch after these outputs");
+            }
+            self.try_switch(partition)?;
+        }
+        let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
         let next_seq = part.engine.next_seq();
         if next_seq > 1 {
             let max: i64 = self
@@ -232,6 +295,9 @@ impl Partitioned for Aggregator {
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
         let part = self.partitions.get(&partition).context("snapshot of a partition not held")?;
+        if part.switch.is_none() {
+            self.switched = false;
+        }
         Ok(part.engine.snapshot())
     }
 
@@ -292,6 +358,33 @@ impl Aggregator {
         self.progress_records = input;
         self.last_progress = Instant::now();
     }
+    /// Switches `partition` to the current meter definitions once its engine has re-derived
+    /// every output already written under the checkpoint's (see [`Switch`]).
+    fn try_switch(&mut self, partition: i32) -> anyhow::Result<()> {
+        let Some(part) = self.partitions.get_mut(&partition) else { return Ok(()) };
+        let Some(sw) = &part.switch else { return Ok(()) };
+        if part.engine.next_seq() <= sw.max_seq || part.engine.next_offset() <= sw.max_offset {
+            return Ok(());
+        }
+        let sw = part.switch.take().expect("checked above");
+        let bytes = part.engine.snapshot();
+        part.engine = PartitionEngine::restore(&bytes, sw.catalog, self.engine_config.clone()).with_context(|| {
+            format!(
+                "partition {partition}: the new meter definitions cannot continue this state (a meter's window, \
+                 aggregation or group_by changed: define a new meter instead; docs/operations.md)"
+            )
+        })?;
+        part.meters_text = sw.text;
+        self.switched = true;
+        tracing::warn!(
+            partition,
+            next_offset = part.engine.next_offset(),
+            next_seq = part.engine.next_seq(),
+            "switched to the new meter definitions"
+        );
+        Ok(())
+    }
+
     /// Covered offsets for the lag reporter (it does the network round trips elsewhere).
     fn publish_positions(&self) {
         let positions: BTreeMap<i32, i64> =
@@ -381,6 +474,9 @@ impl Aggregator {
                 counter!(m::RESTATEMENTS).increment(1);
             }
             outputs.aggregates.push(a);
+        }
+        if part.switch.is_some() {
+            self.try_switch(partition)?;
         }
         Ok(())
     }

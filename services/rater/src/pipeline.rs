@@ -53,6 +53,25 @@ struct Shard {
 
 struct Owned {
     shard: Shard,
+    /// The catalog this partition rates with (the checkpoint's until a switch).
+    catalog: Arc<Catalog>,
+    catalog_text: String,
+    switch: Option<Switch>,
+    /// Partition count of the aggregates topic (which tenants are this partition's).
+    partitions: i32,
+}
+
+/// A partition restored from a checkpoint written under another catalog keeps it until it has
+/// re-derived every charge already written (so no charge id is ever emitted with other
+/// content), then switches to the current catalog. See docs/operations.md.
+struct Switch {
+    catalog: Arc<Catalog>,
+    text: String,
+    /// Highest charge seq, dead-lettered aggregates offset and wallet offset already in
+    /// ClickHouse for this partition (from `verify`).
+    max_charge_seq: i64,
+    max_aggregates_offset: i64,
+    max_wallet_offset: i64,
 }
 
 #[derive(Default)]
@@ -104,11 +123,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut rater = Rater {
         rating_config: RatingConfig { grace_ms: config.period_grace_ms, ..RatingConfig::default() },
         wallet_config,
-        config_hash: {
-            let mut h = crc32fast::Hasher::new();
-            h.update(text.as_bytes());
-            format!("{:08x}", h.finalize())
-        },
+        catalog_text: text.clone(),
+        switched: false,
         client,
         producer,
         catalog,
@@ -135,7 +151,10 @@ struct Rater {
     catalog: Arc<Catalog>,
     client: Client,
     producer: FutureProducer,
-    config_hash: String,
+    /// The current catalog (config/catalog.toml).
+    catalog_text: String,
+    /// A partition switched catalog since the last snapshot (checkpoint it at once).
+    switched: bool,
     shards: BTreeMap<i32, Owned>,
     outputs: Outputs,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
@@ -143,6 +162,46 @@ struct Rater {
 }
 
 impl Rater {
+    /// What this partition already wrote to ClickHouse: the charges of its tenants (the
+    /// aggregates of a tenant are on partition `partition_for(tenant)`), its dead-lettered
+    /// aggregates and its applied wallet adjustments.
+    async fn find_switch_point(&mut self, partition: i32) -> anyhow::Result<()> {
+        #[derive(Debug, clickhouse::Row, Deserialize)]
+        struct TenantSeq {
+            tenant: String,
+            seq: i64,
+        }
+        let n = self.shards.get(&partition).map_or(1, |o| o.partitions);
+        let rows: Vec<TenantSeq> =
+            self.client.query("SELECT tenant, max(seq) AS seq FROM charges GROUP BY tenant").fetch_all().await?;
+        let max_charge_seq = rows
+            .iter()
+            .filter(|r| meterflow_core::partitioning::partition_for(r.tenant.as_bytes(), n) == partition)
+            .map(|r| r.seq)
+            .max()
+            .unwrap_or(0);
+        let max_aggregates_offset: i64 = self
+            .client
+            .query("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_topic = ? AND source_partition = ?")
+            .bind(&self.config.topics.aggregates_topic)
+            .bind(partition)
+            .fetch_one()
+            .await?;
+        let max_wallet_offset: i64 = self
+            .client
+            .query("SELECT if(count() = 0, -1, max(source_offset)) FROM wallet_adjustments WHERE source_partition = ?")
+            .bind(partition)
+            .fetch_one()
+            .await?;
+        if let Some(sw) = self.shards.get_mut(&partition).and_then(|o| o.switch.as_mut()) {
+            sw.max_charge_seq = max_charge_seq;
+            sw.max_aggregates_offset = max_aggregates_offset;
+            sw.max_wallet_offset = max_wallet_offset;
+            tracing::info!(partition, max_charge_seq, max_aggregates_offset, max_wallet_offset, "catalog switch after these outputs");
+        }
+        Ok(())
+    }
+
     fn fresh_shard(&self, partition: i32) -> Shard {
         Shard {
             version: STATE_VERSION,
@@ -161,10 +220,11 @@ impl Rater {
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
         let is_wallet = msg.topic() == self.config.topics.wallet_topic;
-        let Self { shards, outputs, catalog, config, .. } = self;
+        let Self { shards, outputs, config, switched, .. } = self;
         let Some(owned) = shards.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
+        let catalog = &owned.catalog;
         let shard = &mut owned.shard;
         if is_wallet {
             if offset < shard.wallet_next {
@@ -240,6 +300,9 @@ impl Rater {
                 outputs.alerts.push((a, agg.emitted_at));
             }
             outputs.charges.push(c);
+        }
+        if owned.switch.is_some() {
+            *switched |= try_switch(partition, owned);
         }
         Ok(())
     }
@@ -333,21 +396,44 @@ impl Partitioned for Rater {
         vec![self.config.topics.aggregates_topic.clone(), self.config.topics.wallet_topic.clone()]
     }
 
-    fn config_hash(&self) -> String {
-        self.config_hash.clone()
+    fn config_text(&self, partition: i32) -> String {
+        self.shards.get(&partition).map_or_else(|| self.catalog_text.clone(), |o| o.catalog_text.clone())
+    }
+
+    fn wants_checkpoint(&self) -> bool {
+        self.switched
     }
 
     fn restore(
         &mut self,
         partition: i32,
         from: Option<&Envelope>,
-        _partition_counts: &BTreeMap<String, i32>,
+        partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
+        let mut switch = None;
+        let (mut catalog, mut catalog_text) = (self.catalog.clone(), self.catalog_text.clone());
         let shard = match from {
             Some(env) if env.meta.operator.is_none() => {
                 let shard: Shard = serde_json::from_slice(&env.state).context("decoding the rater state")?;
                 anyhow::ensure!(shard.version == STATE_VERSION, "checkpoint version {} is not {STATE_VERSION}", shard.version);
                 tracing::info!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "restored checkpoint");
+                if !env.meta.config_text.is_empty() && env.meta.config_text != self.catalog_text {
+                    let old = Catalog::from_toml_str(&env.meta.config_text).context("the catalog recorded in the checkpoint")?;
+                    tracing::warn!(
+                        partition,
+                        "catalog changed since the checkpoint: re-rating what was already charged with the recorded \
+                         one, then switching"
+                    );
+                    switch = Some(Switch {
+                        catalog: self.catalog.clone(),
+                        text: self.catalog_text.clone(),
+                        max_charge_seq: i64::MAX,
+                        max_aggregates_offset: i64::MAX,
+                        max_wallet_offset: i64::MAX,
+                    });
+                    catalog = Arc::new(old);
+                    catalog_text = env.meta.config_text.clone();
+                }
                 shard
             }
             Some(env) => {
@@ -360,11 +446,17 @@ impl Partitioned for Rater {
             }
             None => self.fresh_shard(partition),
         };
-        self.shards.insert(partition, Owned { shard });
+        let partitions = partition_counts.get(&self.config.topics.aggregates_topic).copied().unwrap_or(1);
+        self.shards.insert(partition, Owned { shard, catalog, catalog_text, switch, partitions });
         Ok(())
     }
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
+        if self.shards.get(&partition).is_some_and(|o| o.switch.is_some()) {
+            self.find_switch_point(partition).await?;
+            let o = self.shards.get_mut(&partition).context("restored above")?;
+            self.switched |= try_switch(partition, o);
+        }
         if from.is_none() {
             let n: u64 = self
                 .client
@@ -392,6 +484,9 @@ impl Partitioned for Rater {
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
         let o = self.shards.get(&partition).context("snapshot of a partition not held")?;
+        if o.switch.is_none() {
+            self.switched = false;
+        }
         Ok(serde_json::to_vec(&o.shard)?)
     }
 
@@ -406,6 +501,29 @@ impl Partitioned for Rater {
     async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
         self.flush_outputs(shutdown).await
     }
+}
+
+/// Switches `o` to the new catalog once everything already written has been re-derived;
+/// true if it switched.
+fn try_switch(partition: i32, o: &mut Owned) -> bool {
+    let Some(sw) = &o.switch else { return false };
+    let s = &o.shard;
+    if s.rating.charges_emitted() < sw.max_charge_seq
+        || s.aggregates_next <= sw.max_aggregates_offset
+        || s.wallet_next <= sw.max_wallet_offset
+    {
+        return false;
+    }
+    let sw = o.switch.take().expect("checked above");
+    o.catalog = sw.catalog;
+    o.catalog_text = sw.text;
+    tracing::warn!(
+        partition,
+        aggregates_next = o.shard.aggregates_next,
+        charges = o.shard.rating.charges_emitted(),
+        "switched to the new catalog"
+    );
+    true
 }
 
 fn totals_key(currency: &str, meter: &str, plan: &str) -> String {

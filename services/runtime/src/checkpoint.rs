@@ -70,6 +70,10 @@ pub struct Meta {
     /// Hash of the configuration the state depends on (meters, catalog).
     #[serde(default)]
     pub config_hash: String,
+    /// That configuration itself, so that a restart with a changed one can first replay what
+    /// was already output under the old one (docs/operations.md, "Changing configuration").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_text: String,
     /// Set by `meterflow-admin checkpoint replay|reset`: an operator's decision, which the
     /// service follows instead of refusing to start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +92,11 @@ pub struct OperatorDecision {
     pub next_seq: Option<i64>,
     #[serde(default)]
     pub note: String,
+}
+
+/// The hash recorded for a configuration text.
+pub fn config_hash(text: &str) -> String {
+    format!("{:08x}", crc32fast::hash(text.as_bytes()))
 }
 
 /// A decoded checkpoint state.
@@ -255,6 +264,7 @@ mod tests {
                 offsets: [("t".to_string(), 42)].into(),
                 partition_counts: [("t".to_string(), 2)].into(),
                 config_hash: "abc".into(),
+                config_text: "x = 1".into(),
                 operator: None,
             },
             state: b"state bytes".to_vec(),

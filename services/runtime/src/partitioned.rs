@@ -25,7 +25,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{epoch_of, version_in, Checkpoint, CheckpointKey, CheckpointStore, Envelope, Meta};
+use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, CheckpointStore, Envelope, Meta};
 use crate::kafka::{self, Ownership, RebalanceLog};
 use crate::retry::{until_ok, Backoff};
 
@@ -52,8 +52,18 @@ pub trait Partitioned {
     fn group(&self) -> &str;
     /// Input topics; the first one names the checkpoint key.
     fn topics(&self) -> Vec<String>;
-    /// Hash of the configuration the state depends on, recorded in every checkpoint.
-    fn config_hash(&self) -> String;
+    /// The configuration the state of `partition` is computed with (meters or catalog text,
+    /// plus settings), recorded in every checkpoint with its hash. A partition restored from a
+    /// checkpoint with another configuration keeps the old one until it has re-derived what
+    /// was already output, then switches (and asks for a checkpoint, see
+    /// [`Partitioned::wants_checkpoint`]).
+    fn config_text(&self, partition: i32) -> String;
+
+    /// True when a checkpoint must be written before the next record is processed (a
+    /// configuration switch just happened).
+    fn wants_checkpoint(&self) -> bool {
+        false
+    }
 
     /// Creates the state of `partition` from its newest checkpoint (`None`: fresh). An
     /// operator's decision in the envelope's meta means fresh state at the meta's offsets.
@@ -105,6 +115,8 @@ struct Held {
     checkpointed: BTreeMap<String, i64>,
     /// Partition counts when claimed (recorded in each checkpoint).
     partition_counts: BTreeMap<String, i32>,
+    /// Hash of the configuration the last checkpoint recorded.
+    config_hash: String,
     /// A record beyond the expected offset arrived: (expected offset, seeks issued, last seek).
     gap: Option<(i64, u32, Instant)>,
 }
@@ -116,6 +128,7 @@ struct Pending {
     key: CheckpointKey,
     checkpoint: Checkpoint,
     offsets: BTreeMap<String, i64>,
+    config_hash: String,
 }
 
 /// The protocol state around a service (see the module docs).
@@ -168,7 +181,13 @@ pub async fn run<S: Partitioned>(
             msg = consumer.recv() => {
                 d.apply(svc, shutdown).await?;
                 match msg {
-                    Ok(msg) => d.dispatch(svc, &msg, shutdown).await?,
+                    Ok(msg) => {
+                        d.dispatch(svc, &msg, shutdown).await?;
+                        if svc.wants_checkpoint() && d.flush_and_checkpoint(svc, shutdown).await {
+                            last_checkpoint = Instant::now();
+                            last_flush = last_checkpoint;
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "consumer error");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -342,7 +361,8 @@ impl Driver<'_> {
         for (t, o) in &positions {
             seek(self.consumer, t, p, *o);
         }
-        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, gap: None });
+        let hash = config_hash(&svc.config_text(p));
+        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None });
         Ok(true)
     }
 
@@ -416,11 +436,13 @@ impl Driver<'_> {
         state: Vec<u8>,
     ) -> Pending {
         let key = Self::key(svc, p);
+        let config_text = svc.config_text(p);
         let env = Envelope {
             meta: Meta {
                 offsets: positions.clone(),
                 partition_counts: counts.clone(),
-                config_hash: svc.config_hash(),
+                config_hash: config_hash(&config_text),
+                config_text,
                 operator: None,
             },
             state,
@@ -429,6 +451,7 @@ impl Driver<'_> {
         Pending {
             partition: p,
             key,
+            config_hash: env.meta.config_hash.clone(),
             checkpoint: Checkpoint { version, next_offset, state: env.encode() },
             offsets: positions.clone(),
         }
@@ -493,7 +516,7 @@ impl Driver<'_> {
         for (&p, h) in &self.held {
             let positions: BTreeMap<String, i64> =
                 topics.iter().map(|t| (t.clone(), svc.position(t, p).unwrap_or(0))).collect();
-            if positions != h.checkpointed {
+            if positions != h.checkpointed || config_hash(&svc.config_text(p)) != h.config_hash {
                 moved.push((p, positions));
             }
         }
@@ -568,6 +591,7 @@ impl Driver<'_> {
             if let Some(h) = self.held.get_mut(&done.partition) {
                 h.version = done.checkpoint.version;
                 h.checkpointed = done.offsets;
+                h.config_hash = done.config_hash;
             }
         }
         histogram!(self.cfg.checkpoint_seconds).record(started.elapsed().as_secs_f64());
