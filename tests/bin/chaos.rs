@@ -15,6 +15,7 @@
 //!
 //! ```sh
 //! make chaos                                   # 1,000,000 events, 5 + 5 kills, 30 s outage
+//! make chaos CHAOS_ARGS='--instances 3 --rater-instances 2 --events 500000'   # scale-out under faults
 //! cargo run --release -p meterflow-e2e --bin meterflow-chaos -- --events 100000 \
 //!     --aggregator-kills 2 --rater-kills 2 --clickhouse-outage 5
 //! ```
@@ -84,12 +85,24 @@ struct Args {
     /// Keep the private stack's state dir (data and logs) after a successful run.
     #[arg(long)]
     keep_state: bool,
+    /// Aggregator instances in one consumer group (kills hit a random one).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Rater instances in one consumer group.
+    #[arg(long, default_value_t = 1)]
+    rater_instances: usize,
+    /// With more than one aggregator instance: one more instance joins mid-run and one leaves
+    /// (SIGTERM) later, so partitions move under the faults.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    scale: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     KillAggregator(u32),
     KillRater(u32),
+    AddAggregator,
+    RemoveAggregator,
     RestartBroker,
     StopClickHouse,
     StartClickHouse,
@@ -110,8 +123,8 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     let state = workspace_root().join("target/chaos").join(format!("state-{}", std::process::id()));
-    println!("meterflow-chaos: {} events, {} aggregator kills, {} rater kills, {} broker restart(s), ClickHouse outage {} s, seed {seed}",
-        args.events, args.aggregator_kills, args.rater_kills, args.broker_restarts, args.clickhouse_outage);
+    println!("meterflow-chaos: {} events, {} aggregator(s) and {} rater(s), {} aggregator kills, {} rater kills, {} broker restart(s), ClickHouse outage {} s, seed {seed} (--seed {seed} replays the schedule)",
+        args.events, args.instances, args.rater_instances, args.aggregator_kills, args.rater_kills, args.broker_restarts, args.clickhouse_outage);
     let mut stack = match Stack::start(&state, &args.broker_storage) {
         Ok(s) => s,
         Err(e) => {
@@ -237,6 +250,11 @@ fn schedule(args: &Args, rng: &mut StdRng) -> Vec<(f64, Fault)> {
     if args.clickhouse_outage > 0 {
         faults.push((at(rng), Fault::StopClickHouse));
     }
+    if args.instances > 1 && args.scale {
+        let (a, b) = (at(rng), at(rng));
+        faults.push((a.min(b), Fault::AddAggregator));
+        faults.push((a.max(b) + 0.5, Fault::RemoveAggregator));
+    }
     faults.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut a, mut r) = (0, 0);
     for (_, f) in &mut faults {
@@ -266,21 +284,38 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
 
     let logs = log_dir("chaos")?;
     let (kafka, topics, ch_args) = (env.kafka_args(), env.topics(), env.clickhouse_args());
-    let agg_http = format!("127.0.0.1:{}", free_port()?);
-    let rater_http = format!("127.0.0.1:{}", free_port()?);
-    let mut agg = Proc::new(
-        "meterflow-aggregator",
-        aggregator_env(kafka, topics, ch_args, "chaos-agg", &agg_http, &[("METERFLOW_IDLE_TIMEOUT", "1s")]),
-        logs.join(format!("{}-aggregator.log", env.name())),
-    )?;
-    let mut rater = Proc::new(
-        "meterflow-rater",
-        rater_env(kafka, topics, ch_args, "chaos-rater", &rater_http, &[("METERFLOW_LOW_BALANCE", "USD=900")]),
-        logs.join(format!("{}-rater.log", env.name())),
-    )?;
-    agg.start()?;
-    rater.start()?;
-    tl.log(format!("aggregator (pid {:?}, log {}) and rater (pid {:?}, log {}) started", agg.pid(), agg.log_path().display(), rater.pid(), rater.log_path().display()));
+    let agg_proc = |i: usize| -> Result<Proc> {
+        let http = format!("127.0.0.1:{}", free_port()?);
+        Proc::new(
+            "meterflow-aggregator",
+            aggregator_env(kafka, topics, ch_args, "chaos-agg", &http, &[("METERFLOW_IDLE_TIMEOUT", "1s")]),
+            logs.join(format!("{}-aggregator-{i}.log", env.name())),
+        )
+    };
+    let mut aggs: Vec<Proc> = (0..args.instances.max(1)).map(agg_proc).collect::<Result<_>>()?;
+    let mut raters: Vec<Proc> = (0..args.rater_instances.max(1))
+        .map(|i| {
+            let http = format!("127.0.0.1:{}", free_port()?);
+            Proc::new(
+                "meterflow-rater",
+                rater_env(kafka, topics, ch_args, "chaos-rater", &http, &[("METERFLOW_LOW_BALANCE", "USD=900")]),
+                logs.join(format!("{}-rater-{i}.log", env.name())),
+            )
+        })
+        .collect::<Result<_>>()?;
+    for p in aggs.iter_mut().chain(raters.iter_mut()) {
+        p.start()?;
+    }
+    tl.log(format!(
+        "{} aggregator(s) (pids {:?}) and {} rater(s) (pids {:?}) started; logs in {}",
+        aggs.len(),
+        aggs.iter().map(Proc::pid).collect::<Vec<_>>(),
+        raters.len(),
+        raters.iter().map(Proc::pid).collect::<Vec<_>>(),
+        logs.display()
+    ));
+    // Instances that left the group (kept for their logs).
+    let mut retired: Vec<Proc> = Vec::new();
 
     let mut cfg = workload(args.events, seed)?;
     cfg.max_in_flight = 50_000;
@@ -303,26 +338,38 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
                 tl.log("producer finished");
             }
         }
-        if matches!(fault, Fault::KillAggregator(_)) || matches!(fault, Fault::StartClickHouse) {
-            agg.check_alive()?;
-        }
-        if matches!(fault, Fault::KillRater(_)) {
-            rater.check_alive()?;
+        for p in aggs.iter_mut().chain(raters.iter_mut()) {
+            p.check_alive()?;
         }
         match fault {
             Fault::KillAggregator(i) => {
-                agg.kill9()?;
+                let k = rng.random_range(0..aggs.len());
+                aggs[k].kill9()?;
                 let pause = rng.random_range(100..1_500);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
-                agg.start()?;
-                tl.log(format!("SIGKILL aggregator #{i}; restarted {pause} ms later (pid {:?})", agg.pid()));
+                aggs[k].start()?;
+                tl.log(format!("SIGKILL aggregator #{i} (instance {k}); restarted {pause} ms later (pid {:?})", aggs[k].pid()));
             }
             Fault::KillRater(i) => {
-                rater.kill9()?;
+                let k = rng.random_range(0..raters.len());
+                raters[k].kill9()?;
                 let pause = rng.random_range(100..1_500);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
-                rater.start()?;
-                tl.log(format!("SIGKILL rater #{i}; restarted {pause} ms later (pid {:?})", rater.pid()));
+                raters[k].start()?;
+                tl.log(format!("SIGKILL rater #{i} (instance {k}); restarted {pause} ms later (pid {:?})", raters[k].pid()));
+            }
+            Fault::AddAggregator => {
+                let mut p = agg_proc(aggs.len() + retired.len())?;
+                p.start()?;
+                tl.log(format!("aggregator instance {} joined the group (pid {:?})", aggs.len() + retired.len(), p.pid()));
+                aggs.push(p);
+            }
+            Fault::RemoveAggregator => {
+                let k = rng.random_range(0..aggs.len());
+                let mut p = aggs.remove(k);
+                p.terminate()?;
+                tl.log(format!("aggregator instance {k} left the group (SIGTERM, {} remain)", aggs.len()));
+                retired.push(p);
             }
             Fault::RestartBroker => {
                 if !args.broker_restart_during_production && !producing.is_finished() {
@@ -372,8 +419,9 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
     let mut last_status = Instant::now();
     let waited = async {
         loop {
-            agg.check_alive()?;
-            rater.check_alive()?;
+            for p in aggs.iter_mut().chain(raters.iter_mut()) {
+                p.check_alive()?;
+            }
             let w = verify::window_totals(&ch, &gt).await;
             let d = verify::dead_letters(&ch, &gt, &topics.usage_topic).await;
             match (w, d) {
@@ -411,8 +459,9 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
     tl.log(format!("window totals exact ({windows_checked} windows) and every malformed message dead-lettered with its reason ({dead_checked}), {:.1} s after the last fault", last_fault.elapsed().as_secs_f64()));
     let catalog = catalog()?;
     let charges_checked = loop {
-        agg.check_alive()?;
-        rater.check_alive()?;
+        for p in aggs.iter_mut().chain(raters.iter_mut()) {
+            p.check_alive()?;
+        }
         let report = verify::charges(&ch, &gt, &catalog).await?;
         if report.ok() {
             break report.checked;
@@ -443,9 +492,36 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
         "one usage charge per window revision ({revisions} revisions of {windows_charged} windows), no charge id with two contents, every dead letter has a reason and detail, usage_events holds each accepted event once ({raw}); {restated} restatement rows left after merges; revenue {}",
         from_ch_i128(revenue).normalize()
     ));
-    agg.terminate()?;
-    rater.terminate()?;
-    tl.log(format!("aggregator started {} times, rater {} times; stopped gracefully", agg.starts, rater.starts));
+    let starts = |ps: &[Proc]| ps.iter().map(|p| p.starts).sum::<u32>();
+    tl.log(format!(
+        "aggregators started {} times, raters {} times; stopping gracefully",
+        starts(&aggs) + starts(&retired),
+        starts(&raters)
+    ));
+    for p in aggs.iter_mut().chain(raters.iter_mut()) {
+        p.terminate()?;
+    }
+    // Evidence that partitions really moved between instances: every instance that ran long
+    // enough claimed some, and with several instances more than one did.
+    let claimed = |ps: &[Proc]| -> Result<usize> {
+        let mut n = 0;
+        for p in ps {
+            let log = std::fs::read_to_string(p.log_path()).unwrap_or_default();
+            if log.contains("partition claimed") {
+                n += 1;
+            }
+        }
+        Ok(n)
+    };
+    let all_aggs: Vec<Proc> = aggs.into_iter().chain(retired).collect();
+    let (agg_claimers, rater_claimers) = (claimed(&all_aggs)?, claimed(&raters)?);
+    tl.log(format!("{agg_claimers} aggregator instance(s) and {rater_claimers} rater instance(s) claimed partitions"));
+    if all_aggs.len() > 1 {
+        anyhow::ensure!(agg_claimers >= 2, "only {agg_claimers} aggregator instance claimed partitions: the scale-out did not happen");
+    }
+    if raters.len() > 1 {
+        anyhow::ensure!(rater_claimers >= 2, "only {rater_claimers} rater instance claimed partitions");
+    }
 
     println!("\n== what was verified (ground truth vs ClickHouse, exact) ==");
     println!("  window totals (meter_totals):      {windows_checked} windows, value, event count and provider cost");

@@ -508,3 +508,129 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
     env.cleanup().await?;
     Ok(())
 }
+
+fn rater_env(env: &TestEnv, catalog: &std::path::Path) -> Vec<(String, String)> {
+    let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
+    for (k, v) in [
+        ("METERFLOW_RATER_GROUP", "ops-rater"),
+        ("METERFLOW_RATER_HTTP_ADDR", "127.0.0.1:0"),
+        ("METERFLOW_CATALOG", &catalog.display().to_string()),
+        // Only the claim on assignment: a crash replays everything rated so far.
+        ("METERFLOW_CHECKPOINT_INTERVAL", "1h"),
+    ] {
+        e.push((k.to_owned(), v.to_owned()));
+    }
+    e
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ChargeAmount {
+    charge_id: String,
+    kind: String,
+    amount: i128,
+}
+
+async fn charges(env: &TestEnv) -> anyhow::Result<Vec<ChargeAmount>> {
+    Ok(env
+        .clickhouse()
+        .query("SELECT charge_id, kind, amount FROM charges WHERE tenant = 'tenant-price'")
+        .fetch_all()
+        .await?)
+}
+
+/// 11.4: a price edited between a crash past the last checkpoint and the restart. The rater
+/// re-derives what it had already charged with the checkpoint's catalog, switches, and only
+/// later charges use the new price: no charge id ever has two contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn price_change_after_a_crash_never_rewrites_a_charge() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_price", 1).await?;
+    let old_text = std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?;
+    let needle = "free_units = \"100000\"\nunit_price = \"0.000003\"";
+    anyhow::ensure!(old_text.matches(needle).count() == 1, "the gpt-4o input price is unique in the catalog");
+    let new_catalog = log_path(&env, "catalog-b.toml");
+    std::fs::write(&new_catalog, old_text.replace(needle, "free_units = \"100000\"\nunit_price = \"0.000004\""))?;
+    let old_catalog = workspace_root().join("config/catalog.toml");
+
+    let base = (now_ms() - 40 * 60_000).div_euclid(60_000) * 60_000;
+    let window = |w: i64| -> Vec<UsageEvent> {
+        (0..5)
+            .map(|i| {
+                UsageEvent::new(format!("p{w}-{i}"), "tenant-price", "input_tokens", Decimal::from(100_000), base + w * 60_000 + 1_000 + i)
+                    .with_dimension("model", "gpt-4o")
+                    .with_dimension("region", "eu")
+            })
+            .collect()
+    };
+    let (agg, agg_stop) = start_aggregator(&env, "ops-price-agg", &[])?;
+    let first: Vec<UsageEvent> = (0..5).flat_map(window).collect();
+    send_all(&env, &first).await?;
+    let shutdown = CancellationToken::new();
+    let cfg = parse_with_env::<meterflow_rater::Config>(&rater_env(&env, &old_catalog))?;
+    let rater = tokio::spawn(meterflow_rater::run(cfg, shutdown.clone()));
+    wait_for(|| { let env = env.clone(); async move { Ok(charges(&env).await?.len() == 5) } }, Duration::from_secs(90)).await?;
+    let before: BTreeMap<String, i128> = charges(&env).await?.into_iter().map(|c| (c.charge_id, c.amount)).collect();
+    let covered: i64 = env
+        .clickhouse()
+        .query("SELECT max(next_offset) FROM checkpoints WHERE service = 'rater'")
+        .fetch_one()
+        .await?;
+    assert_eq!(covered, 0, "the fault: the newest rater checkpoint is the claim at offset 0, so the restart replays");
+    rater.abort(); // crash: nothing more flushed or checkpointed
+    let _ = rater.await;
+
+    let shutdown = CancellationToken::new();
+    let cfg = parse_with_env::<meterflow_rater::Config>(&rater_env(&env, &new_catalog))?;
+    let rater = tokio::spawn(meterflow_rater::run(cfg, shutdown.clone()));
+    let second: Vec<UsageEvent> = (5..10).flat_map(window).collect();
+    send_all(&env, &second).await?;
+    wait_for(
+        || {
+            let env = env.clone();
+            async move {
+                let ids: std::collections::BTreeSet<String> = charges(&env).await?.into_iter().map(|c| c.charge_id).collect();
+                Ok(ids.len() == 10)
+            }
+        },
+        Duration::from_secs(90),
+    )
+    .await?;
+    shutdown.cancel();
+    rater.await??;
+    stop(agg, agg_stop).await?;
+
+    let all = charges(&env).await?;
+    let mut by_id: BTreeMap<String, i128> = BTreeMap::new();
+    for c in &all {
+        assert_eq!(c.kind, "usage");
+        if let Some(prev) = by_id.insert(c.charge_id.clone(), c.amount) {
+            assert_eq!(prev, c.amount, "charge {} has two contents", c.charge_id);
+        }
+    }
+    for (id, amount) in &before {
+        assert_eq!(by_id.get(id), Some(amount), "charge {id} written before the crash changed");
+    }
+    // Independent arithmetic: 100,000 free tokens a month, 500,000 tokens a window.
+    let old_price = Decimal::new(3, 6);
+    let new_price = Decimal::new(4, 6);
+    let expected_total = Decimal::from(400_000) * old_price + Decimal::from(4 * 500_000) * old_price + Decimal::from(5 * 500_000) * new_price;
+    let total: Decimal = by_id.values().map(|a| from_ch_i128(*a)).sum();
+    assert_eq!(total, expected_total, "revenue under the rule: charged before the switch at the old price, after at the new");
+    let newest: Vec<u8> = env
+        .clickhouse()
+        .query("SELECT state FROM checkpoints WHERE service = 'rater' ORDER BY version DESC LIMIT 1")
+        .fetch_one::<ChkState>()
+        .await?
+        .state;
+    let meta = meterflow_runtime::checkpoint::Envelope::decode(&newest)?.meta;
+    assert!(meta.config_text.contains("0.000004"), "the switch was checkpointed with the new catalog");
+    env.cleanup().await?;
+    Ok(())
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ChkState {
+    #[serde(with = "serde_bytes")]
+    state: Vec<u8>,
+}
