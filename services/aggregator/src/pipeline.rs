@@ -287,7 +287,7 @@ impl Aggregator {
                     match outcome {
                         Outcome::Accepted => {
                             counter!(m::ACCEPTED).increment(1);
-                            outputs.usage.push(usage_row(catalog, &ev, partition, offset));
+                            outputs.usage.push(usage_row(catalog, &ev, partition, offset)?);
                         }
                         Outcome::Duplicate => counter!(m::DUPLICATES).increment(1),
                         Outcome::Rejected { reason, detail } => {
@@ -403,27 +403,35 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> UsageRow {
+/// The raw row of an accepted event. Its decimals were validated by the engine (canonical,
+/// at most 9 fractional digits), so the conversion is exact; an error here is a bug, and it
+/// stops the aggregator rather than store a wrong quantity.
+fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
+    use meterflow_core::decimal::{parse, to_ch_i128};
     let window_start = catalog.get(ev.meter).map_or(ev.event_time_ms, |m| m.window_start(ev.event_time_ms));
-    let parse = |s: &str| meterflow_core::decimal::parse("quantity", s).map(|d| meterflow_core::decimal::to_ch_i128(&d)).unwrap_or(0);
+    let quantity = to_ch_i128(&parse("quantity", ev.quantity)?)?;
+    let provider_cost = match ev.provider_cost {
+        Some(c) => to_ch_i128(&parse("provider_cost", c)?)?,
+        None => 0,
+    };
     let mut dims: Vec<(&str, &str)> = ev.dimensions.clone();
     dims.sort_unstable();
-    UsageRow {
+    Ok(UsageRow {
         tenant: ev.tenant.to_owned(),
         meter: ev.meter.to_owned(),
         event_id: ev.event_id.to_owned(),
         event_time: secs(ev.event_time_ms),
         event_time_ms: ev.event_time_ms,
         window_start: secs(window_start),
-        quantity: parse(ev.quantity),
-        provider_cost: ev.provider_cost.map_or(0, parse),
+        quantity,
+        provider_cost,
         has_provider_cost: u8::from(ev.provider_cost.is_some()),
         dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
         dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
         source: ev.source.to_owned(),
         source_partition: partition,
         source_offset: offset,
-    }
+    })
 }
 
 fn dead_letter(

@@ -117,10 +117,17 @@ pub enum RejectReason {
     TooLate,
     /// Further in the future than the meter allows.
     TooEarly,
+    /// Above the meter's `max_quantity` (in absolute value).
+    QuantityOutOfRange,
+    /// Would open a window beyond a per-partition memory limit (windows in memory, or open
+    /// windows of one tenant); see `EngineConfig::max_windows`.
+    WindowLimit,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    /// In snapshot order: new reasons are appended, never inserted (engine stats are indexed
+    /// by position and checkpointed).
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::Undecodable,
         RejectReason::UnknownMeter,
         RejectReason::MissingTenant,
@@ -130,6 +137,8 @@ impl RejectReason {
         RejectReason::BadProviderCost,
         RejectReason::TooLate,
         RejectReason::TooEarly,
+        RejectReason::QuantityOutOfRange,
+        RejectReason::WindowLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -143,6 +152,8 @@ impl RejectReason {
             RejectReason::BadProviderCost => "bad_provider_cost",
             RejectReason::TooLate => "too_late",
             RejectReason::TooEarly => "too_early",
+            RejectReason::QuantityOutOfRange => "quantity_out_of_range",
+            RejectReason::WindowLimit => "window_limit",
         }
     }
 

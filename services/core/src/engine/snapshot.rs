@@ -238,10 +238,12 @@ fn read_stats(r: &mut Reader<'_>) -> Result<EngineStats> {
         duplicates: r.u64()?,
         ..EngineStats::default()
     };
-    if r.len(8)? != s.rejected.len() {
+    // Snapshots of older builds have fewer reasons (new ones are appended): theirs are zero.
+    let n = r.len(8)?;
+    if n > s.rejected.len() {
         return Err(bad("reject reasons"));
     }
-    for slot in s.rejected.iter_mut() {
+    for slot in s.rejected.iter_mut().take(n) {
         *slot = r.u64()?;
     }
     s.ticks = r.u64()?;
