@@ -54,6 +54,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             dedup_horizon_ms: config.dedup_horizon_ms,
             hot_max_ids: config.dedup_hot_max_ids,
             retain_closed_ms: config.retain_closed_ms,
+            max_windows: config.max_windows,
+            max_open_windows_per_tenant: config.max_open_windows_per_tenant,
             ..EngineConfig::default()
         },
         checkpoints: CheckpointStore::new(client.clone()),
@@ -122,6 +124,8 @@ impl Partitioned for Aggregator {
         for (topic, p) in list {
             if *topic == self.config.topics.usage_topic {
                 self.partitions.remove(p);
+                gauge!(m::OPEN_WINDOWS, "partition" => p.to_string()).set(0.0);
+                gauge!(m::WINDOWS_IN_MEMORY, "partition" => p.to_string()).set(0.0);
             }
         }
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
@@ -178,6 +182,8 @@ impl Partitioned for Aggregator {
         let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
         gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
         for (p, part) in &self.partitions {
+            gauge!(m::OPEN_WINDOWS, "partition" => p.to_string()).set(part.engine.open_windows() as f64);
+            gauge!(m::WINDOWS_IN_MEMORY, "partition" => p.to_string()).set(part.engine.windows_in_memory() as f64);
             if let Some(wm) = part.engine.watermark() {
                 gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
             }

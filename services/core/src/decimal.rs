@@ -84,10 +84,18 @@ pub fn to_ch_i128(d: &Decimal) -> Result<i128, Error> {
     Ok(v)
 }
 
-/// The inverse of [`to_ch_i128`], normalised. Errors for a stored value `rust_decimal` cannot
-/// hold (above ~7.9e28, which meterflow never writes but another writer of the table could).
+/// The inverse of [`to_ch_i128`], normalised. Trailing zeros are stripped in `i128` first, so
+/// every value [`to_ch_i128`] produces converts back (4e23 is 4e32 units of 10^-9, beyond a
+/// 96-bit mantissa at scale 9 but not at scale 0). Errors for a stored value `rust_decimal`
+/// cannot hold at all (above ~7.9e28, which meterflow never writes but another writer of the
+/// table could).
 pub fn try_from_ch_i128(v: i128) -> Result<Decimal, Error> {
-    Decimal::try_from_i128_with_scale(v, MAX_SCALE)
+    let (mut m, mut scale) = (v, MAX_SCALE);
+    while scale > 0 && m % 10 == 0 {
+        m /= 10;
+        scale -= 1;
+    }
+    Decimal::try_from_i128_with_scale(m, scale)
         .map(|d| d.normalize())
         .map_err(|_| Error::NotStorable {
             value: v.to_string(),
@@ -95,9 +103,12 @@ pub fn try_from_ch_i128(v: i128) -> Result<Decimal, Error> {
         })
 }
 
-/// The inverse of [`to_ch_i128`], for values meterflow wrote (always within range).
+/// [`try_from_ch_i128`] for values meterflow wrote, which are always within range.
+///
+/// # Panics
+/// On a stored value beyond `rust_decimal` (|value| >= 2^96 in its shortest form).
 pub fn from_ch_i128(v: i128) -> Decimal {
-    Decimal::from_i128_with_scale(v, MAX_SCALE).normalize()
+    try_from_ch_i128(v).expect("a Decimal(38, 9) value meterflow wrote fits rust_decimal")
 }
 
 /// Checks that a decimal read from the wire fits the pipeline: at most [`MAX_SCALE`]
@@ -170,18 +181,21 @@ mod tests {
             "12345678901234567890.123456789",
             "0.000000001",
             "-0.000000001",
-            "99999999999999999999.999999999",
+            "9999999999999999999.999999999",
             max.as_str(),
             min.as_str(),
             "7922816251426433759.354395033",
         ] {
-            let d = Decimal::from_str(s).unwrap();
+            let d = parse("q", s).unwrap();
             let v = to_ch_i128(&d).unwrap_or_else(|e| panic!("{s}: {e}"));
             assert_eq!(v, reference(s), "{s}");
             assert_eq!(from_ch_i128(v), d.normalize(), "{s}");
             assert_eq!(try_from_ch_i128(v).unwrap(), d.normalize(), "{s}");
         }
         assert_eq!(to_ch_i128(&Decimal::MAX).unwrap(), 79_228_162_514_264_337_593_543_950_335_000_000_000);
+        // 29 significant digits do not fit rust_decimal: refused on the wire, not rounded
+        // (Decimal::from_str would round this one to 1e20).
+        assert!(parse("q", "99999999999999999999.999999999").is_err());
     }
 
     #[test]

@@ -188,6 +188,10 @@ fn validate(m: RawMeter) -> Result<MeterDef, Error> {
         }
         _ => {}
     }
+    let max_quantity = match &m.max_quantity {
+        None => None,
+        Some(v) => Some(parse_max_quantity(v).map_err(|r| invalid(&name, "max_quantity", r))?),
+    };
     Ok(MeterDef {
         name,
         aggregation,
@@ -197,10 +201,7 @@ fn validate(m: RawMeter) -> Result<MeterDef, Error> {
         allowed_lateness_ms,
         max_future_ms,
         allow_negative: m.allow_negative,
-        max_quantity: match &m.max_quantity {
-            None => None,
-            Some(v) => Some(parse_max_quantity(v).map_err(|r| invalid(&name, "max_quantity", r))?),
-        },
+        max_quantity,
     })
 }
 
