@@ -108,8 +108,8 @@ pub struct EngineConfig {
     pub max_open_windows_per_tenant: usize,
 }
 
-/// Default of [`EngineConfig::max_windows`]: 2 Mi windows, about 0.6 GiB per partition at
-/// the measured ~300 bytes per window (README, "Memory limits").
+/// Default of [`EngineConfig::max_windows`]: 2 Mi windows, about 0.4 GiB per partition at
+/// the measured ~190 bytes per window (README, "Memory limits").
 pub const DEFAULT_MAX_WINDOWS: usize = 2 << 20;
 /// Default of [`EngineConfig::max_open_windows_per_tenant`].
 pub const DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT: usize = 100_000;
