@@ -292,7 +292,7 @@ async fn fastavro_events_big_quantities_and_a_window_flood() -> anyhow::Result<(
     // flood asked for.
     let windows = gauge(&render, "meterflow_aggregator_windows_in_memory").expect("windows gauge exported");
     assert_eq!(windows as usize, expected.len(), "{render}");
-    assert!(windows as usize <= MAX_WINDOWS && (windows as usize) < FLOOD);
+    assert!((windows as usize) < FLOOD, "the flood did not get a window per event");
     assert!(gauge(&render, "meterflow_aggregator_open_windows").is_some(), "open windows gauge exported");
     eprintln!(
         "{} events ({} from the flood), {} windows counted exactly, {} window_limit, 1 quantity_out_of_range",
