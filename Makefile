@@ -20,7 +20,7 @@ COMPONENTS := broker clickhouse prometheus
 # The admin binary, built on demand (release, shared with `make build`).
 ADMIN := $(CARGO) run --quiet --release -p meterflow-admin --
 
-.PHONY: help up down status install build test test-rust check-ddl check-compose clippy init demo bench chaos bench-core \
+.PHONY: help up down status install build test test-rust pyenv check-ddl check-compose clippy init demo bench chaos bench-core \
 	$(foreach c,$(COMPONENTS),start-$(c) stop-$(c) restart-$(c) status-$(c))
 
 help:
@@ -68,12 +68,17 @@ test:
 	@$(MAKE) --no-print-directory up
 	@$(MAKE) --no-print-directory check-ddl
 	@$(MAKE) --no-print-directory check-compose
+	@$(MAKE) --no-print-directory pyenv
 	@$(MAKE) --no-print-directory test-rust
 	@$(MAKE) --no-print-directory fuzz-short
 	@$(MAKE) --no-print-directory clippy
 
 test-rust:
 	$(CARGO) test --workspace --no-fail-fast
+
+# fastavro (PyPI) in ~/.cache/meterflow/py-venv: the Avro interop tests decode its bytes.
+pyenv:
+	deploy/local/pyenv.sh
 
 # The DDL must work on current ClickHouse too (the local server is 18.16): chdb-core.
 check-ddl:

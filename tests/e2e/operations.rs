@@ -166,6 +166,17 @@ async fn no_seq_with_two_contents(env: &TestEnv) -> anyhow::Result<usize> {
     Ok(seen.len())
 }
 
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct PartitionSeq {
+    source_partition: i32,
+    seq: i64,
+}
+
+async fn max_seq_by_partition(env: &TestEnv, sql: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let rows: Vec<PartitionSeq> = env.clickhouse().query(sql).fetch_all().await?;
+    Ok(rows.into_iter().map(|r| (r.source_partition, r.seq)).collect())
+}
+
 /// 11.1: a truncated `checkpoints` table (the group has committed offsets, the outputs exist)
 /// makes the aggregator refuse to start instead of "starting fresh"; an operator's `replay`
 /// decision lets it continue with sequence numbers after the ones already emitted.
@@ -184,7 +195,7 @@ async fn truncated_checkpoints_refuse_until_an_operator_decides() -> anyhow::Res
     stop(task, shutdown).await?;
     let ch = env.clickhouse();
     let aggregates_before: u64 = ch.query("SELECT count() FROM meter_aggregates").fetch_one().await?;
-    let max_seq_before: i64 = ch.query("SELECT max(seq) FROM meter_aggregates").fetch_one().await?;
+    let max_seq_before = max_seq_by_partition(&env, "SELECT source_partition, max(seq) AS seq FROM meter_aggregates GROUP BY source_partition").await?;
 
     ch.query("TRUNCATE TABLE checkpoints").execute().await?;
     let left: u64 = ch.query("SELECT count() FROM checkpoints").fetch_one().await?;
@@ -225,12 +236,16 @@ async fn truncated_checkpoints_refuse_until_an_operator_decides() -> anyhow::Res
     wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
     assert!(!task.is_finished(), "the aggregator runs after the decision");
     stop(task, shutdown).await?;
-    let min_new: i64 = ch
-        .query("SELECT min(seq) FROM meter_aggregates WHERE window_start_ms = ?")
-        .bind(base + 10 * 60_000)
-        .fetch_one()
-        .await?;
-    assert!(min_new > max_seq_before, "seq continues after {max_seq_before} (got {min_new}): the rater would skip a restart at 1");
+    let sql = format!(
+        "SELECT source_partition, min(seq) AS seq FROM meter_aggregates WHERE window_start_ms = {} GROUP BY source_partition",
+        base + 10 * 60_000
+    );
+    let min_new = max_seq_by_partition(&env, &sql).await?;
+    assert!(!min_new.is_empty(), "new windows were emitted");
+    for (p, first) in &min_new {
+        let before = max_seq_before.get(p).copied().unwrap_or(0);
+        assert!(*first > before, "partition {p}: seq continues after {before} (got {first}); a restart at 1 would be skipped by the rater");
+    }
     no_seq_with_two_contents(&env).await?;
     env.cleanup().await?;
     Ok(())

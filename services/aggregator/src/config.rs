@@ -48,6 +48,23 @@ pub struct Config {
     #[arg(long = "retain-closed", env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = parse_ms)]
     pub retain_closed_ms: i64,
 
+    /// Most windows (open and retained closed) one partition keeps in memory; an event that
+    /// needs one more is dead-lettered as window_limit. The default (2 Mi) is ~0.4 GiB of
+    /// engine state per partition at the measured ~190 bytes per window; 4 partitions at the
+    /// limit stay within 24 GiB even at ~2.5 KB of whole-process memory per window.
+    #[arg(long, env = "METERFLOW_MAX_WINDOWS", default_value_t = meterflow_core::engine::DEFAULT_MAX_WINDOWS)]
+    pub max_windows: usize,
+
+    /// Most open windows one tenant may have in one partition; beyond it that tenant's events
+    /// for new windows are dead-lettered as window_limit, so a flood of new dimension values
+    /// from one tenant leaves room for the others.
+    #[arg(
+        long,
+        env = "METERFLOW_MAX_OPEN_WINDOWS_PER_TENANT",
+        default_value_t = meterflow_core::engine::DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT
+    )]
+    pub max_open_windows_per_tenant: usize,
+
     /// Outputs are flushed at least this often.
     #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
     pub flush_interval_ms: i64,

@@ -18,6 +18,8 @@ pub const FLUSH_ERRORS: &str = "meterflow_aggregator_flush_errors_total";
 pub const BUFFERED_ROWS: &str = "meterflow_aggregator_buffered_rows";
 pub const DEDUP_HOT_IDS: &str = "meterflow_aggregator_dedup_hot_ids";
 pub const PARTITIONS_OWNED: &str = "meterflow_aggregator_partitions_owned";
+pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
+pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
 
 pub fn describe() {
     describe_counter!(EVENTS_IN, "Records read from the usage-events topic (ticks excluded).");
@@ -36,6 +38,8 @@ pub fn describe() {
     describe_gauge!(BUFFERED_ROWS, "Output rows waiting to be flushed.");
     describe_gauge!(DEDUP_HOT_IDS, "Event ids remembered in memory.");
     describe_gauge!(PARTITIONS_OWNED, "Usage-events partitions this instance owns.");
+    describe_gauge!(OPEN_WINDOWS, "Open windows per owned partition (bounded per tenant by --max-open-windows-per-tenant).");
+    describe_gauge!(WINDOWS_IN_MEMORY, "Open and retained closed windows per owned partition (bounded by --max-windows).");
     // Touch the labelled series so dashboards see zeros instead of gaps.
     for r in meterflow_core::RejectReason::ALL {
         counter!(DEAD_LETTERS, "reason" => r.as_str()).increment(0);

@@ -55,6 +55,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             dedup_horizon_ms: config.dedup_horizon_ms,
             hot_max_ids: config.dedup_hot_max_ids,
             retain_closed_ms: config.retain_closed_ms,
+            max_windows: config.max_windows,
+            max_open_windows_per_tenant: config.max_open_windows_per_tenant,
             ..EngineConfig::default()
         },
         meters_text: meters_text.clone(),
@@ -289,6 +291,8 @@ impl Partitioned for Aggregator {
 
     fn release(&mut self, partition: i32) {
         self.partitions.remove(&partition);
+        gauge!(m::OPEN_WINDOWS, "partition" => partition.to_string()).set(0.0);
+        gauge!(m::WINDOWS_IN_MEMORY, "partition" => partition.to_string()).set(0.0);
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         self.publish_positions();
     }
@@ -326,6 +330,8 @@ impl Partitioned for Aggregator {
         let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
         gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
         for (p, part) in &self.partitions {
+            gauge!(m::OPEN_WINDOWS, "partition" => p.to_string()).set(part.engine.open_windows() as f64);
+            gauge!(m::WINDOWS_IN_MEMORY, "partition" => p.to_string()).set(part.engine.windows_in_memory() as f64);
             if let Some(wm) = part.engine.watermark() {
                 gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
             }
@@ -456,7 +462,7 @@ impl Aggregator {
                     match outcome {
                         Outcome::Accepted => {
                             counter!(m::ACCEPTED).increment(1);
-                            outputs.usage.push(usage_row(catalog, &ev, partition, offset));
+                            outputs.usage.push(usage_row(catalog, &ev, partition, offset)?);
                         }
                         Outcome::Duplicate => counter!(m::DUPLICATES).increment(1),
                         Outcome::Rejected { reason, detail } => {
@@ -582,27 +588,35 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> UsageRow {
+/// The raw row of an accepted event. Its decimals were validated by the engine (canonical,
+/// at most 9 fractional digits), so the conversion is exact; an error here is a bug, and it
+/// stops the aggregator rather than store a wrong quantity.
+fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
+    use meterflow_core::decimal::{parse, to_ch_i128};
     let window_start = catalog.get(ev.meter).map_or(ev.event_time_ms, |m| m.window_start(ev.event_time_ms));
-    let parse = |s: &str| meterflow_core::decimal::parse("quantity", s).map(|d| meterflow_core::decimal::to_ch_i128(&d)).unwrap_or(0);
+    let quantity = to_ch_i128(&parse("quantity", ev.quantity)?)?;
+    let provider_cost = match ev.provider_cost {
+        Some(c) => to_ch_i128(&parse("provider_cost", c)?)?,
+        None => 0,
+    };
     let mut dims: Vec<(&str, &str)> = ev.dimensions.clone();
     dims.sort_unstable();
-    UsageRow {
+    Ok(UsageRow {
         tenant: ev.tenant.to_owned(),
         meter: ev.meter.to_owned(),
         event_id: ev.event_id.to_owned(),
         event_time: secs(ev.event_time_ms),
         event_time_ms: ev.event_time_ms,
         window_start: secs(window_start),
-        quantity: parse(ev.quantity),
-        provider_cost: ev.provider_cost.map_or(0, parse),
+        quantity,
+        provider_cost,
         has_provider_cost: u8::from(ev.provider_cost.is_some()),
         dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
         dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
         source: ev.source.to_owned(),
         source_partition: partition,
         source_offset: offset,
-    }
+    })
 }
 
 fn dead_letter(

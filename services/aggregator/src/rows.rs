@@ -44,9 +44,12 @@ pub struct AggregateRow {
     pub emitted_at_ms: i64,
 }
 
-impl From<&MeterAggregate> for AggregateRow {
-    fn from(a: &MeterAggregate) -> Self {
-        Self {
+impl TryFrom<&MeterAggregate> for AggregateRow {
+    type Error = meterflow_core::Error;
+
+    /// Refuses a value ClickHouse cannot store exactly (the engine only emits ones it can).
+    fn try_from(a: &MeterAggregate) -> Result<Self, Self::Error> {
+        Ok(Self {
             tenant: a.tenant.clone(),
             meter: a.meter.clone(),
             aggregation: a.aggregation.clone(),
@@ -57,13 +60,13 @@ impl From<&MeterAggregate> for AggregateRow {
             window_end: secs(a.window_end),
             window_start_ms: a.window_start,
             revision: a.revision.max(0) as u32,
-            value: to_ch_i128(&a.value),
-            previous_value: to_ch_i128(&a.previous_value),
+            value: to_ch_i128(&a.value)?,
+            previous_value: to_ch_i128(&a.previous_value)?,
             event_count: a.event_count,
-            provider_cost: to_ch_i128(&a.provider_cost),
+            provider_cost: to_ch_i128(&a.provider_cost)?,
             source_partition: a.source_partition,
             seq: a.seq,
             emitted_at_ms: a.emitted_at,
-        }
+        })
     }
 }

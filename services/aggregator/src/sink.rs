@@ -55,7 +55,15 @@ impl Sink {
             return false;
         }
         out.usage.clear();
-        let aggs: Vec<AggregateRow> = out.aggregates.iter().map(AggregateRow::from).collect();
+        let aggs: Vec<AggregateRow> = match out.aggregates.iter().map(AggregateRow::try_from).collect() {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Unreachable (engine values have at most 9 fractional digits); never store a
+                // rounded value: fail the flush, loudly.
+                tracing::error!(error = %e, "an aggregate cannot be stored exactly");
+                return false;
+            }
+        };
         if !insert_all(c, "meter_aggregates", &aggs, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }

@@ -1,6 +1,8 @@
 //! Wire format of usage events: Avro binary, framed as Avro single-object encoding
-//! (`C3 01` + 8-byte little-endian Rabin fingerprint) by default, or Confluent framing
-//! (`00` + 4-byte big-endian schema id) for a schema-registry world.
+//! (`C3 01` + 8-byte little-endian CRC-64-AVRO fingerprint of the schema's Parsing Canonical
+//! Form) by default, or Confluent framing (`00` + 4-byte big-endian schema id) for a
+//! schema-registry world. The decoder also accepts the fingerprints apache-avro computed (and
+//! meterflow wrote) before the spec's was used; see [`crate::schema`].
 //!
 //! The decoder is specialised to the known writer schemas (v1, v2) and resolved once: the
 //! generic apache-avro path costs ~400 ns per record and re-resolves the schema every call,
@@ -31,6 +33,8 @@ pub enum WriterVersion {
 pub struct UsageEventCodec {
     v1_fingerprint: u64,
     v2_fingerprint: u64,
+    v1_legacy_fingerprint: u64,
+    v2_legacy_fingerprint: u64,
     confluent_ids: Vec<(u32, WriterVersion)>,
 }
 
@@ -47,6 +51,8 @@ impl UsageEventCodec {
         Self {
             v1_fingerprint: schema::usage_event_v1().fingerprint,
             v2_fingerprint: schema::usage_event_v2().fingerprint,
+            v1_legacy_fingerprint: schema::usage_event_v1().legacy_fingerprint,
+            v2_legacy_fingerprint: schema::usage_event_v2().legacy_fingerprint,
             confluent_ids: vec![(1, WriterVersion::V1), (2, WriterVersion::V2)],
         }
     }
@@ -56,10 +62,19 @@ impl UsageEventCodec {
         self
     }
 
+    /// The fingerprint written in single-object headers (the Avro specification's).
     pub fn fingerprint(&self, version: WriterVersion) -> u64 {
         match version {
             WriterVersion::V1 => self.v1_fingerprint,
             WriterVersion::V2 => self.v2_fingerprint,
+        }
+    }
+
+    /// The fingerprint apache-avro computes, which meterflow wrote before; still accepted.
+    pub fn legacy_fingerprint(&self, version: WriterVersion) -> u64 {
+        match version {
+            WriterVersion::V1 => self.v1_legacy_fingerprint,
+            WriterVersion::V2 => self.v2_legacy_fingerprint,
         }
     }
 
@@ -147,9 +162,9 @@ impl UsageEventCodec {
                 let mut fp = [0u8; 8];
                 fp.copy_from_slice(&rest[..8]);
                 let fp = u64::from_le_bytes(fp);
-                let version = if fp == self.v2_fingerprint {
+                let version = if fp == self.v2_fingerprint || fp == self.v2_legacy_fingerprint {
                     WriterVersion::V2
-                } else if fp == self.v1_fingerprint {
+                } else if fp == self.v1_fingerprint || fp == self.v1_legacy_fingerprint {
                     WriterVersion::V1
                 } else {
                     return Err(Error::UnknownFingerprint(fp));
@@ -350,11 +365,37 @@ mod tests {
         let mut reader = &ours[10..];
         let decoded = apache_avro::from_avro_datum(&known.schema, &mut reader, None).unwrap();
         assert_eq!(decoded, apache_avro::from_avro_datum(&known.schema, &mut &datum[..], None).unwrap());
-        // Header: magic + Rabin fingerprint as apache-avro computes it.
+        // Header: we write the spec's fingerprint; apache-avro writes its own (legacy) one,
+        // which we still read.
         let mut writer = apache_avro::GenericSingleObjectWriter::new_with_capacity(&known.schema, 64).unwrap();
         let mut theirs = Vec::new();
         writer.write_value(value, &mut theirs).unwrap();
-        assert_eq!(&theirs[..10], &ours[..10]);
+        assert_eq!(&theirs[..2], &ours[..2]);
+        assert_eq!(&ours[2..10], &known.fingerprint.to_le_bytes());
+        assert_eq!(&theirs[2..10], &known.legacy_fingerprint.to_le_bytes());
+        assert_ne!(known.fingerprint, known.legacy_fingerprint);
+        let codec = UsageEventCodec::new();
+        assert_eq!(codec.decode(&theirs).unwrap().to_owned_event().unwrap(), ev);
+        assert_eq!(codec.legacy_fingerprint(WriterVersion::V2), known.legacy_fingerprint);
+    }
+
+    #[test]
+    fn both_fingerprints_of_both_versions_are_accepted() {
+        let codec = UsageEventCodec::new();
+        let mut body = Vec::new();
+        codec.encode(&sample(), Framing::SingleObject, &mut body);
+        let body = body.split_off(10);
+        for (version, fps) in [
+            (WriterVersion::V2, [schema::usage_event_v2().fingerprint, schema::usage_event_v2().legacy_fingerprint]),
+            (WriterVersion::V1, [schema::usage_event_v1().fingerprint, schema::usage_event_v1().legacy_fingerprint]),
+        ] {
+            for fp in fps {
+                let mut framed = vec![0xC3, 0x01];
+                framed.extend_from_slice(&fp.to_le_bytes());
+                framed.extend_from_slice(&body);
+                assert_eq!(codec.unframe(&framed).unwrap().0, version);
+            }
+        }
     }
 
     #[test]

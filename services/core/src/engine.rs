@@ -38,6 +38,11 @@
 //!   and is accepted: the aggregator should send a tick with its wall clock when it starts a
 //!   fresh partition. Event times beyond ±2^50 ms (±35,000 years) are rejected outright, so
 //!   window arithmetic can never overflow.
+//! * **Memory limits.** A new window is refused (`WindowLimit`) when its tenant already has
+//!   [`EngineConfig::max_open_windows_per_tenant`] open windows in the partition, or the
+//!   partition holds [`EngineConfig::max_windows`] windows (open + retained). Events for
+//!   existing windows are never refused, and both counts follow from the input alone, so a
+//!   replay refuses the same events.
 //! * **Output order** is deterministic: windows closing together are emitted by close time,
 //!   then in the order they were opened; pending restatements in the order their windows were
 //!   opened (or reloaded). The opening order is a per-engine counter kept in the snapshot, so it
@@ -48,8 +53,8 @@
 //! # Validation order
 //!
 //! missing tenant → missing event id → unknown meter → too late / too early → **dedup probe** →
-//! quantity → negative quantity → provider cost → exactness of the window total → **dedup
-//! commit**. The probe comes before decimal parsing, so a duplicate costs no parsing; the id is
+//! quantity → negative quantity → max_quantity → provider cost → window limits (only for an
+//! event that needs a new window) → exactness of the window total → **dedup commit**. The probe comes before decimal parsing, so a duplicate costs no parsing; the id is
 //! only committed when the event is accepted, so a malformed event never consumes the id of
 //! its corrected retry.
 
@@ -93,7 +98,21 @@ pub struct EngineConfig {
     /// Restatements are emitted when partition time crosses a multiple of this; 0 emits them
     /// from the `on_event` that caused them (default 1 second).
     pub restate_interval_ms: i64,
+    /// Most windows (open and retained closed) one partition holds in memory; an event that
+    /// would create one more is rejected `WindowLimit`. Bounds memory under a cardinality
+    /// flood (default [`DEFAULT_MAX_WINDOWS`]).
+    pub max_windows: usize,
+    /// Most open windows of one tenant in one partition; beyond it that tenant's events for
+    /// new windows are rejected `WindowLimit`, so one tenant's flood leaves room for the
+    /// others (default [`DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT`]).
+    pub max_open_windows_per_tenant: usize,
 }
+
+/// Default of [`EngineConfig::max_windows`]: 2 Mi windows, about 0.4 GiB per partition at
+/// the measured ~190 bytes per window (README, "Memory limits").
+pub const DEFAULT_MAX_WINDOWS: usize = 2 << 20;
+/// Default of [`EngineConfig::max_open_windows_per_tenant`].
+pub const DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT: usize = 100_000;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -105,6 +124,8 @@ impl Default for EngineConfig {
             hot_max_ids: d.hot_max_ids,
             retain_closed_ms: 3_600_000,
             restate_interval_ms: 1_000,
+            max_windows: DEFAULT_MAX_WINDOWS,
+            max_open_windows_per_tenant: DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT,
         }
     }
 }
@@ -126,6 +147,9 @@ impl EngineConfig {
         }
         if self.restate_interval_ms < 0 {
             return Err(Error::Config("engine: restate_interval_ms must not be negative".into()));
+        }
+        if self.max_windows == 0 || self.max_open_windows_per_tenant == 0 {
+            return Err(Error::Config("engine: max_windows and max_open_windows_per_tenant must be positive".into()));
         }
         Ok(())
     }
@@ -204,6 +228,10 @@ pub struct PartitionEngine {
     retained: BTreeMap<i64, Vec<u32>>,
     /// Slots of dirty windows (restatement pending).
     dirty: Vec<u32>,
+    /// Open windows per tenant (tenants with none are absent), for
+    /// [`EngineConfig::max_open_windows_per_tenant`]. Derived from the windows, so not in the
+    /// snapshot: `insert_window` rebuilds it on restore.
+    open_per_tenant: hashbrown::HashMap<Box<str>, u32>,
     max_time: Option<i64>,
     next_offset: i64,
     next_seq: i64,
@@ -342,6 +370,7 @@ impl PartitionEngine {
             closing: BTreeMap::new(),
             retained: BTreeMap::new(),
             dirty: Vec::new(),
+            open_per_tenant: hashbrown::HashMap::new(),
             max_time: None,
             next_offset: 0,
             next_seq: 1,
@@ -435,6 +464,11 @@ impl PartitionEngine {
     /// Open (not yet closed) windows.
     pub fn open_windows(&self) -> usize {
         self.closing.values().map(Vec::len).sum()
+    }
+
+    /// Open windows of `tenant`.
+    pub fn open_windows_of(&self, tenant: &str) -> usize {
+        self.open_per_tenant.get(tenant).map_or(0, |&n| n as usize)
     }
 
     fn check_offset(&self, offset: i64) -> Result<()> {
@@ -594,6 +628,14 @@ impl PartitionEngine {
                 format!("quantity {} is negative and meter {} does not allow_negative", truncate(ev.quantity), m.name),
             ));
         }
+        if let Some(max) = m.max_quantity {
+            if quantity.abs() > max {
+                return Ok(reject(
+                    RejectReason::QuantityOutOfRange,
+                    format!("|quantity| {} is above max_quantity {max} of meter {}", truncate(ev.quantity), m.name),
+                ));
+            }
+        }
         let provider_cost = match ev.provider_cost.map(|c| parse_decimal("provider_cost", c)).transpose() {
             Ok(c) => c,
             Err(e) => return Ok(reject(RejectReason::BadProviderCost, e.to_string())),
@@ -646,6 +688,28 @@ impl PartitionEngine {
             }
             None => {
                 let is_open = self.max_time.is_none_or(|now| close_at > now);
+                // Memory limits, checked before anything is loaded or allocated. Both counts are
+                // functions of the input so far, so a replay rejects the same events.
+                if is_open && self.open_windows_of(ev.tenant) >= self.cfg.max_open_windows_per_tenant {
+                    return Ok(reject(
+                        RejectReason::WindowLimit,
+                        format!(
+                            "tenant {:?} has {} open windows in partition {}, the limit (max_open_windows_per_tenant)",
+                            truncate(ev.tenant),
+                            self.cfg.max_open_windows_per_tenant,
+                            self.partition
+                        ),
+                    ));
+                }
+                if self.index.len() >= self.cfg.max_windows {
+                    return Ok(reject(
+                        RejectReason::WindowLimit,
+                        format!(
+                            "partition {} holds {} windows in memory, the limit (max_windows)",
+                            self.partition, self.cfg.max_windows
+                        ),
+                    ));
+                }
                 let key = WindowKey::new(mi, window_start, ev.tenant, dims.iter().copied());
                 let created = self.next_window_id;
                 let mut base: Option<Window> = None;
@@ -732,6 +796,13 @@ impl PartitionEngine {
         });
         if is_open {
             self.closing.entry(close_at).or_default().push(slot);
+            let tenant = self.slab[slot as usize].as_ref().expect("just inserted").key.tenant();
+            match self.open_per_tenant.get_mut(tenant) {
+                Some(n) => *n += 1,
+                None => {
+                    self.open_per_tenant.insert(Box::from(tenant), 1);
+                }
+            }
         } else {
             let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
             self.retained.entry(evict_at).or_default().push(slot);
@@ -770,7 +841,15 @@ impl PartitionEngine {
             // Each list is in creation order (windows are pushed when created), so the batch
             // is in (close time, creation) order without sorting.
             for (close_at, slot) in batch {
-                self.slab[slot as usize].as_mut().expect("live").closed = true;
+                let w = self.slab[slot as usize].as_mut().expect("live");
+                w.closed = true;
+                let tenant = w.key.tenant();
+                if let Some(n) = self.open_per_tenant.get_mut(tenant) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.open_per_tenant.remove(tenant);
+                    }
+                }
                 self.emit(slot);
                 let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
                 self.retained.entry(evict_at).or_default().push(slot);

@@ -66,6 +66,9 @@ pub enum Error {
     /// A decimal computation that does not fit `rust_decimal` (never wrapped or rounded away).
     #[error("arithmetic overflow: {0}")]
     Arithmetic(String),
+    /// A decimal that ClickHouse `Decimal(38, 9)` cannot store exactly (refused, never rescaled).
+    #[error("{value} cannot be stored exactly as Decimal(38, 9): {reason}")]
+    NotStorable { value: String, reason: &'static str },
     /// A partition engine was given a record below the offset it has already covered.
     #[error("partition {partition}: offset {offset} is below the next offset {next_offset}")]
     OffsetRegression {

@@ -117,14 +117,20 @@ pub enum RejectReason {
     TooLate,
     /// Further in the future than the meter allows.
     TooEarly,
+    /// Above the meter's `max_quantity` (in absolute value).
+    QuantityOutOfRange,
+    /// Would open a window beyond a per-partition memory limit (windows in memory, or open
+    /// windows of one tenant); see `EngineConfig::max_windows`.
+    WindowLimit,
     /// On a partition other than its tenant's (message key not the tenant, or another
     /// partitioner): its duplicates and its windows live on the tenant's partition.
     WrongPartition,
 }
 
 impl RejectReason {
-    /// New reasons are appended (snapshots count rejections by index).
-    pub const ALL: [RejectReason; 10] = [
+    /// In snapshot order: new reasons are appended, never inserted (engine stats are indexed
+    /// by position and checkpointed).
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Undecodable,
         RejectReason::UnknownMeter,
         RejectReason::MissingTenant,
@@ -134,6 +140,8 @@ impl RejectReason {
         RejectReason::BadProviderCost,
         RejectReason::TooLate,
         RejectReason::TooEarly,
+        RejectReason::QuantityOutOfRange,
+        RejectReason::WindowLimit,
         RejectReason::WrongPartition,
     ];
 
@@ -148,6 +156,8 @@ impl RejectReason {
             RejectReason::BadProviderCost => "bad_provider_cost",
             RejectReason::TooLate => "too_late",
             RejectReason::TooEarly => "too_early",
+            RejectReason::QuantityOutOfRange => "quantity_out_of_range",
+            RejectReason::WindowLimit => "window_limit",
             RejectReason::WrongPartition => "wrong_partition",
         }
     }

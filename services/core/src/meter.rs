@@ -68,6 +68,10 @@ pub struct MeterDef {
     pub max_future_ms: i64,
     /// Whether negative quantities (credits, corrections) are allowed.
     pub allow_negative: bool,
+    /// Largest accepted |quantity| of one event; above it the event is dead-lettered as
+    /// `quantity_out_of_range`. None: no per-event bound beyond the numeric range of the
+    /// pipeline (see docs/numbers.md).
+    pub max_quantity: Option<rust_decimal::Decimal>,
 }
 
 impl MeterDef {
@@ -106,6 +110,8 @@ struct RawMeter {
     max_future: Option<toml::Value>,
     #[serde(default)]
     allow_negative: bool,
+    #[serde(default)]
+    max_quantity: Option<toml::Value>,
 }
 
 impl MeterCatalog {
@@ -182,6 +188,10 @@ fn validate(m: RawMeter) -> Result<MeterDef, Error> {
         }
         _ => {}
     }
+    let max_quantity = match &m.max_quantity {
+        None => None,
+        Some(v) => Some(parse_max_quantity(v).map_err(|r| invalid(&name, "max_quantity", r))?),
+    };
     Ok(MeterDef {
         name,
         aggregation,
@@ -191,7 +201,22 @@ fn validate(m: RawMeter) -> Result<MeterDef, Error> {
         allowed_lateness_ms,
         max_future_ms,
         allow_negative: m.allow_negative,
+        max_quantity,
     })
+}
+
+/// A positive decimal, written as an integer (`1000000000`) or a canonical decimal string
+/// (`"1e9"` is not one: exponents are refused as on the wire).
+fn parse_max_quantity(v: &toml::Value) -> Result<rust_decimal::Decimal, String> {
+    let d = match v {
+        toml::Value::Integer(i) => rust_decimal::Decimal::from(*i),
+        toml::Value::String(s) => crate::decimal::parse("max_quantity", s).map_err(|e| e.to_string())?,
+        other => return Err(format!("expected an integer or a decimal string like \"1000000000\", got {other}")),
+    };
+    if d <= rust_decimal::Decimal::ZERO {
+        return Err(format!("must be positive, got {d}"));
+    }
+    Ok(d)
 }
 
 fn parse_window(v: &toml::Value) -> Result<i64, String> {
@@ -266,6 +291,16 @@ mod tests {
         assert_eq!(m.allowed_lateness_ms, 30_000);
         assert_eq!(c.get("active_users").unwrap().window_ms, 3_600_000);
         assert_eq!(m.window_start(-1), -60_000);
+        assert_eq!(m.max_quantity, None);
+    }
+
+    #[test]
+    fn max_quantity_as_integer_or_decimal_string() {
+        let text = "[[meter]]\nname = \"a\"\naggregation = \"sum\"\nwindow = 60\nmax_quantity = 1000000000\n\
+                    [[meter]]\nname = \"b\"\naggregation = \"sum\"\nwindow = 60\nmax_quantity = \"0.5\"\n";
+        let c = MeterCatalog::from_toml_str(text).unwrap();
+        assert_eq!(c.get("a").unwrap().max_quantity, Some(rust_decimal::Decimal::from(1_000_000_000)));
+        assert_eq!(c.get("b").unwrap().max_quantity, Some(rust_decimal::Decimal::new(5, 1)));
     }
 
     #[test]
@@ -288,6 +323,16 @@ name = "x"
 aggregation = "sum"
 window = "minute"
 allowed_lateness = "5 parsecs""#, "allowed_lateness"),
+            (r#"[[meter]]
+name = "x"
+aggregation = "sum"
+window = "minute"
+max_quantity = "1e9""#, "max_quantity"),
+            (r#"[[meter]]
+name = "x"
+aggregation = "sum"
+window = "minute"
+max_quantity = 0"#, "max_quantity"),
         ];
         for (text, field) in cases {
             match MeterCatalog::from_toml_str(text) {

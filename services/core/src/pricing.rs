@@ -583,7 +583,9 @@ impl Catalog {
                 continue;
             }
             let e = acc.entry(plan.currency.clone()).or_insert((0, String::new()));
-            e.0 += decimal::to_ch_i128(&plan.minimum_commitment) * i128::from(seg[1] - seg[0]);
+            let fixed = decimal::to_ch_i128(&plan.minimum_commitment)
+                .expect("catalog amounts have at most 9 fractional digits (validated on load)");
+            e.0 += fixed * i128::from(seg[1] - seg[0]);
             e.1 = plan.id.clone();
         }
         let len = i128::from(end - start);

@@ -8,6 +8,7 @@ use apache_avro::types::Value;
 use rust_decimal::Decimal;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::decimal::check_storable;
 use crate::schema::{self, Known};
 use crate::Error;
 
@@ -117,7 +118,15 @@ pub struct WalletAdjustment {
 pub trait AvroRecord: Serialize + DeserializeOwned {
     fn known() -> &'static Known;
 
-    /// Single-object encoding with this record's schema.
+    /// Decimals on the wire have at most 9 significant fractional digits (what ClickHouse
+    /// `Decimal(38, 9)` stores): a record breaking that is refused when read, so nothing
+    /// downstream has to round it or fail on it.
+    fn check_decimals(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    /// Single-object encoding with this record's schema, headed by the spec's fingerprint
+    /// (either fingerprint is accepted by [`AvroRecord::from_avro`]; see [`crate::schema`]).
     fn to_avro(&self) -> Result<Vec<u8>, Error> {
         let known = Self::known();
         let value = apache_avro::to_value(self)?.resolve(&known.schema)?;
@@ -133,7 +142,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         let body = match bytes {
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
                 let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-                if fp != known.fingerprint {
+                if !known.matches(fp) {
                     return Err(Error::UnknownFingerprint(fp));
                 }
                 &rest[8..]
@@ -149,7 +158,9 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         if !reader.is_empty() {
             return Err(Error::TrailingBytes(reader.len()));
         }
-        Ok(apache_avro::from_value(&normalise(value))?)
+        let record: Self = apache_avro::from_value(&normalise(value))?;
+        record.check_decimals()?;
+        Ok(record)
     }
 }
 
@@ -338,10 +349,22 @@ impl AvroRecord for MeterAggregate {
     fn known() -> &'static Known {
         schema::meter_aggregate_v1()
     }
+    fn check_decimals(&self) -> Result<(), Error> {
+        check_storable("value", &self.value)?;
+        check_storable("previous_value", &self.previous_value)?;
+        check_storable("provider_cost", &self.provider_cost)?;
+        check_storable("previous_provider_cost", &self.previous_provider_cost)
+    }
 }
 impl AvroRecord for Charge {
     fn known() -> &'static Known {
         schema::charge_v1()
+    }
+    fn check_decimals(&self) -> Result<(), Error> {
+        check_storable("quantity", &self.quantity)?;
+        check_storable("amount", &self.amount)?;
+        check_storable("provider_cost", &self.provider_cost)?;
+        check_storable("margin", &self.margin)
     }
 }
 impl AvroRecord for DeadLetter {
@@ -352,6 +375,9 @@ impl AvroRecord for DeadLetter {
 impl AvroRecord for WalletAdjustment {
     fn known() -> &'static Known {
         schema::wallet_adjustment_v1()
+    }
+    fn check_decimals(&self) -> Result<(), Error> {
+        check_storable("amount", &self.amount)
     }
 }
 
@@ -419,6 +445,104 @@ mod tests {
         assert_eq!(ours_value, theirs_value);
         a.dimensions.clear();
         assert_eq!(MeterAggregate::from_avro(&a.to_avro().unwrap()).unwrap(), a);
+    }
+
+    /// Writes the spec's fingerprint; reads records headed by it or by the legacy one.
+    fn check_fingerprints<R: AvroRecord + PartialEq + std::fmt::Debug>(r: &R) {
+        let known = R::known();
+        let ours = r.to_avro().unwrap();
+        assert_eq!(&ours[..2], &[0xC3, 0x01]);
+        assert_eq!(&ours[2..10], &known.fingerprint.to_le_bytes());
+        let mut legacy = ours.clone();
+        legacy[2..10].copy_from_slice(&known.legacy_fingerprint.to_le_bytes());
+        assert_eq!(&R::from_avro(&legacy).unwrap(), r);
+        // apache-avro's own single-object writer (legacy header) reads too.
+        let value = apache_avro::to_value(r).unwrap().resolve(&known.schema).unwrap();
+        let mut writer = apache_avro::GenericSingleObjectWriter::new_with_capacity(&known.schema, 64).unwrap();
+        let mut theirs = Vec::new();
+        writer.write_value(value, &mut theirs).unwrap();
+        assert_eq!(&theirs[2..10], &known.legacy_fingerprint.to_le_bytes());
+        assert_eq!(&R::from_avro(&theirs).unwrap(), r);
+        let mut other = ours;
+        other[2..10].copy_from_slice(&(known.fingerprint ^ 1).to_le_bytes());
+        assert!(matches!(R::from_avro(&other), Err(Error::UnknownFingerprint(_))));
+    }
+
+    #[test]
+    fn every_record_writes_the_spec_fingerprint_and_reads_both() {
+        let mut dims = BTreeMap::new();
+        dims.insert("model".to_owned(), "m1".to_owned());
+        check_fingerprints(&MeterAggregate {
+            tenant: "t".into(),
+            meter: "m".into(),
+            aggregation: "sum".into(),
+            dimensions: dims.clone(),
+            window_start: 0,
+            window_end: 60_000,
+            revision: 1,
+            value: d("100000000000000000000"),
+            previous_value: d("1"),
+            event_count: 2,
+            provider_cost: d("0.5"),
+            previous_provider_cost: d("0"),
+            source_partition: 3,
+            seq: 9,
+            emitted_at: 60_000,
+        });
+        check_fingerprints(&Charge {
+            charge_id: "c1".into(),
+            kind: "usage".into(),
+            tenant: "t".into(),
+            plan: "pro".into(),
+            currency: "USD".into(),
+            meter: "m".into(),
+            dimensions: dims,
+            period_start: 0,
+            window_start: 0,
+            window_end: 60_000,
+            revision: 0,
+            quantity: d("10"),
+            amount: d("1.5"),
+            provider_cost: d("1"),
+            margin: d("0.5"),
+            seq: 1,
+        });
+        check_fingerprints(&DeadLetter {
+            source_topic: "u".into(),
+            source_partition: 0,
+            source_offset: 1,
+            reason: "undecodable".into(),
+            detail: "x".into(),
+            tenant: Some("t".into()),
+            event_id: None,
+            payload: vec![1, 2],
+        });
+        check_fingerprints(&WalletAdjustment {
+            idempotency_key: "k".into(),
+            tenant: "t".into(),
+            currency: "USD".into(),
+            amount: d("5"),
+            kind: "top_up".into(),
+            reason: "r".into(),
+            created_at: 7,
+        });
+    }
+
+    #[test]
+    fn decimals_finer_than_nine_digits_are_refused_on_read() {
+        let w = WalletAdjustment {
+            idempotency_key: "k".into(),
+            tenant: "t".into(),
+            currency: "USD".into(),
+            amount: d("0.0000000001"),
+            kind: "top_up".into(),
+            reason: "r".into(),
+            created_at: 7,
+        };
+        let bytes = w.to_avro().unwrap();
+        assert!(matches!(WalletAdjustment::from_avro(&bytes), Err(Error::BadDecimal { field: "amount", .. })));
+        let ok = WalletAdjustment { amount: d("4000000000000000000.000000001"), ..w };
+        assert_eq!(WalletAdjustment::from_avro(&ok.to_avro().unwrap()).unwrap(), ok);
     }
 
     #[test]

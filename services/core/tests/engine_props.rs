@@ -58,6 +58,7 @@ window = 10
 allowed_lateness = "5s"
 allow_negative = true
 max_future = "1h"
+max_quantity = "999999"
 
 [[meter]]
 name = "mx"
@@ -242,6 +243,9 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     hot_max_ids,
                     retain_closed_ms: retain,
                     restate_interval_ms: restate,
+                    // Never reached here (the reference has no limits); see
+                    // window_limits_bound_memory.
+                    ..EngineConfig::default()
                 };
                 Scenario { items: arrivals.into_iter().map(|(_, _, i)| i).collect(), cfg }
             },
@@ -397,6 +401,9 @@ fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
             };
             if q < Decimal::ZERO && !m.allow_negative {
                 return Kind::Rejected(RejectReason::NegativeQuantity);
+            }
+            if m.max_quantity.is_some_and(|max| q.abs() > max) {
+                return Kind::Rejected(RejectReason::QuantityOutOfRange);
             }
             if let Some(c) = e.cost {
                 if decimal::parse("provider_cost", c).is_err() {
@@ -602,6 +609,62 @@ proptest! {
         prop_assert_eq!(bytes_of(&o3), bytes_of(&whole.out[skip..]));
     }
 
+    /// With small window limits: windows in memory never exceed `max_windows`, no tenant ever
+    /// has more than `max_open_windows_per_tenant` open windows, the totals are exactly those
+    /// of the events accepted (a limit only ever refuses whole events), some events are
+    /// refused `WindowLimit`, and snapshot → restore → continue decides the same.
+    #[test]
+    fn window_limits_bound_memory(
+        s in scenario(),
+        max_windows in 2usize..40,
+        per_tenant in 1usize..8,
+        split in 0.0f64..1.0,
+    ) {
+        let cfg = EngineConfig { max_windows, max_open_windows_per_tenant: per_tenant, ..s.cfg.clone() };
+        let cat = catalog();
+        let bytes = encode(&s.items);
+        let n = s.items.len();
+        let mut store = MemoryStore::new(&cat);
+        let mut e = PartitionEngine::with_dedup_key(cat.clone(), cfg.clone(), 3, 0xfeed).unwrap();
+        let (mut kinds, mut out) = (Vec::new(), Vec::new());
+        let k = ((n as f64) * split) as usize;
+        let mut snap = None;
+        for i in 0..n {
+            if i == k {
+                let open: Vec<usize> = TENANTS.iter().map(|t| e.open_windows_of(t)).collect();
+                snap = Some((e.snapshot(), kinds.len(), out.len(), open));
+            }
+            drive(&mut e, &mut store, &s.items, &bytes, i..i + 1, &mut kinds, &mut out);
+            prop_assert!(e.windows_in_memory() <= max_windows);
+            for t in TENANTS {
+                prop_assert!(e.open_windows_of(t) <= per_tenant, "tenant {t}: {}", e.open_windows_of(t));
+            }
+            prop_assert!(e.open_windows() <= e.windows_in_memory());
+        }
+        finish(&mut e, &mut store, n, &mut out);
+        prop_assert_eq!(e.stats().rejected(RejectReason::WindowLimit) as usize,
+            kinds.iter().filter(|k| **k == Kind::Rejected(RejectReason::WindowLimit)).count());
+        let accepted: Vec<Ev> = s.items.iter().zip(&kinds).filter_map(|(it, k)| match (it, k) {
+            (Item::Event(ev), Kind::Accepted) => Some(ev.clone()),
+            _ => None,
+        }).collect();
+        let (latest, deltas) = consumer_totals(&out)?;
+        let expected = reference_totals(&accepted, &cat);
+        prop_assert_eq!(&latest, &expected);
+        prop_assert_eq!(&deltas, &expected);
+        if let Some((snap, nk, no, open)) = snap {
+            let mut e2 = PartitionEngine::restore(&snap, cat, cfg).unwrap();
+            // The per-tenant counts are rebuilt from the restored windows.
+            let open2: Vec<usize> = TENANTS.iter().map(|t| e2.open_windows_of(t)).collect();
+            prop_assert_eq!(open2, open);
+            let (mut k2, mut o2) = (kinds[..nk].to_vec(), out[..no].to_vec());
+            drive(&mut e2, &mut store, &s.items, &bytes, k..n, &mut k2, &mut o2);
+            finish(&mut e2, &mut store, n, &mut o2);
+            prop_assert_eq!(&k2, &kinds);
+            prop_assert_eq!(bytes_of(&o2), bytes_of(&out));
+        }
+    }
+
     /// Once partition time is T, an event older than T - horizon is TooLate and one at
     /// T - horizon or later is not.
     #[test]
@@ -619,6 +682,22 @@ proptest! {
             prop_assert_eq!(o, Outcome::Accepted);
         }
     }
+}
+
+/// The limits property is not vacuous: its inputs hit the limits often.
+#[test]
+fn window_limits_are_reached() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strategy = scenario();
+    let mut limited = 0;
+    for _ in 0..64 {
+        let s = strategy.new_tree(&mut runner).unwrap().current();
+        let cfg = EngineConfig { max_windows: 10, max_open_windows_per_tenant: 3, ..s.cfg.clone() };
+        limited += run(&s, &cfg).engine.stats().rejected(RejectReason::WindowLimit);
+    }
+    assert!(limited > 100, "only {limited} window_limit rejections");
 }
 
 #[test]
@@ -681,6 +760,9 @@ fn scenarios_exercise_every_path() {
     );
     assert!(restatements > 100 && loads > 100 && cold > 100 && evicted_buckets > 100 && duplicates > 100);
     for r in RejectReason::ALL {
+        if r == RejectReason::WindowLimit {
+            continue; // needs small limits: window_limits_bound_memory covers it
+        }
         assert!(rejected[r as usize] > 0, "no {r} in the generated inputs");
     }
 }

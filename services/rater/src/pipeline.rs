@@ -239,7 +239,7 @@ impl Rater {
                     for a in &alerts {
                         counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
                     }
-                    outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset));
+                    outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset)?);
                     outputs.alerts.extend(alerts.into_iter().map(|a| (a, adj.created_at)));
                 }
                 Ok((_, AdjustmentOutcome::Duplicate { .. })) => {
@@ -314,8 +314,17 @@ impl Rater {
         }
         let b = Backoff::default();
         let c = &self.client;
-        let charges: Vec<ChargeRow> = out.charges.iter().map(ChargeRow::from).collect();
-        let alerts: Vec<AlertRow> = out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect();
+        let rows = out.charges.iter().map(ChargeRow::try_from).collect::<Result<Vec<_>, _>>().and_then(|c| {
+            Ok((c, out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect::<Result<Vec<_>, _>>()?))
+        });
+        let (charges, alerts) = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Never store a rounded amount: fail the flush, loudly (see rows.rs).
+                tracing::error!(error = %e, "a charge or alert cannot be stored exactly");
+                return false;
+            }
+        };
         let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
         let ok = insert_all(c, "charges", &charges, &b, shutdown, WRITE_METRICS).await
             && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await

@@ -30,9 +30,14 @@ pub struct ChargeRow {
     pub seq: i64,
 }
 
-impl From<&Charge> for ChargeRow {
-    fn from(c: &Charge) -> Self {
-        Self {
+/// Rows refuse a value ClickHouse cannot store exactly, never round it. Unreachable in
+/// practice: decoded records are checked for at most 9 fractional digits
+/// (`AvroRecord::check_decimals`) and computed amounts are rounded to 9.
+impl TryFrom<&Charge> for ChargeRow {
+    type Error = meterflow_core::Error;
+
+    fn try_from(c: &Charge) -> Result<Self, Self::Error> {
+        Ok(Self {
             charge_id: c.charge_id.clone(),
             kind: c.kind.clone(),
             tenant: c.tenant.clone(),
@@ -47,12 +52,12 @@ impl From<&Charge> for ChargeRow {
             window_start: secs(c.window_start),
             window_end: secs(c.window_end),
             revision: c.revision.max(0) as u32,
-            quantity: to_ch_i128(&c.quantity),
-            amount: to_ch_i128(&c.amount),
-            provider_cost: to_ch_i128(&c.provider_cost),
-            margin: to_ch_i128(&c.margin),
+            quantity: to_ch_i128(&c.quantity)?,
+            amount: to_ch_i128(&c.amount)?,
+            provider_cost: to_ch_i128(&c.provider_cost)?,
+            margin: to_ch_i128(&c.margin)?,
             seq: c.seq,
-        }
+        })
     }
 }
 
@@ -70,18 +75,18 @@ pub struct AdjustmentRow {
 }
 
 impl AdjustmentRow {
-    pub fn new(a: &WalletAdjustment, partition: i32, offset: i64) -> Self {
-        Self {
+    pub fn new(a: &WalletAdjustment, partition: i32, offset: i64) -> Result<Self, meterflow_core::Error> {
+        Ok(Self {
             idempotency_key: a.idempotency_key.clone(),
             tenant: a.tenant.clone(),
             currency: a.currency.clone(),
-            amount: to_ch_i128(&a.amount),
+            amount: to_ch_i128(&a.amount)?,
             kind: a.kind.clone(),
             reason: a.reason.clone(),
             created_at: secs(a.created_at),
             source_partition: partition,
             source_offset: offset,
-        }
+        })
     }
 }
 
@@ -97,15 +102,15 @@ pub struct AlertRow {
 }
 
 impl AlertRow {
-    pub fn new(a: &Alert, at_ms: i64) -> Self {
-        Self {
+    pub fn new(a: &Alert, at_ms: i64) -> Result<Self, meterflow_core::Error> {
+        Ok(Self {
             alert_id: a.alert_id.clone(),
             tenant: a.tenant.clone(),
             kind: a.kind.clone(),
             currency: a.currency.clone(),
-            balance: to_ch_i128(&a.balance),
-            threshold: to_ch_i128(&a.threshold),
+            balance: to_ch_i128(&a.balance)?,
+            threshold: to_ch_i128(&a.threshold)?,
             at_ms,
-        }
+        })
     }
 }

@@ -474,3 +474,115 @@ fn record_time_bounds_a_fresh_partition() {
     assert_eq!(rejected(&send_at(&mut h, &ev("future", "tokens", "1", now + 3_600_001), now)), Some(RejectReason::TooEarly));
     assert_eq!(send_at(&mut h, &ev("soon", "tokens", "1", now + 3_600_000), now), Outcome::Accepted);
 }
+
+fn detail(o: &Outcome) -> &str {
+    match o {
+        Outcome::Rejected { detail, .. } => detail,
+        _ => "",
+    }
+}
+
+#[test]
+fn max_quantity_rejects_out_of_range_without_consuming_the_id() {
+    let cat = Arc::new(
+        MeterCatalog::from_toml_str(
+            "[[meter]]\nname = \"tokens\"\naggregation = \"sum\"\nwindow = 60\nallow_negative = true\nmax_quantity = 1000000000\n",
+        )
+        .unwrap(),
+    );
+    let mut store = MemoryStore::new(&cat);
+    let mut e = PartitionEngine::with_dedup_key(cat, immediate(), 0, 1).unwrap();
+    let mut send = |off: i64, id: &str, q: &str| {
+        let v = ev(id, "tokens", q, 1_000);
+        e.on_event(off, &v.r(), &mut store).unwrap()
+    };
+    assert_eq!(send(0, "a", "1000000000"), Outcome::Accepted);
+    assert_eq!(send(1, "b", "-1000000000"), Outcome::Accepted);
+    let o = send(2, "c", "400000000000000000000000");
+    assert_eq!(rejected(&o), Some(RejectReason::QuantityOutOfRange));
+    assert!(detail(&o).contains("max_quantity 1000000000"), "{}", detail(&o));
+    assert_eq!(rejected(&send(3, "d", "-1000000000.000000001")), Some(RejectReason::QuantityOutOfRange));
+    // The refused id is not consumed: a corrected retry counts.
+    assert_eq!(send(4, "c", "4"), Outcome::Accepted);
+}
+
+#[test]
+fn large_quantities_without_max_are_exact() {
+    // No max_quantity: 1e20 and 4e23 are counted exactly (the window total stays exact).
+    let mut h = H::new(immediate());
+    assert_eq!(h.send(&ev("a", "tokens", "100000000000000000000", 1_000)), Outcome::Accepted);
+    assert_eq!(h.send(&ev("b", "tokens", "400000000000000000000000", 2_000)), Outcome::Accepted);
+    h.tick(200_000);
+    let a = &h.out[0];
+    assert_eq!(a.value, d("400100000000000000000000"));
+    assert_eq!(crate::decimal::to_ch_i128(&a.value).unwrap(), 400_100_000_000_000_000_000_000_000_000_000);
+}
+
+#[test]
+fn per_tenant_open_window_limit_leaves_room_for_others() {
+    let mut h = H::new(EngineConfig { max_open_windows_per_tenant: 3, ..immediate() });
+    // One tenant, a new `model` value per event: a new window each.
+    let flood = |i: usize| {
+        let mut e = ev(&format!("f{i}"), "tokens", "1", 1_000);
+        e.dims = vec![("model".into(), format!("m{i}"))];
+        e
+    };
+    for i in 0..3 {
+        assert_eq!(h.send(&flood(i)), Outcome::Accepted);
+    }
+    let o = h.send(&flood(3));
+    assert_eq!(rejected(&o), Some(RejectReason::WindowLimit));
+    assert!(detail(&o).contains("max_open_windows_per_tenant") && detail(&o).contains("\"acme\""), "{}", detail(&o));
+    assert_eq!(h.e.open_windows_of("acme"), 3);
+    // Its existing windows still count; other tenants open theirs.
+    assert_eq!(h.send(&ev("again", "tokens", "5", 2_000)), Outcome::Accepted);
+    for i in 0..3 {
+        assert_eq!(h.send(&flood(10 + i).tenant("other")), Outcome::Accepted);
+    }
+    assert_eq!(h.e.open_windows_of("other"), 3);
+    // Once its windows close, the tenant opens new ones again, and the refused id was not used.
+    h.tick(71_000);
+    assert_eq!(h.e.open_windows_of("acme"), 0);
+    assert_eq!(h.send(&ev("new", "tokens", "1", 80_000).tenant("acme")), Outcome::Accepted);
+    // The refused event's id was not consumed: its retry counts (now a late, closed window,
+    // which is not an open one).
+    assert_eq!(h.send(&flood(3)), Outcome::Accepted);
+    assert_eq!(h.e.stats().rejected(RejectReason::WindowLimit), 1);
+}
+
+#[test]
+fn partition_window_limit_counts_retained_windows_until_evicted() {
+    let mut h = H::new(EngineConfig { max_windows: 4, retain_closed_ms: 60_000, ..immediate() });
+    for (i, t) in ["a", "b", "c", "d"].iter().enumerate() {
+        assert_eq!(h.send(&ev(&format!("e{i}"), "requests", "1", 1_000).tenant(t)), Outcome::Accepted);
+    }
+    let o = h.send(&ev("e5", "requests", "1", 1_000).tenant("e"));
+    assert_eq!(rejected(&o), Some(RejectReason::WindowLimit));
+    assert!(detail(&o).contains("max_windows"), "{}", detail(&o));
+    // Closed but retained: still in memory, still counted.
+    h.tick(70_000);
+    assert_eq!((h.e.open_windows(), h.e.windows_in_memory()), (0, 4));
+    assert_eq!(rejected(&h.send(&ev("e6", "requests", "1", 75_000).tenant("e"))), Some(RejectReason::WindowLimit));
+    // Evicted after retention: room again.
+    h.tick(130_000);
+    assert_eq!(h.e.windows_in_memory(), 0);
+    assert_eq!(h.send(&ev("e7", "requests", "1", 125_000).tenant("e")), Outcome::Accepted);
+    assert!(h.e.windows_in_memory() <= 4);
+}
+
+#[test]
+fn limits_must_be_positive() {
+    let cfg = EngineConfig { max_windows: 0, ..EngineConfig::default() };
+    assert!(cfg.validate().is_err());
+    let cfg = EngineConfig { max_open_windows_per_tenant: 0, ..EngineConfig::default() };
+    assert!(cfg.validate().is_err());
+}
+
+/// What one window costs in memory, measured with a counting allocator would need a global
+/// allocator; instead this states the inline sizes the README figure is built from.
+#[test]
+fn window_state_size() {
+    let slot = std::mem::size_of::<Option<Window>>();
+    eprintln!("Option<Window> {slot} bytes, WindowKey {} bytes", std::mem::size_of::<crate::window::WindowKey>());
+    assert!(slot <= 256, "window slot grew to {slot} bytes");
+}
