@@ -177,6 +177,11 @@ impl Partitioned for Aggregator {
         let now_ms = wall_ms();
         let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
         gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
+        let cold: usize = self.partitions.values().map(|p| p.engine.dedup().cold_ids()).sum();
+        gauge!(m::DEDUP_COLD_IDS).set(cold as f64);
+        let bytes: usize =
+            self.partitions.values().map(|p| p.engine.dedup().hot_bytes() + p.engine.dedup().cold_bytes()).sum();
+        gauge!(m::DEDUP_BYTES).set(bytes as f64);
         for (p, part) in &self.partitions {
             if let Some(wm) = part.engine.watermark() {
                 gauge!(m::WATERMARK_LAG, "partition" => p.to_string()).set((now_ms - wm) as f64 / 1000.0);
