@@ -422,6 +422,8 @@ pub struct Deduplicator {
     late: ColdGroup,
     /// Partition time as last given to [`Deduplicator::advance`].
     now: Option<i64>,
+    /// The oldest live bucket at `now` (`i64::MIN` before any time), cached for the probe.
+    floor_b: i64,
     stats: DedupStats,
 }
 
@@ -483,6 +485,7 @@ impl Deduplicator {
             cold: Vec::new(),
             late: empty_group(),
             now: None,
+            floor_b: i64::MIN,
             stats: DedupStats::default(),
         })
     }
@@ -542,6 +545,10 @@ impl Deduplicator {
     /// The oldest live bucket (ids in older buckets are forgotten).
     #[inline]
     fn floor_bucket(&self) -> i64 {
+        self.floor_b
+    }
+
+    fn compute_floor_bucket(&self) -> i64 {
         self.now.map_or(i64::MIN, |now| self.bucket_of(self.floor(now)))
     }
 
@@ -720,11 +727,14 @@ impl Deduplicator {
         }
         let mut side_old: Vec<(u128, i64)> = self.side.drain().collect();
         side_old.sort_unstable();
+        let had_side = !side_old.is_empty();
         for (k, b) in side_old {
             visit(k, b, &mut kept, &mut self.stats);
         }
-        // Side entries that now fit the table break its order: sort (almost sorted already).
-        kept.sort_unstable();
+        if had_side {
+            // Side entries that now fit the table were appended out of order.
+            kept.sort_unstable();
+        }
         self.base = new_base;
         self.counts.clear();
         for &e in &kept {
@@ -778,9 +788,10 @@ impl Deduplicator {
         if self.now.is_some_and(|n| n >= partition_time_ms) {
             return;
         }
-        let prev_floor_b = self.floor_bucket();
+        let prev_floor_b = self.floor_b;
         self.now = Some(partition_time_ms);
-        let floor_b = self.floor_bucket();
+        self.floor_b = self.compute_floor_bucket();
+        let floor_b = self.floor_b;
         if floor_b == prev_floor_b {
             return;
         }
@@ -872,6 +883,7 @@ impl Deduplicator {
             )));
         }
         d.now = r.opt_i64()?;
+        d.floor_b = d.compute_floor_bucket();
         d.cold_below = r.i64()?;
         d.stats = DedupStats {
             cold_lookups: r.u64()?,
@@ -956,6 +968,7 @@ impl Deduplicator {
         }
         let mut d = Self::with_key(cfg, key)?;
         d.now = now;
+        d.floor_b = d.compute_floor_bucket();
         Ok(d)
     }
 }
