@@ -26,6 +26,9 @@ struct WinKey {
     window_start: i64,
 }
 
+/// (partition, tenant, meter, event_id): the dedup key, per source partition.
+type IdKey = (i32, String, String, String);
+
 /// Counters, for tests that check the cold paths were taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryStoreStats {
@@ -41,7 +44,7 @@ pub struct MemoryStoreStats {
 pub struct MemoryStore {
     meters: HashMap<String, MeterDef>,
     /// (partition, tenant, meter, event_id) → (offset, event time), sorted by offset.
-    ids: HashMap<(i32, String, String, String), Vec<(i64, i64)>>,
+    ids: HashMap<IdKey, Vec<(i64, i64)>>,
     /// Window → its accepted events, sorted by offset.
     windows: HashMap<WinKey, Vec<(i64, StoredEvent)>>,
     /// Window → its emitted revisions, sorted by seq.
