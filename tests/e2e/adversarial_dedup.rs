@@ -224,3 +224,65 @@ async fn restamped_retries_and_shared_request_ids_from_the_cold_tier() -> anyhow
     meterflow_e2e::scenario::init_test_logging();
     run("adv_dedup_cold", 1).await
 }
+
+/// The aggregator's cold store on ClickHouse 18.16 (no broker needed): the look-up by
+/// (tenant, meter, event id) through `usage_event_ids` (filled by migration 014's view)
+/// answers "as of" the offset, from the horizon floor on, and consults unflushed rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::Result<()> {
+    use meterflow_aggregator::cold::ChStores;
+    use meterflow_aggregator::rows::UsageRow;
+    use meterflow_aggregator::sink::Outputs;
+    use meterflow_core::dedup::{ColdQuery, ColdStore, SourcePos};
+
+    let args = meterflow_testkit::clickhouse_args_from_env(&format!("t_adv_cold_store_{:08x}", rand::random::<u32>()));
+    meterflow_admin::migrate(&args, None).await?;
+    let client = meterflow_runtime::clickhouse::client(&args);
+    let t0 = 1_767_225_600_000i64;
+    let row = |meter: &str, id: &str, t: i64, offset: i64| UsageRow {
+        tenant: "acme".into(),
+        meter: meter.into(),
+        event_id: id.into(),
+        event_time: (t / 1000) as u32,
+        event_time_ms: t,
+        window_start: (t / 60_000 * 60) as u32,
+        quantity: 1_000_000_000,
+        provider_cost: 0,
+        has_provider_cost: 0,
+        dim_keys: vec![],
+        dim_values: vec![],
+        source: String::new(),
+        source_partition: 0,
+        source_offset: offset,
+    };
+    let mut insert = client.insert::<UsageRow>("usage_events").await?;
+    insert.write(&row("requests", "req-a", t0 + 59_900, 10)).await?;
+    insert.write(&row("input_tokens", "req-c", t0, 11)).await?;
+    insert.end().await?;
+    let mut pending = Outputs::default();
+    pending.usage.push(row("output_tokens", "req-c", t0 + 5_000, 12));
+    let handle = tokio::runtime::Handle::current();
+    let mut stores = ChStores { client: &client, handle: &handle, pending: &pending };
+    let mut ask = |meter: &str, id: &str, from_ms: i64, offset: i64| {
+        let q = ColdQuery {
+            tenant: "acme",
+            meter,
+            event_id: id,
+            id_hash: 0,
+            from_ms,
+            before: SourcePos { partition: 0, offset, next_seq: 1 },
+        };
+        stores.contains(&q)
+    };
+    assert!(ask("requests", "req-a", t0, 11)?, "stored before the offset");
+    assert!(!ask("requests", "req-a", t0, 10)?, "not as of its own offset (replay)");
+    assert!(!ask("requests", "req-a", t0 + 60_000, 11)?, "older than the horizon floor");
+    assert!(!ask("output_tokens", "req-a", t0, 11)?, "another meter is another id");
+    assert!(ask("input_tokens", "req-c", t0, 100)?);
+    assert!(ask("output_tokens", "req-c", t0, 13)?, "buffered, not yet flushed");
+    assert!(!ask("output_tokens", "req-c", t0, 12)?);
+    let ids: u64 = client.query("SELECT count() FROM usage_event_ids").fetch_one().await?;
+    assert_eq!(ids, 2, "the materialized view copied the inserted rows");
+    client.query(&format!("DROP DATABASE {}", args.database)).execute().await?;
+    Ok(())
+}
