@@ -594,7 +594,7 @@ async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_metrics: &s
     let w = &mut out;
 
     // --- events
-    let accepted: u64 = ch.query("SELECT uniqExact(tenant, event_id) FROM usage_events").fetch_one().await?;
+    let accepted: u64 = ch.query("SELECT uniqExact(tenant, meter, event_id) FROM usage_events").fetch_one().await?;
     let reasons: Vec<ReasonRow> = ch
         .query("SELECT reason, uniqExact(source_partition, source_offset) AS n FROM dead_letters WHERE source_topic = ? GROUP BY reason ORDER BY n DESC, reason")
         .bind(topic)

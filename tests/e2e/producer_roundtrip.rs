@@ -2,7 +2,7 @@
 //! exactly what a consumer finds in the topic.
 //!
 //! The test re-derives everything from the consumed bytes with its own naive code (decode,
-//! validate, dedup by (tenant, event_id), sum per window) and compares with the ground truth:
+//! validate, dedup by (tenant, meter, event_id), sum per window) and compares with the ground truth:
 //! totals per window, counters, and the position and reason of every malformed message. If
 //! this passes, a pipeline test comparing ClickHouse with the ground truth is comparing with
 //! what really went through Kafka.
@@ -41,7 +41,7 @@ struct Replay {
 /// schema and meter definitions (not the aggregator's code).
 fn replay(records: &[Record], catalog: &MeterCatalog, codec: &UsageEventCodec, horizon_ms: i64) -> anyhow::Result<Replay> {
     let mut out = Replay::default();
-    let mut seen: HashMap<(String, String), &[u8]> = HashMap::new();
+    let mut seen: HashMap<(String, String, String), &[u8]> = HashMap::new();
     let mut partition_time: HashMap<i32, i64> = HashMap::new();
     let mut last: Option<(i32, i64)> = None;
     for (partition, offset, key, payload) in records {
@@ -90,12 +90,12 @@ fn replay(records: &[Record], catalog: &MeterCatalog, codec: &UsageEventCodec, h
         *pt = (*pt).max(ev.event_time_ms);
         // The producer keys every event by its tenant.
         ensure!(key.as_deref() == Some(ev.tenant.as_bytes()), "message at {partition}/{offset} is not keyed by its tenant");
-        if let Some(first) = seen.get(&(ev.tenant.to_owned(), ev.event_id.to_owned())) {
+        if let Some(first) = seen.get(&(ev.tenant.to_owned(), ev.meter.to_owned(), ev.event_id.to_owned())) {
             ensure!(*first == payload.as_slice(), "duplicate of {}/{} at {partition}/{offset} is not byte-identical", ev.tenant, ev.event_id);
             out.duplicates += 1;
             continue;
         }
-        seen.insert((ev.tenant.to_owned(), ev.event_id.to_owned()), payload);
+        seen.insert((ev.tenant.to_owned(), ev.meter.to_owned(), ev.event_id.to_owned()), payload);
         out.unique += 1;
         let dims: BTreeMap<String, String> = def
             .group_by

@@ -59,15 +59,18 @@ fn store_err(e: clickhouse::error::Error) -> Error {
 }
 
 impl ColdStore for ChStores<'_> {
+    /// Asked only when an evicted id's fingerprint matches, so a round trip is affordable.
+    /// `usage_event_ids` is sorted by (tenant, meter, event_id): the look-up reads one
+    /// granule per month partition, whatever the horizon (migration 014).
     fn contains(&mut self, q: &ColdQuery<'_>) -> Result<bool, Error> {
         let p = q.before.partition;
         let buffered = self.pending.usage.iter().any(|r| {
             r.source_partition == p
                 && r.source_offset < q.before.offset
                 && r.tenant == q.tenant
+                && r.meter == q.meter
                 && r.event_id == q.event_id
-                && r.event_time_ms >= q.bucket_start_ms
-                && r.event_time_ms < q.bucket_end_ms
+                && r.event_time_ms >= q.from_ms
         });
         if buffered {
             return Ok(true);
@@ -76,14 +79,14 @@ impl ColdStore for ChStores<'_> {
             .block_on(
                 self.client
                     .query(
-                        "SELECT count() FROM usage_events WHERE source_partition = ? AND tenant = ? \
-                         AND event_id = ? AND event_time_ms >= ? AND event_time_ms < ? AND source_offset < ?",
+                        "SELECT count() FROM usage_event_ids WHERE tenant = ? AND meter = ? AND event_id = ? \
+                         AND source_partition = ? AND event_time_ms >= ? AND source_offset < ?",
                     )
-                    .bind(p)
                     .bind(q.tenant)
+                    .bind(q.meter)
                     .bind(q.event_id)
-                    .bind(q.bucket_start_ms)
-                    .bind(q.bucket_end_ms)
+                    .bind(p)
+                    .bind(q.from_ms)
                     .bind(q.before.offset)
                     .fetch_one::<u64>(),
             )

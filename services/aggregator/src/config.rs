@@ -38,8 +38,9 @@ pub struct Config {
     #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
     pub dedup_horizon_ms: i64,
 
-    /// Upper bound of event ids kept in memory per partition; older ids are looked up in
-    /// ClickHouse's usage_events.
+    /// Upper bound of event ids kept in memory per partition (18-22 bytes each); the oldest
+    /// hours beyond it keep a 4-byte fingerprint per id, and a matching fingerprint is
+    /// confirmed in ClickHouse's usage_event_ids.
     #[arg(long, env = "METERFLOW_DEDUP_HOT_MAX_IDS", default_value_t = 20_000_000)]
     pub dedup_hot_max_ids: usize,
 

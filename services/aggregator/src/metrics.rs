@@ -17,6 +17,8 @@ pub const FENCED: &str = "meterflow_aggregator_partitions_fenced_total";
 pub const FLUSH_ERRORS: &str = "meterflow_aggregator_flush_errors_total";
 pub const BUFFERED_ROWS: &str = "meterflow_aggregator_buffered_rows";
 pub const DEDUP_HOT_IDS: &str = "meterflow_aggregator_dedup_hot_ids";
+pub const DEDUP_COLD_IDS: &str = "meterflow_aggregator_dedup_cold_ids";
+pub const DEDUP_BYTES: &str = "meterflow_aggregator_dedup_bytes";
 pub const PARTITIONS_OWNED: &str = "meterflow_aggregator_partitions_owned";
 pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
 pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
@@ -24,7 +26,7 @@ pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
 pub fn describe() {
     describe_counter!(EVENTS_IN, "Records read from the usage-events topic (ticks excluded).");
     describe_counter!(ACCEPTED, "Events counted in a window.");
-    describe_counter!(DUPLICATES, "Events dropped because their (tenant, event id) was seen before.");
+    describe_counter!(DUPLICATES, "Events dropped because their (tenant, meter, event id) was accepted before, within the dedup horizon.");
     describe_counter!(DEAD_LETTERS, "Records sent to the dead-letter topic, by reason.");
     describe_counter!(WINDOWS_CLOSED, "Windows closed (revision 0 emitted).");
     describe_counter!(RESTATEMENTS, "Window restatements emitted (revision > 0).");
@@ -37,6 +39,8 @@ pub fn describe() {
     describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
     describe_gauge!(BUFFERED_ROWS, "Output rows waiting to be flushed.");
     describe_gauge!(DEDUP_HOT_IDS, "Event ids remembered in memory.");
+    describe_gauge!(DEDUP_COLD_IDS, "Evicted event ids remembered by a 4-byte fingerprint (a match asks ClickHouse).");
+    describe_gauge!(DEDUP_BYTES, Unit::Bytes, "Memory of the dedup tables, hot and cold fingerprints.");
     describe_gauge!(PARTITIONS_OWNED, "Usage-events partitions this instance owns.");
     describe_gauge!(OPEN_WINDOWS, "Open windows per owned partition (bounded per tenant by --max-open-windows-per-tenant).");
     describe_gauge!(WINDOWS_IN_MEMORY, "Open and retained closed windows per owned partition (bounded by --max-windows).");

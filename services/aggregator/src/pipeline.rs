@@ -329,6 +329,11 @@ impl Partitioned for Aggregator {
         let now_ms = wall_ms();
         let hot: usize = self.partitions.values().map(|p| p.engine.dedup().hot_ids()).sum();
         gauge!(m::DEDUP_HOT_IDS).set(hot as f64);
+        let cold: usize = self.partitions.values().map(|p| p.engine.dedup().cold_ids()).sum();
+        gauge!(m::DEDUP_COLD_IDS).set(cold as f64);
+        let bytes: usize =
+            self.partitions.values().map(|p| p.engine.dedup().hot_bytes() + p.engine.dedup().cold_bytes()).sum();
+        gauge!(m::DEDUP_BYTES).set(bytes as f64);
         for (p, part) in &self.partitions {
             gauge!(m::OPEN_WINDOWS, "partition" => p.to_string()).set(part.engine.open_windows() as f64);
             gauge!(m::WINDOWS_IN_MEMORY, "partition" => p.to_string()).set(part.engine.windows_in_memory() as f64);

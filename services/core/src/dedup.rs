@@ -1,55 +1,85 @@
-//! Exact deduplication of usage events by `(tenant, event_id)` within a horizon.
+//! Exact deduplication of usage events by `(tenant, meter, event_id)` over the whole horizon.
+//!
+//! # What counts as a duplicate
+//!
+//! An event is a duplicate when an earlier event with the same **tenant, meter and event id**
+//! was accepted on this partition and that earlier copy's event time is still inside the
+//! dedup horizon, **wherever its event time fell**: a retry that a producer re-stamped with
+//! `event_time = now()` (one second or three minutes later) is found. The meter is part of
+//! the key because AI platforms send one id per *request* and several measurements under it
+//! (`input_tokens` and `output_tokens` of one completion); keying by `(tenant, event_id)`
+//! alone silently dropped the second measurement. A copy whose event time has left the
+//! horizon is forgotten (an expired hit counts as not found), exactly as if it never was.
+//!
+//! Precisely: with `B = bucket_ms` and partition time `now` (last [`Deduplicator::advance`]),
+//! a copy with event time `t` is *live* while `t.div_euclid(B) >= (now - horizon_ms).div_euclid(B)`,
+//! i.e. ids are forgotten a whole bucket at a time (at most `B`, one hour by default, after
+//! the horizon has passed them).
 //!
 //! # Why exact and why hashes
 //!
-//! A dropped distinct event is unbilled usage, so there is no Bloom filter (or any other
-//! structure with false positives by design). Each remembered event is a 128-bit keyed hash:
-//! SipHash-1-3-128 over `tenant ‖ 0xFF ‖ event_id`. `0xFF` never occurs in UTF-8, so the
-//! concatenation is unambiguous (`("ab","c")` and `("a","bc")` hash different inputs).
+//! A dropped distinct event is unbilled usage, so nothing with false positives by design
+//! decides (no Bloom filter). Each remembered id is a keyed SipHash-1-3-128 over
+//! `tenant ‖ 0xFF ‖ meter ‖ 0xFF ‖ event_id` (`0xFF` never occurs in UTF-8, so the
+//! concatenation is unambiguous), of which **111 bits** are kept: bits 17..128 of the hash,
+//! bit 16 forced to 1 (so that no entry is zero, the empty slot) and the low 16 bits replaced
+//! by the entry's event-time bucket (relative to a base, see below), so one id is exactly one
+//! `u128`.
 //!
 //! **Collision bound.** For `n` distinct ids remembered at once, the probability that any two
-//! share a 128-bit hash is `p ≈ n² / 2^129` (birthday bound). With `n = 10^10` (ten billion
-//! events inside one horizon of one partition) `p ≈ 1.5·10^-19`. A collision would drop one
-//! distinct event as a duplicate, so this is the whole error budget of the dedup.
+//! share the 111 kept bits is `p ≈ n² / 2^112`. With `n = 10^10` (ten billion events inside one
+//! horizon of one partition) `p ≈ 2·10^-14`. A collision would drop one distinct event as a
+//! duplicate; this is the whole error budget of the dedup.
 //!
 //! **Why keyed.** The 128-bit key is random per deduplicator (kept in the snapshot, so a
 //! restored engine hashes identically). Without a secret key a tenant could search for two
 //! ids with equal hashes offline and have its own usage dropped; with SipHash's PRF guarantee
 //! it cannot do better than guessing.
 //!
-//! # Tiers
+//! # Hot tier: one ordered hash table
 //!
-//! * **Hot, open buckets** (event-time buckets near the partition time, default one minute):
-//!   a `hashbrown::HashTable<u128>` each, O(1) insert and lookup.
-//! * **Hot, sealed buckets**: once a bucket's end is `seal_after_ms` behind the partition time
-//!   it is converted to a sorted `Vec<u128>` (exactly 16 bytes per id, binary-search
-//!   lookup); the rare late insert goes to a small sorted side vector that is merged in when it
-//!   grows. Because the open buckets hold only the last few minutes of a 35-day horizon,
-//!   the overall cost stays close to 16 bytes per id (target ≤ 24, see [`Deduplicator::bytes_per_id`]).
-//! * **Cold**: when the hot tier holds more than `hot_max_ids`, whole buckets are evicted
-//!   oldest-first to a [`ColdStore`]. Memory is therefore bounded by configuration, never by
-//!   traffic. The cold buckets always form a prefix of event time (`bucket < cold_below`).
+//! The hashes are uniform, so the table needs no hashing of its own: an entry's home slot is
+//! `hash_hi64 × capacity / 2^64` (monotone in the hash) and entries are kept sorted along
+//! each cluster (ordered linear probing, Amble & Knuth), so the whole slot array is a sorted
+//! array with gaps. A look-up starts at the home slot and stops at the first empty slot or
+//! larger entry: at the load kept here (0.72..0.88) that is one or two cache lines, one
+//! memory miss per event whatever the event time. Growing, compacting and snapshotting are
+//! linear passes over already sorted data. Memory is `16 / load` = 18.2..22.3 bytes per id
+//! (plus a 1/256 tail slack), within the 24-byte budget; [`Deduplicator::bytes_per_id`]
+//! reports it.
 //!
-//! # Lookup uses the event's own bucket
+//! The low 16 bits of an entry are its bucket minus `base` (the floor bucket at the last
+//! compaction), so the table covers 65,536 buckets (7.5 years of hours) from `base`. An id
+//! outside that range (an event time years ahead, allowed by a meter's `max_future`) goes to a
+//! small exact side map instead: never wrong, only slower.
 //!
-//! An id is looked up only in the bucket of *its own event time*. This is sound because the
-//! producer contract (see [`crate::event::UsageEvent::event_id`]) is that a retried send
-//! carries the same id *and the same event time*; a retry therefore always lands in the same
-//! bucket. Two events with the same id but event times in different buckets are treated as
-//! distinct (it is not a retry, it is a producer bug, and counting it beats silently
-//! dropping it). The payoff is one bucket probe per event instead of up to 840.
+//! **Compaction** drops expired ids when the floor enters a new bucket and at least 1/8 of the
+//! table is expired, and evicts the oldest buckets to the cold tier when the table holds more
+//! than `hot_max_ids` ids (down to 7/8 of it, so evictions come in large groups). Both are
+//! decided on counts and event time only, never on capacities, so a restored engine compacts
+//! exactly where the original would have (snapshots stay byte-identical).
+//!
+//! # Cold tier: fingerprints plus the raw events
+//!
+//! Evicted ids keep a 32-bit fingerprint (4 bytes per id) in sorted groups (at most
+//! [`MAX_COLD_GROUPS`], adjacent groups merged; a group is dropped once all its buckets
+//! expired). A new id whose fingerprint matches asks the [`ColdStore`], which answers from the
+//! raw events the service already stores; an id whose fingerprint matches nothing is new, with
+//! no I/O. The store is asked for about `cold_ids / 2^32` of new events (0.4% with 16 M cold
+//! ids), and its answer, not the fingerprint, decides. Cold buckets are always a prefix of
+//! event time (`bucket < cold_below`); an accepted event in a cold bucket only adds its
+//! fingerprint.
 //!
 //! # Determinism
 //!
-//! Every decision is a pure function of the state and the input sequence: the tier of a bucket
-//! depends on id counts (not bytes or capacities), and cold lookups receive the [`SourcePos`]
-//! of the current record so that a store answers as of that position even when it already
-//! holds rows written by a previous run that crashed after this point.
+//! Every decision is a pure function of the state and the input sequence (probe → commit;
+//! compaction on counts and event time), and cold look-ups receive the [`SourcePos`] of the
+//! current record so that a store answers as of that position even when it already holds rows
+//! written by a previous run that crashed after this point.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-use hashbrown::HashTable;
 use siphasher::sip128::{Hasher128, SipHasher13};
 
 use crate::engine::snapshot::{Reader, Writer};
@@ -58,6 +88,20 @@ use crate::{Error, Result};
 /// Default dedup horizon: 35 days (a month plus slack for late producers).
 pub const DEFAULT_HORIZON_MS: i64 = 35 * 86_400_000;
 
+/// Bits of an entry that hold its bucket (relative to the table's base).
+const BUCKET_BITS: u32 = 16;
+const BUCKET_MASK: u128 = (1 << BUCKET_BITS) - 1;
+/// Buckets the table can hold from its base.
+const BUCKET_SPAN: i64 = 1 << BUCKET_BITS;
+/// The horizon must fit in half the span, so that the live range plus a long future fits.
+const MAX_HORIZON_BUCKETS: i64 = BUCKET_SPAN / 2;
+
+/// At most this many fingerprint groups in the cold tier (each look-up searches all of them).
+pub const MAX_COLD_GROUPS: usize = 8;
+/// Fingerprints of accepted events in cold buckets collect in a small group that is sealed
+/// into the group list once it holds this many.
+const LATE_GROUP_MAX: usize = 4096;
+
 /// Configuration of the [`Deduplicator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DedupConfig {
@@ -65,12 +109,9 @@ pub struct DedupConfig {
     /// than this are rejected `TooLate` by the engine, since they could no longer be told
     /// apart from duplicates.
     pub horizon_ms: i64,
-    /// Event-time size of one bucket (eviction and sealing granularity).
+    /// Event-time granularity of expiry and eviction: ids are forgotten (and evicted) a whole
+    /// bucket at a time. At most 32,768 buckets per horizon.
     pub bucket_ms: i64,
-    /// A bucket is sealed (hash set → sorted vector) once `bucket_end + seal_after_ms <=`
-    /// partition time. Keep it above the largest allowed lateness so that ordinary
-    /// out-of-order events still hit a hash set.
-    pub seal_after_ms: i64,
     /// Upper bound on the ids held in memory; beyond it the oldest buckets go cold.
     pub hot_max_ids: usize,
 }
@@ -79,13 +120,10 @@ impl Default for DedupConfig {
     fn default() -> Self {
         Self {
             horizon_ms: DEFAULT_HORIZON_MS,
-            // One-minute buckets: the bucket every new event probes then holds one minute of
-            // ids (a few MB even for a busy partition), which stays in cache; hour buckets
-            // measured ~15% slower on the benchmark's busy workload. 50k buckets over 35
-            // days cost ~70 bytes each, nothing next to the ids.
-            bucket_ms: 60_000,
-            seal_after_ms: 5 * 60_000,
-            // ≈ 256 MiB at 16 bytes per id.
+            // One hour: ids outlive the horizon by at most an hour (0.1% of 35 days), and the
+            // 16-bit bucket field spans 7.5 years.
+            bucket_ms: 3_600_000,
+            // ≈ 320..370 MiB at 18..22 bytes per id.
             hot_max_ids: 16 << 20,
         }
     }
@@ -100,8 +138,8 @@ impl DedupConfig {
         if self.horizon_ms <= 0 || self.horizon_ms > crate::engine::MAX_ABS_EVENT_TIME_MS {
             return bad("horizon_ms must be positive and below 2^50 ms");
         }
-        if self.seal_after_ms < 0 {
-            return bad("seal_after_ms must not be negative");
+        if self.horizon_ms / self.bucket_ms > MAX_HORIZON_BUCKETS {
+            return bad("horizon_ms / bucket_ms must be at most 32768 (use larger buckets)");
         }
         Ok(())
     }
@@ -118,17 +156,18 @@ pub struct SourcePos {
     pub next_seq: i64,
 }
 
-/// A look-up in the cold tier: "was an event with this tenant and id accepted on this
-/// partition, with an event time in `[bucket_start_ms, bucket_end_ms)`, at an offset
-/// `< before.offset`?"
+/// A look-up in the cold tier: "was an event with this tenant, meter and id accepted on this
+/// partition, with an event time `>= from_ms`, at an offset `< before.offset`?"
 #[derive(Debug, Clone, Copy)]
 pub struct ColdQuery<'a> {
     pub tenant: &'a str,
+    pub meter: &'a str,
     pub event_id: &'a str,
     /// The keyed hash the hot tier uses (for stores that keep evicted hashes).
     pub id_hash: u128,
-    pub bucket_start_ms: i64,
-    pub bucket_end_ms: i64,
+    /// Start of the oldest live bucket: copies with an earlier event time have left the
+    /// horizon and do not count.
+    pub from_ms: i64,
     pub before: SourcePos,
 }
 
@@ -137,25 +176,24 @@ pub struct ColdQuery<'a> {
 /// The aggregator implements it over the raw events it already stores in ClickHouse:
 ///
 /// ```sql
-/// SELECT 1 FROM raw_events
-/// WHERE source_partition = {before.partition} AND tenant = {tenant} AND event_id = {event_id}
-///   AND event_time >= {bucket_start_ms} AND event_time < {bucket_end_ms}
+/// SELECT count() FROM usage_event_ids
+/// WHERE tenant = {tenant} AND meter = {meter} AND event_id = {event_id}
+///   AND source_partition = {before.partition} AND event_time_ms >= {from_ms}
 ///   AND source_offset < {before.offset}
-/// LIMIT 1
 /// ```
 ///
 /// Contract: the answer must reflect **every** event the engine accepted on this partition at
 /// an offset `< before.offset` (so an implementation with buffered, not yet flushed inserts
 /// must consult or flush its buffer first) and **nothing** at or after it (replay determinism).
-/// An error aborts the current `on_event` without changing the engine; retry it.
+/// It is asked only when a fingerprint matches, so it may be slow. An error aborts the
+/// current `on_event` without changing the engine; retry it.
 pub trait ColdStore {
     fn contains(&mut self, q: &ColdQuery<'_>) -> Result<bool>;
 
-    /// The hot tier just gave up the bucket `[bucket_start_ms, bucket_end_ms)`, holding
-    /// `ids` (sorted hashes). A store backed by the raw events needs no action; a store that
-    /// keeps hashes would keep these.
-    fn evicted(&mut self, bucket_start_ms: i64, bucket_end_ms: i64, ids: &[u128]) {
-        let _ = (bucket_start_ms, bucket_end_ms, ids);
+    /// The hot tier just gave up `ids` ids with event times before `cold_before_ms`
+    /// (informational: a store backed by the raw events needs no action).
+    fn evicted(&mut self, cold_before_ms: i64, ids: usize) {
+        let _ = (cold_before_ms, ids);
     }
 }
 
@@ -178,65 +216,177 @@ pub struct NewId {
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DedupStats {
+    /// Questions asked to the [`ColdStore`] (fingerprint matches).
     pub cold_lookups: u64,
-    pub sealed_buckets: u64,
+    /// Of which the store said "not seen" (fingerprint false positives).
+    pub cold_misses: u64,
+    pub compactions: u64,
     pub evicted_buckets: u64,
     pub evicted_ids: u64,
-    pub expired_buckets: u64,
+    pub expired_ids: u64,
 }
 
-/// Identity hasher for ids that are already uniformly distributed SipHash outputs.
+/// The hot key of a hash: the kept 111 bits, low 16 bits zero, never zero.
 #[inline]
-fn h64(id: &u128) -> u64 {
-    *id as u64
+fn key_of(hash: u128) -> u128 {
+    (hash | (1 << BUCKET_BITS)) & !BUCKET_MASK
 }
 
-/// A sealed bucket: sorted ids (16 bytes each) plus a small sorted side vector for late inserts.
-struct Sealed {
-    sorted: Vec<u128>,
-    /// Late inserts after sealing, kept sorted; merged into `sorted` when it grows.
-    extra: Vec<u128>,
+/// The cold fingerprint of a key.
+#[inline]
+fn fp_of(key: u128) -> u32 {
+    (key >> 96) as u32
 }
 
-impl Sealed {
-    fn contains(&self, id: u128) -> bool {
-        self.sorted.binary_search(&id).is_ok() || self.extra.binary_search(&id).is_ok()
-    }
+/// Home slot of `key` in a table with `cap` home slots: monotone in the key.
+#[inline]
+fn home(key: u128, cap: usize) -> usize {
+    ((u128::from((key >> 64) as u64) * cap as u128) >> 64) as usize
+}
 
-    /// Inserts an id known to be absent.
-    fn insert_new(&mut self, id: u128) {
-        let at = self.extra.binary_search(&id).unwrap_or_else(|e| e);
-        self.extra.insert(at, id);
-        if self.extra.len() > 64.max(self.sorted.len() / 32) {
-            self.sorted = merge_sorted(&self.sorted, &self.extra);
-            self.extra = Vec::new();
+/// Tail slots beyond the home range, for clusters that run past the last home slot.
+fn slack(cap: usize) -> usize {
+    64 + cap / 256
+}
+
+/// Capacity for `n` entries at load 0.72.
+fn cap_for(n: usize) -> usize {
+    (n * 25 / 18).max(64)
+}
+
+/// The hot table: ordered linear probing over uniform keys (see the module docs).
+#[derive(Default)]
+struct Table {
+    /// `cap + slack(cap)` slots; 0 is empty. Non-empty slots are sorted and each entry sits
+    /// at or after its home slot.
+    slots: Vec<u128>,
+    cap: usize,
+    len: usize,
+}
+
+impl Table {
+    fn with_sorted(entries: &[u128]) -> Self {
+        let mut cap = cap_for(entries.len());
+        loop {
+            let mut slots = vec![0u128; cap + slack(cap)];
+            let mut next = 0usize;
+            let mut fits = true;
+            for &e in entries {
+                let at = home(e, cap).max(next);
+                if at >= slots.len() {
+                    fits = false;
+                    break;
+                }
+                slots[at] = e;
+                next = at + 1;
+            }
+            if fits {
+                return Self {
+                    slots,
+                    cap,
+                    len: entries.len(),
+                };
+            }
+            cap += cap / 4;
         }
     }
 
-    fn sorted_ids(&self) -> Vec<u128> {
-        merge_sorted(&self.sorted, &self.extra)
+    /// `Ok(slot)` of the entry with `key`, or `Err(slot)` where it belongs.
+    #[inline]
+    fn find(&self, key: u128) -> std::result::Result<usize, usize> {
+        if self.cap == 0 {
+            return Err(0);
+        }
+        let mut i = home(key, self.cap);
+        while let Some(&e) = self.slots.get(i) {
+            if e == 0 {
+                return Err(i);
+            }
+            let k = e & !BUCKET_MASK;
+            if k == key {
+                return Ok(i);
+            }
+            if k > key {
+                return Err(i);
+            }
+            i += 1;
+        }
+        Err(i)
+    }
+
+    /// Inserts an entry whose key is absent, at `at` (from [`Self::find`]).
+    fn insert_at(&mut self, at: usize, entry: u128) {
+        let free = self.slots.get(at..).and_then(|s| s.iter().position(|&e| e == 0)).map(|p| at + p);
+        match free {
+            Some(end) if (self.len + 1) * 100 <= self.cap * 88 => {
+                self.slots.copy_within(at..end, at + 1);
+                self.slots[at] = entry;
+                self.len += 1;
+            }
+            _ => {
+                // Full (or the cluster reached the end): rebuild larger, a linear pass.
+                let mut all: Vec<u128> = Vec::with_capacity(self.len + 1);
+                let mut placed = false;
+                for &e in self.slots.iter().filter(|&&e| e != 0) {
+                    if !placed && e > entry {
+                        all.push(entry);
+                        placed = true;
+                    }
+                    all.push(e);
+                }
+                if !placed {
+                    all.push(entry);
+                }
+                *self = Self::with_sorted(&all);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = u128> + '_ {
+        self.slots.iter().copied().filter(|&e| e != 0)
     }
 
     fn bytes(&self) -> usize {
-        std::mem::size_of::<Self>() + 8 + (self.sorted.capacity() + self.extra.capacity()) * 16
+        self.slots.capacity() * 16
     }
 }
 
-fn open_contains(t: &HashTable<u128>, id: u128) -> bool {
-    t.find(h64(&id), |x| *x == id).is_some()
+/// Sorted 32-bit fingerprints of cold ids with the range of their buckets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ColdGroup {
+    min_bucket: i64,
+    max_bucket: i64,
+    fps: Vec<u32>,
 }
 
-fn open_sorted_ids(t: &HashTable<u128>) -> Vec<u128> {
-    let mut v: Vec<u128> = t.iter().copied().collect();
-    v.sort_unstable();
-    v
+impl ColdGroup {
+    fn contains(&self, fp: u32) -> bool {
+        search_u32(&self.fps, fp)
+    }
 }
 
-fn open_bytes(t: &HashTable<u128>) -> usize {
-    std::mem::size_of::<(i64, HashTable<u128>)>() + t.allocation_size()
+/// Interpolation search (the fingerprints are uniform), falling back to binary search.
+fn search_u32(v: &[u32], x: u32) -> bool {
+    let (mut lo, mut hi) = (0usize, v.len());
+    let mut rounds = 0;
+    while hi - lo > 8 && rounds < 4 {
+        rounds += 1;
+        let (a, b) = (u64::from(v[lo]), u64::from(v[hi - 1]));
+        let x64 = u64::from(x);
+        if x64 < a || x64 > b {
+            return false;
+        }
+        let guess = lo + ((x64 - a) * (hi - 1 - lo) as u64 / (b - a).max(1)) as usize;
+        match v[guess].cmp(&x) {
+            std::cmp::Ordering::Equal => return true,
+            std::cmp::Ordering::Less => lo = guess + 1,
+            std::cmp::Ordering::Greater => hi = guess,
+        }
+    }
+    v[lo..hi].binary_search(&x).is_ok()
 }
 
-fn merge_sorted(a: &[u128], b: &[u128]) -> Vec<u128> {
+fn merge_u32(a: &[u32], b: &[u32]) -> Vec<u32> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
@@ -258,16 +408,22 @@ pub struct Deduplicator {
     cfg: DedupConfig,
     key: u128,
     sip: SipHasher13,
-    /// Open buckets, ascending by index. Only the few near partition time are open, so a
-    /// linear search from the newest end finds the usual bucket at once, where a B-tree
-    /// search (twice per event: probe and commit) would not.
-    open: VecDeque<(i64, HashTable<u128>)>,
-    sealed: BTreeMap<i64, Sealed>,
-    hot_ids: usize,
-    /// Buckets with an index below this are cold (always a prefix of event time).
+    table: Table,
+    /// Bucket of the low-bits value 0 in table entries.
+    base: i64,
+    /// Table entries per bucket, indexed by `bucket - base`.
+    counts: Vec<u32>,
+    /// Hot ids whose bucket does not fit the table's 16-bit range: key → bucket.
+    side: HashMap<u128, i64>,
+    /// Buckets below this are cold (always a prefix of event time).
     cold_below: i64,
+    cold: Vec<ColdGroup>,
+    /// Fingerprints of ids accepted into cold buckets since the last seal, sorted.
+    late: ColdGroup,
     /// Partition time as last given to [`Deduplicator::advance`].
     now: Option<i64>,
+    /// The oldest live bucket at `now` (`i64::MIN` before any time), cached for the probe.
+    floor_b: i64,
     stats: DedupStats,
 }
 
@@ -275,9 +431,9 @@ impl std::fmt::Debug for Deduplicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Deduplicator")
             .field("cfg", &self.cfg)
-            .field("open", &self.open.len())
-            .field("sealed", &self.sealed.len())
-            .field("hot_ids", &self.hot_ids)
+            .field("hot_ids", &self.hot_ids())
+            .field("cold_ids", &self.cold_ids())
+            .field("base", &self.base)
             .field("cold_below", &self.cold_below)
             .field("now", &self.now)
             .finish_non_exhaustive()
@@ -300,6 +456,14 @@ pub fn random_key() -> u128 {
     key
 }
 
+fn empty_group() -> ColdGroup {
+    ColdGroup {
+        min_bucket: i64::MAX,
+        max_bucket: i64::MIN,
+        fps: Vec::new(),
+    }
+}
+
 impl Deduplicator {
     /// A deduplicator with a random hash key.
     pub fn new(cfg: DedupConfig) -> Result<Self> {
@@ -313,11 +477,15 @@ impl Deduplicator {
             sip: SipHasher13::new_with_keys(key as u64, (key >> 64) as u64),
             key,
             cfg,
-            open: VecDeque::new(),
-            sealed: BTreeMap::new(),
-            hot_ids: 0,
+            table: Table::default(),
+            base: 0,
+            counts: Vec::new(),
+            side: HashMap::new(),
             cold_below: i64::MIN,
+            cold: Vec::new(),
+            late: empty_group(),
             now: None,
+            floor_b: i64::MIN,
             stats: DedupStats::default(),
         })
     }
@@ -335,21 +503,29 @@ impl Deduplicator {
         self.stats
     }
 
-    /// The keyed 128-bit hash of `tenant ‖ 0xFF ‖ event_id`.
+    /// The keyed 128-bit hash of `tenant ‖ 0xFF ‖ meter ‖ 0xFF ‖ event_id`.
     #[inline]
-    pub fn id_hash(&self, tenant: &str, event_id: &str) -> u128 {
-        // One pass over a contiguous buffer is cheaper than three streaming writes; the
+    pub fn id_hash(&self, tenant: &str, meter: &str, event_id: &str) -> u128 {
+        // One pass over a contiguous buffer is cheaper than five streaming writes; the
         // streaming path (same bytes, same hash) handles long inputs.
-        let n = tenant.len() + 1 + event_id.len();
-        let mut buf = [0u8; 128];
+        let n = tenant.len() + 1 + meter.len() + 1 + event_id.len();
+        let mut buf = [0u8; 160];
         if n <= buf.len() {
-            buf[..tenant.len()].copy_from_slice(tenant.as_bytes());
-            buf[tenant.len()] = 0xFF;
-            buf[tenant.len() + 1..n].copy_from_slice(event_id.as_bytes());
+            let mut at = 0;
+            for (i, part) in [tenant, meter, event_id].into_iter().enumerate() {
+                if i > 0 {
+                    buf[at] = 0xFF;
+                    at += 1;
+                }
+                buf[at..at + part.len()].copy_from_slice(part.as_bytes());
+                at += part.len();
+            }
             return self.sip.hash(&buf[..n]).as_u128();
         }
         let mut h = self.sip;
         h.write(tenant.as_bytes());
+        h.write_u8(0xFF);
+        h.write(meter.as_bytes());
         h.write_u8(0xFF);
         h.write(event_id.as_bytes());
         h.finish128().as_u128()
@@ -366,175 +542,295 @@ impl Deduplicator {
         partition_time_ms.saturating_sub(self.cfg.horizon_ms)
     }
 
-    /// Has `(tenant, event_id)` been committed in the bucket of `event_time_ms`? Consults
-    /// the cold store for cold buckets. Does not change what is remembered.
+    /// The oldest live bucket (ids in older buckets are forgotten).
+    #[inline]
+    fn floor_bucket(&self) -> i64 {
+        self.floor_b
+    }
+
+    fn compute_floor_bucket(&self) -> i64 {
+        self.now.map_or(i64::MIN, |now| self.bucket_of(self.floor(now)))
+    }
+
+    /// The newest bucket of a hot id, if it is remembered (live or not yet purged).
+    #[inline]
+    fn hot_bucket(&self, key: u128) -> Option<i64> {
+        let in_table = self
+            .table
+            .find(key)
+            .ok()
+            .map(|i| self.base + (self.table.slots[i] & BUCKET_MASK) as i64);
+        if self.side.is_empty() {
+            return in_table;
+        }
+        match (in_table, self.side.get(&key).copied()) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn cold_may_contain(&self, fp: u32, floor_b: i64) -> bool {
+        (self.late.max_bucket >= floor_b && self.late.contains(fp))
+            || self.cold.iter().any(|g| g.max_bucket >= floor_b && g.contains(fp))
+    }
+
+    /// Has `(tenant, meter, event_id)` been committed with an event time that is still live?
+    /// `event_time_ms` is only where the id would be remembered. Consults the cold store
+    /// when a cold fingerprint matches. Does not change what is remembered.
     pub fn probe<C: ColdStore + ?Sized>(
         &mut self,
         tenant: &str,
+        meter: &str,
         event_id: &str,
         event_time_ms: i64,
         before: SourcePos,
         cold: &mut C,
     ) -> Result<Probe> {
-        let hash = self.id_hash(tenant, event_id);
+        let hash = self.id_hash(tenant, meter, event_id);
         let bucket = self.bucket_of(event_time_ms);
-        let dup = if bucket < self.cold_below {
+        let floor_b = self.floor_bucket();
+        let key = key_of(hash);
+        if self.hot_bucket(key).is_some_and(|b| b >= floor_b) {
+            return Ok(Probe::Duplicate);
+        }
+        if self.cold_below != i64::MIN && self.cold_may_contain(fp_of(key), floor_b) {
             self.stats.cold_lookups += 1;
-            let start = bucket * self.cfg.bucket_ms;
-            cold.contains(&ColdQuery {
+            let from_ms = if floor_b == i64::MIN {
+                i64::MIN
+            } else {
+                floor_b.saturating_mul(self.cfg.bucket_ms)
+            };
+            let seen = cold.contains(&ColdQuery {
                 tenant,
+                meter,
                 event_id,
                 id_hash: hash,
-                bucket_start_ms: start,
-                bucket_end_ms: start + self.cfg.bucket_ms,
+                from_ms,
                 before,
-            })?
-        } else if let Some(p) = self.open_pos(bucket) {
-            open_contains(&self.open[p].1, hash)
-        } else {
-            self.sealed.get(&bucket).is_some_and(|b| b.contains(hash))
-        };
-        Ok(if dup {
-            Probe::Duplicate
-        } else {
-            Probe::New(NewId { hash, bucket })
-        })
+            })?;
+            if seen {
+                return Ok(Probe::Duplicate);
+            }
+            self.stats.cold_misses += 1;
+        }
+        Ok(Probe::New(NewId { hash, bucket }))
     }
 
     /// Remembers a probed id (the event was accepted), then enforces the memory budget.
     pub fn commit<C: ColdStore + ?Sized>(&mut self, id: NewId, cold: &mut C) {
+        let key = key_of(id.hash);
         if id.bucket < self.cold_below {
-            // The cold store learns of accepted events through the raw events the service
-            // writes; nothing to remember here.
+            // Accepted into a cold bucket: the store has the raw event; remember that it may.
+            let fp = fp_of(key);
+            let at = self.late.fps.binary_search(&fp).unwrap_or_else(|e| e);
+            self.late.fps.insert(at, fp);
+            self.late.min_bucket = self.late.min_bucket.min(id.bucket);
+            self.late.max_bucket = self.late.max_bucket.max(id.bucket);
+            if self.late.fps.len() >= LATE_GROUP_MAX {
+                let g = std::mem::replace(&mut self.late, empty_group());
+                self.push_cold(g);
+            }
             return;
         }
-        if let Some(p) = self.open_pos(id.bucket) {
-            self.open[p].1.insert_unique(h64(&id.hash), id.hash, h64);
-        } else if let Some(b) = self.sealed.get_mut(&id.bucket) {
-            b.insert_new(id.hash);
-        } else if self.now.is_some_and(|now| {
-            (id.bucket + 1).saturating_mul(self.cfg.bucket_ms) + self.cfg.seal_after_ms <= now
-        }) {
-            self.sealed.insert(
-                id.bucket,
-                Sealed {
-                    sorted: vec![id.hash],
-                    extra: Vec::new(),
-                },
-            );
-        } else {
-            let mut t = HashTable::new();
-            t.insert_unique(h64(&id.hash), id.hash, h64);
-            let at = self.open.partition_point(|(i, _)| *i < id.bucket);
-            self.open.insert(at, (id.bucket, t));
-        }
-        self.hot_ids += 1;
-        if self.hot_ids > self.cfg.hot_max_ids {
-            self.evict(cold);
+        self.insert_hot(key, id.bucket);
+        if self.hot_ids() > self.cfg.hot_max_ids {
+            self.compact(true, cold);
         }
     }
 
-    #[inline]
-    fn open_pos(&self, bucket: i64) -> Option<usize> {
-        self.open.iter().rposition(|(i, _)| *i == bucket)
-    }
-
-    /// Index of the oldest hot bucket.
-    fn oldest(&self) -> Option<i64> {
-        match (self.open.front().map(|(i, _)| *i), self.sealed.first_key_value().map(|(i, _)| *i)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    fn insert_hot(&mut self, key: u128, bucket: i64) {
+        if !self.side.is_empty() {
+            self.side.remove(&key);
         }
-    }
-
-    /// Removes the oldest hot bucket, returning its index and sorted ids.
-    fn pop_oldest(&mut self) -> Option<(i64, Vec<u128>)> {
-        let idx = self.oldest()?;
-        let ids = if self.open.front().is_some_and(|(i, _)| *i == idx) {
-            open_sorted_ids(&self.open.pop_front().expect("non-empty").1)
-        } else {
-            self.sealed.remove(&idx).expect("oldest exists").sorted_ids()
-        };
-        self.hot_ids -= ids.len();
-        Some((idx, ids))
-    }
-
-    fn evict<C: ColdStore + ?Sized>(&mut self, cold: &mut C) {
-        while self.hot_ids > self.cfg.hot_max_ids {
-            let Some((idx, ids)) = self.pop_oldest() else {
-                break;
+        if self.table.len == 0 {
+            // Anchor the range where it will be used: from the floor (late events) on.
+            let floor_b = self.floor_bucket();
+            self.base = if floor_b == i64::MIN {
+                bucket - self.cfg.horizon_ms / self.cfg.bucket_ms - 1
+            } else {
+                floor_b.min(bucket)
             };
-            self.cold_below = idx + 1;
-            self.stats.evicted_buckets += 1;
-            self.stats.evicted_ids += ids.len() as u64;
-            let start = idx * self.cfg.bucket_ms;
-            cold.evicted(start, start + self.cfg.bucket_ms, &ids);
+            self.counts.clear();
+        }
+        let rel = bucket - self.base;
+        if !(0..BUCKET_SPAN).contains(&rel) {
+            self.side.insert(key, bucket);
+            return;
+        }
+        let entry = key | rel as u128;
+        match self.table.find(key) {
+            Ok(i) => {
+                // A forgotten (expired, not yet purged) copy: the id lives again from here.
+                let old = (self.table.slots[i] & BUCKET_MASK) as usize;
+                self.counts[old] -= 1;
+                self.table.slots[i] = entry;
+            }
+            Err(at) => self.table.insert_at(at, entry),
+        }
+        let rel = rel as usize;
+        if self.counts.len() <= rel {
+            self.counts.resize(rel + 1, 0);
+        }
+        self.counts[rel] += 1;
+    }
+
+    /// Drops expired ids and, with `evict`, moves the oldest buckets to the cold tier until
+    /// at most 7/8 of `hot_max_ids` remain. A linear pass over the (sorted) table.
+    fn compact<C: ColdStore + ?Sized>(&mut self, evict: bool, cold: &mut C) {
+        self.stats.compactions += 1;
+        let floor_b = self.floor_bucket();
+        // Eviction cut: the lowest bucket kept. Whole buckets, newest first, while they fit.
+        let mut cut = floor_b;
+        if evict {
+            let mut per_bucket: std::collections::BTreeMap<i64, u64> = self
+                .counts
+                .iter()
+                .enumerate()
+                .filter(|&(_, &c)| c > 0)
+                .map(|(i, &c)| (self.base + i as i64, u64::from(c)))
+                .collect();
+            for &b in self.side.values() {
+                *per_bucket.entry(b).or_default() += 1;
+            }
+            let target = (self.cfg.hot_max_ids - self.cfg.hot_max_ids / 8) as u64;
+            let mut kept = 0u64;
+            for (&b, &c) in per_bucket.range(floor_b..).rev() {
+                if kept + c > target {
+                    cut = b + 1;
+                    break;
+                }
+                kept += c;
+            }
+        }
+        let new_base = if floor_b == i64::MIN { self.base } else { floor_b };
+        let mut kept: Vec<u128> = Vec::with_capacity(self.table.len);
+        let mut side = HashMap::new();
+        let mut evicted = empty_group();
+        let mut evicted_buckets = std::collections::BTreeSet::new();
+        let mut visit = |key: u128, b: i64, kept: &mut Vec<u128>, stats: &mut DedupStats| {
+            if b < floor_b {
+                stats.expired_ids += 1;
+            } else if b < cut {
+                evicted.fps.push(fp_of(key));
+                evicted.min_bucket = evicted.min_bucket.min(b);
+                evicted.max_bucket = evicted.max_bucket.max(b);
+                evicted_buckets.insert(b);
+            } else if (0..BUCKET_SPAN).contains(&(b - new_base)) {
+                kept.push(key | (b - new_base) as u128);
+            } else {
+                side.insert(key, b);
+            }
+        };
+        let base = self.base;
+        for e in self.table.iter() {
+            visit(e & !BUCKET_MASK, base + (e & BUCKET_MASK) as i64, &mut kept, &mut self.stats);
+        }
+        let mut side_old: Vec<(u128, i64)> = self.side.drain().collect();
+        side_old.sort_unstable();
+        let had_side = !side_old.is_empty();
+        for (k, b) in side_old {
+            visit(k, b, &mut kept, &mut self.stats);
+        }
+        if had_side {
+            // Side entries that now fit the table were appended out of order.
+            kept.sort_unstable();
+        }
+        self.base = new_base;
+        self.counts.clear();
+        for &e in &kept {
+            let rel = (e & BUCKET_MASK) as usize;
+            if self.counts.len() <= rel {
+                self.counts.resize(rel + 1, 0);
+            }
+            self.counts[rel] += 1;
+        }
+        self.table = Table::with_sorted(&kept);
+        self.side = side;
+        if !evicted.fps.is_empty() {
+            evicted.fps.sort_unstable();
+            let n = evicted.fps.len();
+            self.stats.evicted_ids += n as u64;
+            self.stats.evicted_buckets += evicted_buckets.len() as u64;
+            self.cold_below = self.cold_below.max(cut);
+            self.push_cold(evicted);
+            cold.evicted(self.cold_below.saturating_mul(self.cfg.bucket_ms), n);
+        }
+        self.drop_expired_cold(floor_b);
+    }
+
+    /// Adds a group of cold fingerprints, merging the adjacent pair with the fewest ids while
+    /// there are too many groups.
+    fn push_cold(&mut self, g: ColdGroup) {
+        let at = self.cold.partition_point(|x| x.min_bucket <= g.min_bucket);
+        self.cold.insert(at, g);
+        while self.cold.len() > MAX_COLD_GROUPS {
+            let i = (0..self.cold.len() - 1)
+                .min_by_key(|&i| self.cold[i].fps.len() + self.cold[i + 1].fps.len())
+                .expect("at least two groups");
+            let b = self.cold.remove(i + 1);
+            let a = &mut self.cold[i];
+            a.fps = merge_u32(&a.fps, &b.fps);
+            a.min_bucket = a.min_bucket.min(b.min_bucket);
+            a.max_bucket = a.max_bucket.max(b.max_bucket);
         }
     }
 
-    /// Moves partition time forward: seals buckets that are `seal_after_ms` behind it and
-    /// forgets buckets that fell out of the horizon.
+    fn drop_expired_cold(&mut self, floor_b: i64) {
+        self.cold.retain(|g| g.max_bucket >= floor_b);
+        if !self.late.fps.is_empty() && self.late.max_bucket < floor_b {
+            self.late = empty_group();
+        }
+    }
+
+    /// Moves partition time forward. When the floor enters a new bucket, ids that left the
+    /// horizon are purged once they are at least 1/8 of the table.
     pub fn advance(&mut self, partition_time_ms: i64) {
         if self.now.is_some_and(|n| n >= partition_time_ms) {
             return;
         }
-        let prev = self.now;
+        let prev_floor_b = self.floor_b;
         self.now = Some(partition_time_ms);
-        let floor = self.floor(partition_time_ms);
-        // Forget buckets whose end is at or below the floor: no accepted event can map there.
-        while let Some(idx) = self.oldest() {
-            if (idx + 1).saturating_mul(self.cfg.bucket_ms) <= floor {
-                self.pop_oldest();
-                self.stats.expired_buckets += 1;
-            } else {
-                break;
-            }
+        self.floor_b = self.compute_floor_bucket();
+        let floor_b = self.floor_b;
+        if floor_b == prev_floor_b {
+            return;
         }
-        // Seal open buckets, only when the seal threshold crossed a bucket boundary.
-        let seal_line = partition_time_ms.saturating_sub(self.cfg.seal_after_ms);
-        let sealable_below = seal_line.div_euclid(self.cfg.bucket_ms); // buckets < this end <= seal_line
-        let prev_below = prev.map(|p| p.saturating_sub(self.cfg.seal_after_ms).div_euclid(self.cfg.bucket_ms));
-        if prev_below != Some(sealable_below) {
-            while self.open.front().is_some_and(|(i, _)| *i < sealable_below) {
-                let (idx, mut t) = self.open.pop_front().expect("non-empty");
-                let mut v = Vec::with_capacity(t.len());
-                v.extend(t.drain());
-                v.sort_unstable();
-                self.sealed.insert(
-                    idx,
-                    Sealed {
-                        sorted: v,
-                        extra: Vec::new(),
-                    },
-                );
-                self.stats.sealed_buckets += 1;
-            }
+        let below = (floor_b.saturating_sub(self.base)).clamp(0, self.counts.len() as i64) as usize;
+        let expired: u64 = self.counts[..below].iter().map(|&c| u64::from(c)).sum::<u64>()
+            + self.side.values().filter(|&&b| b < floor_b).count() as u64;
+        if expired > 0 && expired * 8 >= self.hot_ids() as u64 {
+            self.compact(false, &mut NoCold);
+        } else {
+            self.drop_expired_cold(floor_b);
         }
     }
 
-    /// Ids held in memory.
+    /// Ids held in memory (including expired ones not yet purged).
     pub fn hot_ids(&self) -> usize {
-        self.hot_ids
+        self.table.len + self.side.len()
     }
 
-    /// Number of hot buckets (open and sealed).
-    pub fn hot_buckets(&self) -> usize {
-        self.open.len() + self.sealed.len()
+    /// Fingerprints held for cold ids.
+    pub fn cold_ids(&self) -> usize {
+        self.cold.iter().map(|g| g.fps.len()).sum::<usize>() + self.late.fps.len()
     }
 
-    /// Heap bytes of the hot tier: table allocations, vectors' capacities and per-bucket
-    /// overhead.
+    /// Heap bytes of the hot tier: the table's slots, the per-bucket counts and the side map.
     pub fn hot_bytes(&self) -> usize {
-        self.open.iter().map(|(_, t)| open_bytes(t)).sum::<usize>()
-            + self.sealed.values().map(Sealed::bytes).sum::<usize>()
+        self.table.bytes() + self.counts.capacity() * 4 + self.side.capacity() * 40
     }
 
-    /// Bytes per remembered id (the benchmark's memory figure); 0 when empty.
+    /// Heap bytes of the cold tier's fingerprints (4 per cold id plus vector slack).
+    pub fn cold_bytes(&self) -> usize {
+        self.cold.iter().map(|g| g.fps.capacity() * 4 + 40).sum::<usize>() + self.late.fps.capacity() * 4
+    }
+
+    /// Hot bytes per remembered hot id (the benchmark's memory figure); 0 when empty.
     pub fn bytes_per_id(&self) -> f64 {
-        if self.hot_ids == 0 {
+        if self.hot_ids() == 0 {
             0.0
         } else {
-            self.hot_bytes() as f64 / self.hot_ids as f64
+            self.hot_bytes() as f64 / self.hot_ids() as f64
         }
     }
 
@@ -546,29 +842,32 @@ impl Deduplicator {
     pub(crate) fn write_snapshot(&self, w: &mut Writer) {
         w.u128(self.key);
         w.i64(self.cfg.bucket_ms);
-        w.i64(self.cold_below);
         w.opt_i64(self.now);
-        w.u64(self.stats.cold_lookups);
-        w.u64(self.stats.sealed_buckets);
-        w.u64(self.stats.evicted_buckets);
-        w.u64(self.stats.evicted_ids);
-        w.u64(self.stats.expired_buckets);
-        // Both tiers, by bucket index.
-        let mut all: Vec<(i64, bool, Vec<u128>)> = self
-            .open
-            .iter()
-            .map(|(i, t)| (*i, false, open_sorted_ids(t)))
-            .chain(self.sealed.iter().map(|(i, b)| (*i, true, b.sorted_ids())))
-            .collect();
-        all.sort_unstable_by_key(|(i, _, _)| *i);
-        w.len(all.len());
-        for (idx, sealed, ids) in all {
-            w.i64(idx);
-            w.u8(sealed as u8);
-            w.len(ids.len());
-            // Raw little-endian, 16 bytes per id.
-            for id in ids {
-                w.u128(id);
+        w.i64(self.cold_below);
+        let s = &self.stats;
+        for v in [s.cold_lookups, s.cold_misses, s.compactions, s.evicted_buckets, s.evicted_ids, s.expired_ids] {
+            w.u64(v);
+        }
+        w.i64(self.base);
+        // Sorted entries, raw little-endian, 16 bytes per id.
+        w.len(self.table.len);
+        for e in self.table.iter() {
+            w.u128(e);
+        }
+        let mut side: Vec<(u128, i64)> = self.side.iter().map(|(&k, &b)| (k, b)).collect();
+        side.sort_unstable();
+        w.len(side.len());
+        for (k, b) in side {
+            w.u128(k);
+            w.i64(b);
+        }
+        w.len(self.cold.len());
+        for g in self.cold.iter().chain(std::iter::once(&self.late)) {
+            w.i64(g.min_bucket);
+            w.i64(g.max_bucket);
+            w.len(g.fps.len());
+            for &fp in &g.fps {
+                w.u32(fp);
             }
         }
     }
@@ -583,207 +882,104 @@ impl Deduplicator {
                 d.cfg.bucket_ms
             )));
         }
-        d.cold_below = r.i64()?;
         d.now = r.opt_i64()?;
+        d.floor_b = d.compute_floor_bucket();
+        d.cold_below = r.i64()?;
         d.stats = DedupStats {
             cold_lookups: r.u64()?,
-            sealed_buckets: r.u64()?,
+            cold_misses: r.u64()?,
+            compactions: r.u64()?,
             evicted_buckets: r.u64()?,
             evicted_ids: r.u64()?,
-            expired_buckets: r.u64()?,
+            expired_ids: r.u64()?,
         };
-        let n = r.len(9)?;
-        let mut last_idx = None;
+        d.base = r.i64()?;
+        let n = r.len(16)?;
+        let mut entries = Vec::with_capacity(n);
         for _ in 0..n {
-            let idx = r.i64()?;
-            if last_idx.is_some_and(|l| l >= idx) || idx < d.cold_below {
-                return Err(Error::Snapshot("dedup buckets out of order".into()));
-            }
-            last_idx = Some(idx);
-            let sealed = r.bool()?;
-            let count = r.len(16)?;
-            let mut ids = Vec::with_capacity(count);
-            for _ in 0..count {
-                ids.push(r.u128()?);
-            }
-            if ids.windows(2).any(|w| w[0] >= w[1]) {
+            let e = r.u128()?;
+            if e & (1 << BUCKET_BITS) == 0 || entries.last().is_some_and(|&l: &u128| l & !BUCKET_MASK >= e & !BUCKET_MASK) {
                 return Err(Error::Snapshot("dedup ids not strictly sorted".into()));
             }
-            d.hot_ids += ids.len();
-            if sealed {
-                d.sealed.insert(
-                    idx,
-                    Sealed {
-                        sorted: ids,
-                        extra: Vec::new(),
-                    },
-                );
-            } else {
-                let mut t = HashTable::with_capacity(ids.len());
-                for id in ids {
-                    t.insert_unique(h64(&id), id, h64);
-                }
-                d.open.push_back((idx, t));
+            let rel = (e & BUCKET_MASK) as usize;
+            if d.counts.len() <= rel {
+                d.counts.resize(rel + 1, 0);
+            }
+            d.counts[rel] += 1;
+            entries.push(e);
+        }
+        d.table = Table::with_sorted(&entries);
+        let n = r.len(24)?;
+        for _ in 0..n {
+            let k = r.u128()?;
+            let b = r.i64()?;
+            if k != key_of(k) || d.side.insert(k, b).is_some() {
+                return Err(Error::Snapshot("dedup side entries invalid".into()));
             }
         }
+        let n = r.len(20)?;
+        let mut groups = Vec::with_capacity(n + 1);
+        for _ in 0..=n {
+            let min_bucket = r.i64()?;
+            let max_bucket = r.i64()?;
+            let k = r.len(4)?;
+            let mut fps = Vec::with_capacity(k);
+            for _ in 0..k {
+                fps.push(r.u32()?);
+            }
+            if fps.windows(2).any(|w| w[0] > w[1]) {
+                return Err(Error::Snapshot("dedup cold fingerprints not sorted".into()));
+            }
+            groups.push(ColdGroup { min_bucket, max_bucket, fps });
+        }
+        d.late = groups.pop().expect("n + 1 groups");
+        d.cold = groups;
+        Ok(d)
+    }
+
+    /// Reads the dedup section of a version-1 snapshot (ids keyed by `(tenant, event_id)`
+    /// without the meter, in per-minute buckets). Those hashes cannot be re-keyed with the
+    /// meter, so a non-empty version-1 dedup state is refused: restoring it would forget ids
+    /// and count their retries twice.
+    pub(crate) fn read_snapshot_v1(cfg: DedupConfig, r: &mut Reader<'_>) -> Result<Self> {
+        let key = r.u128()?;
+        let _bucket_ms = r.i64()?;
+        let cold_below = r.i64()?;
+        let now = r.opt_i64()?;
+        for _ in 0..5 {
+            r.u64()?;
+        }
+        let n = r.len(9)?;
+        let mut ids = 0usize;
+        for _ in 0..n {
+            r.i64()?;
+            r.bool()?;
+            let count = r.len(16)?;
+            r.take(count * 16)?;
+            ids += count;
+        }
+        if ids > 0 || cold_below != i64::MIN {
+            return Err(Error::Snapshot(format!(
+                "snapshot version 1 remembers {ids} event ids keyed by (tenant, event_id); this build keys \
+                 dedup by (tenant, meter, event_id) and cannot convert them without losing exactness: \
+                 drain the partition with the previous build (or start it from a fresh checkpoint after \
+                 the dedup horizon) before upgrading"
+            )));
+        }
+        let mut d = Self::with_key(cfg, key)?;
+        d.now = now;
+        d.floor_b = d.compute_floor_bucket();
         Ok(d)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Default)]
-    struct Cold {
-        evicted: Vec<(i64, i64, Vec<u128>)>,
-        queries: usize,
-    }
-    impl ColdStore for Cold {
-        fn contains(&mut self, q: &ColdQuery<'_>) -> Result<bool> {
-            self.queries += 1;
-            Ok(self
-                .evicted
-                .iter()
-                .any(|(s, _, ids)| *s == q.bucket_start_ms && ids.binary_search(&q.id_hash).is_ok()))
-        }
-        fn evicted(&mut self, s: i64, e: i64, ids: &[u128]) {
-            self.evicted.push((s, e, ids.to_vec()));
-        }
-    }
-
-    const POS: SourcePos = SourcePos {
-        partition: 0,
-        offset: 0,
-        next_seq: 1,
-    };
-
-    fn see(d: &mut Deduplicator, cold: &mut Cold, t: &str, id: &str, time: i64) -> bool {
-        match d.probe(t, id, time, POS, cold).unwrap() {
-            Probe::Duplicate => false,
-            Probe::New(n) => {
-                d.commit(n, cold);
-                true
-            }
-        }
-    }
-
-    #[test]
-    fn separator_makes_concatenation_unambiguous() {
-        let d = Deduplicator::with_key(DedupConfig::default(), 7).unwrap();
-        // The one-pass and streaming paths agree.
-        let long = "x".repeat(200);
-        let mut h = d.sip;
-        h.write(long.as_bytes());
-        h.write_u8(0xFF);
-        h.write(b"id");
-        assert_eq!(d.id_hash(&long, "id"), h.finish128().as_u128());
-        let mut h = d.sip;
-        h.write(b"t");
-        h.write_u8(0xFF);
-        h.write(b"id");
-        assert_eq!(d.id_hash("t", "id"), h.finish128().as_u128());
-        assert_ne!(d.id_hash("ab", "c"), d.id_hash("a", "bc"));
-        assert_eq!(d.id_hash("a", "b"), d.id_hash("a", "b"));
-        let other = Deduplicator::with_key(DedupConfig::default(), 8).unwrap();
-        assert_ne!(d.id_hash("a", "b"), other.id_hash("a", "b"), "keyed");
-        assert_ne!(random_key(), random_key());
-    }
-
-    #[test]
-    fn open_sealed_and_cold_tiers_agree() {
-        let cfg = DedupConfig {
-            bucket_ms: 1000,
-            seal_after_ms: 0,
-            hot_max_ids: 50,
-            ..DedupConfig::default()
-        };
-        let mut d = Deduplicator::with_key(cfg, 1).unwrap();
-        let mut cold = Cold::default();
-        for i in 0..200i64 {
-            let t = i * 50; // 20 per bucket
-            assert!(see(&mut d, &mut cold, "t", &format!("e{i}"), t));
-            d.advance(t);
-            assert!(!see(&mut d, &mut cold, "t", &format!("e{i}"), t), "immediate dup {i}");
-            assert!(d.hot_ids() <= 50);
-        }
-        assert!(d.stats().sealed_buckets > 0 && d.stats().evicted_buckets > 0);
-        // Every id is still known, whichever tier it is in.
-        for i in 0..200i64 {
-            assert!(!see(&mut d, &mut cold, "t", &format!("e{i}"), i * 50), "{i}");
-        }
-        assert!(cold.queries > 0);
-        // Same id, other bucket: distinct by design.
-        assert!(see(&mut d, &mut cold, "t", "e199", 199 * 50 + 5000));
-        // Late insert into a sealed bucket.
-        assert!(see(&mut d, &mut cold, "t", "late", 9_000));
-        assert!(!see(&mut d, &mut cold, "t", "late", 9_000));
-    }
-
-    #[test]
-    fn sealed_bucket_late_inserts_merge() {
-        let cfg = DedupConfig {
-            bucket_ms: 1000,
-            seal_after_ms: 0,
-            ..DedupConfig::default()
-        };
-        let mut d = Deduplicator::with_key(cfg, 1).unwrap();
-        let mut cold = Cold::default();
-        see(&mut d, &mut cold, "t", "x", 0);
-        d.advance(5000);
-        for i in 0..500 {
-            assert!(see(&mut d, &mut cold, "t", &format!("late{i}"), 10));
-        }
-        for i in 0..500 {
-            assert!(!see(&mut d, &mut cold, "t", &format!("late{i}"), 10));
-        }
-        assert_eq!(d.hot_ids(), 501);
-        assert!(d.bytes_per_id() < 24.0, "{}", d.bytes_per_id());
-    }
-
-    #[test]
-    fn expiry_forgets_buckets() {
-        let cfg = DedupConfig {
-            bucket_ms: 1000,
-            horizon_ms: 10_000,
-            ..DedupConfig::default()
-        };
-        let mut d = Deduplicator::with_key(cfg, 1).unwrap();
-        let mut cold = Cold::default();
-        see(&mut d, &mut cold, "t", "x", 0);
-        d.advance(10_999);
-        assert_eq!(d.hot_ids(), 1);
-        d.advance(11_000);
-        assert_eq!(d.hot_ids(), 0);
-        assert_eq!(d.floor(11_000), 1000);
-    }
-
-    #[test]
-    fn snapshot_round_trip() {
-        let cfg = DedupConfig {
-            bucket_ms: 1000,
-            seal_after_ms: 0,
-            hot_max_ids: 30,
-            ..DedupConfig::default()
-        };
-        let mut d = Deduplicator::with_key(cfg.clone(), 99).unwrap();
-        let mut cold = Cold::default();
-        for i in 0..60 {
-            see(&mut d, &mut cold, "t", &format!("e{i}"), i * 100);
-            d.advance(i * 100);
-        }
-        let mut w = Writer::default();
-        d.write_snapshot(&mut w);
-        let bytes = w.into_inner();
-        let mut r = Reader::new(&bytes);
-        let mut back = Deduplicator::read_snapshot(cfg, &mut r).unwrap();
-        assert_eq!(back.key(), 99);
-        assert_eq!(back.hot_ids(), d.hot_ids());
-        let mut w2 = Writer::default();
-        back.write_snapshot(&mut w2);
-        assert_eq!(w2.into_inner(), bytes);
-        for i in 0..60 {
-            assert!(!see(&mut back, &mut cold, "t", &format!("e{i}"), i * 100));
-        }
+/// For purges, which never evict.
+struct NoCold;
+impl ColdStore for NoCold {
+    fn contains(&mut self, _q: &ColdQuery<'_>) -> Result<bool> {
+        Ok(false)
     }
 }
+
+#[cfg(test)]
+mod tests;

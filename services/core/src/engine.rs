@@ -86,11 +86,9 @@ pub const MAX_ABS_EVENT_TIME_MS: i64 = 1 << 50;
 pub struct EngineConfig {
     /// See [`DedupConfig::horizon_ms`] (default 35 days).
     pub dedup_horizon_ms: i64,
-    /// See [`DedupConfig::bucket_ms`] (default 1 minute).
+    /// See [`DedupConfig::bucket_ms`] (default 1 hour).
     pub dedup_bucket_ms: i64,
-    /// See [`DedupConfig::seal_after_ms`] (default 5 minutes).
-    pub dedup_seal_after_ms: i64,
-    /// See [`DedupConfig::hot_max_ids`] (default 16 Mi ids, about 256 MiB).
+    /// See [`DedupConfig::hot_max_ids`] (default 16 Mi ids, 18-22 bytes each).
     pub hot_max_ids: usize,
     /// How long (in partition time, after closing) a closed window stays in memory; later
     /// events for it reload it from the [`WindowStore`] (default 1 hour).
@@ -120,7 +118,6 @@ impl Default for EngineConfig {
         Self {
             dedup_horizon_ms: d.horizon_ms,
             dedup_bucket_ms: d.bucket_ms,
-            dedup_seal_after_ms: d.seal_after_ms,
             hot_max_ids: d.hot_max_ids,
             retain_closed_ms: 3_600_000,
             restate_interval_ms: 1_000,
@@ -135,7 +132,6 @@ impl EngineConfig {
         DedupConfig {
             horizon_ms: self.dedup_horizon_ms,
             bucket_ms: self.dedup_bucket_ms,
-            seal_after_ms: self.dedup_seal_after_ms,
             hot_max_ids: self.hot_max_ids,
         }
     }
@@ -160,7 +156,8 @@ impl EngineConfig {
 pub enum Outcome {
     /// Counted. The service must store the raw event (it is what the cold stores query).
     Accepted,
-    /// Already counted: same `(tenant, event_id)` in the same dedup bucket.
+    /// Already counted: an event with the same `(tenant, meter, event_id)` was accepted
+    /// and its event time is still within the dedup horizon (see [`crate::dedup`]).
     Duplicate,
     /// Not counted; goes to the dead-letter topic with `reason` and `detail`.
     Rejected { reason: RejectReason, detail: String },
@@ -614,7 +611,7 @@ impl PartitionEngine {
             offset,
             next_seq: self.next_seq,
         };
-        let new_id = match self.dedup.probe(ev.tenant, ev.event_id, t, pos, store)? {
+        let new_id = match self.dedup.probe(ev.tenant, ev.meter, ev.event_id, t, pos, store)? {
             Probe::Duplicate => return Ok(Outcome::Duplicate),
             Probe::New(id) => id,
         };

@@ -7,7 +7,10 @@ use rust_decimal::Decimal;
 /// One unit of metered usage as a producer builds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageEvent {
-    /// Idempotency key: a retried send carries the same id (and the same event time).
+    /// Idempotency key. Dedup is by `(tenant, meter, event_id)` over the whole dedup horizon
+    /// (see [`crate::dedup`]): a retried send carries the same id (its event time may differ,
+    /// a re-stamped retry is still a duplicate); one request may report several meters under
+    /// one id.
     pub event_id: String,
     pub tenant: String,
     pub meter: String,

@@ -2,7 +2,8 @@
 //!
 //! Every property runs **256 cases** (`CASES`). Inputs are random event sets, shuffled by a random
 //! per-event delay (within and far beyond the allowed lateness, beyond closed-window retention
-//! and beyond the dedup horizon), duplicated (exact copies and copies with a corrupted
+//! and beyond the dedup horizon), duplicated (exact copies, copies re-stamped into other
+//! dedup buckets, ids shared by several meters, and copies with a corrupted
 //! quantity), with future-skewed clocks, invalid fields, undecodable records and idle ticks
 //! mixed in. Events go through the real Avro codec.
 //!
@@ -19,7 +20,7 @@
 //!   restore replays records that a crashed run already wrote to the stores;
 //! * events older than the dedup horizon are rejected `TooLate`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -177,7 +178,9 @@ prop_compose! {
         skew in prop_oneof![100 => Just(0i64), 1 => 10_000i64..4_000_000],
         dups in prop::collection::vec(0i64..60_000, 0..=2),
         corrupt_dup in prop::bool::weighted(0.1),
-    ) -> (Ev, i64, i64, Vec<i64>, bool, bool) {
+        restamp in prop::option::weighted(0.3, prop_oneof![-90_000i64..90_000, Just(1i64), Just(180_000)]),
+        share_id in prop::bool::weighted(0.15),
+    ) -> (Ev, i64, i64, Vec<i64>, bool, bool, Option<i64>, bool) {
         let mut dims = Vec::new();
         if let Some(m) = model { dims.push(("model", m)); }
         if let Some(z) = zone { dims.push(("zone", z)); }
@@ -191,7 +194,7 @@ prop_compose! {
             dims,
             cost: COSTS[cost],
         };
-        (ev, delay, skew, dups, corrupt_dup, no_id)
+        (ev, delay, skew, dups, corrupt_dup, no_id, restamp, share_id)
     }
 }
 
@@ -203,12 +206,11 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop_oneof![Just(0i64), Just(1_000), Just(7_000)],
         prop_oneof![Just(0i64), Just(5_000), Just(3_600_000)],
         prop_oneof![Just(3usize), Just(40), Just(1 << 20)],
-        prop_oneof![Just(1_000i64), Just(5_000)],
-        prop_oneof![Just(0i64), Just(3_000)],
+        prop_oneof![Just(100i64), Just(20)],
         prop_oneof![Just(100_000i64), Just(35 * 86_400_000)],
     )
         .prop_map(
-            |(events, ticks, garbage, restate, retain, hot_max_ids, bucket, seal_after, horizon)| {
+            |(events, ticks, garbage, restate, retain, hot_max_ids, buckets_per_horizon, horizon)| {
                 // (arrival, tiebreak, item)
                 let mut arrivals: Vec<(i64, usize, Item)> = Vec::new();
                 let mut n = 0;
@@ -216,14 +218,24 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     a.push((at, n, item));
                     n += 1;
                 };
-                for (i, (mut ev, delay, skew, dups, corrupt, no_id)) in events.into_iter().enumerate() {
-                    ev.id = if no_id { String::new() } else { format!("e{i}") };
+                for (i, (mut ev, delay, skew, dups, corrupt, no_id, restamp, share_id)) in events.into_iter().enumerate() {
+                    // A shared id is one request measured by several meters (or the same
+                    // meter twice: a duplicate when within the horizon).
+                    ev.id = match (no_id, share_id && i > 0) {
+                        (true, _) => String::new(),
+                        (false, true) => format!("e{}", i - 1),
+                        (false, false) => format!("e{i}"),
+                    };
                     let arrival = ev.time + delay;
                     ev.time += skew;
                     for (k, d) in dups.iter().enumerate() {
                         let mut copy = ev.clone();
                         if corrupt && k == 0 {
                             copy.quantity = "999";
+                        }
+                        if let (Some(shift), 0) = (restamp, k) {
+                            // A retry re-stamped with the producer's clock.
+                            copy.time += shift;
                         }
                         push(&mut arrivals, arrival + d, Item::Event(copy));
                     }
@@ -238,8 +250,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 arrivals.sort_by_key(|(at, tie, _)| (*at, *tie));
                 let cfg = EngineConfig {
                     dedup_horizon_ms: horizon,
-                    dedup_bucket_ms: bucket,
-                    dedup_seal_after_ms: seal_after,
+                    dedup_bucket_ms: horizon / buckets_per_horizon,
                     hot_max_ids,
                     retain_closed_ms: retain,
                     restate_interval_ms: restate,
@@ -356,7 +367,9 @@ struct Reference {
 fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
     let cfg = &s.cfg;
     let mut now: Option<i64> = None;
-    let mut seen: HashSet<(String, String, i64)> = HashSet::new();
+    // (tenant, meter, id) → event time of the accepted copy; a copy counts while its
+    // bucket is at or after the bucket of partition time minus the horizon.
+    let mut seen: HashMap<(String, String, String), i64> = HashMap::new();
     let mut kinds = Vec::new();
     let mut accepted = Vec::new();
     for (offset, item) in s.items.iter().enumerate() {
@@ -392,8 +405,9 @@ fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
             if e.time > MAX_ABS_EVENT_TIME_MS || now.is_some_and(|n| e.time > n + m.max_future_ms) {
                 return Kind::Rejected(RejectReason::TooEarly);
             }
-            let key = (e.tenant.to_string(), e.id.clone(), e.time.div_euclid(cfg.dedup_bucket_ms));
-            if seen.contains(&key) {
+            let key = (e.tenant.to_string(), e.meter.to_string(), e.id.clone());
+            let floor_bucket = now.map_or(i64::MIN, |n| (n - cfg.dedup_horizon_ms).div_euclid(cfg.dedup_bucket_ms));
+            if seen.get(&key).is_some_and(|t| t.div_euclid(cfg.dedup_bucket_ms) >= floor_bucket) {
                 return Kind::Duplicate;
             }
             let Ok(q) = decimal::parse("quantity", e.quantity) else {
@@ -410,7 +424,7 @@ fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
                     return Kind::Rejected(RejectReason::BadProviderCost);
                 }
             }
-            seen.insert(key);
+            seen.insert(key, e.time);
             Kind::Accepted
         })();
         if k == Kind::Accepted {

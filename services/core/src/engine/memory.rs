@@ -26,12 +26,16 @@ struct WinKey {
     window_start: i64,
 }
 
+/// (partition, tenant, meter, event_id): the dedup key, per source partition.
+type IdKey = (i32, String, String, String);
+
 /// Counters, for tests that check the cold paths were taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryStoreStats {
     pub cold_queries: u64,
     pub window_loads: u64,
-    pub evicted_buckets: u64,
+    /// Evictions of dedup ids to the cold tier (each of one or more buckets).
+    pub evictions: u64,
     pub evicted_windows: u64,
 }
 
@@ -39,8 +43,8 @@ pub struct MemoryStoreStats {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     meters: HashMap<String, MeterDef>,
-    /// (partition, tenant, event_id) → (offset, event time), sorted by offset.
-    ids: HashMap<(i32, String, String), Vec<(i64, i64)>>,
+    /// (partition, tenant, meter, event_id) → (offset, event time), sorted by offset.
+    ids: HashMap<IdKey, Vec<(i64, i64)>>,
     /// Window → its accepted events, sorted by offset.
     windows: HashMap<WinKey, Vec<(i64, StoredEvent)>>,
     /// Window → its emitted revisions, sorted by seq.
@@ -70,7 +74,7 @@ impl MemoryStore {
         };
         insert_sorted(
             self.ids
-                .entry((partition, ev.tenant.to_owned(), ev.event_id.to_owned()))
+                .entry((partition, ev.tenant.to_owned(), ev.meter.to_owned(), ev.event_id.to_owned()))
                 .or_default(),
             offset,
             ev.event_time_ms,
@@ -136,15 +140,12 @@ impl ColdStore for MemoryStore {
         let SourcePos { partition, offset, .. } = q.before;
         Ok(self
             .ids
-            .get(&(partition, q.tenant.to_owned(), q.event_id.to_owned()))
-            .is_some_and(|v| {
-                v.iter()
-                    .any(|&(o, t)| o < offset && t >= q.bucket_start_ms && t < q.bucket_end_ms)
-            }))
+            .get(&(partition, q.tenant.to_owned(), q.meter.to_owned(), q.event_id.to_owned()))
+            .is_some_and(|v| v.iter().any(|&(o, t)| o < offset && t >= q.from_ms)))
     }
 
-    fn evicted(&mut self, _start: i64, _end: i64, _ids: &[u128]) {
-        self.stats.evicted_buckets += 1;
+    fn evicted(&mut self, _cold_before_ms: i64, _ids: usize) {
+        self.stats.evictions += 1;
     }
 }
 

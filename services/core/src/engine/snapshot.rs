@@ -20,7 +20,12 @@ use siphasher::sip::SipHasher13;
 use crate::{Error, Result};
 
 pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
-pub(crate) const VERSION: u32 = 1;
+/// 2: the dedup section keys ids by `(tenant, meter, event_id)` over the whole horizon
+/// (version 1 keyed `(tenant, event_id)` per event-time bucket; see
+/// [`Deduplicator::read_snapshot_v1`] for what is restored of it).
+pub(crate) const VERSION: u32 = 2;
+/// Versions [`open`] accepts.
+const READABLE: std::ops::RangeInclusive<u32> = 1..=VERSION;
 
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let mut h = SipHasher13::new_with_keys(0x6d65_7465_7266_6c6f, 0x736e_6170_7368_6f74);
@@ -173,8 +178,8 @@ pub(crate) fn seal(body: Writer) -> Vec<u8> {
     out
 }
 
-/// Checks the envelope and returns the body.
-pub(crate) fn open(bytes: &[u8]) -> Result<&[u8]> {
+/// Checks the envelope and returns the format version and the body.
+pub(crate) fn open(bytes: &[u8]) -> Result<(u32, &[u8])> {
     if bytes.len() < MAGIC.len() + 4 + 8 || &bytes[..8] != MAGIC {
         return Err(Error::Snapshot("not a meterflow engine snapshot".into()));
     }
@@ -184,10 +189,14 @@ pub(crate) fn open(bytes: &[u8]) -> Result<&[u8]> {
         return Err(Error::Snapshot("checksum mismatch (truncated or corrupt)".into()));
     }
     let version = u32::from_le_bytes(content[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
-        return Err(Error::Snapshot(format!("unsupported snapshot version {version} (this build reads {VERSION})")));
+    if !READABLE.contains(&version) {
+        return Err(Error::Snapshot(format!(
+            "unsupported snapshot version {version} (this build reads {}..={})",
+            READABLE.start(),
+            READABLE.end()
+        )));
     }
-    Ok(&content[12..])
+    Ok((version, &content[12..]))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,7 +430,7 @@ impl PartitionEngine {
     /// `unique_dimension` (lateness, `max_future` and `allow_negative` may change). Anything
     /// else, including garbage, is [`Error::Snapshot`].
     pub fn restore(bytes: &[u8], catalog: Arc<MeterCatalog>, cfg: EngineConfig) -> Result<Self> {
-        let body = open(bytes)?;
+        let (version, body) = open(bytes)?;
         let mut r = Reader::new(body);
         let partition = r.i32()?;
         let next_offset = r.i64()?;
@@ -553,7 +562,11 @@ impl PartitionEngine {
                 e.dirty.push(slot);
             }
         }
-        e.dedup = Deduplicator::read_snapshot(e.cfg.dedup_config(), &mut r)?;
+        e.dedup = if version == 1 {
+            Deduplicator::read_snapshot_v1(e.cfg.dedup_config(), &mut r)?
+        } else {
+            Deduplicator::read_snapshot(e.cfg.dedup_config(), &mut r)?
+        };
         let n = r.len(60)?;
         for _ in 0..n {
             e.output.push(read_aggregate(&mut r)?);

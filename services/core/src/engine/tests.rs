@@ -378,11 +378,53 @@ fn overflow_is_rejected_without_consuming_the_id() {
 }
 
 #[test]
-fn dedup_is_per_tenant() {
+fn dedup_key_is_tenant_meter_and_id_over_the_horizon() {
     let mut h = H::new(immediate());
     assert_eq!(h.send(&ev("a", "tokens", "1", 0)), Outcome::Accepted);
     assert_eq!(h.send(&ev("a", "tokens", "1", 0).tenant("other")), Outcome::Accepted);
-    assert_eq!(h.send(&ev("a", "requests", "1", 0)), Outcome::Duplicate, "ids are per tenant, not per meter");
+    assert_eq!(h.send(&ev("a", "requests", "1", 0)), Outcome::Accepted, "one request id, two meters");
+    assert_eq!(h.send(&ev("a", "requests", "1", 5)), Outcome::Duplicate);
+    // Retries re-stamped by the producer: 59.9 s -> 60.2 s, and 3 minutes later.
+    assert_eq!(h.send(&ev("r", "tokens", "1", 59_900)), Outcome::Accepted);
+    assert_eq!(h.send(&ev("r", "tokens", "1", 60_200)), Outcome::Duplicate);
+    assert_eq!(h.send(&ev("r", "tokens", "1", 59_900 + 180_000)), Outcome::Duplicate);
+}
+
+#[test]
+fn version_1_snapshots_restore_when_their_dedup_state_is_empty() {
+    use super::snapshot::{checksum, Writer, MAGIC};
+    // A partition that has seen only ticks: its dedup section is empty in both formats.
+    let mut h = H::new(immediate());
+    h.e.on_tick(0, 1_000_000, &mut h.store).unwrap();
+    let v2 = h.e.snapshot();
+    // v2's empty dedup section: key, bucket, now, cold_below, 6 stats, base, 3 counts, late group.
+    let section_v2 = 16 + 8 + 9 + 8 + 6 * 8 + 8 + 3 * 4 + 8 + 8 + 4;
+    let body = &v2[12..v2.len() - 8];
+    let prefix = &body[..body.len() - 4 - section_v2];
+    let mut w = Writer::default();
+    w.bytes(prefix);
+    w.u128(42);
+    w.i64(60_000);
+    w.i64(i64::MIN);
+    w.opt_i64(Some(1_000_000));
+    for _ in 0..5 {
+        w.u64(0);
+    }
+    w.len(0); // no buckets
+    w.len(0); // no output
+    let build = |version: u32, body: &[u8]| {
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&version.to_le_bytes());
+        v1.extend_from_slice(body);
+        let sum = checksum(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        v1
+    };
+    let body1 = w.into_inner();
+    let back = PartitionEngine::restore(&build(1, &body1), catalog(), h.e.config().clone()).unwrap();
+    assert_eq!(back.snapshot(), v2, "same state as the version-2 snapshot");
+    let err = PartitionEngine::restore(&build(3, &body1), catalog(), h.e.config().clone()).unwrap_err();
+    assert!(err.to_string().contains("unsupported snapshot version 3"), "{err}");
 }
 
 #[test]
