@@ -649,3 +649,95 @@ struct ChkState {
     #[serde(with = "serde_bytes")]
     state: Vec<u8>,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
+struct AggContent {
+    seq: i64,
+    revision: u32,
+    value: i128,
+    event_count: i64,
+    emitted_at_ms: i64,
+}
+
+async fn aggregate_contents(env: &TestEnv) -> anyhow::Result<Vec<AggContent>> {
+    Ok(env
+        .clickhouse()
+        .query("SELECT seq, revision, value, event_count, emitted_at_ms FROM meter_aggregates ORDER BY seq")
+        .fetch_all()
+        .await?)
+}
+
+/// 11.4: allowed lateness 10 s -> 60 s between a crash past the last checkpoint and the
+/// restart. Under 60 s the same records would put the late event into revision 0; the
+/// aggregator replays what it had already emitted with the recorded meters, so every `seq`
+/// keeps its content, and switches afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lateness_change_after_a_crash_never_rewrites_a_seq() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_lateness", 1).await?;
+    let meters_a = std::fs::read_to_string(workspace_root().join("config/meters.toml"))?;
+    let needle = "allowed_lateness = \"10s\"";
+    anyhow::ensure!(meters_a.contains(needle), "input_tokens has 10 s lateness");
+    let meters_b_path = log_path(&env, "meters-b.toml");
+    std::fs::write(&meters_b_path, meters_a.replacen(needle, "allowed_lateness = \"60s\"", 1))?;
+    let extra_a = [("METERFLOW_CHECKPOINT_INTERVAL", "1h")];
+    let meters_b = meters_b_path.display().to_string();
+    let extra_b = [("METERFLOW_CHECKPOINT_INTERVAL", "1h"), ("METERFLOW_METERS", meters_b.as_str())];
+
+    let w = (now_ms() - 30 * 60_000).div_euclid(60_000) * 60_000;
+    let mut sent: Vec<UsageEvent> = (0..10).map(|i| event(&format!("l{i}"), "tenant-l", 100, w + 1_000 + i)).collect();
+    sent.push(event("closer", "tenant-l", 1, w + 60_000 + 20_000)); // closes W under 10 s, not under 60 s
+    sent.push(event("late", "tenant-l", 100, w + 50_000)); // a restatement under 10 s, part of revision 0 under 60 s
+    send_all(&env, &sent).await?;
+    let (task, _stop) = start_aggregator(&env, "ops-lateness", &extra_a)?;
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    wait_for(
+        || {
+            let env = env.clone();
+            async move { Ok(totals(&env).await?.get(&("tenant-l".to_owned(), w)).is_some_and(|t| t.2 == 1)) }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
+    let before = aggregate_contents(&env).await?;
+    let covered: i64 = env
+        .clickhouse()
+        .query("SELECT max(next_offset) FROM checkpoints WHERE service = 'aggregator'")
+        .fetch_one()
+        .await?;
+    assert_eq!(covered, 0, "the fault: only the claim checkpoint exists, the restart replays every record");
+    task.abort(); // crash
+    let _ = task.await;
+
+    let (task, stop_b) = start_aggregator(&env, "ops-lateness", &extra_b)?;
+    let later: Vec<UsageEvent> = (0..5).map(|i| event(&format!("m{i}"), "tenant-l", 7, w + 5 * 60_000 + 1_000 + i)).collect();
+    send_all(&env, &later).await?;
+    sent.extend(later);
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    stop(task, stop_b).await?;
+    let after = aggregate_contents(&env).await?;
+    for b in &before {
+        let same_seq: Vec<&AggContent> = after.iter().filter(|a| a.seq == b.seq).collect();
+        assert!(!same_seq.is_empty(), "seq {} disappeared", b.seq);
+        for a in same_seq {
+            assert_eq!(a, b, "seq {} was emitted again with other content", b.seq);
+        }
+    }
+    let t = totals(&env).await?;
+    assert_eq!(t[&("tenant-l".to_owned(), w)], (Decimal::from(1_100), 11, 1), "W keeps revision 0 + one restatement");
+    #[derive(Debug, clickhouse::Row, Deserialize)]
+    struct State {
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    }
+    let newest: State = env
+        .clickhouse()
+        .query("SELECT state FROM checkpoints WHERE service = 'aggregator' ORDER BY version DESC LIMIT 1")
+        .fetch_one()
+        .await?;
+    let meta = meterflow_runtime::checkpoint::Envelope::decode(&newest.state)?.meta;
+    assert!(meta.config_text.contains("allowed_lateness = \"60s\""), "the switch to the new meters was checkpointed");
+    env.cleanup().await?;
+    Ok(())
+}
