@@ -80,7 +80,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         warned_create_time: false,
         positions: Arc::default(),
     };
-    spawn_lag_reporter(&agg.config, agg.positions.clone(), shutdown.clone())?;
+    // Stops with the service, and also when `run` is dropped without a shutdown (a task
+    // aborted in-process): its blocking thread would otherwise outlive the service.
+    let lag_stop = shutdown.child_token();
+    spawn_lag_reporter(&agg.config, agg.positions.clone(), lag_stop.clone())?;
+    let _lag_guard = lag_stop.drop_guard();
     let loop_config = LoopConfig {
         flush_interval: Duration::from_millis(agg.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
