@@ -186,7 +186,8 @@ async fn run(name: &str, hot_max_ids: usize) -> anyhow::Result<()> {
             partition,
         };
         let Some(cp) = store.load(&key).await? else { continue };
-        let e = PartitionEngine::restore(&cp.state, catalog.clone(), cfg.clone())?;
+        let state = meterflow_runtime::checkpoint::Envelope::decode(&cp.state)?.state;
+        let e = PartitionEngine::restore(&state, catalog.clone(), cfg.clone())?;
         duplicates += e.stats().duplicates;
         cold_lookups += e.dedup().stats().cold_lookups;
         evicted += e.dedup().stats().evicted_ids;
