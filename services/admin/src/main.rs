@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! meterflow-admin topics  [--partitions 4] [--dead-letter-partitions N] [--alert-partitions N]
-//! meterflow-admin migrate [--migrations-dir schemas/clickhouse]
+//! meterflow-admin migrate [--migrations-dir schemas/clickhouse] [--cluster NAME]
 //! meterflow-admin init    (both)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
 //! ```
@@ -57,11 +57,22 @@ struct MigrationsDir {
 }
 
 #[derive(Debug, Args)]
+struct ClusterArg {
+    /// Apply the cluster form of the schema on this ClickHouse cluster (a `remote_servers`
+    /// name): replicated shard-local tables, Distributed tables sharded by tenant under the
+    /// usual names, views over them, all ON CLUSTER. Without it: the single-node schema.
+    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
+    cluster: Option<String>,
+}
+
+#[derive(Debug, Args)]
 struct MigrateCmd {
     #[command(flatten)]
     clickhouse: ClickHouseArgs,
     #[command(flatten)]
     migrations: MigrationsDir,
+    #[command(flatten)]
+    cluster: ClusterArg,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +87,8 @@ struct InitCmd {
     clickhouse: ClickHouseArgs,
     #[command(flatten)]
     migrations: MigrationsDir,
+    #[command(flatten)]
+    cluster: ClusterArg,
 }
 
 #[derive(Debug, Args)]
@@ -109,10 +122,14 @@ async fn run_topics(kafka: &KafkaArgs, topics: &TopicArgs, partitions: Partition
     Ok(())
 }
 
-async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir) -> Result<()> {
+async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir, cluster: &ClusterArg) -> Result<()> {
     let source = MigrationSource::resolve(dir.dir.as_deref());
     let all = source.load()?;
-    let n = migrations::migrate_with(clickhouse, &all).await?;
+    let n = migrations::migrate_to(clickhouse, &all, cluster.cluster.as_deref()).await?;
+    let source = match &cluster.cluster {
+        Some(c) => format!("{source}, cluster form on {c}"),
+        None => source.to_string(),
+    };
     if n == 0 {
         println!(
             "database {} at {}: up to date ({} migrations from {source})",
@@ -193,10 +210,10 @@ async fn main() -> ExitCode {
     meterflow_runtime::telemetry::init_logging(&cli.log);
     let result = match &cli.command {
         Command::Topics(c) => run_topics(&c.kafka, &c.topics, c.partitions).await.map(|()| true),
-        Command::Migrate(c) => run_migrate(&c.clickhouse, &c.migrations).await.map(|()| true),
+        Command::Migrate(c) => run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await.map(|()| true),
         Command::Init(c) => async {
             run_topics(&c.kafka, &c.topics, c.partitions).await?;
-            run_migrate(&c.clickhouse, &c.migrations).await?;
+            run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await?;
             Ok(true)
         }
         .await,
