@@ -405,7 +405,10 @@ fn create_table(toks: &[Tok<'_>], mut c: Cursor<'_, '_>, schema: &mut Schema, t:
     if !c.bump().is_some_and(|t| t.is("=")) {
         bail!("table {name}: expected ENGINE =");
     }
+    let engine_at = c.index();
     let engine = c.bump().and_then(|t| (t.kind == Kind::Word).then_some(t.text)).context("expected an engine name")?;
+    // The clauses after the engine, from right after it (keeping their leading whitespace).
+    let mut rest_start = engine_at + 1;
     if !engine.ends_with("MergeTree") || engine.starts_with("Replicated") {
         bail!("table {name}: engine {engine} has no cluster form (only non-replicated *MergeTree engines are derived)");
     }
@@ -418,8 +421,9 @@ fn create_table(toks: &[Tok<'_>], mut c: Cursor<'_, '_>, schema: &mut Schema, t:
             args = Some(inner);
         }
         c.seek(close + 1);
+        rest_start = close + 1;
     }
-    let rest_toks = &toks[c.index()..];
+    let rest_toks = &toks[rest_start..];
     let rest = concat(rest_toks);
     let cols = column_names(columns_toks);
     let key = if cols.iter().any(|n| n == "tenant") {
