@@ -286,7 +286,7 @@ async fn checkpoint_reads_see_the_checkpoint_just_written() -> anyhow::Result<()
     };
     // Partitions 0..8 hash to both shards (checked below), so some reads cross to the remote one.
     let sync = probe(env.clickhouse(), "sync").await?;
-    let unsync = probe(env.clickhouse().with_option("insert_distributed_sync", "0"), "async").await?;
+    let unsync = probe(env.clickhouse().with_setting("insert_distributed_sync", "0"), "async").await?;
     let shards: u64 = {
         let mut s = BTreeSet::new();
         for (node, _, shard) in nodes() {
