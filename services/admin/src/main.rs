@@ -4,6 +4,7 @@
 //! meterflow-admin topics  [--partitions 4] [--dead-letter-partitions N] [--alert-partitions N]
 //! meterflow-admin migrate [--migrations-dir schemas/clickhouse] [--cluster NAME]
 //! meterflow-admin init    (both)
+//! meterflow-admin cluster-ddl --cluster NAME [--database meterflow]   (print the cluster form)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
@@ -36,6 +37,33 @@ enum Command {
     Init(InitCmd),
     /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
     Status(StatusCmd),
+    /// Print the cluster form of the migrations (what `migrate --cluster` runs), without
+    /// connecting to anything: for review, and for the DDL check on current ClickHouse.
+    ClusterDdl(ClusterDdlCmd),
+}
+
+#[derive(Debug, Args)]
+struct ClusterDdlCmd {
+    /// The `remote_servers` cluster name.
+    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
+    cluster: String,
+    /// The database the statements create objects in.
+    #[arg(long = "database", env = "METERFLOW_CLICKHOUSE_DATABASE", default_value = "meterflow")]
+    database: String,
+    #[command(flatten)]
+    migrations: MigrationsDir,
+}
+
+fn run_cluster_ddl(cmd: &ClusterDdlCmd) -> Result<()> {
+    let all = MigrationSource::resolve(cmd.migrations.dir.as_deref()).load()?;
+    let target = meterflow_admin::cluster::ClusterTarget::new(&cmd.cluster, &cmd.database)?;
+    for m in meterflow_admin::cluster::cluster_migrations(&all, &target)? {
+        println!("-- {} (cluster {}, database {})", m.file, target.cluster, target.database);
+        for s in &m.statements {
+            println!("{s};\n");
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +246,7 @@ async fn main() -> ExitCode {
         }
         .await,
         Command::Status(c) => run_status(c).await,
+        Command::ClusterDdl(c) => run_cluster_ddl(c).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
