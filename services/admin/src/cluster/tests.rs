@@ -99,7 +99,7 @@ fn every_current_file_has_a_cluster_form() {
             // The replicated engine: per-shard path spelling out database and table, replica macro,
             // and the single-node engine's own arguments after them.
             let src_engine = squash(&st[st.find("ENGINE = ").unwrap() + 9..]);
-            let (src_engine_name, src_after) = src_engine.split_once(|c: char| c == '(' || c == ' ').unwrap_or((&src_engine, ""));
+            let (src_engine_name, src_after) = src_engine.split_once(['(', ' ']).unwrap_or((&src_engine, ""));
             let want_prefix = format!("Replicated{src_engine_name}('/clickhouse/tables/{{shard}}/db1/{name}_local', '{{replica}}'");
             let local_engine = squash(&local[local.find("ENGINE = ").unwrap() + 9..]);
             assert!(local_engine.starts_with(&want_prefix), "{name}: {local_engine}");
