@@ -356,6 +356,31 @@ async fn services_write_through_the_cluster_exactly_and_a_killed_replica_catches
     assert!(during > before, "no rows reached shard 1 while ch2 was down: the outage tested nothing");
     let restart = Instant::now();
     cluster_sh(&["start", "ch2"])?;
+    let started = restart.elapsed();
+    // Right after its restart ch2 is behind: replication entries to fetch. Time until its
+    // queues are empty (ingest goes on meanwhile).
+    let replicas = |db: String| async move {
+        let r: (u64, u64) = ch_at("ch2", "default")
+            .query("SELECT toUInt64(sum(queue_size + inserts_in_queue)), toUInt64(max(absolute_delay)) FROM system.replicas WHERE database = ?")
+            .bind(db)
+            .fetch_one()
+            .await?;
+        anyhow::Ok(r)
+    };
+    let (queue_at_start, delay_at_start) = replicas(db.clone()).await?;
+    let mut first_empty = None;
+    while restart.elapsed() < Duration::from_secs(60) {
+        if replicas(db.clone()).await?.0 == 0 {
+            first_empty = Some(restart.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "ch2 ready {:.1} s after its restart began, {queue_at_start} replication entries queued then (absolute delay {delay_at_start} s); queue empty {:?} after the restart began",
+        started.as_secs_f64(),
+        first_empty
+    );
 
     let gt = producing.await??;
     let alive = || {
@@ -365,20 +390,25 @@ async fn services_write_through_the_cluster_exactly_and_a_killed_replica_catches
     wait_until_exact(&ch1, &gt, &env.topics().usage_topic, Duration::from_secs(240), alive).await?;
     wait_for_charges(&ch1, &gt, Duration::from_secs(120)).await?;
 
-    // ch2 catches up: the same rows in every shard-local table as ch1.
-    let mut last = (BTreeMap::new(), BTreeMap::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (a, b) = (local_counts("ch1", &db).await?, local_counts("ch2", &db).await?);
-        if a == b && !a.is_empty() {
-            last = (a, b);
-            break;
+    // ch2 catches up: the same rows in every shard-local table as ch1, in two consecutive
+    // polls, each after ch2 worked off its replication queue (SYSTEM SYNC REPLICA).
+    let tables = local_tables("ch1", &db).await?;
+    anyhow::ensure!(tables.len() >= 7, "shard-local tables on ch1: {tables:?}");
+    let mut previous: Option<BTreeMap<String, u64>> = None;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let caught_up = loop {
+        for t in &tables {
+            ch_at("ch2", &db).query(&format!("SYSTEM SYNC REPLICA {db}.{t}")).execute().await?;
         }
-        anyhow::ensure!(Instant::now() < deadline, "ch2 did not catch up: ch1 {a:?} vs ch2 {b:?} (before: {last:?})");
-        last = (a, b);
+        let (a, b) = (local_counts("ch1", &db).await?, local_counts("ch2", &db).await?);
+        if a == b && previous.as_ref() == Some(&a) {
+            break a;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "ch2 did not catch up: ch1 {a:?} vs ch2 {b:?}");
+        previous = (a == b).then_some(a);
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    eprintln!("ch2 caught up {:.1} s after its restart: {:?}", restart.elapsed().as_secs_f64(), last.0);
+    };
+    eprintln!("ch2 caught up, checked {:.1} s after its restart: {caught_up:?}", restart.elapsed().as_secs_f64());
 
     // Exact through ch1, and through ch2 (whose Distributed reads take shard 1 from its own,
     // caught-up copy: prefer_localhost_replica).
