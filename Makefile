@@ -57,11 +57,14 @@ status-cluster:
 
 # meterflow with the cluster form of the schema: schema on every node, checkpoint
 # read-your-writes, services writing through the cluster exactly, a replica SIGKILLed during
-# ingest catching up. Needs the broker (make up) too.
+# ingest catching up; then the rater's end-to-end test unchanged, on a cluster-form database
+# (meterflow-testkit reads METERFLOW_CLICKHOUSE_CLUSTER). Needs the broker (make up) too.
 test-cluster:
 	@$(MAKE) --no-print-directory up
 	@$(MAKE) --no-print-directory up-cluster
 	$(CARGO) test -p meterflow-e2e --features cluster --test cluster -- --nocapture
+	METERFLOW_CLICKHOUSE_URL=http://127.0.0.1:18123 METERFLOW_CLICKHOUSE_CLUSTER=meterflow \
+		$(CARGO) test -p meterflow-e2e --test rater charges_wallets_and_metrics_match_ground_truth
 
 status:
 	@$(SERVICES) status all || true
