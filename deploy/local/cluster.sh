@@ -94,20 +94,6 @@ fail_with_log() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# install
-
-# Debian's zookeeper 3.8 (it pulls a Java runtime). Only the jars are used: the server runs from
-# our generated zoo.cfg, never as a system service.
-install_zookeeper() {
-    if [[ -f /usr/share/java/zookeeper.jar ]] && have java; then
-        return 0
-    fi
-    log "zookeeper: installing zookeeper (and a Java runtime)"
-    apt_install --no-install-recommends zookeeper || die "zookeeper: apt-get install failed"
-    [[ -f /usr/share/java/zookeeper.jar ]] || die "zookeeper: /usr/share/java/zookeeper.jar missing after install"
-}
-
-# ---------------------------------------------------------------------------------------------
 # generated configs
 
 write_zookeeper_config() {
@@ -305,7 +291,7 @@ start_one() {
         return 0
     fi
     case "$comp" in
-        zookeeper) install_zookeeper ;;
+        zookeeper) "$HERE/install.sh" zookeeper ;;
         *)
             "$HERE/install.sh" clickhouse
             # A node needs ZooKeeper to be ready.
