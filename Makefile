@@ -9,6 +9,8 @@
 #   make demo                        the whole pipeline on ~1M events, checked (demo-stop, demo-status, demo-summary)
 #   make bench | chaos               benchmark table (target/bench/bench.md) / fault-injection run
 #   make bench-core                  criterion benchmarks of meterflow-core
+#   make up-cluster | down-cluster   ZooKeeper + 3 ClickHouse nodes (2 shards, shard 1 replicated) beside `make up`
+#   make status-cluster | test-cluster   the cluster's processes / meterflow on the cluster (tests/e2e/cluster.rs)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -34,10 +36,35 @@ help:
 up:
 	@$(SERVICES) start all
 
-# Stops what `make up` started (and nothing else).
+# Stops what `make up` started (and nothing else), and the local cluster if it runs.
 down:
 	@deploy/local/demo.sh stop
 	@$(SERVICES) stop all
+	@deploy/local/cluster.sh stop all
+
+# The local ClickHouse cluster (deploy/local/cluster.sh; README "A ClickHouse cluster"): ZooKeeper
+# on 127.0.0.1:12181 and ch1/ch2/ch3 on HTTP 18123-18125, native 19000-19002. It never touches
+# the single node on 8123/9000; the broker still comes from `make up`.
+.PHONY: up-cluster down-cluster status-cluster test-cluster
+up-cluster:
+	@deploy/local/cluster.sh start all
+
+down-cluster:
+	@deploy/local/cluster.sh stop all
+
+status-cluster:
+	@deploy/local/cluster.sh status all || true
+
+# meterflow with the cluster form of the schema: schema on every node, checkpoint
+# read-your-writes, services writing through the cluster exactly, a replica SIGKILLed during
+# ingest catching up; then the rater's end-to-end test unchanged, on a cluster-form database
+# (meterflow-testkit reads METERFLOW_CLICKHOUSE_CLUSTER). Needs the broker (make up) too.
+test-cluster:
+	@$(MAKE) --no-print-directory up
+	@$(MAKE) --no-print-directory up-cluster
+	$(CARGO) test -p meterflow-e2e --features cluster --test cluster -- --nocapture
+	METERFLOW_CLICKHOUSE_URL=http://127.0.0.1:18123 METERFLOW_CLICKHOUSE_CLUSTER=meterflow \
+		$(CARGO) test -p meterflow-e2e --test rater charges_wallets_and_metrics_match_ground_truth
 
 status:
 	@$(SERVICES) status all || true

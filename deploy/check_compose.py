@@ -13,6 +13,11 @@
     9102, producer 9103), published 1:1, and Prometheus scrapes exactly those (same jobs as
     deploy/local/services.sh); Kafka 9092, ClickHouse 8123, Prometheus 9090, Grafana 3000
     are published like the local setup;
+  * profile `cluster`: ZooKeeper and two ClickHouse nodes, only in that profile; each node mounts
+    deploy/clickhouse-cluster/cluster.xml (remote_servers listing exactly the compose nodes,
+    ZooKeeper = the zookeeper service), its own macros (distinct replica names) and the
+    consistency profile; `cluster-init` migrates --cluster with the remote_servers name through
+    one of the nodes;
   * Grafana installs grafana-clickhouse-datasource; the dashboards use only provisioned data
     source uids, only the ClickHouse macros that work on 18.16, no SQL that 18.16 lacks, and
     only metric names declared in services/*/src/metrics.rs.
@@ -280,6 +285,86 @@ def check_compose(runtime_env, bins, docker_env):
     return services
 
 
+def check_cluster_profile(services):
+    """The compose `cluster` profile against deploy/clickhouse-cluster/*.xml."""
+    import xml.etree.ElementTree as ET
+
+    if services is None:
+        return
+    cdir = os.path.join(DEPLOY, "clickhouse-cluster")
+    nodes = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("clickhouse/clickhouse-server:") and n != "clickhouse"}
+    zk = services.get("zookeeper")
+    if not zk or not str(zk.get("image", "")).startswith("zookeeper:"):
+        problem("compose: profile cluster needs a zookeeper service running a pinned zookeeper image")
+    if len(nodes) < 2:
+        problem(f"compose: profile cluster needs two ClickHouse nodes, found {sorted(nodes)}")
+    for n, svc in list(nodes.items()) + ([("zookeeper", zk)] if zk else []):
+        if svc.get("profiles") != ["cluster"]:
+            problem(f"compose: {n} must be in profile cluster only (got {svc.get('profiles')})")
+    try:
+        root = ET.parse(os.path.join(cdir, "cluster.xml")).getroot()
+    except (OSError, ET.ParseError) as e:
+        problem(f"deploy/clickhouse-cluster/cluster.xml: {e}")
+        return
+    clusters = root.find("remote_servers")
+    names = [c.tag for c in clusters] if clusters is not None else []
+    if len(names) != 1:
+        problem(f"cluster.xml: expected one cluster in remote_servers, found {names}")
+        return
+    cluster = names[0]
+    hosts = sorted(r.findtext("host") for r in clusters.iter("replica"))
+    if hosts != sorted(nodes):
+        problem(f"cluster.xml: remote_servers replicas {hosts} are not the compose nodes {sorted(nodes)}")
+    if any(s.findtext("internal_replication") != "true" for s in clusters.iter("shard")):
+        problem("cluster.xml: every shard needs internal_replication=true (replicated tables)")
+    zk_hosts = [z.findtext("host") for z in root.iter("node")]
+    if zk_hosts != ["zookeeper"]:
+        problem(f"cluster.xml: zookeeper nodes {zk_hosts}, expected the zookeeper service")
+    replicas = {}
+    for n, svc in nodes.items():
+        mounts = [str(v).split(":")[0:2] for v in svc.get("volumes", []) or []]
+        targets = {t: src for src, t in mounts}
+        if targets.get("/etc/clickhouse-server/config.d/cluster.xml") != "./clickhouse-cluster/cluster.xml":
+            problem(f"compose: {n} must mount ./clickhouse-cluster/cluster.xml into config.d")
+        if targets.get("/etc/clickhouse-server/users.d/consistency.xml") != "./clickhouse-cluster/consistency.xml":
+            problem(f"compose: {n} must mount ./clickhouse-cluster/consistency.xml into users.d")
+        macros_src = targets.get("/etc/clickhouse-server/config.d/macros.xml")
+        if not macros_src:
+            problem(f"compose: {n} mounts no macros.xml")
+            continue
+        try:
+            m = ET.parse(os.path.normpath(os.path.join(DEPLOY, macros_src))).getroot()
+        except (OSError, ET.ParseError) as e:
+            problem(f"{macros_src}: {e}")
+            continue
+        rep = m.findtext("macros/replica")
+        if rep != n or m.findtext("interserver_http_host") != n or not m.findtext("macros/shard"):
+            problem(f"{macros_src}: replica macro and interserver_http_host must be {n} and a shard set")
+        replicas[n] = rep
+    if len(set(replicas.values())) != len(replicas):
+        problem(f"compose: replica macros are not distinct: {replicas}")
+    try:
+        prof = ET.parse(os.path.join(cdir, "consistency.xml")).getroot().find("profiles/default")
+        if prof is None or prof.findtext("insert_distributed_sync") != "1" or prof.findtext("load_balancing") != "in_order":
+            problem("consistency.xml: the default profile must set insert_distributed_sync=1 and load_balancing=in_order")
+    except (OSError, ET.ParseError) as e:
+        problem(f"deploy/clickhouse-cluster/consistency.xml: {e}")
+    init = services.get("cluster-init") or {}
+    env = init.get("environment") or {}
+    if init.get("command") != ["meterflow-admin", "migrate"] or env.get("METERFLOW_CLICKHOUSE_CLUSTER") != cluster:
+        problem(f"compose: cluster-init must run [meterflow-admin, migrate] with METERFLOW_CLICKHOUSE_CLUSTER={cluster}")
+    url = str(env.get("METERFLOW_CLICKHOUSE_URL", ""))
+    if not any(url == f"http://{n}:8123" for n in nodes):
+        problem(f"compose: cluster-init must migrate through a cluster node, not {url!r}")
+    # The local cluster's settings are the same.
+    with open(os.path.join(DEPLOY, "local", "cluster.sh"), encoding="utf-8") as f:
+        local = f.read()
+    for setting in ("<insert_distributed_sync>1</insert_distributed_sync>", "<load_balancing>in_order</load_balancing>",
+                    "<internal_replication>true</internal_replication>", f"CLUSTER_NAME={cluster}"):
+        if setting not in local:
+            problem(f"deploy/local/cluster.sh lacks {setting} (compose's cluster profile has it)")
+
+
 def runtime_env_value(services, var):
     for svc in services.values():
         env = svc.get("environment") or {}
@@ -424,7 +509,8 @@ def main() -> int:
     runtime_env = crate_env(os.path.join(REPO, "services", "runtime"))
     bins = binaries()
     docker_env = check_dockerfile()
-    check_compose(runtime_env, bins, docker_env)
+    services = check_compose(runtime_env, bins, docker_env)
+    check_cluster_profile(services)
     check_topic_defaults(runtime_env)
     check_prometheus()
     n = check_grafana(declared_metrics())

@@ -60,4 +60,15 @@ ensure_venv() {
 ensure_venv
 log "check-ddl-current: applying $MIGRATIONS to current ClickHouse (chdb-core $CHDB_VERSION)"
 "$VENV/bin/python" "$MF_REPO/deploy/local/check_ddl_current.py" "$MIGRATIONS"
+
+# The cluster form (meterflow-admin migrate --cluster), derived from the same files: created on
+# current ClickHouse with an in-memory Keeper (what chdb cannot check is listed in
+# check_ddl_current.py; tests/e2e/cluster.rs runs it on a real 18.16 cluster).
+CLUSTER_DDL="$(mktemp "${TMPDIR:-/tmp}/meterflow-cluster-ddl.XXXXXX")"
+trap 'rm -f "$CLUSTER_DDL"' EXIT
+log "check-ddl-current: the cluster form of $MIGRATIONS (meterflow-admin cluster-ddl)"
+(cd "$MF_REPO" && cargo run --quiet -p meterflow-admin -- cluster-ddl --cluster meterflow \
+    --database meterflow_ddl_cluster --migrations-dir "$MIGRATIONS") >"$CLUSTER_DDL" ||
+    die "check-ddl-current: meterflow-admin cluster-ddl failed"
+"$VENV/bin/python" "$MF_REPO/deploy/local/check_ddl_current.py" --cluster-ddl "$CLUSTER_DDL" meterflow meterflow_ddl_cluster
 log "check-ddl-current: OK"

@@ -5,8 +5,10 @@
 #               a lock file makes concurrent callers wait for one build instead of starting two)
 #   clickhouse  Debian's clickhouse-server + clickhouse-client (apt)
 #   prometheus  Debian's prometheus (apt)
+#   zookeeper   Debian's zookeeper 3.8 and a Java runtime (apt), for the local ClickHouse cluster
+#               (deploy/local/cluster.sh); not part of `all`
 #
-# usage: install.sh [all|broker|clickhouse|prometheus]...
+# usage: install.sh [all|broker|clickhouse|prometheus|zookeeper]...
 #        install.sh broker --background   start the broker build detached (for CI) and return
 set -euo pipefail
 # shellcheck source=deploy/local/common.sh
@@ -28,6 +30,17 @@ install_prometheus() {
     log "prometheus: installing prometheus"
     apt_install --no-install-recommends prometheus || die "prometheus: apt-get install failed"
     have prometheus || die "prometheus: still not on PATH after install"
+}
+
+# Only the jars are used: cluster.sh runs the server from its generated zoo.cfg, never as a
+# system service (the package installs none; `zookeeperd` would).
+install_zookeeper() {
+    if [[ -f /usr/share/java/zookeeper.jar ]] && have java; then
+        return 0
+    fi
+    log "zookeeper: installing zookeeper (and a Java runtime)"
+    apt_install --no-install-recommends zookeeper || die "zookeeper: apt-get install failed"
+    [[ -f /usr/share/java/zookeeper.jar ]] || die "zookeeper: /usr/share/java/zookeeper.jar missing after install"
 }
 
 ensure_build_tools() {
@@ -140,8 +153,8 @@ main() {
         case "$a" in
             --background) background=1 ;;
             all) comps+=("${MF_COMPONENTS[@]}") ;;
-            broker | clickhouse | prometheus) comps+=("$a") ;;
-            *) die "usage: install.sh [all|broker|clickhouse|prometheus]... [--background]" ;;
+            broker | clickhouse | prometheus | zookeeper) comps+=("$a") ;;
+            *) die "usage: install.sh [all|broker|clickhouse|prometheus|zookeeper]... [--background]" ;;
         esac
     done
     ((${#comps[@]})) || comps=("${MF_COMPONENTS[@]}")

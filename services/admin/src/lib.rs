@@ -3,9 +3,10 @@
 //! every test its own topics and database.
 
 pub mod checkpoints;
+pub mod cluster;
 pub mod migrations;
 pub mod sql;
 pub mod topics;
 
-pub use migrations::{migrate, migrate_with, Migration, MigrationSource};
+pub use migrations::{migrate, migrate_to, migrate_with, Migration, MigrationSource};
 pub use topics::{create_topics, list_topics, Partitions, TopicReport};

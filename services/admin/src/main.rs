@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! meterflow-admin topics  [--partitions 4] [--dead-letter-partitions N] [--alert-partitions N]
-//! meterflow-admin migrate [--migrations-dir schemas/clickhouse]
+//! meterflow-admin migrate [--migrations-dir schemas/clickhouse] [--cluster NAME]
 //! meterflow-admin init    (both)
+//! meterflow-admin cluster-ddl --cluster NAME [--database meterflow]   (print the cluster form)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
 //! meterflow-admin checkpoint show|replay|reset --service aggregator|rater ...
 //! ```
@@ -42,6 +43,9 @@ enum Command {
     /// outputs disagree (the service refuses to start until then; docs/operations.md).
     #[command(subcommand)]
     Checkpoint(CheckpointCmd),
+    /// Print the cluster form of the migrations (what `migrate --cluster` runs), without
+    /// connecting to anything: for review, and for the DDL check on current ClickHouse.
+    ClusterDdl(ClusterDdlCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +162,30 @@ async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
 }
 
 #[derive(Debug, Args)]
+struct ClusterDdlCmd {
+    /// The `remote_servers` cluster name.
+    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
+    cluster: String,
+    /// The database the statements create objects in.
+    #[arg(long = "database", env = "METERFLOW_CLICKHOUSE_DATABASE", default_value = "meterflow")]
+    database: String,
+    #[command(flatten)]
+    migrations: MigrationsDir,
+}
+
+fn run_cluster_ddl(cmd: &ClusterDdlCmd) -> Result<()> {
+    let all = MigrationSource::resolve(cmd.migrations.dir.as_deref()).load()?;
+    let target = meterflow_admin::cluster::ClusterTarget::new(&cmd.cluster, &cmd.database)?;
+    for m in meterflow_admin::cluster::cluster_migrations(&all, &target)? {
+        println!("-- {} (cluster {}, database {})", m.file, target.cluster, target.database);
+        for s in &m.statements {
+            println!("{s};\n");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
 struct TopicsCmd {
     #[command(flatten)]
     kafka: KafkaArgs,
@@ -176,11 +204,22 @@ struct MigrationsDir {
 }
 
 #[derive(Debug, Args)]
+struct ClusterArg {
+    /// Apply the cluster form of the schema on this ClickHouse cluster (a `remote_servers`
+    /// name): replicated shard-local tables, Distributed tables sharded by tenant under the
+    /// usual names, views over them, all ON CLUSTER. Without it: the single-node schema.
+    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
+    cluster: Option<String>,
+}
+
+#[derive(Debug, Args)]
 struct MigrateCmd {
     #[command(flatten)]
     clickhouse: ClickHouseArgs,
     #[command(flatten)]
     migrations: MigrationsDir,
+    #[command(flatten)]
+    cluster: ClusterArg,
 }
 
 #[derive(Debug, Args)]
@@ -195,6 +234,8 @@ struct InitCmd {
     clickhouse: ClickHouseArgs,
     #[command(flatten)]
     migrations: MigrationsDir,
+    #[command(flatten)]
+    cluster: ClusterArg,
 }
 
 #[derive(Debug, Args)]
@@ -228,10 +269,14 @@ async fn run_topics(kafka: &KafkaArgs, topics: &TopicArgs, partitions: Partition
     Ok(())
 }
 
-async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir) -> Result<()> {
+async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir, cluster: &ClusterArg) -> Result<()> {
     let source = MigrationSource::resolve(dir.dir.as_deref());
     let all = source.load()?;
-    let n = migrations::migrate_with(clickhouse, &all).await?;
+    let n = migrations::migrate_to(clickhouse, &all, cluster.cluster.as_deref()).await?;
+    let source = match &cluster.cluster {
+        Some(c) => format!("{source}, cluster form on {c}"),
+        None => source.to_string(),
+    };
     if n == 0 {
         println!(
             "database {} at {}: up to date ({} migrations from {source})",
@@ -312,15 +357,16 @@ async fn main() -> ExitCode {
     meterflow_runtime::telemetry::init_logging(&cli.log);
     let result = match &cli.command {
         Command::Topics(c) => run_topics(&c.kafka, &c.topics, c.partitions).await.map(|()| true),
-        Command::Migrate(c) => run_migrate(&c.clickhouse, &c.migrations).await.map(|()| true),
+        Command::Migrate(c) => run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await.map(|()| true),
         Command::Init(c) => async {
             run_topics(&c.kafka, &c.topics, c.partitions).await?;
-            run_migrate(&c.clickhouse, &c.migrations).await?;
+            run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await?;
             Ok(true)
         }
         .await,
         Command::Status(c) => run_status(c).await,
         Command::Checkpoint(c) => run_checkpoint(c).await,
+        Command::ClusterDdl(c) => run_cluster_ddl(c).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

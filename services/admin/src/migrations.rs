@@ -15,6 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use meterflow_runtime::args::ClickHouseArgs;
 use serde::Deserialize;
 
+use crate::cluster::{self, ClusterTarget};
 use crate::sql::{quote_ident, quote_str, split_statements};
 
 mod embedded {
@@ -169,25 +170,71 @@ fn describe_ch_error(args: &ClickHouseArgs, e: impl std::fmt::Display) -> anyhow
     )
 }
 
-/// Creates `args.database` if missing and the migrations table in it.
-pub async fn ensure_database(args: &ClickHouseArgs) -> Result<()> {
+/// Creates `args.database` if missing and the migrations table in it; with `cluster`, on every
+/// node of that cluster (`ON CLUSTER`), the migrations table replicated to all of them. Refuses a
+/// database migrated in the other form: its tables would be the wrong kind.
+pub async fn ensure_database(args: &ClickHouseArgs, cluster: Option<&ClusterTarget>) -> Result<()> {
     check_database_name(&args.database)?;
     let admin = meterflow_runtime::clickhouse::admin_client(args);
-    admin
-        .query_raw(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&args.database)))
-        .execute()
-        .await
-        .map_err(|e| describe_ch_error(args, e))?;
+    if database_exists(args).await? {
+        let engine: Vec<String> = admin
+            .query_raw(&format!(
+                "SELECT engine FROM system.tables WHERE database = {} AND name = {}",
+                quote_str(&args.database),
+                quote_str(MIGRATIONS_TABLE)
+            ))
+            .fetch_all::<String>()
+            .await
+            .map_err(|e| describe_ch_error(args, e))?;
+        if let Some(engine) = engine.first() {
+            let replicated = engine.starts_with("Replicated");
+            match (cluster, replicated) {
+                (Some(c), false) => bail!(
+                    "database {} was migrated in the single-node form; it cannot be migrated --cluster {} \
+                     (use a new database)",
+                    args.database,
+                    c.cluster
+                ),
+                (None, true) => bail!(
+                    "database {} was migrated in the cluster form (replicated tables); use migrate --cluster",
+                    args.database
+                ),
+                _ => {}
+            }
+        }
+    }
     let client = meterflow_runtime::clickhouse::client(args);
-    client
-        .query_raw(&format!(
-            "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} \
-             (version UInt32, name String, checksum String, applied_at DateTime DEFAULT now()) \
-             ENGINE = MergeTree ORDER BY version"
-        ))
-        .execute()
-        .await
-        .with_context(|| format!("creating {}.{MIGRATIONS_TABLE}", args.database))?;
+    match cluster {
+        None => {
+            admin
+                .query_raw(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&args.database)))
+                .execute()
+                .await
+                .map_err(|e| describe_ch_error(args, e))?;
+            client
+                .query_raw(&format!(
+                    "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} \
+                     (version UInt32, name String, checksum String, applied_at DateTime DEFAULT now()) \
+                     ENGINE = MergeTree ORDER BY version"
+                ))
+                .execute()
+                .await
+                .with_context(|| format!("creating {}.{MIGRATIONS_TABLE}", args.database))?;
+        }
+        Some(c) => {
+            admin
+                .query_raw(&cluster::create_database(c))
+                .execute()
+                .await
+                .map_err(|e| describe_ch_error(args, e))
+                .with_context(|| format!("creating database {} on cluster {}", args.database, c.cluster))?;
+            client
+                .query_raw(&cluster::migrations_table(c, MIGRATIONS_TABLE))
+                .execute()
+                .await
+                .with_context(|| format!("creating {}.{MIGRATIONS_TABLE} on cluster {}", args.database, c.cluster))?;
+        }
+    }
     Ok(())
 }
 
@@ -256,7 +303,24 @@ pub fn pending<'a>(migrations: &'a [Migration], applied: &[AppliedMigration]) ->
 /// Applies `migrations` not yet recorded in `args.database` (created if missing). Returns how
 /// many were applied; 0 when up to date.
 pub async fn migrate_with(args: &ClickHouseArgs, migrations: &[Migration]) -> Result<usize> {
-    ensure_database(args).await?;
+    migrate_to(args, migrations, None).await
+}
+
+/// Like [`migrate_with`]; with `cluster` (a `remote_servers` name), applies the cluster form
+/// of the migrations ([`crate::cluster`]) through the node at `args.url`: replicated shard-local
+/// tables, Distributed tables under the original names, views over them, all `ON CLUSTER`.
+pub async fn migrate_to(args: &ClickHouseArgs, migrations: &[Migration], cluster: Option<&str>) -> Result<usize> {
+    check_database_name(&args.database)?;
+    let target = cluster.map(|c| ClusterTarget::new(c, &args.database)).transpose()?;
+    let transformed;
+    let migrations = match &target {
+        Some(t) => {
+            transformed = cluster::cluster_migrations(migrations, t)?;
+            &transformed[..]
+        }
+        None => migrations,
+    };
+    ensure_database(args, target.as_ref()).await?;
     let done = applied(args).await?;
     let known: std::collections::BTreeSet<u32> = migrations.iter().map(|m| m.version).collect();
     for a in done.iter().filter(|a| !known.contains(&a.version)) {
@@ -286,7 +350,7 @@ pub async fn migrate_with(args: &ClickHouseArgs, migrations: &[Migration]) -> Re
             .execute()
             .await
             .with_context(|| format!("recording migration {}", m.file))?;
-        tracing::info!(file = %m.file, statements = m.statements.len(), database = %args.database, "applied migration");
+        tracing::info!(file = %m.file, statements = m.statements.len(), database = %args.database, cluster = ?cluster, "applied migration");
     }
     Ok(todo.len())
 }

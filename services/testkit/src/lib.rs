@@ -15,6 +15,9 @@
 //! Where the services are: `METERFLOW_KAFKA_BROKERS` (default `127.0.0.1:9092`),
 //! `METERFLOW_CLICKHOUSE_URL` (default `http://127.0.0.1:8123`), `METERFLOW_CLICKHOUSE_USER`,
 //! `METERFLOW_CLICKHOUSE_PASSWORD`, `METERFLOW_KAFKA_PROPERTIES` (as for the services).
+//! With `METERFLOW_CLICKHOUSE_CLUSTER=meterflow` (and the URL of a cluster node, e.g.
+//! `http://127.0.0.1:18123` from `make up-cluster`) every test database gets the cluster form
+//! of the schema (`meterflow-admin migrate --cluster`): replicated, sharded tables.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -47,6 +50,13 @@ pub struct TestEnv {
     kafka: KafkaArgs,
     topics: TopicArgs,
     clickhouse: ClickHouseArgs,
+    /// The ClickHouse cluster the database was created on (`ON CLUSTER`), if any.
+    cluster: Option<String>,
+}
+
+/// `METERFLOW_CLICKHOUSE_CLUSTER`, if set: tests then migrate the cluster form.
+pub fn cluster_from_env() -> Option<String> {
+    std::env::var("METERFLOW_CLICKHOUSE_CLUSTER").ok().filter(|v| !v.is_empty())
 }
 
 fn env_or(key: &str, default: &str) -> String {
@@ -119,11 +129,26 @@ impl TestEnv {
     /// six topics `t.<name>.<random>.*` with `partitions` (an `i32` for all, or a
     /// [`Partitions`]). Fails with a "run `make up`" message when the services are down.
     pub async fn with_partitions(name: &str, partitions: impl Into<Partitions>) -> Result<Self> {
+        Self::on_clickhouse(name, partitions, None, cluster_from_env().as_deref()).await
+    }
+
+    /// Like [`TestEnv::with_partitions`], on the ClickHouse at `url` (default: from the
+    /// environment) and, with `cluster`, with the cluster form of the schema created on every
+    /// node of that cluster.
+    pub async fn on_clickhouse(
+        name: &str,
+        partitions: impl Into<Partitions>,
+        url: Option<&str>,
+        cluster: Option<&str>,
+    ) -> Result<Self> {
         let partitions = partitions.into();
         let base = sanitize(name);
         let id = format!("{base}_{:08x}", rand::random::<u32>());
         let kafka = kafka_args_from_env();
-        let clickhouse = clickhouse_args_from_env(&format!("t_{id}"));
+        let mut clickhouse = clickhouse_args_from_env(&format!("t_{id}"));
+        if let Some(url) = url {
+            clickhouse.url = url.to_string();
+        }
         let prefix = format!("t.{base}.{:08x}.", rand::random::<u32>());
         let topics = TopicArgs::with_prefix(&prefix);
 
@@ -134,13 +159,14 @@ impl TestEnv {
             (Err(e), _) | (_, Err(e)) => bail!("meterflow-testkit: {e:#}"),
         }
 
+        let migrations = meterflow_admin::MigrationSource::resolve(None).load()?;
         let (migrated, created) = tokio::join!(
-            meterflow_admin::migrate(&clickhouse, None),
+            meterflow_admin::migrate_to(&clickhouse, &migrations, cluster),
             meterflow_admin::create_topics(&kafka, &topics, partitions),
         );
         migrated.with_context(|| format!("migrating test database {}", clickhouse.database))?;
         created.with_context(|| format!("creating test topics {prefix}*"))?;
-        Ok(Self { name: id, prefix, partitions, kafka, topics, clickhouse })
+        Ok(Self { name: id, prefix, partitions, kafka, topics, clickhouse, cluster: cluster.map(String::from) })
     }
 
     /// The unique name of this environment (`<name>_<random>`), handy for log file names.
@@ -167,6 +193,11 @@ impl TestEnv {
 
     pub fn clickhouse_args(&self) -> &ClickHouseArgs {
         &self.clickhouse
+    }
+
+    /// The ClickHouse cluster the database lives on, if created with one.
+    pub fn cluster(&self) -> Option<&str> {
+        self.cluster.as_deref()
     }
 
     /// The test database's name, `t_<name>_<random>`.
@@ -227,7 +258,11 @@ impl TestEnv {
         use rdkafka::admin::{AdminClient, AdminOptions};
         let admin_ch = meterflow_runtime::clickhouse::admin_client(&self.clickhouse);
         admin_ch
-            .query_raw(&format!("DROP DATABASE IF EXISTS {}", meterflow_admin::sql::quote_ident(&self.clickhouse.database)))
+            .query_raw(&format!(
+                "DROP DATABASE IF EXISTS {}{}",
+                meterflow_admin::sql::quote_ident(&self.clickhouse.database),
+                self.cluster.as_deref().map(|c| format!(" ON CLUSTER {c}")).unwrap_or_default()
+            ))
             .execute()
             .await
             .with_context(|| format!("dropping {}", self.clickhouse.database))?;
