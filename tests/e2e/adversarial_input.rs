@@ -78,13 +78,18 @@ fn fastavro_encode(records: &[serde_json::Value]) -> anyhow::Result<Vec<Vec<u8>>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for r in records {
+    // Written from another thread: python answers line by line, so writing everything before
+    // reading would fill both pipes and deadlock on a large batch.
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input: Vec<String> = records.iter().map(|r| r.to_string()).collect();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for r in input {
             writeln!(stdin, "{r}")?;
         }
-    }
+        Ok(())
+    });
     let out = child.wait_with_output()?;
+    writer.join().map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
     anyhow::ensure!(out.status.success(), "fastavro encode failed: {}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Vec<u8>> = String::from_utf8(out.stdout)?
         .lines()
