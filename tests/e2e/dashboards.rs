@@ -470,6 +470,8 @@ async fn publish_wallets(env: &TestEnv) -> anyhow::Result<usize> {
             kind: "top_up".into(),
             reason: "dashboard test".into(),
             created_at: now_ms(),
+            expires_at: None,
+            priority: 0,
         };
         let payload = a.to_avro()?;
         producer

@@ -2,7 +2,9 @@
 //! migrations. Used by the `meterflow-admin` binary and by `meterflow-testkit`, which gives
 //! every test its own topics and database.
 
+pub mod audit;
 pub mod migrations;
+pub mod reconcile;
 pub mod sql;
 pub mod topics;
 

@@ -36,6 +36,10 @@ enum Command {
     Init(InitCmd),
     /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
     Status(StatusCmd),
+    /// Shadow mode: compare an external biller's export with meterflow's charges.
+    Reconcile(meterflow_admin::reconcile::ReconcileCmd),
+    /// Leakage audit: check the conservation laws between tables; exit 1 on a finding.
+    Audit(meterflow_admin::audit::AuditCmd),
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +205,8 @@ async fn main() -> ExitCode {
         }
         .await,
         Command::Status(c) => run_status(c).await,
+        Command::Reconcile(c) => meterflow_admin::reconcile::run(c).await.map(|(ok, _)| ok),
+        Command::Audit(c) => meterflow_admin::audit::run(c).await.map(|r| r.findings.is_empty()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
