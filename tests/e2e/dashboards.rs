@@ -614,6 +614,21 @@ async fn every_dashboard_panel_returns_data() -> anyhow::Result<()> {
         Ok(last.1.elapsed() >= Duration::from_secs(3))
     })
     .await?;
+    // The revenue-assurance panels read the latest leakage audit and reconciliation runs:
+    // audit this run, and reconcile meterflow against a copy of itself with one line a
+    // dollar higher.
+    let catalog = meterflow_core::pricing::Catalog::from_toml_str(&std::fs::read_to_string(root.join("config/catalog.toml"))?)?;
+    let audit = meterflow_admin::audit::audit(&ch, &catalog, &env.topics().aggregates_topic, 0, now_s() + 3600).await?;
+    meterflow_admin::audit::write_findings(&ch, "dashboards", now_s() as u32, &audit.findings).await?;
+    let mine = meterflow_admin::reconcile::meterflow_sides(&meterflow_admin::reconcile::load_meterflow(&ch).await?, Some(&catalog));
+    let mut theirs = mine.clone();
+    if let Some(side) = theirs.values_mut().next() {
+        side.amount += Decimal::ONE;
+    }
+    let recon = meterflow_admin::reconcile::compare(&mine, &theirs, None, Decimal::new(1, 2), Decimal::ZERO);
+    ensure!(recon.mismatches().count() == 1, "the self-reconciliation differs in exactly the changed line");
+    meterflow_admin::reconcile::write_results(&ch, "dashboards", now_s() as u32, "self", &recon).await?;
+
     // A few scrapes after the data is complete, so that rates and quantiles have points.
     let scraped_from = prom.scrapes("rater").await?;
     wait_for("5 more Prometheus scrapes", Duration::from_secs(60), || alive(&agg, &rater), async || {

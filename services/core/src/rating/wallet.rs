@@ -291,7 +291,7 @@ impl Wallets {
             });
         }
         seen.insert(adj.idempotency_key.clone(), Seen { currency: adj.currency.clone(), amount: adj.amount });
-        let (balance, mut alerts) = self.add(&adj.tenant, &adj.currency, adj.amount, &adj.idempotency_key);
+        let mut alerts = self.add(&adj.tenant, &adj.currency, adj.amount, &adj.idempotency_key).1;
         let at = adj.created_at;
         let key = adj.idempotency_key.as_str();
         if adj.amount > Decimal::ZERO {
@@ -316,7 +316,6 @@ impl Wallets {
             let refund = matches!(kind, CreditKind::Paid | CreditKind::Refund);
             self.debit(&adj.tenant, &adj.currency, at, -adj.amount, refund, key);
         }
-        let _ = balance;
         Ok(AdjustmentOutcome::Applied { balance: self.balance(&adj.tenant, &adj.currency), alerts })
     }
 
