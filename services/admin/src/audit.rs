@@ -412,7 +412,7 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
         .await?;
         let moved = sums(
             "SELECT tenant, currency, sum(if(movement = 'grant', amount, -amount)) AS amount FROM wallet_ledger_dedup \
-             WHERE (movement = 'grant' AND grant_key NOT LIKE 'credit:%') OR movement IN ('refund', 'debit') GROUP BY tenant, currency",
+             WHERE movement IN ('grant', 'refund', 'debit') GROUP BY tenant, currency",
         )
         .await?;
         let m = |rows: &[SumRow]| -> BTreeMap<(String, String), Decimal> {

@@ -117,18 +117,24 @@ fn breakage_promotions_refunds_and_arrears() {
 }
 
 #[test]
-fn a_credit_note_reduces_arrears_then_refills_then_grants() {
+fn a_credit_note_reduces_arrears_then_refills_then_leaves_a_credit() {
     let mut w = Wallets::default();
     w.apply_adjustment(&adj("pay", "paid", d("10"), 0, None, 0)).unwrap();
     w.apply_charge_at(&charge("c1", d("13")), Some(1)); // 10 drawn, 3 arrears
     w.apply_charge_at(&charge("c2", d("-8")), Some(2)); // 3 arrears back, 5 refilled
     assert_eq!(w.account_of("t", "USD").unwrap().arrears, Decimal::ZERO);
     assert_eq!(w.account_of("t", "USD").unwrap().unused(CreditKind::Paid), d("5"));
-    w.apply_charge_at(&charge("c3", d("-20")), Some(3)); // 5 refilled, 15 new manual credit
+    w.apply_charge_at(&charge("c3", d("-20")), Some(3)); // 5 refilled, 15 credit balance
     let acc = w.account_of("t", "USD").unwrap();
     assert_eq!(acc.unused(CreditKind::Paid), d("10"));
-    assert_eq!(acc.unused(CreditKind::Manual), d("15"));
+    assert_eq!(acc.arrears, d("-15"));
     assert_eq!(w.balance("t", "USD"), d("25"));
+    // The credit balance is used before the grants.
+    w.apply_charge_at(&charge("c4", d("16")), Some(4));
+    let acc = w.account_of("t", "USD").unwrap();
+    assert_eq!((acc.arrears, acc.unused(CreditKind::Paid)), (Decimal::ZERO, d("9")));
+    let l = w.take_ledger();
+    assert_eq!(sum(&l, MOVE_DRAWDOWN, None) + sum(&l, MOVE_ARREARS, None), d("13") - d("8") - d("20") + d("16"));
 }
 
 #[test]
@@ -210,7 +216,8 @@ proptest! {
             match op {
                 Op::Grant { kind, amount, priority, expires } => {
                     let a = adj(&format!("g{i}"), kind, *amount, *priority, expires.map(|e| e * 10), clock);
-                    prop_assert!(matches!(w.apply_adjustment(&a).unwrap(), AdjustmentOutcome::Applied { .. }));
+                    let applied_ok = matches!(w.apply_adjustment(&a).unwrap(), AdjustmentOutcome::Applied { .. });
+                    prop_assert!(applied_ok);
                     adjustments += *amount;
                     applied.push(a);
                 }

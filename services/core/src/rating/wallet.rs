@@ -19,8 +19,8 @@
 //!   grants down in burn order: highest priority first, then earliest expiry (never-expiring
 //!   last), then oldest. What no grant covers is *arrears* (owed, invoiced in arrears; the
 //!   balance goes negative). A negative charge (a credit) first reduces arrears, then refills
-//!   the grants it can in reverse burn order, and any rest becomes a non-expiring `manual`
-//!   grant. Grants expire on the rater's event-time watermark ([`Wallets::expire`]), never
+//!   the grants it drew from in reverse burn order, and any rest is a credit balance
+//!   (negative arrears) that the next charges use first. Grants expire on the rater's event-time watermark ([`Wallets::expire`]), never
 //!   on the wall clock, so a replay expires the same grants at the same point.
 //! * **Ledger.** Every movement of credit is a [`LedgerEntry`] (taken with
 //!   [`Wallets::take_ledger`]): under ASC 606 / IFRS 15 paid credit is deferred revenue until
@@ -142,7 +142,7 @@ impl CreditKind {
 /// One grant of credit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
-    /// The adjustment's idempotency key (or `credit:<charge id>`).
+    /// The adjustment's idempotency key.
     pub key: String,
     pub kind: CreditKind,
     pub granted: Decimal,
@@ -221,10 +221,23 @@ pub struct Wallets {
     /// Grants expiring at or before this have been expired.
     #[serde(default)]
     expired_to: Option<i64>,
-    /// Movements not yet taken; emptied before every checkpoint by the rater's flush.
+    /// Movements not yet taken (output, not state: the rater takes them after every call).
     #[serde(skip)]
-    ledger: Vec<LedgerEntry>,
+    ledger: Pending,
 }
+
+/// Output waiting to be taken: not part of the state, so not snapshotted and not compared
+/// (a restored state equals the one it was taken from).
+#[derive(Debug, Clone, Default)]
+struct Pending(Vec<LedgerEntry>);
+
+impl PartialEq for Pending {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Pending {}
 
 impl Wallets {
     pub fn new(config: WalletConfig) -> Self {
@@ -341,6 +354,10 @@ impl Wallets {
             let mut left = charge.amount;
             let mut moves = Vec::new();
             let acc = self.account(tenant, currency);
+            // A credit balance from earlier credit notes is used first.
+            let from_credit = left.min((-acc.arrears).max(Decimal::ZERO));
+            acc.arrears += from_credit;
+            left -= from_credit;
             for g in acc.grants.iter_mut().filter(|g| g.remaining > Decimal::ZERO) {
                 let take = left.min(g.remaining);
                 g.remaining -= take;
@@ -353,6 +370,9 @@ impl Wallets {
             }
             if left > Decimal::ZERO {
                 acc.arrears += left;
+            }
+            if !from_credit.is_zero() {
+                self.entry_raw(tenant, currency, at, MOVE_ARREARS, "", "credit", id, from_credit);
             }
             for (kind, key, take) in moves {
                 self.entry(tenant, currency, at, MOVE_DRAWDOWN, kind, &key, id, take);
@@ -384,19 +404,10 @@ impl Wallets {
                 self.entry(tenant, currency, at, MOVE_DRAWDOWN, kind, &key, id, -back);
             }
             if left > Decimal::ZERO {
-                let key = format!("credit:{id}");
-                let seq = self.next_seq();
-                self.entry(tenant, currency, at, MOVE_GRANT, CreditKind::Manual, &key, id, left);
-                self.account(tenant, currency).insert(Grant {
-                    key,
-                    kind: CreditKind::Manual,
-                    granted: left,
-                    remaining: left,
-                    drawn: Decimal::ZERO,
-                    priority: 0,
-                    expires_at: None,
-                    seq,
-                });
+                // More credit than was ever drawn or owed: a credit balance (negative
+                // arrears) that the next charges use first.
+                self.account(tenant, currency).arrears -= left;
+                self.entry_raw(tenant, currency, at, MOVE_ARREARS, "", "credit", id, -left);
             }
         }
         alerts
@@ -476,7 +487,7 @@ impl Wallets {
 
     /// The ledger entries produced since the last call.
     pub fn take_ledger(&mut self) -> Vec<LedgerEntry> {
-        std::mem::take(&mut self.ledger)
+        std::mem::take(&mut self.ledger.0)
     }
 
     /// Grants and arrears of a tenant in a currency.
@@ -507,7 +518,7 @@ impl Wallets {
     fn entry_raw(&mut self, tenant: &str, currency: &str, at: i64, movement: &str, kind: &str, key: &str, source: &str, amount: Decimal) {
         // Unique: a source moves a grant at most once per movement (arrears have no grant).
         let entry_id = stable_id(&[b"ledger", tenant.as_bytes(), currency.as_bytes(), movement.as_bytes(), key.as_bytes(), source.as_bytes()]);
-        self.ledger.push(LedgerEntry {
+        self.ledger.0.push(LedgerEntry {
             entry_id,
             tenant: tenant.to_owned(),
             currency: currency.to_owned(),
