@@ -69,7 +69,7 @@ FROM
     (
         SELECT DISTINCT tenant, currency, toDate(at) AS day
         FROM wallet_ledger_dedup
-    )
+    ) AS days
     ALL INNER JOIN
     (
         SELECT
@@ -81,9 +81,9 @@ FROM
                   if(movement IN ('drawdown', 'refund', 'expiry'), -amount, toDecimal128(0, 9))),
                toDecimal128(0, 9)) AS l_net
         FROM wallet_ledger_dedup
-    ) USING (tenant, currency)
+    ) AS entries USING (tenant, currency)
     GROUP BY tenant, currency, day
-)
+) AS balances
 ALL INNER JOIN
 (
     SELECT
@@ -101,7 +101,7 @@ ALL INNER JOIN
         sumIf(amount, movement = 'arrears')                            AS billed_in_arrears
     FROM wallet_ledger_dedup
     GROUP BY tenant, currency, day
-) USING (tenant, currency, day);
+) AS flows USING (tenant, currency, day);
 
 -- Balances now also lose expired credit: balance = adjustments - charges - expiries.
 DROP TABLE IF EXISTS wallet_balances;
@@ -112,18 +112,18 @@ SELECT
     currency,
     sum(credit)  AS credited,
     sum(debit)   AS charged,
-    sum(expired) AS expired,
-    sum(credit) - sum(debit) - sum(expired) AS balance
+    sum(lapsed)  AS expired,
+    sum(credit) - sum(debit) - sum(lapsed) AS balance
 FROM
 (
-    SELECT tenant, currency, any(amount) AS credit, toDecimal128(0, 9) AS debit, toDecimal128(0, 9) AS expired
+    SELECT tenant, currency, any(amount) AS credit, toDecimal128(0, 9) AS debit, toDecimal128(0, 9) AS lapsed
     FROM wallet_adjustments
     GROUP BY tenant, currency, idempotency_key
     UNION ALL
-    SELECT tenant, currency, toDecimal128(0, 9) AS credit, amount AS debit, toDecimal128(0, 9) AS expired
+    SELECT tenant, currency, toDecimal128(0, 9) AS credit, amount AS debit, toDecimal128(0, 9) AS lapsed
     FROM charges_dedup
     UNION ALL
-    SELECT tenant, currency, toDecimal128(0, 9) AS credit, toDecimal128(0, 9) AS debit, amount AS expired
+    SELECT tenant, currency, toDecimal128(0, 9) AS credit, toDecimal128(0, 9) AS debit, amount AS lapsed
     FROM wallet_ledger_dedup
     WHERE movement = 'expiry'
 )
