@@ -91,7 +91,7 @@ struct MoveRow {
     tenant: String,
     movement: String,
     credit_kind: String,
-    amount: i128,
+    total: i128,
 }
 
 async fn wait_settled(ch: &clickhouse::Client, alive: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
@@ -192,11 +192,11 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
     ensure!(true_ups == 0, "no period closes in this run");
     let money = verify::expected_money(&gt, &cat)?;
     let moves: Vec<MoveRow> = ch
-        .query("SELECT tenant, movement, credit_kind, sum(amount) AS amount FROM wallet_ledger_dedup GROUP BY tenant, movement, credit_kind")
+        .query("SELECT tenant, movement, credit_kind, sum(amount) AS total FROM wallet_ledger_dedup GROUP BY tenant, movement, credit_kind")
         .fetch_all()
         .await?;
     let mv = |t: &str, m: &str, k: &str| -> Decimal {
-        moves.iter().filter(|r| r.tenant == t && r.movement == m && r.credit_kind == k).map(|r| from_ch_i128(r.amount)).sum()
+        moves.iter().filter(|r| r.tenant == t && r.movement == m && r.credit_kind == k).map(|r| from_ch_i128(r.total)).sum()
     };
     for (tenant, (revenue, _)) in &money {
         // publish_top_ups gives every tenant it credits one paid top-up of 1,000.

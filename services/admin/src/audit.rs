@@ -73,8 +73,9 @@ pub struct WindowTotal {
     pub tenant: String,
     pub meter: String,
     pub dimensions_key: String,
-    pub window_start: u32,
-    pub value: i128,
+    /// Unix seconds.
+    pub window_s: u32,
+    pub total: i128,
 }
 
 /// Σ usage charges of one (tenant, period, plan, meter, dimensions) group.
@@ -84,8 +85,9 @@ pub struct UsageCharges {
     pub plan: String,
     pub meter: String,
     pub dimensions_key: String,
-    pub period_start: u32,
-    pub amount: i128,
+    /// Unix seconds.
+    pub period_s: u32,
+    pub total: i128,
 }
 
 /// The invoice preview recomputed from the windows with the catalog, against the charges.
@@ -95,12 +97,12 @@ pub fn invoice_findings(catalog: &Catalog, windows: &[WindowTotal], charges: &[U
     type K = (String, i64, String, String); // tenant, period, plan, price
     let mut quantity: BTreeMap<K, Decimal> = BTreeMap::new();
     for w in windows {
-        let at = i64::from(w.window_start) * 1000;
+        let at = i64::from(w.window_s) * 1000;
         let Some(plan) = catalog.plan_for(&w.tenant, at) else { continue };
         let dims = parse_dimensions_key(&w.dimensions_key);
         let Some(price) = plan.price_for(&w.meter, &dims) else { continue };
         *quantity.entry((w.tenant.clone(), pricing::period_start(at), plan.id.clone(), price.name.clone())).or_default() +=
-            from_ch_i128(w.value);
+            from_ch_i128(w.total);
     }
     let mut expected: BTreeMap<K, Decimal> = BTreeMap::new();
     for (k, q) in &quantity {
@@ -110,8 +112,8 @@ pub fn invoice_findings(catalog: &Catalog, windows: &[WindowTotal], charges: &[U
     let mut actual: BTreeMap<K, Decimal> = BTreeMap::new();
     for c in charges {
         let name = price_of(Some(catalog), "usage", &c.plan, &c.meter, &c.dimensions_key);
-        *actual.entry((c.tenant.clone(), i64::from(c.period_start) * 1000, c.plan.clone(), name)).or_default() +=
-            from_ch_i128(c.amount);
+        *actual.entry((c.tenant.clone(), i64::from(c.period_s) * 1000, c.plan.clone(), name)).or_default() +=
+            from_ch_i128(c.total);
     }
     let n = expected.len() as u64;
     let findings = diff_findings(
@@ -211,25 +213,25 @@ struct RevisionRow {
     tenant: String,
     meter: String,
     dimensions_key: String,
-    window_start: u32,
+    window_s: u32,
     revision: u32,
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
 struct ChargeKeyRow {
     charge_id: String,
-    tenant: String,
-    meter: String,
-    dimensions_key: String,
-    window_start: u32,
-    revision: u32,
+    t: String,
+    m: String,
+    dk: String,
+    window_s: u32,
+    rev: u32,
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
 struct SumRow {
     tenant: String,
     currency: String,
-    amount: i128,
+    total: i128,
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
@@ -306,7 +308,7 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
     // 2. Every window revision rated, or dead-lettered by the rater.
     let unrated: Vec<RevisionRow> = client
         .query(&format!(
-            "SELECT tenant, meter, dimensions_key, toUInt32(window_start) AS window_start, revision FROM meter_aggregates \
+            "SELECT tenant, meter, dimensions_key, toUInt32(window_start) AS window_s, revision FROM meter_aggregates \
              WHERE {range} AND (tenant, meter, dimensions_key, window_start, revision) NOT IN \
              (SELECT tenant, meter, dimensions_key, window_start, revision FROM charges WHERE kind = 'usage') \
              GROUP BY tenant, meter, dimensions_key, window_start, revision"
@@ -335,12 +337,12 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
         .await?;
     report.checked.insert("window_not_rated", revisions);
     for r in unrated {
-        let key = (r.tenant.clone(), r.meter.clone(), r.dimensions_key.clone(), r.window_start, r.revision);
+        let key = (r.tenant.clone(), r.meter.clone(), r.dimensions_key.clone(), r.window_s, r.revision);
         if !dead.contains(&key) {
             report.findings.push(Finding {
                 check: "window_not_rated".into(),
                 tenant: r.tenant,
-                subject: format!("meter={} dims={} window_start={} revision={}", r.meter, r.dimensions_key, r.window_start, r.revision),
+                subject: format!("meter={} dims={} window_start={} revision={}", r.meter, r.dimensions_key, r.window_s, r.revision),
                 expected: Decimal::ONE,
                 actual: Decimal::ZERO,
                 detail: "a window revision has no usage charge and was not dead-lettered: its usage is not billed".into(),
@@ -351,8 +353,8 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
     // 3. Every usage charge prices a window revision that exists.
     let orphans: Vec<ChargeKeyRow> = client
         .query(&format!(
-            "SELECT charge_id, any(tenant) AS tenant, any(meter) AS meter, any(dimensions_key) AS dimensions_key, \
-             toUInt32(any(window_start)) AS window_start, any(revision) AS revision FROM charges \
+            "SELECT charge_id, any(tenant) AS t, any(meter) AS m, any(dimensions_key) AS dk, \
+             toUInt32(any(window_start)) AS window_s, any(revision) AS rev FROM charges \
              WHERE kind = 'usage' AND {range} AND (tenant, meter, dimensions_key, window_start, revision) NOT IN \
              (SELECT tenant, meter, dimensions_key, window_start, revision FROM meter_aggregates) GROUP BY charge_id"
         ))
@@ -363,8 +365,8 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
     for c in orphans {
         report.findings.push(Finding {
             check: "charge_without_window".into(),
-            tenant: c.tenant,
-            subject: format!("charge_id={} meter={} dims={} window_start={} revision={}", c.charge_id, c.meter, c.dimensions_key, c.window_start, c.revision),
+            tenant: c.t,
+            subject: format!("charge_id={} meter={} dims={} window_start={} revision={}", c.charge_id, c.m, c.dk, c.window_s, c.rev),
             expected: Decimal::ZERO,
             actual: Decimal::ONE,
             detail: "a usage charge prices no metered window revision: forged or corrupt".into(),
@@ -376,14 +378,14 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
     let prange = format!("window_start >= toDateTime({p_from}) AND window_start < toDateTime({p_to})");
     let totals: Vec<WindowTotal> = client
         .query(&format!(
-            "SELECT tenant, meter, dimensions_key, toUInt32(window_start) AS window_start, value FROM meter_totals WHERE {prange}"
+            "SELECT tenant, meter, dimensions_key, toUInt32(window_start) AS window_s, value AS total FROM meter_totals WHERE {prange}"
         ))
         .fetch_all()
         .await
         .context("reading meter_totals")?;
     let usage: Vec<UsageCharges> = client
         .query(&format!(
-            "SELECT tenant, plan, meter, dimensions_key, toUInt32(period_start) AS period_start, sum(amount) AS amount \
+            "SELECT tenant, plan, meter, dimensions_key, toUInt32(period_start) AS period_s, sum(amount) AS total \
              FROM charges_dedup WHERE kind = 'usage' AND {prange} GROUP BY tenant, plan, meter, dimensions_key, period_start"
         ))
         .fetch_all()
@@ -399,24 +401,24 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
             let q = client.query(sql);
             async move { q.fetch_all::<SumRow>().await }
         };
-        let charges = sums("SELECT tenant, currency, sum(amount) AS amount FROM charges_dedup GROUP BY tenant, currency").await?;
+        let charges = sums("SELECT tenant, currency, sum(amount) AS total FROM charges_dedup GROUP BY tenant, currency").await?;
         let ledger = sums(
-            "SELECT tenant, currency, sum(amount) AS amount FROM wallet_ledger_dedup \
+            "SELECT tenant, currency, sum(amount) AS total FROM wallet_ledger_dedup \
              WHERE movement IN ('drawdown', 'arrears') GROUP BY tenant, currency",
         )
         .await?;
         let adjustments = sums(
-            "SELECT tenant, currency, sum(a) AS amount FROM (SELECT tenant, currency, any(amount) AS a FROM wallet_adjustments \
+            "SELECT tenant, currency, sum(a) AS total FROM (SELECT tenant, currency, any(amount) AS a FROM wallet_adjustments \
              GROUP BY tenant, currency, idempotency_key) GROUP BY tenant, currency",
         )
         .await?;
         let moved = sums(
-            "SELECT tenant, currency, sum(if(movement = 'grant', amount, -amount)) AS amount FROM wallet_ledger_dedup \
+            "SELECT tenant, currency, sum(if(movement = 'grant', amount, -amount)) AS total FROM wallet_ledger_dedup \
              WHERE movement IN ('grant', 'refund', 'debit') GROUP BY tenant, currency",
         )
         .await?;
         let m = |rows: &[SumRow]| -> BTreeMap<(String, String), Decimal> {
-            rows.iter().map(|r| ((r.tenant.clone(), r.currency.clone()), from_ch_i128(r.amount))).collect()
+            rows.iter().map(|r| ((r.tenant.clone(), r.currency.clone()), from_ch_i128(r.total))).collect()
         };
         let describe = |k: &(String, String)| (k.0.clone(), format!("currency={}", k.1));
         report.checked.insert("wallet_charges", charges.len() as u64);
@@ -546,8 +548,8 @@ mod tests {
             tenant: "acme".into(),
             meter: "input_tokens".into(),
             dimensions_key: "model=gpt-4o,region=us".into(),
-            window_start: march,
-            value: to_ch_i128(&d(v)),
+            window_s: march,
+            total: to_ch_i128(&d(v)),
         };
         let plan = cat.plan_for("acme", i64::from(march) * 1000).unwrap();
         assert_eq!(plan.id, "starter", "the expectation below uses starter's list price");
@@ -560,8 +562,8 @@ mod tests {
             plan: plan.id.clone(),
             meter: "input_tokens".into(),
             dimensions_key: "model=gpt-4o,region=us".into(),
-            period_start: period,
-            amount: to_ch_i128(&amount),
+            period_s: period,
+            total: to_ch_i128(&amount),
         };
         let windows = [window("100000"), window("200000")];
         let (f, n) = invoice_findings(&cat, &windows, &[charge(expected)]).unwrap();

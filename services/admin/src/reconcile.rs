@@ -456,9 +456,10 @@ pub struct ChargeGroup {
     pub currency: String,
     pub meter: String,
     pub dimensions_key: String,
-    pub period_start: u32,
-    pub amount: i128,
-    pub quantity: i128,
+    /// Unix seconds.
+    pub period_s: u32,
+    pub total: i128,
+    pub qty: i128,
     pub charges: u64,
 }
 
@@ -469,12 +470,12 @@ pub fn meterflow_sides(groups: &[ChargeGroup], catalog: Option<&Catalog>) -> BTr
         let key = Key {
             tenant: g.tenant.clone(),
             price: price_of(catalog, &g.kind, &g.plan, &g.meter, &g.dimensions_key),
-            period_start: i64::from(g.period_start) * 1000,
+            period_start: i64::from(g.period_s) * 1000,
             currency: g.currency.clone(),
         };
         let s = out.entry(key).or_default();
-        s.amount += meterflow_core::decimal::from_ch_i128(g.amount);
-        s.quantity += meterflow_core::decimal::from_ch_i128(g.quantity);
+        s.amount += meterflow_core::decimal::from_ch_i128(g.total);
+        s.quantity += meterflow_core::decimal::from_ch_i128(g.qty);
         s.lines += g.charges;
     }
     out
@@ -485,8 +486,8 @@ pub fn meterflow_sides(groups: &[ChargeGroup], catalog: Option<&Catalog>) -> BTr
 pub async fn load_meterflow(client: &clickhouse::Client) -> Result<Vec<ChargeGroup>> {
     client
         .query(
-            "SELECT tenant, kind, plan, currency, meter, dimensions_key, toUInt32(period_start) AS period_start, \
-             sum(amount) AS amount, sum(quantity) AS quantity, count() AS charges \
+            "SELECT tenant, kind, plan, currency, meter, dimensions_key, toUInt32(period_start) AS period_s, \
+             sum(amount) AS total, sum(quantity) AS qty, count() AS charges \
              FROM charges_dedup GROUP BY tenant, kind, plan, currency, meter, dimensions_key, period_start",
         )
         .fetch_all::<ChargeGroup>()
@@ -660,7 +661,8 @@ pub async fn run(cmd: &ReconcileCmd) -> Result<(bool, Report)> {
         write_results(&client, &run_id, now as u32, &source, &report).await?;
         println!("\nwritten to reconciliation_results as run {run_id}");
     }
-    Ok((report.mismatches().next().is_none(), report))
+    let ok = report.mismatches().next().is_none();
+    Ok((ok, report))
 }
 
 fn read_catalog(path: &Path) -> Result<Option<Catalog>> {
