@@ -618,7 +618,7 @@ async fn every_dashboard_panel_returns_data() -> anyhow::Result<()> {
     // audit this run, and reconcile meterflow against a copy of itself with one line a
     // dollar higher.
     let catalog = meterflow_core::pricing::Catalog::from_toml_str(&std::fs::read_to_string(root.join("config/catalog.toml"))?)?;
-    let audit = meterflow_admin::audit::audit(&ch, &catalog, &env.topics().aggregates_topic, 0, now_s() + 3600).await?;
+    let audit = meterflow_admin::audit::audit(&ch, &catalog, &env.topics().aggregates_topic, 0, meterflow_core::pricing::period_end(now_ms()) / 1000).await?;
     meterflow_admin::audit::write_findings(&ch, "dashboards", now_s() as u32, &audit.findings).await?;
     let mine = meterflow_admin::reconcile::meterflow_sides(&meterflow_admin::reconcile::load_meterflow(&ch).await?, Some(&catalog));
     let mut theirs = mine.clone();

@@ -193,7 +193,8 @@ pub struct AuditCmd {
     #[arg(long, env = "METERFLOW_AUDIT_FROM")]
     pub from: Option<String>,
     /// Windows starting before this [default: one hour ago, so windows still open or being
-    /// rated are not reported].
+    /// rated are not reported]. The invoice check covers the whole billing months before
+    /// the month holding this (an invoice is exact only for a whole period).
     #[arg(long, env = "METERFLOW_AUDIT_TO")]
     pub to: Option<String>,
     /// Do not write findings to `audit_findings`.
@@ -373,7 +374,8 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
         });
     }
 
-    // 4. Invoice preview recomputed from the windows = usage charges, per whole period.
+    // 4. Invoice preview recomputed from the windows = usage charges, per whole period:
+    //    charges telescope to the price of a period's total, not of a part of it.
     let (p_from, p_to) = (pricing::period_start(from_s * 1000) / 1000, pricing::period_start(to_s.max(0) * 1000) / 1000);
     let prange = format!("window_start >= toDateTime({p_from}) AND window_start < toDateTime({p_to})");
     let totals: Vec<WindowTotal> = client

@@ -780,6 +780,33 @@ mod tests {
         assert!(text.contains("missing_external"), "{text}");
     }
 
+    /// The worked example of docs/revenue-assurance.md.
+    #[test]
+    fn documented_example() {
+        let csv = "id,invoice,customer,price,amount,currency,period_start,quantity\n\
+                   il_1,in_9,cus_Q1w2e3,price_in_4o,1230,usd,2026-03-01 00:00,4200000\n\
+                   il_2,in_9,cus_Q1w2e3,price_out_4o,4500,usd,2026-03-01 00:00,3000000\n\
+                   il_3,in_9,cus_Q1w2e3,price_support,900,usd,2026-03-01 00:00,1\n";
+        let mapping = Mapping::from_toml_str(
+            "format = \"stripe\"\ntolerance = \"0.01\"\n[customers]\ncus_Q1w2e3 = \"acme\"\n\
+             [prices]\nprice_in_4o = \"input_tokens.gpt-4o\"\nprice_out_4o = \"output_tokens.gpt-4o\"\n",
+        )
+        .unwrap();
+        let ext = external_sides(&parse_external(csv, &mapping).unwrap());
+        let mf: BTreeMap<Key, Side> = [
+            (key("acme", "input_tokens.gpt-4o", "2026-03"), side("12.300000000", 40)),
+            (key("acme", "output_tokens.gpt-4o", "2026-03"), side("40.000000000", 40)),
+            (key("acme", "requests.gpt-4o", "2026-03"), side("1.250000000", 40)),
+        ]
+        .into();
+        let r = compare(&mf, &ext, None, mapping.tolerance, mapping.tolerance_ratio);
+        let text = render(&r);
+        println!("{text}");
+        let usd = &r.total["USD"];
+        assert_eq!((usd.over_billed, usd.under_billed, usd.mismatches), (d("14"), d("1.25"), 3));
+        assert_eq!((usd.meterflow, usd.external), (d("53.55"), d("66.30")));
+    }
+
     #[test]
     fn dimension_keys_round_trip_with_escapes() {
         let dims: BTreeMap<String, String> =
