@@ -46,7 +46,10 @@ fn env_with(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// Per (tenant, period, price name): the rounded catalog price of the period's total quantity,
 /// from the ground truth (not from the rater).
-fn expected_lines(gt: &GroundTruth, cat: &Catalog) -> anyhow::Result<BTreeMap<(String, i64, String), (Decimal, Decimal)>> {
+/// (tenant, period start ms, price name).
+type LineKey = (String, i64, String);
+
+fn expected_lines(gt: &GroundTruth, cat: &Catalog) -> anyhow::Result<BTreeMap<LineKey, (Decimal, Decimal)>> {
     let mut q: BTreeMap<(String, i64, String, String), Decimal> = BTreeMap::new();
     for w in &gt.windows {
         let plan = cat.plan_for(&w.tenant, w.window_start).context("plan")?;
@@ -249,7 +252,7 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
 
     // ---------------------------------------------------------------- shadow mode
     let lines = expected_lines(&gt, &cat)?;
-    let mut keys: Vec<&(String, i64, String)> = lines.keys().filter(|k| lines[k].0 >= Decimal::new(5, 2)).collect();
+    let mut keys: Vec<&LineKey> = lines.keys().filter(|k| lines[k].0 >= Decimal::new(5, 2)).collect();
     keys.sort();
     ensure!(keys.len() >= 2, "need two priced lines above 5 cents, have {}", keys.len());
     let missing = keys[0].clone();
@@ -260,7 +263,7 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
         **k != missing && p.free_units > Decimal::ZERO && p.price(lines[k].1 + p.free_units).unwrap() - lines[k].0 > Decimal::new(2, 2)
     });
     let wrong = wrong.context("a line whose free allowance is worth more than 2 cents")?.clone();
-    let wrong: (String, i64, String) = wrong;
+    let wrong: LineKey = wrong;
     let extra_tenant = "tenant-004".to_owned();
     let mut csv = String::from("id,invoice,Customer,Price ID,Amount,Currency,Period Start (UTC),Quantity\n");
     let mut n = 0;
