@@ -479,7 +479,23 @@ async fn publish_wallets(env: &TestEnv) -> anyhow::Result<usize> {
             .await
             .map_err(|(e, _)| e)?;
     }
-    Ok(TENANTS)
+    // Promotional credit (burned first: priority 1), for the revenue-recognition panels.
+    let promo = WalletAdjustment {
+        idempotency_key: "dash_promo_0".into(),
+        tenant: "tenant-000".into(),
+        currency: "USD".into(),
+        amount: Decimal::new(5, 0),
+        kind: "promotional".into(),
+        reason: "dashboard test".into(),
+        created_at: now_ms(),
+        expires_at: None,
+        priority: 1,
+    };
+    producer
+        .send(FutureRecord::to(&env.topics().wallet_topic).key(&promo.tenant).payload(&promo.to_avro()?), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(TENANTS + 1)
 }
 
 fn workload(start_ms: i64) -> anyhow::Result<GenerateConfig> {
