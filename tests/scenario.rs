@@ -98,6 +98,8 @@ pub async fn publish_top_ups(kafka: &KafkaArgs, wallet_topic: &str) -> anyhow::R
         kind: kind.into(),
         reason: reason.into(),
         created_at: now_ms(),
+        expires_at: None,
+        priority: 0,
     };
     let mut adjustments = Vec::new();
     for t in 0..10 {

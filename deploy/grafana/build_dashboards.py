@@ -605,6 +605,134 @@ def pipeline_health() -> Board:
                 ORDER BY dead_lettered_at DESC, source_topic, source_partition, source_offset
                 LIMIT 100
                 """, table=True)], w=16)
+    b.row("Leakage audit")
+    b.panel("table", "Leakage audit findings (latest run)",
+            "meterflow-admin audit's latest run: each violated conservation law (events vs "
+            "windows, unrated windows, charges without a window, invoice vs charges, wallets, "
+            "ingest offsets); a single run_ok row when it found nothing.",
+            [ch_target("A", """
+                SELECT run_at, check_name, tenant, subject, expected, actual, detail
+                FROM audit_findings
+                WHERE run_id IN (SELECT argMax(run_id, run_at) FROM audit_findings)
+                ORDER BY check_name, tenant, subject
+                LIMIT 200
+                """, table=True)], w=24)
+    return b
+
+
+# ---------------------------------------------------------------------------------------------
+# Revenue recognition (ASC 606 credit ledger) and shadow billing
+
+PAID_NET = ("if(credit_kind = 'paid', if(movement = 'grant', amount, -amount), toDecimal128(0, 9))")
+
+
+def revenue_recognition() -> Board:
+    b = Board("meterflow-revenue-recognition", "meterflow / Revenue recognition",
+              "Prepaid credit under ASC 606 / IFRS 15 from the rater's wallet_ledger: paid credit is "
+              "deferred revenue until consumed (recognised), refunded or expired (breakage); "
+              "promotional and manual credit is never revenue. And shadow billing: meterflow "
+              "against the external biller (meterflow-admin reconcile). docs/revenue-assurance.md.",
+              ["meterflow", "finance"])
+    b.row("Deferred revenue")
+    b.panel("stat", "Deferred revenue now",
+            "Unused paid credit of all tenants: paid top-ups - recognised - refunds - breakage, "
+            "over all time (the liability on the balance sheet).",
+            [ch_target("A", f"""
+                SELECT currency, deferred
+                FROM
+                (
+                    SELECT currency, sum({PAID_NET}) AS deferred
+                    FROM wallet_ledger_dedup
+                    WHERE credit_kind = 'paid'
+                    GROUP BY currency
+                )
+                ORDER BY currency
+                """, table=True)], w=6, unit="currencyUSD", decimals=2)
+    b.panel("timeseries", "Recognised revenue, breakage and promotional consumption",
+            "Per time bucket (by movement time): paid credit consumed by charges (recognised), "
+            "expired paid credit (breakage), promotional/manual credit consumed (a discount, not "
+            "revenue), and usage no credit covered (billed in arrears).",
+            [ch_target("A", f"""
+                SELECT t AS time, recognised, breakage, promotional_consumed, billed_in_arrears
+                FROM
+                (
+                    SELECT
+                        {bucket('at')} AS t,
+                        sumIf(amount, movement = 'drawdown' AND credit_kind = 'paid') AS recognised,
+                        sumIf(amount, movement = 'expiry' AND credit_kind = 'paid') AS breakage,
+                        sumIf(amount, movement = 'drawdown' AND credit_kind != 'paid') AS promotional_consumed,
+                        sumIf(amount, movement = 'arrears') AS billed_in_arrears
+                    FROM wallet_ledger_dedup
+                    WHERE $__timeFilter(at)
+                    GROUP BY t
+                )
+                ORDER BY time
+                """, table=False)], w=18, unit="currencyUSD")
+    b.panel("table", "Deferred revenue roll-forward per tenant and day",
+            "opening + paid top-ups - recognised - refunds - breakage = closing, per tenant, "
+            "currency and day (view revenue_recognition_daily).",
+            [ch_target("A", """
+                SELECT day, tenant, currency, opening_deferred, paid_topups, recognised, refunds, breakage, closing_deferred
+                FROM revenue_recognition_daily
+                WHERE $__dateFilter(day)
+                ORDER BY day DESC, tenant, currency
+                LIMIT 500
+                """, table=True)], w=24, h=10)
+    b.panel("table", "Promotional and manual credit (not revenue)",
+            "Per tenant: non-revenue credit granted, consumed by charges, expired, debited, and "
+            "unused now.",
+            [ch_target("A", """
+                SELECT tenant, currency, granted, consumed, expired, debited, granted - consumed - expired - debited AS unused
+                FROM
+                (
+                    SELECT
+                        tenant,
+                        currency,
+                        sumIf(amount, movement = 'grant') AS granted,
+                        sumIf(amount, movement = 'drawdown') AS consumed,
+                        sumIf(amount, movement = 'expiry') AS expired,
+                        sumIf(amount, movement = 'debit') AS debited
+                    FROM wallet_ledger_dedup
+                    WHERE credit_kind IN ('promotional', 'manual')
+                    GROUP BY tenant, currency
+                )
+                ORDER BY tenant, currency
+                """, table=True)], w=24)
+    b.row("Shadow billing")
+    b.panel("table", "Over- and under-billing by tenant (latest reconciliation)",
+            "The latest meterflow-admin reconcile run: per tenant and currency, what meterflow "
+            "charged, what the external biller invoiced, and the differences beyond tolerance "
+            "(over-billed: external > meterflow; under-billed: revenue leak).",
+            [ch_target("A", """
+                SELECT tenant, currency, meterflow, external, over_billed, under_billed, differing_keys
+                FROM
+                (
+                    SELECT
+                        tenant,
+                        currency,
+                        sum(meterflow_amount) AS meterflow,
+                        sum(external_amount) AS external,
+                        sumIf(difference, status = 'over_billed') AS over_billed,
+                        -sumIf(difference, status = 'under_billed') AS under_billed,
+                        countIf(status != 'match') AS differing_keys
+                    FROM reconciliation_results
+                    WHERE run_id IN (SELECT argMax(run_id, run_at) FROM reconciliation_results)
+                    GROUP BY tenant, currency
+                )
+                ORDER BY differing_keys DESC, tenant, currency
+                """, table=True)], w=12, h=9)
+    b.panel("table", "Differences (latest reconciliation)",
+            "Every (tenant, price, period) of the latest run that differs beyond tolerance, with "
+            "why: missing_external (usage not invoiced), extra_external (invoiced, never "
+            "metered), amount_mismatch.",
+            [ch_target("A", """
+                SELECT tenant, price, period_start, currency, meterflow_amount, external_amount, difference, status, finding
+                FROM reconciliation_results
+                WHERE run_id IN (SELECT argMax(run_id, run_at) FROM reconciliation_results)
+                    AND status != 'match'
+                ORDER BY tenant, price, period_start
+                LIMIT 200
+                """, table=True)], w=12, h=9)
     return b
 
 
@@ -612,6 +740,7 @@ BOARDS = {
     "cost-vs-revenue.json": cost_vs_revenue,
     "usage.json": usage,
     "pipeline-health.json": pipeline_health,
+    "revenue-recognition.json": revenue_recognition,
 }
 
 

@@ -165,6 +165,27 @@ def seed_sql(now: int) -> list[str]:
             SELECT concat('al-', toString(number)), {tenant}, 'low_balance', 'USD', toDecimal128(9.5, 9),
                 toDecimal128(10, 9), toInt64({now} - 600) * 1000
             FROM numbers(2)""",
+        f"""INSERT INTO wallet_ledger (entry_id, tenant, currency, at, movement, credit_kind, grant_key, source, amount,
+                source_partition)
+            SELECT concat('le-', toString(number)), {tenant}, 'USD', toDateTime({now} - 1700 + number * 60),
+                arrayElement(['grant', 'drawdown', 'expiry', 'refund', 'arrears', 'grant', 'drawdown', 'debit'], number % 8 + 1),
+                arrayElement(['paid', 'paid', 'paid', 'paid', '', 'promotional', 'promotional', 'manual'], number % 8 + 1),
+                concat('g-', toString(number % 3)), concat('src-', toString(number)),
+                toDecimal128(if(number % 8 = 0, 20, 1.5), 9), 0
+            FROM numbers(24)""",
+        f"""INSERT INTO reconciliation_results (run_id, run_at, source, tenant, price, currency, period_start,
+                meterflow_amount, external_amount, difference, meterflow_quantity, external_quantity, status, finding,
+                external_lines, meterflow_charges)
+            SELECT 'run-1', toDateTime({now} - 300), 'export.csv', {tenant}, concat('price-', toString(number % 2)), 'USD',
+                toDateTime(toStartOfMonth(toDate({now}))), toDecimal128(10, 9), toDecimal128(10 + number % 3 - 1, 9),
+                toDecimal128(number % 3 - 1, 9), toDecimal128(0, 9), toDecimal128(0, 9),
+                arrayElement(['under_billed', 'match', 'over_billed'], number % 3 + 1),
+                arrayElement(['missing_external', 'match', 'extra_external'], number % 3 + 1), toUInt64(1), toUInt64(2)
+            FROM numbers(6)""",
+        f"""INSERT INTO audit_findings (run_id, run_at, check_name, tenant, subject, expected, actual, detail)
+            SELECT 'audit-1', toDateTime({now} - 200), arrayElement(['window_not_rated', 'invoice_vs_charges'], number % 2 + 1),
+                {tenant}, concat('subject-', toString(number)), toDecimal128(1, 9), toDecimal128(0, 9), 'synthetic'
+            FROM numbers(3)""",
     ]
 
 

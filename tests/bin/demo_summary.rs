@@ -250,6 +250,8 @@ async fn top_up(conn: &Conn, credits_path: &Path) -> anyhow::Result<()> {
             kind: "top_up".into(),
             reason: "make demo: prepaid credit".into(),
             created_at: run,
+            expires_at: None,
+            priority: 0,
         })
         .collect();
     // Twice: the second publish is what a producer retry looks like; it must not count.

@@ -470,6 +470,8 @@ async fn publish_wallets(env: &TestEnv) -> anyhow::Result<usize> {
             kind: "top_up".into(),
             reason: "dashboard test".into(),
             created_at: now_ms(),
+            expires_at: None,
+            priority: 0,
         };
         let payload = a.to_avro()?;
         producer
@@ -477,7 +479,23 @@ async fn publish_wallets(env: &TestEnv) -> anyhow::Result<usize> {
             .await
             .map_err(|(e, _)| e)?;
     }
-    Ok(TENANTS)
+    // Promotional credit (burned first: priority 1), for the revenue-recognition panels.
+    let promo = WalletAdjustment {
+        idempotency_key: "dash_promo_0".into(),
+        tenant: "tenant-000".into(),
+        currency: "USD".into(),
+        amount: Decimal::new(5, 0),
+        kind: "promotional".into(),
+        reason: "dashboard test".into(),
+        created_at: now_ms(),
+        expires_at: None,
+        priority: 1,
+    };
+    producer
+        .send(FutureRecord::to(&env.topics().wallet_topic).key(&promo.tenant).payload(&promo.to_avro()?), Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(TENANTS + 1)
 }
 
 fn workload(start_ms: i64) -> anyhow::Result<GenerateConfig> {
@@ -612,6 +630,21 @@ async fn every_dashboard_panel_returns_data() -> anyhow::Result<()> {
         Ok(last.1.elapsed() >= Duration::from_secs(3))
     })
     .await?;
+    // The revenue-assurance panels read the latest leakage audit and reconciliation runs:
+    // audit this run, and reconcile meterflow against a copy of itself with one line a
+    // dollar higher.
+    let catalog = meterflow_core::pricing::Catalog::from_toml_str(&std::fs::read_to_string(root.join("config/catalog.toml"))?)?;
+    let audit = meterflow_admin::audit::audit(&ch, &catalog, &env.topics().aggregates_topic, 0, meterflow_core::pricing::period_end(now_ms()) / 1000).await?;
+    meterflow_admin::audit::write_findings(&ch, "dashboards", now_s() as u32, &audit.findings).await?;
+    let mine = meterflow_admin::reconcile::meterflow_sides(&meterflow_admin::reconcile::load_meterflow(&ch).await?, Some(&catalog));
+    let mut theirs = mine.clone();
+    if let Some(side) = theirs.values_mut().next() {
+        side.amount += Decimal::ONE;
+    }
+    let recon = meterflow_admin::reconcile::compare(&mine, &theirs, None, Decimal::new(1, 2), Decimal::ZERO);
+    ensure!(recon.mismatches().count() == 1, "the self-reconciliation differs in exactly the changed line");
+    meterflow_admin::reconcile::write_results(&ch, "dashboards", now_s() as u32, "self", &recon).await?;
+
     // A few scrapes after the data is complete, so that rates and quantiles have points.
     let scraped_from = prom.scrapes("rater").await?;
     wait_for("5 more Prometheus scrapes", Duration::from_secs(60), || alive(&agg, &rater), async || {

@@ -2,9 +2,11 @@
 //! migrations. Used by the `meterflow-admin` binary and by `meterflow-testkit`, which gives
 //! every test its own topics and database.
 
+pub mod audit;
 pub mod checkpoints;
 pub mod cluster;
 pub mod migrations;
+pub mod reconcile;
 pub mod sql;
 pub mod topics;
 

@@ -46,6 +46,10 @@ enum Command {
     /// Print the cluster form of the migrations (what `migrate --cluster` runs), without
     /// connecting to anything: for review, and for the DDL check on current ClickHouse.
     ClusterDdl(ClusterDdlCmd),
+    /// Shadow mode: compare an external biller's export with meterflow's charges.
+    Reconcile(meterflow_admin::reconcile::ReconcileCmd),
+    /// Leakage audit: check the conservation laws between tables; exit 1 on a finding.
+    Audit(meterflow_admin::audit::AuditCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -367,6 +371,8 @@ async fn main() -> ExitCode {
         Command::Status(c) => run_status(c).await,
         Command::Checkpoint(c) => run_checkpoint(c).await,
         Command::ClusterDdl(c) => run_cluster_ddl(c).map(|()| true),
+        Command::Reconcile(c) => meterflow_admin::reconcile::run(c).await.map(|(ok, _)| ok),
+        Command::Audit(c) => meterflow_admin::audit::run(c).await.map(|r| r.findings.is_empty()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -109,9 +109,17 @@ pub struct WalletAdjustment {
     pub currency: String,
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+    /// `paid | promotional | refund | manual` (v1 wrote `top_up | adjustment`); see
+    /// `rating::CreditKind`.
     pub kind: String,
     pub reason: String,
     pub created_at: i64,
+    /// When the credit's unused remainder expires (breakage); `None` never (v2).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// Burn order: higher first (v2, default 0).
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// A record type tied to its schema.
@@ -123,6 +131,11 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     /// downstream has to round it or fail on it.
     fn check_decimals(&self) -> Result<(), Error> {
         Ok(())
+    }
+
+    /// Earlier writer schemas still read (resolved to the current one with its defaults).
+    fn older() -> Vec<&'static Known> {
+        Vec::new()
     }
 
     /// Single-object encoding with this record's schema, headed by the spec's fingerprint
@@ -143,7 +156,19 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
                 let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
                 if !known.matches(fp) {
-                    return Err(Error::UnknownFingerprint(fp));
+                    let Some(writer) = Self::older().into_iter().find(|k| k.matches(fp)) else {
+                        return Err(Error::UnknownFingerprint(fp));
+                    };
+                    let body = &rest[8..];
+                    check_datum(&writer.schema, &mut Cursor { buf: body, pos: 0 })?;
+                    let mut reader = body;
+                    let value = apache_avro::from_avro_datum(&writer.schema, &mut reader, Some(&known.schema))?;
+                    if !reader.is_empty() {
+                        return Err(Error::TrailingBytes(reader.len()));
+                    }
+                    let record: Self = apache_avro::from_value(&normalise(value))?;
+                    record.check_decimals()?;
+                    return Ok(record);
                 }
                 &rest[8..]
             }
@@ -374,7 +399,11 @@ impl AvroRecord for DeadLetter {
 }
 impl AvroRecord for WalletAdjustment {
     fn known() -> &'static Known {
-        schema::wallet_adjustment_v1()
+        schema::wallet_adjustment_v2()
+    }
+
+    fn older() -> Vec<&'static Known> {
+        vec![schema::wallet_adjustment_v1()]
     }
     fn check_decimals(&self) -> Result<(), Error> {
         check_storable("amount", &self.amount)
@@ -525,6 +554,8 @@ mod tests {
             kind: "top_up".into(),
             reason: "r".into(),
             created_at: 7,
+            expires_at: Some(9),
+            priority: 2,
         });
     }
 
@@ -538,6 +569,8 @@ mod tests {
             kind: "top_up".into(),
             reason: "r".into(),
             created_at: 7,
+            expires_at: None,
+            priority: 0,
         };
         let bytes = w.to_avro().unwrap();
         assert!(matches!(WalletAdjustment::from_avro(&bytes), Err(Error::BadDecimal { field: "amount", .. })));
@@ -589,6 +622,8 @@ mod tests {
             kind: "top_up".into(),
             reason: "r".into(),
             created_at: 1,
+            expires_at: None,
+            priority: 0,
         };
         assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
     }
@@ -622,7 +657,38 @@ mod tests {
             kind: "adjustment".into(),
             reason: "goodwill".into(),
             created_at: 5,
+            expires_at: Some(1_800_000_000_000),
+            priority: -3,
         };
         assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
+    }
+
+    /// A v1 record (written by apache-avro's own writer with the v1 schema, framed with the
+    /// v1 fingerprint) still reads, with v2's defaults for the new fields.
+    #[test]
+    fn wallet_adjustment_v1_reads_with_defaults() {
+        use apache_avro::types::Record;
+        let v1 = schema::wallet_adjustment_v1();
+        let mut r = Record::new(&v1.schema).unwrap();
+        r.put("idempotency_key", "pay_9");
+        r.put("tenant", "acme");
+        r.put("currency", "USD");
+        r.put("amount", "25.5");
+        r.put("kind", "top_up");
+        r.put("reason", "card");
+        r.put("created_at", Value::TimestampMillis(1_700_000_000_000));
+        let datum = apache_avro::to_avro_datum(&v1.schema, r).unwrap();
+        let mut framed = vec![0xC3, 0x01];
+        framed.extend_from_slice(&v1.fingerprint.to_le_bytes());
+        framed.extend_from_slice(&datum);
+        let w = WalletAdjustment::from_avro(&framed).unwrap();
+        assert_eq!(w.amount, d("25.5"));
+        assert_eq!((w.kind.as_str(), w.created_at, w.expires_at, w.priority), ("top_up", 1_700_000_000_000, None, 0));
+        assert_ne!(v1.fingerprint, WalletAdjustment::known().fingerprint);
+        // New records are written with v2's fingerprint.
+        let again = w.to_avro().unwrap();
+        assert_eq!(&again[2..10], &WalletAdjustment::known().fingerprint.to_le_bytes());
+        // A truncated v1 body is an error, not a panic.
+        assert!(WalletAdjustment::from_avro(&framed[..framed.len() - 3]).is_err());
     }
 }

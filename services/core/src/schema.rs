@@ -29,6 +29,8 @@ pub const CHARGE_V1: &str = include_str!("../../../schemas/avro/charge.v1.avsc")
 pub const DEAD_LETTER_V1: &str = include_str!("../../../schemas/avro/dead_letter.v1.avsc");
 pub const WALLET_ADJUSTMENT_V1: &str =
     include_str!("../../../schemas/avro/wallet_adjustment.v1.avsc");
+pub const WALLET_ADJUSTMENT_V2: &str =
+    include_str!("../../../schemas/avro/wallet_adjustment.v2.avsc");
 
 /// A parsed schema with its single-object fingerprints.
 #[derive(Debug)]
@@ -80,6 +82,7 @@ known!(meter_aggregate_v1, METER_AGGREGATE_V1);
 known!(charge_v1, CHARGE_V1);
 known!(dead_letter_v1, DEAD_LETTER_V1);
 known!(wallet_adjustment_v1, WALLET_ADJUSTMENT_V1);
+known!(wallet_adjustment_v2, WALLET_ADJUSTMENT_V2);
 
 /// CRC-64-AVRO, the Rabin fingerprint of the Avro specification ("Schema Fingerprints").
 pub fn crc64_avro(bytes: &[u8]) -> u64 {

@@ -241,15 +241,17 @@ fn records_interoperate_both_ways() {
         }],
     );
     records_round_trip(
-        "wallet_adjustment.v1.avsc",
+        "wallet_adjustment.v2.avsc",
         &[WalletAdjustment {
             idempotency_key: "k".into(),
             tenant: "t".into(),
             currency: "USD".into(),
             amount: d("-2.25"),
-            kind: "adjustment".into(),
+            kind: "manual".into(),
             reason: "r".into(),
             created_at: 1_764_000_000_000,
+            expires_at: Some(1_765_000_000_000),
+            priority: 3,
         }],
     );
 }

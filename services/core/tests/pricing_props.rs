@@ -477,6 +477,8 @@ fn adj(key: &str, amount: &str) -> WalletAdjustment {
         kind: "top_up".into(),
         reason: "test".into(),
         created_at: 0,
+        expires_at: None,
+        priority: 0,
     }
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow};
+use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow};
 
 const SERVICE: &str = "rater";
 const STATE_VERSION: u32 = 1;
@@ -80,11 +80,13 @@ struct Outputs {
     alerts: Vec<(Alert, i64)>,
     adjustments: Vec<AdjustmentRow>,
     dead_letters: Vec<DeadLetter>,
+    /// Credit ledger movements (ASC 606), with the partition whose state made them.
+    ledger: Vec<LedgerRow>,
 }
 
 impl Outputs {
     fn rows(&self) -> usize {
-        self.charges.len() + self.alerts.len() + self.adjustments.len() + self.dead_letters.len()
+        self.charges.len() + self.alerts.len() + self.adjustments.len() + self.dead_letters.len() + self.ledger.len()
     }
 }
 
@@ -241,6 +243,9 @@ impl Rater {
                     }
                     outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset)?);
                     outputs.alerts.extend(alerts.into_iter().map(|a| (a, adj.created_at)));
+                    for e in shard.wallets.take_ledger() {
+            outputs.ledger.push(LedgerRow::new(&e, partition)?);
+        }
                 }
                 Ok((_, AdjustmentOutcome::Duplicate { .. })) => {
                     counter!(m::WALLET_ADJUSTMENTS, "outcome" => "duplicate").increment(1);
@@ -288,6 +293,11 @@ impl Rater {
         if agg.emitted_at >= shard.advanced_to.saturating_add(60_000) {
             shard.advanced_to = agg.emitted_at;
             charges.extend(shard.rating.advance(catalog, agg.emitted_at));
+            // Credit expires on the same event-time watermark, never on the wall clock.
+            for a in shard.wallets.expire(agg.emitted_at) {
+                counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
+                outputs.alerts.push((a, agg.emitted_at));
+            }
         }
         for c in charges {
             let t = shard.totals.entry(totals_key(&c.currency, &label_meter(&c), &c.plan)).or_default();
@@ -295,11 +305,14 @@ impl Rater {
             t.cost += c.provider_cost;
             t.margin += c.margin;
             counter!(m::CHARGES, "kind" => c.kind.clone()).increment(1);
-            for a in shard.wallets.apply_charge(&c) {
+            for a in shard.wallets.apply_charge_at(&c, Some(agg.emitted_at)) {
                 counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
                 outputs.alerts.push((a, agg.emitted_at));
             }
             outputs.charges.push(c);
+        }
+        for e in shard.wallets.take_ledger() {
+            outputs.ledger.push(LedgerRow::new(&e, partition)?);
         }
         if owned.switch.is_some() {
             *switched |= try_switch(partition, owned);
@@ -329,7 +342,8 @@ impl Rater {
         let ok = insert_all(c, "charges", &charges, &b, shutdown, WRITE_METRICS).await
             && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await
             && insert_all(c, "wallet_alerts", &alerts, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await;
+            && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await
+            && insert_all(c, "wallet_ledger", &out.ledger, &b, shutdown, WRITE_METRICS).await;
         if !ok {
             return false;
         }
@@ -341,6 +355,20 @@ impl Rater {
         for (a, _) in &out.alerts {
             let json = serde_json::to_vec(a).unwrap_or_default();
             records.push((&topics.alerts_topic, a.tenant.clone(), json));
+        }
+        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
+        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
+            let json = serde_json::json!({
+                "kind": "credit_expired",
+                "entry_id": e.entry_id,
+                "tenant": e.tenant,
+                "currency": e.currency,
+                "credit_kind": e.credit_kind,
+                "grant_key": e.grant_key,
+                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
+                "expired_at": i64::from(e.at) * 1000,
+            });
+            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
         }
         for d in &out.dead_letters {
             records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));

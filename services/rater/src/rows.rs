@@ -1,7 +1,7 @@
 //! ClickHouse rows written by the rater.
 
 use meterflow_core::decimal::to_ch_i128;
-use meterflow_core::rating::Alert;
+use meterflow_core::rating::{Alert, LedgerEntry};
 use meterflow_core::records::{Charge, WalletAdjustment};
 use serde::Serialize;
 
@@ -111,6 +111,38 @@ impl AlertRow {
             balance: to_ch_i128(&a.balance)?,
             threshold: to_ch_i128(&a.threshold)?,
             at_ms,
+        })
+    }
+}
+
+/// One movement of prepaid credit (`wallet_ledger`, migration 012).
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct LedgerRow {
+    pub entry_id: String,
+    pub tenant: String,
+    pub currency: String,
+    pub at: u32,
+    pub movement: String,
+    pub credit_kind: String,
+    pub grant_key: String,
+    pub source: String,
+    pub amount: i128,
+    pub source_partition: i32,
+}
+
+impl LedgerRow {
+    pub fn new(e: &LedgerEntry, partition: i32) -> Result<Self, meterflow_core::Error> {
+        Ok(Self {
+            entry_id: e.entry_id.clone(),
+            tenant: e.tenant.clone(),
+            currency: e.currency.clone(),
+            at: secs(e.at_ms),
+            movement: e.movement.clone(),
+            credit_kind: e.credit_kind.clone(),
+            grant_key: e.grant_key.clone(),
+            source: e.source.clone(),
+            amount: to_ch_i128(&e.amount)?,
+            source_partition: partition,
         })
     }
 }

@@ -130,6 +130,8 @@ fn main() {
         kind: "adjustment".into(),
         reason: "goodwill".into(),
         created_at: 1_767_225_600_000,
+        expires_at: None,
+        priority: 0,
     };
     let dir = root.join("decode_records");
     let encoded = [

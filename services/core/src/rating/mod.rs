@@ -79,6 +79,9 @@ use crate::Error;
 
 mod wallet;
 pub use wallet::{AdjustmentOutcome, Alert, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE};
+pub use wallet::{
+    Account, CreditKind, Grant, LedgerEntry, MOVE_ARREARS, MOVE_DEBIT, MOVE_DRAWDOWN, MOVE_EXPIRY, MOVE_GRANT, MOVE_REFUND,
+};
 
 /// Version of the snapshot format written by [`RatingState::snapshot`] and
 /// [`Wallets::snapshot`]; restore refuses other versions rather than guess.
