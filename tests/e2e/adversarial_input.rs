@@ -78,13 +78,13 @@ fn fastavro_encode(records: &[serde_json::Value]) -> anyhow::Result<Vec<Vec<u8>>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for r in records {
-            writeln!(stdin, "{r}")?;
-        }
-    }
+    // Feed stdin from another thread: python writes while it reads, and a full stdout pipe
+    // would otherwise block both sides.
+    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child.wait_with_output()?;
+    writer.join().expect("stdin writer")?;
     anyhow::ensure!(out.status.success(), "fastavro encode failed: {}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Vec<u8>> = String::from_utf8(out.stdout)?
         .lines()
