@@ -226,7 +226,7 @@ async fn fastavro_events_big_quantities_and_a_window_flood() -> anyhow::Result<(
         let found: Totals = rows
             .into_iter()
             .map(|r| {
-                ((r.tenant, r.meter, r.dimensions_key), (Decimal::from_i128_with_scale(r.value, 9).normalize(), r.event_count as u64))
+                ((r.tenant, r.meter, r.dimensions_key), (meterflow_core::decimal::from_ch_i128(r.value), r.event_count as u64))
             })
             .collect();
         if found == expected || Instant::now() > deadline {
