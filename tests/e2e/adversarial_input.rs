@@ -78,18 +78,13 @@ fn fastavro_encode(records: &[serde_json::Value]) -> anyhow::Result<Vec<Vec<u8>>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    // Written from another thread: python answers line by line, so writing everything before
-    // reading would fill both pipes and deadlock on a large batch.
+    // Feed stdin from another thread: python writes while it reads, and a full stdout pipe
+    // would otherwise block both sides.
+    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
     let mut stdin = child.stdin.take().expect("stdin");
-    let input: Vec<String> = records.iter().map(|r| r.to_string()).collect();
-    let writer = std::thread::spawn(move || -> std::io::Result<()> {
-        for r in input {
-            writeln!(stdin, "{r}")?;
-        }
-        Ok(())
-    });
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child.wait_with_output()?;
-    writer.join().map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
+    writer.join().expect("stdin writer")?;
     anyhow::ensure!(out.status.success(), "fastavro encode failed: {}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<Vec<u8>> = String::from_utf8(out.stdout)?
         .lines()
@@ -231,7 +226,7 @@ async fn fastavro_events_big_quantities_and_a_window_flood() -> anyhow::Result<(
         let found: Totals = rows
             .into_iter()
             .map(|r| {
-                ((r.tenant, r.meter, r.dimensions_key), (Decimal::from_i128_with_scale(r.value, 9).normalize(), r.event_count as u64))
+                ((r.tenant, r.meter, r.dimensions_key), (meterflow_core::decimal::from_ch_i128(r.value), r.event_count as u64))
             })
             .collect();
         if found == expected || Instant::now() > deadline {

@@ -46,13 +46,13 @@ fn fastavro(cmd: &str, schema_file: &str, lines: &[String]) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start python");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in lines {
-            writeln!(stdin, "{l}").expect("write to python");
-        }
-    }
+    // Feed stdin from another thread: python writes while it reads, and a full stdout pipe
+    // would otherwise block both sides.
+    let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
     let out = child.wait_with_output().expect("python runs");
+    writer.join().expect("stdin writer").expect("write to python");
     assert!(
         out.status.success(),
         "fastavro {cmd} {schema_file} failed: {}",
