@@ -43,6 +43,8 @@ struct LastRow {
     revision: u32,
     value: i128,
     provider_cost: i128,
+    uncosted_value: i128,
+    has_uncosted: u8,
     seq: i64,
 }
 
@@ -182,12 +184,17 @@ impl WindowStore for ChStores<'_> {
                     && a.dimensions == group
             })
             .max_by_key(|a| a.seq)
-            .map(|a| (a.seq, LastEmitted { revision: a.revision, value: a.value, provider_cost: a.provider_cost }));
+            .map(|a| (a.seq, LastEmitted {
+                    revision: a.revision,
+                    value: a.value,
+                    provider_cost: a.provider_cost,
+                    uncosted: a.uncosted_value,
+                }));
         let stored_last: Vec<LastRow> = self
             .block_on(
                 self.client
                     .query(
-                        "SELECT revision, value, provider_cost, seq FROM meter_aggregates \
+                        "SELECT revision, value, provider_cost, uncosted_value, has_uncosted, seq FROM meter_aggregates \
                          WHERE source_partition = ? AND tenant = ? AND meter = ? AND dimensions_key = ? \
                          AND window_start_ms = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
                     )
@@ -207,6 +214,7 @@ impl WindowStore for ChStores<'_> {
                     revision: r.revision as i32,
                     value: from_ch_i128(r.value),
                     provider_cost: from_ch_i128(r.provider_cost),
+                    uncosted: (r.has_uncosted != 0).then(|| from_ch_i128(r.uncosted_value)),
                 },
             )
         });

@@ -42,6 +42,8 @@ pub struct AggregateRow {
     pub source_partition: i32,
     pub seq: i64,
     pub emitted_at_ms: i64,
+    pub uncosted_value: i128,
+    pub has_uncosted: u8,
 }
 
 impl From<&MeterAggregate> for AggregateRow {
@@ -64,6 +66,8 @@ impl From<&MeterAggregate> for AggregateRow {
             source_partition: a.source_partition,
             seq: a.seq,
             emitted_at_ms: a.emitted_at,
+            uncosted_value: a.uncosted_value.as_ref().map_or(0, to_ch_i128),
+            has_uncosted: u8::from(a.uncosted_value.is_some()),
         }
     }
 }

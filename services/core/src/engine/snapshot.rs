@@ -20,7 +20,8 @@ use siphasher::sip::SipHasher13;
 use crate::{Error, Result};
 
 pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
-pub(crate) const VERSION: u32 = 1;
+/// 2: windows, their last emission and pending aggregates carry the uncosted quantity.
+pub(crate) const VERSION: u32 = 2;
 
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let mut h = SipHasher13::new_with_keys(0x6d65_7465_7266_6c6f, 0x736e_6170_7368_6f74);
@@ -261,8 +262,23 @@ fn write_last(w: &mut Writer, last: &Option<LastEmitted>) {
             w.i32(l.revision);
             w.decimal(&l.value);
             w.decimal(&l.provider_cost);
+            write_opt_decimal(w, &l.uncosted);
         }
     }
+}
+
+fn write_opt_decimal(w: &mut Writer, d: &Option<Decimal>) {
+    match d {
+        None => w.u8(0),
+        Some(d) => {
+            w.u8(1);
+            w.decimal(d);
+        }
+    }
+}
+
+fn read_opt_decimal(r: &mut Reader<'_>) -> Result<Option<Decimal>> {
+    Ok(if r.bool()? { Some(r.decimal()?) } else { None })
 }
 
 fn read_last(r: &mut Reader<'_>) -> Result<Option<LastEmitted>> {
@@ -271,6 +287,7 @@ fn read_last(r: &mut Reader<'_>) -> Result<Option<LastEmitted>> {
             revision: r.i32()?,
             value: r.decimal()?,
             provider_cost: r.decimal()?,
+            uncosted: read_opt_decimal(r)?,
         })
     } else {
         None
@@ -291,6 +308,7 @@ fn write_window(w: &mut Writer, win: &Window) {
     w.bool(win.dirty);
     w.i64(win.event_count);
     w.decimal(&win.provider_cost);
+    w.decimal(&win.uncosted);
     write_last(w, &win.last);
     match &win.acc {
         Acc::Sum(s) => {
@@ -344,6 +362,8 @@ fn write_aggregate(w: &mut Writer, a: &MeterAggregate) {
     w.i32(a.source_partition);
     w.i64(a.seq);
     w.i64(a.emitted_at);
+    write_opt_decimal(w, &a.uncosted_value);
+    write_opt_decimal(w, &a.previous_uncosted_value);
 }
 
 fn read_aggregate(r: &mut Reader<'_>) -> Result<MeterAggregate> {
@@ -372,6 +392,8 @@ fn read_aggregate(r: &mut Reader<'_>) -> Result<MeterAggregate> {
         source_partition: r.i32()?,
         seq: r.i64()?,
         emitted_at: r.i64()?,
+        uncosted_value: read_opt_decimal(r)?,
+        previous_uncosted_value: read_opt_decimal(r)?,
     })
 }
 
@@ -496,6 +518,7 @@ impl PartitionEngine {
             let dirty = r.bool()?;
             let event_count = r.i64()?;
             let provider_cost = r.decimal()?;
+            let uncosted = r.decimal()?;
             let last = read_last(&mut r)?;
             let tag = r.u8()?;
             if tag != acc_tag(def.aggregation) {
@@ -542,6 +565,7 @@ impl PartitionEngine {
                 acc,
                 event_count,
                 provider_cost,
+                uncosted,
                 closed,
                 dirty,
                 last,
