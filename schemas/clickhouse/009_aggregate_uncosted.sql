@@ -1,8 +1,16 @@
--- Per-event provider cost (issue 10, item 5): the part of a window's value whose events carry
--- no provider cost, which the rater costs at the rate card (meter_aggregate.v2). The
--- aggregator reads it back when it rebuilds an evicted window for a restatement.
--- has_uncosted = 0: not an additive aggregation, or a row written before this migration.
--- One statement, idempotent (IF NOT EXISTS), so a re-run after a failure is harmless.
-ALTER TABLE meter_aggregates
-    ADD COLUMN IF NOT EXISTS uncosted_value Decimal(38, 9) DEFAULT toDecimal128(0, 9),
-    ADD COLUMN IF NOT EXISTS has_uncosted UInt8 DEFAULT 0;
+-- Per-event provider cost (issue 10, item 5): for each emitted aggregate of an additive meter
+-- (sum, count), the part of its value whose events carry no provider cost, which the rater
+-- costs at the rate card (meter_aggregate.v2 `uncosted_value`). The aggregator reads it back
+-- with the window's last revision when it rebuilds an evicted window for a restatement.
+-- A table of its own rather than a column of meter_aggregates: ClickHouse 18.16 has no
+-- `ADD COLUMN IF NOT EXISTS`, and every migration must be safe to re-run.
+-- No row for an aggregate: not additive, or emitted before this migration.
+CREATE TABLE IF NOT EXISTS aggregate_uncosted
+(
+    source_partition Int32,
+    seq              Int64,
+    uncosted_value   Decimal(38, 9),
+    inserted_at      DateTime DEFAULT now()
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (source_partition, seq);

@@ -43,8 +43,6 @@ struct LastRow {
     revision: u32,
     value: i128,
     provider_cost: i128,
-    uncosted_value: i128,
-    has_uncosted: u8,
     seq: i64,
 }
 
@@ -194,7 +192,7 @@ impl WindowStore for ChStores<'_> {
             .block_on(
                 self.client
                     .query(
-                        "SELECT revision, value, provider_cost, uncosted_value, has_uncosted, seq FROM meter_aggregates \
+                        "SELECT revision, value, provider_cost, seq FROM meter_aggregates \
                          WHERE source_partition = ? AND tenant = ? AND meter = ? AND dimensions_key = ? \
                          AND window_start_ms = ? AND seq < ? ORDER BY seq DESC LIMIT 1",
                     )
@@ -207,17 +205,30 @@ impl WindowStore for ChStores<'_> {
                     .fetch_all(),
             )
             .map_err(store_err)?;
-        let stored_last = stored_last.into_iter().next().map(|r| {
-            (
-                r.seq,
-                LastEmitted {
-                    revision: r.revision as i32,
-                    value: from_ch_i128(r.value),
-                    provider_cost: from_ch_i128(r.provider_cost),
-                    uncosted: (r.has_uncosted != 0).then(|| from_ch_i128(r.uncosted_value)),
-                },
-            )
-        });
+        let stored_last = match stored_last.into_iter().next() {
+            None => None,
+            Some(r) => {
+                // Its uncosted part (no row: not additive, or emitted before migration 009).
+                let uncosted: Vec<i128> = self
+                    .block_on(
+                        self.client
+                            .query("SELECT uncosted_value FROM aggregate_uncosted WHERE source_partition = ? AND seq = ? LIMIT 1")
+                            .bind(p)
+                            .bind(r.seq)
+                            .fetch_all(),
+                    )
+                    .map_err(store_err)?;
+                Some((
+                    r.seq,
+                    LastEmitted {
+                        revision: r.revision as i32,
+                        value: from_ch_i128(r.value),
+                        provider_cost: from_ch_i128(r.provider_cost),
+                        uncosted: uncosted.first().map(|u| from_ch_i128(*u)),
+                    },
+                ))
+            }
+        };
         let last_emitted = match (buffered_last, stored_last) {
             (Some(a), Some(b)) => Some(if a.0 >= b.0 { a.1 } else { b.1 }),
             (a, b) => a.or(b).map(|x| x.1),

@@ -42,8 +42,20 @@ pub struct AggregateRow {
     pub source_partition: i32,
     pub seq: i64,
     pub emitted_at_ms: i64,
+}
+
+/// `aggregate_uncosted`: the uncosted part of an additive aggregate's value.
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct UncostedRow {
+    pub source_partition: i32,
+    pub seq: i64,
     pub uncosted_value: i128,
-    pub has_uncosted: u8,
+}
+
+impl UncostedRow {
+    pub fn of(a: &MeterAggregate) -> Option<Self> {
+        Some(Self { source_partition: a.source_partition, seq: a.seq, uncosted_value: to_ch_i128(&a.uncosted_value?) })
+    }
 }
 
 impl From<&MeterAggregate> for AggregateRow {
@@ -66,8 +78,6 @@ impl From<&MeterAggregate> for AggregateRow {
             source_partition: a.source_partition,
             seq: a.seq,
             emitted_at_ms: a.emitted_at,
-            uncosted_value: a.uncosted_value.as_ref().map_or(0, to_ch_i128),
-            has_uncosted: u8::from(a.uncosted_value.is_some()),
         }
     }
 }

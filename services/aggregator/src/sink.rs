@@ -13,7 +13,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::rows::{AggregateRow, DeadLetterRow, UsageRow};
+use crate::rows::{AggregateRow, DeadLetterRow, UncostedRow, UsageRow};
 
 const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
@@ -61,6 +61,10 @@ impl Sink {
         out.usage.clear();
         let aggs: Vec<AggregateRow> = out.aggregates.iter().map(AggregateRow::from).collect();
         if !insert_all(c, "meter_aggregates", &aggs, &self.backoff, shutdown, WRITE_METRICS).await {
+            return false;
+        }
+        let uncosted: Vec<UncostedRow> = out.aggregates.iter().filter_map(UncostedRow::of).collect();
+        if !insert_all(c, "aggregate_uncosted", &uncosted, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }
         let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
