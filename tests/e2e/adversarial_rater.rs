@@ -376,7 +376,9 @@ async fn forged_aggregates_are_refused_and_the_next_real_window_is_charged() -> 
         value: d("5"),
         ..real.clone()
     };
-    let forged: Vec<(&str, Vec<u8>, Option<[u8; auth::TAG_LEN]>)> = {
+    // (expected dead-letter reason, bytes, tag header)
+    type Forgery = (&'static str, Vec<u8>, Option<[u8; auth::TAG_LEN]>);
+    let forged: Vec<Forgery> = {
         let h = huge.to_avro()?;
         let f = future.to_avro()?;
         vec![
