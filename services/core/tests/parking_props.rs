@@ -123,6 +123,9 @@ fn screen_refuses_far_future_and_absurd_seqs() {
     let mut s = RatingState::new(0, RatingConfig::default());
     let ok = agg("t", "m", nov(), 0, d("1"), d("0"), 0, 1);
     assert_eq!(s.screen(&ok, Some(nov()), &lim), Ok(()));
+    // Before the first aggregate of a source partition any positive seq is admitted (the
+    // topic's head may have been deleted by retention).
+    assert_eq!(s.screen(&MeterAggregate { seq: 1 << 40, ..ok.clone() }, Some(nov()), &lim), Ok(()));
     s.rate(&c, &ok).unwrap();
     s.advance(&c, nov() + MINUTE);
     // A huge seq: refused, and the state (high water) is untouched.

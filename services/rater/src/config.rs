@@ -55,8 +55,8 @@ pub struct Config {
     #[arg(long = "max-future", env = "METERFLOW_MAX_FUTURE", default_value = "1d", value_parser = parse_ms)]
     pub max_future_ms: i64,
 
-    /// How far an aggregate's `seq` may jump past the highest rated for its source partition;
-    /// further is dead-lettered as `bad_seq`. The aggregator emits 1, 2, 3, ... per source
+    /// How far an aggregate's `seq` may jump past the highest rated for its source partition
+    /// (no bound before the first); further is dead-lettered as `bad_seq`. The aggregator emits 1, 2, 3, ... per source
     /// partition; gaps are legitimate only when the producers' partitioner differs from
     /// librdkafka's (aggregates of one usage partition then spread over several aggregates
     /// partitions), and are counted in `meterflow_rater_seq_gaps_total`.

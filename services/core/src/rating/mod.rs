@@ -319,11 +319,13 @@ impl RatingState {
     /// watermark more than `limits.max_future_ms` ahead of the reference time (the later of
     /// this state's watermark and `reference_ms`, which the service takes from the broker
     /// timestamp of the record), or a `seq` more than `limits.max_seq_gap` past its source
-    /// partition's high water (0 before the first). Without any reference time only the
-    /// `seq` is checked. Changes nothing; call it before [`rate`](Self::rate).
+    /// partition's high water, or not positive. Before the first aggregate of a source
+    /// partition there is no high water to compare with (a rater started on a topic whose
+    /// head was deleted by retention legitimately starts at a large `seq`), so only the sign
+    /// is checked. Without any reference time only the `seq` is checked. Changes nothing;
+    /// call it before [`rate`](Self::rate).
     pub fn screen(&self, agg: &MeterAggregate, reference_ms: Option<i64>, limits: &Admission) -> Result<(), (&'static str, String)> {
-        let hw = self.high_water(agg.source_partition).unwrap_or(0);
-        if agg.seq > hw && agg.seq - hw > limits.max_seq_gap.max(1) {
+        if let Some(hw) = self.high_water(agg.source_partition).filter(|&hw| agg.seq > hw && agg.seq - hw > limits.max_seq_gap.max(1)) {
             return Err((
                 REASON_BAD_SEQ,
                 format!("seq {} of source partition {} is more than {} past its high water {hw}", agg.seq, agg.source_partition, limits.max_seq_gap),
