@@ -484,6 +484,18 @@ async fn redrive_after_adding_the_meter_counts_once_even_twice() -> anyhow::Resu
     assert_eq!((sum, events), (expected, 5), "each redriven event counted once");
     let accepted: u64 = env.query_scalar("SELECT count() FROM usage_events_dedup WHERE meter = 'widgets'").await?;
     assert_eq!(accepted, 5);
+    // The redrive did run twice: each original is on the usage topic three times.
+    let originals: Vec<Vec<u8>> = {
+        let p = EventProducer::new(env.kafka_args(), &env.topics().usage_topic)?;
+        widgets.iter().map(|e| p.encode(e)).collect()
+    };
+    let copies = env
+        .consume_all(&env.topics().usage_topic, Duration::from_secs(30))
+        .await?
+        .into_iter()
+        .filter(|r| originals.contains(&r.3))
+        .count();
+    assert_eq!(copies, 15, "5 originals + 2 x 5 redriven");
     agg.stop().await?;
     Ok(())
 }
