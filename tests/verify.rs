@@ -139,10 +139,15 @@ pub fn expected_money(gt: &GroundTruth, catalog: &Catalog) -> anyhow::Result<BTr
         *quantities
             .entry((w.tenant.clone(), pricing::period_start(w.window_start), plan.id.clone(), price.name.clone()))
             .or_default() += w.value;
-        let cost = if w.provider_cost != Decimal::ZERO {
+        // Per event: carried costs, plus the rate card for the events without one (sum and
+        // count meters); other aggregations keep the window rule.
+        let unit = catalog.unit_cost(&w.meter, &w.dimensions);
+        let cost = if matches!(w.aggregation.as_str(), "sum" | "count") {
+            w.provider_cost + unit.map_or(Decimal::ZERO, |u| round_amount(u * w.uncosted_value))
+        } else if w.provider_cost != Decimal::ZERO {
             w.provider_cost
         } else {
-            catalog.unit_cost(&w.meter, &w.dimensions).map_or(Decimal::ZERO, |u| round_amount(u * w.value))
+            unit.map_or(Decimal::ZERO, |u| round_amount(u * w.value))
         };
         out.entry(w.tenant.clone()).or_default().1 += cost;
     }

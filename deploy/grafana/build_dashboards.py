@@ -582,6 +582,32 @@ def pipeline_health() -> Board:
                 ORDER BY service, consumer_group, topic, p
                 """, table=True)], w=8)
 
+    b.row("Parked aggregates (rater)")
+    b.panel("timeseries", "Aggregates parked",
+            "Aggregates the rater could not price, by reason (unpriced: no plan or price; "
+            "overflow: a decimal result that does not fit), per second, and how many are parked "
+            "now. Billing of everything else continues; `meterflow-admin rerate` re-rates them "
+            "after a catalog fix.",
+            [prom_target("A", f"sum by (reason) (rate(meterflow_rater_aggregates_parked_total[{RI}]))", "{{reason}}"),
+             prom_target("B", "sum(meterflow_rater_parked_aggregates)", "parked now"),
+             prom_target("C", f"sum by (outcome) (rate(meterflow_rater_rerates_total[{RI}])) or on() vector(0)",
+                         "rerate {{outcome}}")],
+            w=12, unit="short")
+    b.panel("table", "Parked aggregates by state (ClickHouse)",
+            "parked_current: aggregates parked now, re-rated (charged) and rejected for good.",
+            [ch_target("A", """
+                SELECT st AS state, n AS aggregates
+                FROM
+                (
+                    SELECT 'parked' AS st, (SELECT count() FROM parked_current WHERE current_state = 'parked') AS n
+                    UNION ALL
+                    SELECT 'rerated' AS st, (SELECT count() FROM parked_current WHERE current_state = 'rerated') AS n
+                    UNION ALL
+                    SELECT 'rejected' AS st, (SELECT count() FROM parked_current WHERE current_state = 'rejected') AS n
+                )
+                ORDER BY st
+                """, table=True)], w=12)
+
     b.row("Dead letters (ClickHouse)")
     b.panel("timeseries", "Dead letters by reason",
             "dead_letters rows per time bucket and reason.",

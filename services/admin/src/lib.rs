@@ -1,5 +1,5 @@
-//! meterflow's administration: creating the Kafka topics and applying the ClickHouse
-//! migrations. Used by the `meterflow-admin` binary and by `meterflow-testkit`, which gives
+//! meterflow's administration: creating the Kafka topics, applying the ClickHouse
+//! migrations, and second chances for parked aggregates and dead-lettered events. Used by the `meterflow-admin` binary and by `meterflow-testkit`, which gives
 //! every test its own topics and database.
 
 pub mod audit;
@@ -7,6 +7,7 @@ pub mod checkpoints;
 pub mod cluster;
 pub mod migrations;
 pub mod reconcile;
+pub mod replay;
 pub mod sql;
 pub mod topics;
 

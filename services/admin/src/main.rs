@@ -7,6 +7,8 @@
 //! meterflow-admin cluster-ddl --cluster NAME [--database meterflow]   (print the cluster form)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
 //! meterflow-admin checkpoint show|replay|reset --service aggregator|rater ...
+//! meterflow-admin rerate  [--tenant T] [--reason unpriced|overflow]   (after a catalog fix)
+//! meterflow-admin redrive --reason R [--from RFC3339] [--to RFC3339]  (after a meter fix)
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
@@ -17,8 +19,9 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use meterflow_admin::checkpoints::{self, Service};
 use meterflow_admin::migrations::{self, MigrationSource};
+use meterflow_admin::replay::{self, RedriveFilter, RerateFilter};
 use meterflow_admin::{create_topics, list_topics, Partitions, TopicReport};
-use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "meterflow-admin", version, about = "Creates meterflow's Kafka topics and applies its ClickHouse migrations.")]
@@ -39,6 +42,14 @@ enum Command {
     Init(InitCmd),
     /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
     Status(StatusCmd),
+    /// Re-rate parked aggregates (table parked_current) after the catalog was fixed and the
+    /// rater restarted with it: publishes an authenticated rerate request per aggregate to
+    /// the aggregates partition it was parked on. Running it twice charges once.
+    Rerate(RerateCmd),
+    /// Re-publish the original bytes of the usage topic's dead letters with a reason (e.g.
+    /// after a missing meter was added) to the usage topic, keyed by tenant. Dedup counts an
+    /// event redriven twice once.
+    Redrive(RedriveCmd),
     /// Show what a service resumes from, or decide for a partition whose checkpoint and
     /// outputs disagree (the service refuses to start until then; docs/operations.md).
     #[command(subcommand)]
@@ -50,6 +61,64 @@ enum Command {
     Reconcile(meterflow_admin::reconcile::ReconcileCmd),
     /// Leakage audit: check the conservation laws between tables; exit 1 on a finding.
     Audit(meterflow_admin::audit::AuditCmd),
+}
+
+#[derive(Debug, Args)]
+struct RerateCmd {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    topics: TopicArgs,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Only this tenant's parked aggregates.
+    #[arg(long, env = "METERFLOW_RERATE_TENANT")]
+    tenant: Option<String>,
+    /// Only aggregates parked for this reason.
+    #[arg(long, env = "METERFLOW_RERATE_REASON", value_parser = ["unpriced", "overflow"])]
+    reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RedriveCmd {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(flatten)]
+    topics: TopicArgs,
+    #[command(flatten)]
+    clickhouse: ClickHouseArgs,
+    /// Dead-letter reason to redrive (e.g. `unknown_meter`).
+    #[arg(long, env = "METERFLOW_REDRIVE_REASON")]
+    reason: String,
+    /// Only dead letters written at or after this time (RFC 3339).
+    #[arg(long, env = "METERFLOW_REDRIVE_FROM", value_parser = parse_time_s)]
+    from: Option<i64>,
+    /// Only dead letters written before this time (RFC 3339).
+    #[arg(long, env = "METERFLOW_REDRIVE_TO", value_parser = parse_time_s)]
+    to: Option<i64>,
+}
+
+fn parse_time_s(s: &str) -> Result<i64, String> {
+    meterflow_core::pricing::parse_rfc3339_ms(s).map(|ms| ms.div_euclid(1000))
+}
+
+async fn run_rerate(c: &RerateCmd) -> Result<()> {
+    let client = meterflow_runtime::clickhouse::client(&c.clickhouse);
+    let key = meterflow_runtime::record_key::resolve(&c.auth, &client).await?;
+    let filter = RerateFilter { tenant: c.tenant.clone(), reason: c.reason.clone() };
+    let n = replay::rerate(&c.kafka, &c.topics.aggregates_topic, &client, &key, &filter).await?;
+    println!("published {n} rerate requests to {}", c.topics.aggregates_topic);
+    Ok(())
+}
+
+async fn run_redrive(c: &RedriveCmd) -> Result<()> {
+    let client = meterflow_runtime::clickhouse::client(&c.clickhouse);
+    let filter = RedriveFilter { reason: c.reason.clone(), from_s: c.from, to_s: c.to };
+    let n = replay::redrive(&c.kafka, &c.topics.usage_topic, &client, &filter).await?;
+    println!("redrove {n} dead-lettered events ({}) to {}", c.reason, c.topics.usage_topic);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +439,8 @@ async fn main() -> ExitCode {
         .await,
         Command::Status(c) => run_status(c).await,
         Command::Checkpoint(c) => run_checkpoint(c).await,
+        Command::Rerate(c) => run_rerate(c).await.map(|()| true),
+        Command::Redrive(c) => run_redrive(c).await.map(|()| true),
         Command::ClusterDdl(c) => run_cluster_ddl(c).map(|()| true),
         Command::Reconcile(c) => meterflow_admin::reconcile::run(c).await.map(|(ok, _)| ok),
         Command::Audit(c) => meterflow_admin::audit::run(c).await.map(|r| r.findings.is_empty()),

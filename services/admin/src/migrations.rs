@@ -352,7 +352,37 @@ pub async fn migrate_to(args: &ClickHouseArgs, migrations: &[Migration], cluster
             .with_context(|| format!("recording migration {}", m.file))?;
         tracing::info!(file = %m.file, statements = m.statements.len(), database = %args.database, cluster = ?cluster, "applied migration");
     }
+    ensure_record_key(&client).await?;
     Ok(todo.len())
+}
+
+/// Puts a random record key (see `meterflow_core::auth`) into `record_keys` when the table
+/// exists and is empty. Two `migrate`s racing could both insert one; the services take the
+/// oldest (then smallest), so they still agree.
+pub async fn ensure_record_key(client: &clickhouse::Client) -> Result<()> {
+    let exists: u64 = client
+        .query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = 'record_keys'")
+        .fetch_one()
+        .await?;
+    if exists == 0 {
+        return Ok(());
+    }
+    let keys: u64 = client.query("SELECT count() FROM record_keys").fetch_one().await?;
+    if keys > 0 {
+        return Ok(());
+    }
+    let mut bytes = [0u8; meterflow_core::auth::GENERATED_KEY_LEN];
+    // ThreadRng: ChaCha12 seeded from the OS, a CSPRNG.
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let key = meterflow_core::auth::RecordKey::from_bytes(&bytes)?;
+    client
+        .query("INSERT INTO record_keys (key_hex) VALUES (?)")
+        .bind(key.to_hex())
+        .execute()
+        .await
+        .context("inserting a generated record key")?;
+    tracing::info!("generated a random record key into record_keys");
+    Ok(())
 }
 
 /// Applies the migrations of `dir` (see [`MigrationSource::resolve`] for `None`) to

@@ -185,7 +185,12 @@ impl WindowStore for ChStores<'_> {
                     && a.dimensions == group
             })
             .max_by_key(|a| a.seq)
-            .map(|a| (a.seq, LastEmitted { revision: a.revision, value: a.value, provider_cost: a.provider_cost }));
+            .map(|a| (a.seq, LastEmitted {
+                    revision: a.revision,
+                    value: a.value,
+                    provider_cost: a.provider_cost,
+                    uncosted: a.uncosted_value,
+                }));
         let stored_last: Vec<LastRow> = self
             .block_on(
                 self.client
@@ -203,16 +208,30 @@ impl WindowStore for ChStores<'_> {
                     .fetch_all(),
             )
             .map_err(store_err)?;
-        let stored_last = stored_last.into_iter().next().map(|r| {
-            (
-                r.seq,
-                LastEmitted {
-                    revision: r.revision as i32,
-                    value: from_ch_i128(r.value),
-                    provider_cost: from_ch_i128(r.provider_cost),
-                },
-            )
-        });
+        let stored_last = match stored_last.into_iter().next() {
+            None => None,
+            Some(r) => {
+                // Its uncosted part (no row: not additive, or emitted before migration 009).
+                let uncosted: Vec<i128> = self
+                    .block_on(
+                        self.client
+                            .query("SELECT uncosted_value FROM aggregate_uncosted WHERE source_partition = ? AND seq = ? LIMIT 1")
+                            .bind(p)
+                            .bind(r.seq)
+                            .fetch_all(),
+                    )
+                    .map_err(store_err)?;
+                Some((
+                    r.seq,
+                    LastEmitted {
+                        revision: r.revision as i32,
+                        value: from_ch_i128(r.value),
+                        provider_cost: from_ch_i128(r.provider_cost),
+                        uncosted: uncosted.first().map(|u| from_ch_i128(*u)),
+                    },
+                ))
+            }
+        };
         let last_emitted = match (buffered_last, stored_last) {
             (Some(a), Some(b)) => Some(if a.0 >= b.0 { a.1 } else { b.1 }),
             (a, b) => a.or(b).map(|x| x.1),

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
 
 /// Consumes usage events, drops duplicates, totals them in event-time windows and writes the
 /// totals (and restatements of late windows) to ClickHouse and the aggregates topic. Bad
@@ -20,6 +20,8 @@ pub struct Config {
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     /// Consumer group; partitions of the usage topic are shared among its members.
     #[arg(long, env = "METERFLOW_AGGREGATOR_GROUP", default_value = "meterflow-aggregator")]

@@ -50,6 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
     let (client, producer) = (io.client.clone(), io.producer.clone());
+    let record_key = meterflow_runtime::record_key::resolve(&config.auth, &client).await?;
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -67,6 +68,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             aggregates_topic: config.topics.aggregates_topic.clone(),
             dead_letter_topic: config.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
+            record_key,
         },
         client,
         producer,

@@ -44,6 +44,21 @@ pub struct AggregateRow {
     pub emitted_at_ms: i64,
 }
 
+/// `aggregate_uncosted`: the uncosted part of an additive aggregate's value.
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct UncostedRow {
+    pub source_partition: i32,
+    pub seq: i64,
+    pub uncosted_value: i128,
+}
+
+impl UncostedRow {
+    pub fn of(a: &MeterAggregate) -> Result<Option<Self>, meterflow_core::Error> {
+        let Some(u) = a.uncosted_value else { return Ok(None) };
+        Ok(Some(Self { source_partition: a.source_partition, seq: a.seq, uncosted_value: to_ch_i128(&u)? }))
+    }
+}
+
 impl TryFrom<&MeterAggregate> for AggregateRow {
     type Error = meterflow_core::Error;
 

@@ -4,14 +4,16 @@
 
 use clickhouse::Client;
 use meterflow_core::records::{AvroRecord, DeadLetter, MeterAggregate};
-use meterflow_runtime::output::{insert_all, produce_all, WriteMetrics};
+use meterflow_core::auth::{self, RecordKey};
+use meterflow_runtime::output::{insert_all, produce_all_with_headers, WriteMetrics};
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::rows::{AggregateRow, DeadLetterRow, UsageRow};
+use crate::rows::{AggregateRow, DeadLetterRow, UncostedRow, UsageRow};
 
 const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
@@ -38,6 +40,8 @@ pub struct Sink {
     pub aggregates_topic: String,
     pub dead_letter_topic: String,
     pub backoff: Backoff,
+    /// Tags every aggregate (`meterflow-auth` header): the rater charges nothing untagged.
+    pub record_key: RecordKey,
 }
 
 impl Sink {
@@ -67,19 +71,36 @@ impl Sink {
         if !insert_all(c, "meter_aggregates", &aggs, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }
+        let uncosted: Vec<UncostedRow> = match out.aggregates.iter().map(UncostedRow::of).collect::<Result<Vec<_>, _>>() {
+            Ok(rows) => rows.into_iter().flatten().collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "an uncosted quantity cannot be stored exactly");
+                return false;
+            }
+        };
+        if !insert_all(c, "aggregate_uncosted", &uncosted, &self.backoff, shutdown, WRITE_METRICS).await {
+            return false;
+        }
         let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
         if !insert_all(c, "dead_letters", &dls, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }
         let mut records = Vec::with_capacity(out.aggregates.len() + out.dead_letters.len());
+        let mut tags = Vec::with_capacity(out.aggregates.len());
         for a in &out.aggregates {
-            records.push((self.aggregates_topic.as_str(), a.tenant.clone(), encode(a)));
+            let bytes = encode(a);
+            tags.push(auth::sign(&self.record_key, &[auth::PURPOSE_AGGREGATE, &bytes]));
+            records.push((self.aggregates_topic.as_str(), a.tenant.clone(), bytes));
         }
         for d in &out.dead_letters {
             let key = format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset);
             records.push((self.dead_letter_topic.as_str(), key, encode(d)));
         }
-        if !produce_all(&self.producer, &records, &self.backoff, shutdown, WRITE_METRICS).await {
+        // Aggregates come first in `records`: record i < tags.len() is aggregate i.
+        let headers = |i: usize| {
+            tags.get(i).map(|t| OwnedHeaders::new().insert(Header { key: auth::HEADER, value: Some(&t[..]) }))
+        };
+        if !produce_all_with_headers(&self.producer, &records, headers, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }
         out.aggregates.clear();

@@ -70,7 +70,7 @@ use rust_decimal::Decimal;
 
 pub use crate::dedup::{ColdQuery, ColdStore, DedupConfig, Deduplicator, Probe, SourcePos};
 use crate::event::{RejectReason, UsageEventRef};
-use crate::meter::{MeterCatalog, MeterDef};
+use crate::meter::{Aggregation, MeterCatalog, MeterDef};
 use crate::records::MeterAggregate;
 pub use crate::window::{LastEmitted, LoadedWindow, StoredEvent, WindowQuery, WindowStore};
 use crate::window::{canonical, Contribution, Overflow, Window, WindowKey};
@@ -938,9 +938,13 @@ impl PartitionEngine {
         let m = &self.meters[usize::from(w.key.meter)].def;
         let value = w.value(m.aggregation);
         let provider_cost = canonical(w.provider_cost);
-        let (revision, previous_value, previous_provider_cost) = match &w.last {
-            None => (0, Decimal::ZERO, Decimal::ZERO),
-            Some(l) => (l.revision + 1, l.value, l.provider_cost),
+        // Per-event cost needs an additive value: for min/max/avg/latest/unique the rater
+        // keeps pricing the window's value (carried cost if any, else rate card x value).
+        let uncosted_value =
+            matches!(m.aggregation, Aggregation::Sum | Aggregation::Count).then(|| canonical(w.uncosted));
+        let (revision, previous_value, previous_provider_cost, previous_uncosted_value) = match &w.last {
+            None => (0, Decimal::ZERO, Decimal::ZERO, uncosted_value.map(|_| Decimal::ZERO)),
+            Some(l) => (l.revision + 1, l.value, l.provider_cost, l.uncosted),
         };
         // Inserting in (sorted) group_by order is cheaper than `collect`, which sorts.
         let mut dimensions = BTreeMap::new();
@@ -963,6 +967,8 @@ impl PartitionEngine {
             source_partition: self.partition,
             seq: self.next_seq,
             emitted_at: now.saturating_sub(m.allowed_lateness_ms),
+            uncosted_value,
+            previous_uncosted_value,
         });
         self.next_seq += 1;
         self.stats.aggregates += 1;
@@ -973,6 +979,7 @@ impl PartitionEngine {
             revision,
             value,
             provider_cost,
+            uncosted: uncosted_value,
         });
         w.dirty = false;
     }

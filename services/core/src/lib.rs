@@ -4,6 +4,7 @@
 //! charges. Keeping Kafka, ClickHouse and async runtimes out of it is what lets dedup,
 //! windows and pricing be property-tested in isolation and benchmarked on one core.
 
+pub mod auth;
 pub mod codec;
 pub mod decimal;
 pub mod dedup;

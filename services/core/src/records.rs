@@ -33,6 +33,15 @@ pub struct MeterAggregate {
     pub source_partition: i32,
     pub seq: i64,
     pub emitted_at: i64,
+    /// The part of `value` contributed by events without a carried provider cost (sum: their
+    /// quantities, count: their number), which the rater costs at the rate card. `None` for
+    /// other aggregations and in v1 records (then: carried cost if non-zero, else rate card x
+    /// value). Since schema v2.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub uncosted_value: Option<Decimal>,
+    /// `uncosted_value` of the revision this one replaces.
+    #[serde(default, with = "rust_decimal::serde::str_option")]
+    pub previous_uncosted_value: Option<Decimal>,
 }
 
 impl MeterAggregate {
@@ -124,6 +133,7 @@ pub struct WalletAdjustment {
 
 /// A record type tied to its schema.
 pub trait AvroRecord: Serialize + DeserializeOwned {
+    /// The schema this build writes (and reads into).
     fn known() -> &'static Known;
 
     /// Decimals on the wire have at most 9 significant fractional digits (what ClickHouse
@@ -152,23 +162,15 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
 
     fn from_avro(bytes: &[u8]) -> Result<Self, Error> {
         let known = Self::known();
+        let mut writer = known;
         let body = match bytes {
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
                 let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
                 if !known.matches(fp) {
-                    let Some(writer) = Self::older().into_iter().find(|k| k.matches(fp)) else {
-                        return Err(Error::UnknownFingerprint(fp));
-                    };
-                    let body = &rest[8..];
-                    check_datum(&writer.schema, &mut Cursor { buf: body, pos: 0 })?;
-                    let mut reader = body;
-                    let value = apache_avro::from_avro_datum(&writer.schema, &mut reader, Some(&known.schema))?;
-                    if !reader.is_empty() {
-                        return Err(Error::TrailingBytes(reader.len()));
-                    }
-                    let record: Self = apache_avro::from_value(&normalise(value))?;
-                    record.check_decimals()?;
-                    return Ok(record);
+                    writer = Self::older()
+                        .into_iter()
+                        .find(|k| k.matches(fp))
+                        .ok_or(Error::UnknownFingerprint(fp))?;
                 }
                 &rest[8..]
             }
@@ -177,9 +179,10 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
             [b, ..] => return Err(Error::UnknownFraming(*b)),
         };
         // apache-avro believes the lengths and counts it reads: check them against the input first.
-        check_datum(&known.schema, &mut Cursor { buf: body, pos: 0 })?;
+        check_datum(&writer.schema, &mut Cursor { buf: body, pos: 0 })?;
         let mut reader = body;
-        let value = apache_avro::from_avro_datum(&known.schema, &mut reader, None)?;
+        let resolve_into = (!std::ptr::eq(writer, known)).then_some(&known.schema);
+        let value = apache_avro::from_avro_datum(&writer.schema, &mut reader, resolve_into)?;
         if !reader.is_empty() {
             return Err(Error::TrailingBytes(reader.len()));
         }
@@ -372,7 +375,11 @@ fn normalise(v: Value) -> Value {
 
 impl AvroRecord for MeterAggregate {
     fn known() -> &'static Known {
-        schema::meter_aggregate_v1()
+        schema::meter_aggregate_v2()
+    }
+
+    fn older() -> Vec<&'static Known> {
+        vec![schema::meter_aggregate_v1()]
     }
     fn check_decimals(&self) -> Result<(), Error> {
         check_storable("value", &self.value)?;
@@ -437,8 +444,22 @@ mod tests {
             source_partition: 3,
             seq: 99,
             emitted_at: 1_700_000_070_000,
+            uncosted_value: Some(d("345.000000001")),
+            previous_uncosted_value: None,
         };
         assert_eq!(MeterAggregate::from_avro(&a.to_avro().unwrap()).unwrap(), a);
+        // v1 bytes (written by older aggregators) still read, the v2 fields as None.
+        let v1 = schema::meter_aggregate_v1();
+        let value = apache_avro::to_value(&a).unwrap();
+        let apache_avro::types::Value::Record(fields) = value else { panic!() };
+        let fields: Vec<_> = fields.into_iter().filter(|(k, _)| !k.contains("uncosted")).collect();
+        let value = apache_avro::types::Value::Record(fields).resolve(&v1.schema).unwrap();
+        let mut bytes = vec![0xC3, 0x01];
+        bytes.extend_from_slice(&v1.fingerprint.to_le_bytes());
+        bytes.extend_from_slice(&apache_avro::to_avro_datum(&v1.schema, value).unwrap());
+        let old = MeterAggregate::from_avro(&bytes).unwrap();
+        assert_eq!(old, MeterAggregate { uncosted_value: None, previous_uncosted_value: None, ..a.clone() });
+        assert_ne!(v1.fingerprint, MeterAggregate::known().fingerprint);
     }
 
     #[test]
@@ -461,6 +482,8 @@ mod tests {
             source_partition: 0,
             seq: 1,
             emitted_at: 0,
+            uncosted_value: Some(d("1")),
+            previous_uncosted_value: Some(d("0")),
         };
         let first = a.to_avro().unwrap();
         for _ in 0..20 {
@@ -517,6 +540,8 @@ mod tests {
             source_partition: 3,
             seq: 9,
             emitted_at: 60_000,
+            uncosted_value: Some(d("7")),
+            previous_uncosted_value: None,
         });
         check_fingerprints(&Charge {
             charge_id: "c1".into(),

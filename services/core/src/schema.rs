@@ -25,6 +25,7 @@ use crate::Error;
 pub const USAGE_EVENT_V1: &str = include_str!("../../../schemas/avro/usage_event.v1.avsc");
 pub const USAGE_EVENT_V2: &str = include_str!("../../../schemas/avro/usage_event.v2.avsc");
 pub const METER_AGGREGATE_V1: &str = include_str!("../../../schemas/avro/meter_aggregate.v1.avsc");
+pub const METER_AGGREGATE_V2: &str = include_str!("../../../schemas/avro/meter_aggregate.v2.avsc");
 pub const CHARGE_V1: &str = include_str!("../../../schemas/avro/charge.v1.avsc");
 pub const DEAD_LETTER_V1: &str = include_str!("../../../schemas/avro/dead_letter.v1.avsc");
 pub const WALLET_ADJUSTMENT_V1: &str =
@@ -79,6 +80,7 @@ macro_rules! known {
 known!(usage_event_v1, USAGE_EVENT_V1);
 known!(usage_event_v2, USAGE_EVENT_V2);
 known!(meter_aggregate_v1, METER_AGGREGATE_V1);
+known!(meter_aggregate_v2, METER_AGGREGATE_V2);
 known!(charge_v1, CHARGE_V1);
 known!(dead_letter_v1, DEAD_LETTER_V1);
 known!(wallet_adjustment_v1, WALLET_ADJUSTMENT_V1);

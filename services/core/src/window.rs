@@ -46,6 +46,9 @@ pub struct LastEmitted {
     pub revision: i32,
     pub value: Decimal,
     pub provider_cost: Decimal,
+    /// Its `uncosted_value` (see [`crate::records::MeterAggregate`]); `None` when not
+    /// additive or emitted before schema v2.
+    pub uncosted: Option<Decimal>,
 }
 
 /// What a [`WindowStore`] knows about a window evicted from memory.
@@ -294,6 +297,14 @@ impl<'a> Iterator for Parts<'a> {
     }
 }
 
+/// What one event without a carried cost adds to [`Window::uncosted`].
+fn uncosted_unit(agg: Aggregation, c: &Contribution<'_>) -> Decimal {
+    match agg {
+        Aggregation::Count => Decimal::ONE,
+        _ => c.quantity,
+    }
+}
+
 /// One event's contribution, already validated and parsed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Contribution<'a> {
@@ -360,6 +371,9 @@ pub(crate) struct Window {
     pub key: WindowKey,
     pub event_count: i64,
     pub provider_cost: Decimal,
+    /// What the events without a carried provider cost contributed: their quantities (their
+    /// number for `count`), so the rater costs exactly those at the rate card.
+    pub uncosted: Decimal,
     pub acc: Acc,
     pub closed: bool,
     /// Closed and changed since its last emission (a restatement is pending).
@@ -396,6 +410,7 @@ impl Window {
             acc,
             event_count: 1,
             provider_cost: c.provider_cost.unwrap_or(Decimal::ZERO),
+            uncosted: if c.provider_cost.is_some() { Decimal::ZERO } else { uncosted_unit(agg, c) },
             closed: false,
             dirty: false,
             last: None,
@@ -408,6 +423,11 @@ impl Window {
         let cost = match c.provider_cost {
             Some(pc) => Some(exact_add(self.provider_cost, pc).ok_or(Overflow::ProviderCost)?),
             None => None,
+        };
+        let uncosted = match (c.provider_cost, &self.acc) {
+            (Some(_), _) => None,
+            (None, Acc::Count) => Some(exact_add(self.uncosted, Decimal::ONE).ok_or(Overflow::Quantity)?),
+            (None, _) => Some(exact_add(self.uncosted, c.quantity).ok_or(Overflow::Quantity)?),
         };
         match &mut self.acc {
             Acc::Sum(s) => *s = exact_add(*s, c.quantity).ok_or(Overflow::Quantity)?,
@@ -437,6 +457,9 @@ impl Window {
         }
         if let Some(cost) = cost {
             self.provider_cost = cost;
+        }
+        if let Some(u) = uncosted {
+            self.uncosted = u;
         }
         self.event_count += 1;
         Ok(())

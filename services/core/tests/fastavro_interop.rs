@@ -187,7 +187,7 @@ fn records_interoperate_both_ways() {
     let mut dims = std::collections::BTreeMap::new();
     dims.insert("model".to_owned(), "m1".to_owned());
     records_round_trip(
-        "meter_aggregate.v1.avsc",
+        "meter_aggregate.v2.avsc",
         &[MeterAggregate {
             tenant: "t".into(),
             meter: "input_tokens".into(),
@@ -204,6 +204,8 @@ fn records_interoperate_both_ways() {
             source_partition: 1,
             seq: 77,
             emitted_at: 1_764_000_070_000,
+            uncosted_value: Some(d("12.5")),
+            previous_uncosted_value: Some(d("0")),
         }],
     );
     records_round_trip(

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::pricing::{self, parse_rfc3339_ms, Catalog};
 use meterflow_core::rating::{
-    AdjustmentOutcome, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE,
+    AdjustmentOutcome, ParkReason, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE,
     KIND_TRUE_UP, KIND_USAGE,
 };
 use meterflow_core::records::{Charge, MeterAggregate, WalletAdjustment};
@@ -58,6 +58,8 @@ fn agg(
         source_partition,
         seq,
         emitted_at: window_start + MINUTE,
+        uncosted_value: None,
+        previous_uncosted_value: None,
     }
 }
 
@@ -342,17 +344,24 @@ fn replays_are_skipped_and_unpriced_rejected() {
     // Other source partitions have their own sequence.
     let other = MeterAggregate { source_partition: 4, seq: 1, ..a.clone() };
     assert!(matches!(s.rate(&c, &other).unwrap(), RateOutcome::Charged(_)));
-    // No price for an unknown model: rejected, and its seq counts as consumed.
+    // No price for an unknown model: parked (not charged), and its seq counts as consumed.
     let unknown = agg("tenant-002", "input_tokens", &[("model", "gpt-9")], nov(), 0, d("10"), d("0"), 5, 8);
-    assert!(matches!(s.rate(&c, &unknown).unwrap(), RateOutcome::Rejected(Error::Unrateable { .. })));
+    assert!(matches!(
+        s.rate(&c, &unknown).unwrap(),
+        RateOutcome::Parked { reason: ParkReason::Unpriced, error: Error::Unrateable { .. } }
+    ));
+    assert!(s.is_parked(5, 8));
     assert!(matches!(s.rate(&c, &unknown).unwrap(), RateOutcome::Skipped { .. }));
-    // Without a default plan an unassigned tenant cannot be rated.
+    // Without a default plan an unassigned tenant cannot be priced: parked too.
     let no_default = Catalog::from_toml_str("[[plan]]\nid = \"p\"\ncurrency = \"USD\"\n[[plan.price]]\nmeter = \"m\"\nmodel = \"per_unit\"\nunit_price = \"1\"").unwrap();
     let x = agg("nobody", "m", &[], nov(), 0, d("1"), d("0"), 0, 1);
     match s.rate(&no_default, &x).unwrap() {
-        RateOutcome::Rejected(e @ Error::Unrateable { .. }) => assert!(e.to_string().contains("no plan"), "{e}"),
+        RateOutcome::Parked { reason: ParkReason::Unpriced, error: e @ Error::Unrateable { .. } } => {
+            assert!(e.to_string().contains("no plan"), "{e}")
+        }
         other => panic!("{other:?}"),
     }
+    assert_eq!(s.parked_count(), 2);
 }
 
 #[test]
@@ -667,6 +676,7 @@ fn run(state: &mut RatingState, catalog: &Catalog, s: &Stream, range: std::ops::
             RateOutcome::Charged(c) => out.extend(c),
             RateOutcome::Skipped { .. } => skipped += 1,
             RateOutcome::Rejected(e) => panic!("rejected: {e}"),
+            RateOutcome::Parked { error, .. } => panic!("parked: {error}"),
         }
     }
     (out, skipped)

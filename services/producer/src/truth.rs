@@ -110,6 +110,10 @@ pub struct WindowTotal {
     /// Sum of the events' provider costs (events without one count as 0).
     #[serde(with = "rust_decimal::serde::str")]
     pub provider_cost: Decimal,
+    /// What the events without a provider cost contributed (sum: their quantities; count:
+    /// their number): the part the rater costs at the rate card.
+    #[serde(default, with = "rust_decimal::serde::str")]
+    pub uncosted_value: Decimal,
     /// How many of `event_count` were late (informational: a window with late events should
     /// have been restated at least once).
     pub late_events: u64,
@@ -214,6 +218,7 @@ struct Acc {
     latest: Option<(i64, String, Decimal)>,
     uniques: HashSet<String>,
     provider_cost: Decimal,
+    uncosted: Decimal,
     late: u64,
 }
 
@@ -228,6 +233,7 @@ impl Acc {
             latest: None,
             uniques: HashSet::new(),
             provider_cost: Decimal::ZERO,
+            uncosted: Decimal::ZERO,
             late: 0,
         }
     }
@@ -253,6 +259,9 @@ impl Acc {
             }
         }
         self.provider_cost += ev.provider_cost.unwrap_or(Decimal::ZERO);
+        if ev.provider_cost.is_none() {
+            self.uncosted += if self.aggregation == Aggregation::Count { Decimal::ONE } else { q };
+        }
         self.late += u64::from(late);
     }
 
@@ -426,6 +435,7 @@ impl TruthBuilder {
                 value: acc.value(),
                 event_count: acc.count,
                 provider_cost: acc.provider_cost.normalize(),
+                uncosted_value: acc.uncosted.normalize(),
                 late_events: acc.late,
             })
             .collect();

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
 
 /// Prices meter aggregates (per-unit, graduated, volume, package, free allowances, minimum
 /// commitments), computes provider cost and margin, draws prepaid wallets down, and writes
@@ -20,6 +20,8 @@ pub struct Config {
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     /// Consumer group. The aggregates and wallet topics must have the same partition count:
     /// the range assignor then gives partition N of both to one member.
@@ -46,6 +48,20 @@ pub struct Config {
     /// How long after a billing period ends late usage is awaited before its true-up.
     #[arg(long = "period-grace", env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = parse_ms)]
     pub period_grace_ms: i64,
+
+    /// How far ahead of the rater's watermark (or of the record's broker timestamp, if
+    /// later) an aggregate's window or watermark may lie; further is dead-lettered as
+    /// `future_window` (forged or corrupt: trusting it would close billing periods early).
+    #[arg(long = "max-future", env = "METERFLOW_MAX_FUTURE", default_value = "1d", value_parser = parse_ms)]
+    pub max_future_ms: i64,
+
+    /// How far an aggregate's `seq` may jump past the highest rated for its source partition
+    /// (no bound before the first); further is dead-lettered as `bad_seq`. The aggregator emits 1, 2, 3, ... per source
+    /// partition; gaps are legitimate only when the producers' partitioner differs from
+    /// librdkafka's (aggregates of one usage partition then spread over several aggregates
+    /// partitions), and are counted in `meterflow_rater_seq_gaps_total`.
+    #[arg(long, env = "METERFLOW_MAX_SEQ_GAP", default_value_t = 1_000_000)]
+    pub max_seq_gap: i64,
 
     #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
     pub flush_interval_ms: i64,

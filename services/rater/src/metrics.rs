@@ -7,6 +7,10 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 pub const AGGREGATES_IN: &str = "meterflow_rater_aggregates_in_total";
 pub const SKIPPED: &str = "meterflow_rater_aggregates_skipped_total";
 pub const REJECTED: &str = "meterflow_rater_aggregates_rejected_total";
+pub const PARKED: &str = "meterflow_rater_aggregates_parked_total";
+pub const PARKED_NOW: &str = "meterflow_rater_parked_aggregates";
+pub const RERATES: &str = "meterflow_rater_rerates_total";
+pub const SEQ_GAPS: &str = "meterflow_rater_seq_gaps_total";
 pub const CHARGES: &str = "meterflow_rater_charges_total";
 pub const REVENUE: &str = "meterflow_rater_revenue";
 pub const COST: &str = "meterflow_rater_provider_cost";
@@ -23,7 +27,11 @@ pub const FLUSH_ERRORS: &str = "meterflow_rater_flush_errors_total";
 pub fn describe() {
     describe_counter!(AGGREGATES_IN, "Aggregates read.");
     describe_counter!(SKIPPED, "Aggregates skipped as re-deliveries (seq already rated).");
-    describe_counter!(REJECTED, "Aggregates that could not be priced (dead-lettered).");
+    describe_counter!(REJECTED, "Aggregates refused and dead-lettered, by reason (unauthenticated, bad_seq, future_window, undecodable, unrateable).");
+    describe_counter!(PARKED, "Aggregates parked because they cannot be priced now, by reason (unpriced, overflow); `meterflow-admin rerate` re-rates them.");
+    describe_gauge!(PARKED_NOW, "Aggregates parked now in the partitions this instance owns.");
+    describe_counter!(RERATES, "Rerate requests by outcome (charged, not_parked, still_parked, rejected).");
+    describe_counter!(SEQ_GAPS, "Aggregates whose seq skipped past high water + 1 for their source partition (loss upstream, or aggregates spread over partitions).");
     describe_counter!(CHARGES, "Charges produced, by kind.");
     describe_gauge!(REVENUE, "Cumulative revenue rated by the partitions this instance owns, by currency, meter and plan (sum across instances).");
     describe_gauge!(COST, "Cumulative provider cost, by currency, meter and plan.");
@@ -41,5 +49,10 @@ pub fn describe() {
         counter!(c).increment(0);
     }
     counter!(CHARGES, "kind" => "usage").increment(0);
+    for r in meterflow_core::rating::ParkReason::ALL {
+        counter!(PARKED, "reason" => r.as_str()).increment(0);
+    }
+    counter!(SEQ_GAPS).increment(0);
+    gauge!(PARKED_NOW).set(0.0);
     gauge!(RATING_LAG).set(0.0);
 }

@@ -5,7 +5,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clickhouse::Client;
 use meterflow_core::pricing::Catalog;
-use meterflow_core::rating::{AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, WalletConfig, Wallets};
+use meterflow_core::auth::{self, RecordKey};
+use meterflow_core::rating::{
+    Admission, AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
+};
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
@@ -13,7 +16,7 @@ use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::retry::Backoff;
 use metrics::{counter, gauge};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use rust_decimal::prelude::ToPrimitive;
@@ -23,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow};
+use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
 
 const SERVICE: &str = "rater";
 const STATE_VERSION: u32 = 1;
+
 const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
 /// Revenue, cost and margin rated so far, exported as gauges (exact here, f64 at export).
@@ -82,11 +86,17 @@ struct Outputs {
     dead_letters: Vec<DeadLetter>,
     /// Credit ledger movements (ASC 606), with the partition whose state made them.
     ledger: Vec<LedgerRow>,
+    parked: Vec<ParkedRow>,
 }
 
 impl Outputs {
     fn rows(&self) -> usize {
-        self.charges.len() + self.alerts.len() + self.adjustments.len() + self.dead_letters.len() + self.ledger.len()
+        self.charges.len()
+            + self.alerts.len()
+            + self.adjustments.len()
+            + self.dead_letters.len()
+            + self.ledger.len()
+            + self.parked.len()
     }
 }
 
@@ -122,7 +132,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await?;
     let (client, producer) = (io.client.clone(), io.producer.clone());
+    let record_key = meterflow_runtime::record_key::resolve(&config.auth, &client).await?;
     let mut rater = Rater {
+        record_key,
+        admission: Admission { max_future_ms: config.max_future_ms, max_seq_gap: config.max_seq_gap },
         rating_config: RatingConfig { grace_ms: config.period_grace_ms, ..RatingConfig::default() },
         wallet_config,
         catalog_text: text.clone(),
@@ -148,6 +161,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
 struct Rater {
     config: Config,
+    record_key: RecordKey,
+    admission: Admission,
     rating_config: RatingConfig,
     wallet_config: WalletConfig,
     catalog: Arc<Catalog>,
@@ -222,7 +237,7 @@ impl Rater {
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
         let is_wallet = msg.topic() == self.config.topics.wallet_topic;
-        let Self { shards, outputs, config, switched, .. } = self;
+        let Self { shards, outputs, config, switched, record_key, admission, .. } = self;
         let Some(owned) = shards.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
@@ -260,46 +275,109 @@ impl Rater {
         if offset < shard.aggregates_next {
             return Ok(());
         }
+        shard.aggregates_next = offset + 1;
         counter!(m::AGGREGATES_IN).increment(1);
-        if let Some(ts) = msg.timestamp().to_millis() {
+        let broker_ms = msg.timestamp().to_millis();
+        if let Some(ts) = broker_ms {
             gauge!(m::RATING_LAG).set((wall_ms() - ts).max(0) as f64 / 1000.0);
+        }
+        let topic = config.topics.aggregates_topic.as_str();
+        let refuse = |outputs: &mut Outputs, reason: &'static str, detail: String| {
+            counter!(m::REJECTED, "reason" => reason).increment(1);
+            outputs.dead_letters.push(dead_letter(topic, partition, offset, reason, detail, payload));
+        };
+        let (rerate, tag) = match (header(msg, auth::RERATE_HEADER), header(msg, auth::HEADER)) {
+            (Some(t), _) => (true, Some(t)),
+            (None, t) => (false, t),
+        };
+        let purpose = if rerate { auth::PURPOSE_RERATE } else { auth::PURPOSE_AGGREGATE };
+        if !tag.is_some_and(|t| auth::verify(record_key, &[purpose, payload], t)) {
+            let what = if rerate { "rerate request" } else { "aggregate" };
+            let detail = match tag {
+                None => format!("{what} without a {} header: not written by meterflow", auth::HEADER),
+                Some(_) => format!("{what} with an invalid tag: forged, altered, or written with another record key"),
+            };
+            refuse(outputs, "unauthenticated", detail);
+            return Ok(());
         }
         let agg = match MeterAggregate::from_avro(payload) {
             Ok(a) => a,
             Err(e) => {
-                shard.aggregates_next = offset + 1;
-                counter!(m::REJECTED).increment(1);
-                outputs.dead_letters.push(dead_letter(&config.topics.aggregates_topic, partition, offset, "undecodable", e.to_string(), payload));
+                refuse(outputs, "undecodable", e.to_string());
                 return Ok(());
             }
         };
-        // Decimal overflow leaves the state untouched and is a bug or absurd input: stop
-        // rather than skip money.
-        let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
-        shard.aggregates_next = offset + 1;
-        let mut charges = match outcome {
-            RateOutcome::Charged(c) => c,
-            RateOutcome::Skipped { .. } => {
-                counter!(m::SKIPPED).increment(1);
-                Vec::new()
+        let mut charges = if rerate {
+            let (state, reason, detail, charges) = match shard.rating.rerate(catalog, &agg) {
+                RerateOutcome::NotParked => {
+                    counter!(m::RERATES, "outcome" => "not_parked").increment(1);
+                    return Ok(());
+                }
+                RerateOutcome::Charged(c) => {
+                    counter!(m::RERATES, "outcome" => "charged").increment(1);
+                    ("rerated", "", format!("charged by the rerate request at offset {offset}"), c)
+                }
+                RerateOutcome::StillParked { reason, error } => {
+                    counter!(m::RERATES, "outcome" => "still_parked").increment(1);
+                    ("parked", reason.as_str(), error.to_string(), Vec::new())
+                }
+                RerateOutcome::Rejected(e) => {
+                    counter!(m::RERATES, "outcome" => "rejected").increment(1);
+                    refuse(outputs, "unrateable", e.to_string());
+                    ("rejected", "unrateable", e.to_string(), Vec::new())
+                }
+            };
+            outputs.parked.push(ParkedRow::new(&agg, partition, offset, state, reason, detail, payload));
+            charges
+        } else {
+            if let Err((reason, detail)) = shard.rating.screen(&agg, broker_ms, admission) {
+                refuse(outputs, reason, detail);
+                return Ok(());
             }
-            RateOutcome::Rejected(e) => {
-                counter!(m::REJECTED).increment(1);
-                outputs.dead_letters.push(dead_letter(&config.topics.aggregates_topic, partition, offset, "unrateable", e.to_string(), payload));
-                Vec::new()
+            if shard.rating.high_water(agg.source_partition).is_some_and(|hw| agg.seq > hw + 1) {
+                counter!(m::SEQ_GAPS).increment(1);
+                tracing::warn!(
+                    partition,
+                    offset,
+                    source_partition = agg.source_partition,
+                    seq = agg.seq,
+                    high_water = shard.rating.high_water(agg.source_partition),
+                    "aggregate seq skips past high water + 1"
+                );
             }
+            // Never an `Err` any more: what cannot be priced is parked.
+            let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
+            let mut charges = match outcome {
+                RateOutcome::Charged(c) => c,
+                RateOutcome::Skipped { .. } => {
+                    counter!(m::SKIPPED).increment(1);
+                    Vec::new()
+                }
+                RateOutcome::Rejected(e) => {
+                    refuse(outputs, "unrateable", e.to_string());
+                    Vec::new()
+                }
+                RateOutcome::Parked { reason, error } => {
+                    counter!(m::PARKED, "reason" => reason.as_str()).increment(1);
+                    let detail = format!("parked: {error} (meterflow-admin rerate re-rates it after a catalog fix)");
+                    outputs.parked.push(ParkedRow::new(&agg, partition, offset, "parked", reason.as_str(), error.to_string(), payload));
+                    outputs.dead_letters.push(dead_letter(topic, partition, offset, reason.as_str(), detail, payload));
+                    Vec::new()
+                }
+            };
+            // Periods close on the aggregates' own (event-time) watermark: deterministic in replay.
+            if agg.emitted_at >= shard.advanced_to.saturating_add(60_000) {
+                shard.advanced_to = agg.emitted_at;
+                charges.extend(shard.rating.advance(catalog, agg.emitted_at));
+                // Credit expires on the same event-time watermark, never on the wall clock.
+                for a in shard.wallets.expire(agg.emitted_at) {
+                    counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
+                    outputs.alerts.push((a, agg.emitted_at));
+                }
+            }
+            charges
         };
-        // Periods close on the aggregates' own (event-time) watermark: deterministic in replay.
-        if agg.emitted_at >= shard.advanced_to.saturating_add(60_000) {
-            shard.advanced_to = agg.emitted_at;
-            charges.extend(shard.rating.advance(catalog, agg.emitted_at));
-            // Credit expires on the same event-time watermark, never on the wall clock.
-            for a in shard.wallets.expire(agg.emitted_at) {
-                counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-                outputs.alerts.push((a, agg.emitted_at));
-            }
-        }
-        for c in charges {
+        for c in charges.drain(..) {
             let t = shard.totals.entry(totals_key(&c.currency, &label_meter(&c), &c.plan)).or_default();
             t.revenue += c.amount;
             t.cost += c.provider_cost;
@@ -343,7 +421,8 @@ impl Rater {
             && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await
             && insert_all(c, "wallet_alerts", &alerts, &b, shutdown, WRITE_METRICS).await
             && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_ledger", &out.ledger, &b, shutdown, WRITE_METRICS).await;
+            && insert_all(c, "wallet_ledger", &out.ledger, &b, shutdown, WRITE_METRICS).await
+            && insert_all(c, "parked_aggregates", &out.parked, &b, shutdown, WRITE_METRICS).await;
         if !ok {
             return false;
         }
@@ -382,6 +461,8 @@ impl Rater {
     }
 
     fn export_gauges(&mut self) {
+        let parked: usize = self.shards.values().map(|o| o.shard.rating.parked_count()).sum();
+        gauge!(m::PARKED_NOW).set(parked as f64);
         let mut sums: BTreeMap<String, Totals> = BTreeMap::new();
         for o in self.shards.values() {
             for (k, t) in &o.shard.totals {
@@ -590,6 +671,11 @@ fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, detail: S
         event_id: None,
         payload: payload.to_vec(),
     }
+}
+
+/// The value of the first header named `name`.
+fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
+    msg.headers()?.iter().find(|h| h.key == name)?.value
 }
 
 fn wall_ms() -> i64 {

@@ -2,7 +2,7 @@
 
 use meterflow_core::decimal::to_ch_i128;
 use meterflow_core::rating::{Alert, LedgerEntry};
-use meterflow_core::records::{Charge, WalletAdjustment};
+use meterflow_core::records::{Charge, MeterAggregate, WalletAdjustment};
 use serde::Serialize;
 
 pub use meterflow_runtime::rows::{secs, DeadLetterRow};
@@ -144,5 +144,49 @@ impl LedgerRow {
             amount: to_ch_i128(&e.amount)?,
             source_partition: partition,
         })
+    }
+}
+
+/// A state change of a parked aggregate (table `parked_aggregates`).
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct ParkedRow {
+    pub source_partition: i32,
+    pub seq: i64,
+    pub aggregates_partition: i32,
+    pub aggregates_offset: i64,
+    pub state: String,
+    pub state_version: u64,
+    pub reason: String,
+    pub detail: String,
+    pub tenant: String,
+    pub meter: String,
+    pub dimensions_key: String,
+    pub window_start: u32,
+    pub revision: u32,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl ParkedRow {
+    /// `state` of `agg` (whose bytes are `payload`) decided by the record at `offset` of
+    /// aggregates partition `partition`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(agg: &MeterAggregate, partition: i32, offset: i64, state: &str, reason: &str, detail: String, payload: &[u8]) -> Self {
+        Self {
+            source_partition: agg.source_partition,
+            seq: agg.seq,
+            aggregates_partition: partition,
+            aggregates_offset: offset,
+            state: state.to_owned(),
+            state_version: offset.max(0) as u64,
+            reason: reason.to_owned(),
+            detail,
+            tenant: agg.tenant.clone(),
+            meter: agg.meter.clone(),
+            dimensions_key: agg.dimensions_key(),
+            window_start: secs(agg.window_start),
+            revision: agg.revision.max(0) as u32,
+            payload: payload.to_vec(),
+        }
     }
 }

@@ -86,3 +86,14 @@ pub struct LogArgs {
     #[arg(long = "log-level", env = "METERFLOW_LOG", default_value = "info")]
     pub level: String,
 }
+
+/// The deployment's record key (see `meterflow_core::auth`).
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// Hex key (at least 16 bytes) that authenticates meterflow's own records (aggregates,
+    /// rerate requests) to each other. Every service of a deployment needs the same one.
+    /// Default: the key in the ClickHouse table `record_keys`, which `meterflow-admin migrate`
+    /// creates at random; keep that table readable by the services' user only.
+    #[arg(long = "record-key", env = "METERFLOW_RECORD_KEY", hide_env_values = true)]
+    pub record_key: Option<String>,
+}

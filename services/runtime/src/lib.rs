@@ -8,6 +8,7 @@ pub mod http;
 pub mod kafka;
 pub mod output;
 pub mod partitioned;
+pub mod record_key;
 pub mod retry;
 pub mod rows;
 pub mod shutdown;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use clickhouse::Client;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +70,19 @@ pub async fn produce_all(
     shutdown: &CancellationToken,
     m: WriteMetrics,
 ) -> bool {
+    produce_all_with_headers(producer, records, |_| None, backoff, shutdown, m).await
+}
+
+/// [`produce_all`] with Kafka headers for some records: `headers(i)` gives those of
+/// `records[i]` (for example the `meterflow-auth` tag of an aggregate).
+pub async fn produce_all_with_headers(
+    producer: &FutureProducer,
+    records: &[OutRecord<'_>],
+    headers: impl Fn(usize) -> Option<OwnedHeaders>,
+    backoff: &Backoff,
+    shutdown: &CancellationToken,
+    m: WriteMetrics,
+) -> bool {
     if records.is_empty() {
         return true;
     }
@@ -81,8 +95,11 @@ pub async fn produce_all(
             // `send_result` enqueues now and hands back the delivery future; `send` would do
             // nothing until awaited, i.e. one round trip per record.
             let mut pending = Vec::with_capacity(records.len());
-            for (topic, key, payload) in records {
+            for (i, (topic, key, payload)) in records.iter().enumerate() {
                 let mut rec = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_slice());
+                if let Some(h) = headers(i) {
+                    rec = rec.headers(h);
+                }
                 loop {
                     match producer.send_result(rec) {
                         Ok(delivery) => {

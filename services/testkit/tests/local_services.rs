@@ -20,6 +20,9 @@ async fn fresh_env_has_migrated_database_and_topics() -> anyhow::Result<()> {
     let files = meterflow_admin::MigrationSource::resolve(None).load()?;
     assert_eq!(applied, files.len() as u64);
     assert_eq!(meterflow_admin::migrate(env.clickhouse_args(), None).await?, 0);
+    // migrate generated one random record key, and running it again kept that one.
+    let keys: u64 = env.query_scalar("SELECT count() FROM record_keys WHERE length(key_hex) = 64").await?;
+    assert_eq!(keys, 1);
     for table in ["usage_events", "meter_aggregates", "dead_letters", "checkpoints", "charges", "wallet_adjustments", "wallet_alerts"] {
         let n: u64 = env
             .query_scalar(&format!(

@@ -93,6 +93,8 @@ fn main() {
         source_partition: 3,
         seq: 99,
         emitted_at: 1_767_225_700_000,
+        uncosted_value: Some(d("345.000000001")),
+        previous_uncosted_value: Some(d("300")),
     };
     let charge = Charge {
         charge_id: "c-7f3a".into(),

@@ -118,6 +118,7 @@ impl MemoryStore {
                     revision: a.revision,
                     value: a.value,
                     provider_cost: a.provider_cost,
+                    uncosted: a.uncosted_value,
                 },
             );
         }

@@ -23,9 +23,12 @@ pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
 /// 2: the dedup section keys ids by `(tenant, meter, event_id)` over the whole horizon
 /// (version 1 keyed `(tenant, event_id)` per event-time bucket; see
 /// [`Deduplicator::read_snapshot_v1`] for what is restored of it).
-pub(crate) const VERSION: u32 = 2;
+/// 3: windows, their last emission and pending aggregates also carry the uncosted quantity
+/// (per-event provider cost). Version 2 existed only between two changes of one release and
+/// is not read.
+pub(crate) const VERSION: u32 = 3;
 /// Versions [`open`] accepts.
-const READABLE: std::ops::RangeInclusive<u32> = 1..=VERSION;
+const READABLE: [u32; 2] = [1, VERSION];
 
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let mut h = SipHasher13::new_with_keys(0x6d65_7465_7266_6c6f, 0x736e_6170_7368_6f74);
@@ -96,11 +99,13 @@ impl Writer {
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Format version of what is read (fields added later are absent in older ones).
+    pub(crate) version: u32,
 }
 
 impl<'a> Reader<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
+        Self { buf, pos: 0, version: VERSION }
     }
     pub fn remaining(&self) -> usize {
         self.buf.len() - self.pos
@@ -191,9 +196,8 @@ pub(crate) fn open(bytes: &[u8]) -> Result<(u32, &[u8])> {
     let version = u32::from_le_bytes(content[8..12].try_into().expect("4 bytes"));
     if !READABLE.contains(&version) {
         return Err(Error::Snapshot(format!(
-            "unsupported snapshot version {version} (this build reads {}..={})",
-            READABLE.start(),
-            READABLE.end()
+            "unsupported snapshot version {version} (this build reads {:?})",
+            READABLE
         )));
     }
     Ok((version, &content[12..]))
@@ -272,8 +276,23 @@ fn write_last(w: &mut Writer, last: &Option<LastEmitted>) {
             w.i32(l.revision);
             w.decimal(&l.value);
             w.decimal(&l.provider_cost);
+            write_opt_decimal(w, &l.uncosted);
         }
     }
+}
+
+fn write_opt_decimal(w: &mut Writer, d: &Option<Decimal>) {
+    match d {
+        None => w.u8(0),
+        Some(d) => {
+            w.u8(1);
+            w.decimal(d);
+        }
+    }
+}
+
+fn read_opt_decimal(r: &mut Reader<'_>) -> Result<Option<Decimal>> {
+    Ok(if r.bool()? { Some(r.decimal()?) } else { None })
 }
 
 fn read_last(r: &mut Reader<'_>) -> Result<Option<LastEmitted>> {
@@ -282,6 +301,7 @@ fn read_last(r: &mut Reader<'_>) -> Result<Option<LastEmitted>> {
             revision: r.i32()?,
             value: r.decimal()?,
             provider_cost: r.decimal()?,
+            uncosted: if r.version >= 3 { read_opt_decimal(r)? } else { None },
         })
     } else {
         None
@@ -302,6 +322,7 @@ fn write_window(w: &mut Writer, win: &Window) {
     w.bool(win.dirty);
     w.i64(win.event_count);
     w.decimal(&win.provider_cost);
+    w.decimal(&win.uncosted);
     write_last(w, &win.last);
     match &win.acc {
         Acc::Sum(s) => {
@@ -355,6 +376,8 @@ fn write_aggregate(w: &mut Writer, a: &MeterAggregate) {
     w.i32(a.source_partition);
     w.i64(a.seq);
     w.i64(a.emitted_at);
+    write_opt_decimal(w, &a.uncosted_value);
+    write_opt_decimal(w, &a.previous_uncosted_value);
 }
 
 fn read_aggregate(r: &mut Reader<'_>) -> Result<MeterAggregate> {
@@ -383,6 +406,8 @@ fn read_aggregate(r: &mut Reader<'_>) -> Result<MeterAggregate> {
         source_partition: r.i32()?,
         seq: r.i64()?,
         emitted_at: r.i64()?,
+        uncosted_value: if r.version >= 3 { read_opt_decimal(r)? } else { None },
+        previous_uncosted_value: if r.version >= 3 { read_opt_decimal(r)? } else { None },
     })
 }
 
@@ -432,6 +457,7 @@ impl PartitionEngine {
     pub fn restore(bytes: &[u8], catalog: Arc<MeterCatalog>, cfg: EngineConfig) -> Result<Self> {
         let (version, body) = open(bytes)?;
         let mut r = Reader::new(body);
+        r.version = version;
         let partition = r.i32()?;
         let next_offset = r.i64()?;
         let next_seq = r.i64()?;
@@ -507,6 +533,9 @@ impl PartitionEngine {
             let dirty = r.bool()?;
             let event_count = r.i64()?;
             let provider_cost = r.decimal()?;
+            // Before version 3 no uncosted quantity was kept: treat every event as carrying
+            // its cost (what the rater then did).
+            let uncosted = if r.version >= 3 { r.decimal()? } else { Decimal::ZERO };
             let last = read_last(&mut r)?;
             let tag = r.u8()?;
             if tag != acc_tag(def.aggregation) {
@@ -553,6 +582,7 @@ impl PartitionEngine {
                 acc,
                 event_count,
                 provider_cost,
+                uncosted,
                 closed,
                 dirty,
                 last,

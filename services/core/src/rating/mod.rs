@@ -37,10 +37,13 @@
 //!   [`RateOutcome::Skipped`]. This requires each source partition's aggregates to arrive in
 //!   `seq` order (the aggregator produces them in order with an idempotent producer); windows
 //!   and source partitions may interleave arbitrarily.
-//! * **Cost.** Per revision, the provider cost is the cost carried by the aggregate when it
-//!   is non-zero (the provider told us what it charged, which beats a rate card), else the
-//!   catalog's rate for the meter and dimension value times the value, rounded to 9 digits,
-//!   else zero. The charge carries `cost(this revision) - cost(revision replaced)`, so a
+//! * **Cost.** Per revision, the provider cost is exact per event: the costs carried by the
+//!   window's events (the provider told us what it charged, which beats a rate card) plus the
+//!   catalog's rate for the meter and dimension value times the quantity of the events that
+//!   carry none (`uncosted_value`, schema v2), rounded to 9 digits (no rate: zero). So the
+//!   cost of a set of events does not depend on how window boundaries split it. Aggregates
+//!   without `uncosted_value` (v1, or non-additive aggregations) keep the window rule: the
+//!   carried cost when non-zero, else rate x value. The charge carries `cost(this revision) - cost(revision replaced)`, so a
 //!   window's cost deltas telescope to the cost of its last revision even when a later
 //!   revision starts carrying cost. `margin = amount - provider_cost`.
 //! * **Minimum commitment.** When a period of a tenant closes (its end plus
@@ -60,13 +63,29 @@
 //! * **Retention.** Period records are dropped [`RatingConfig::retention_ms`] after the period
 //!   closes; aggregates for a dropped (finalized) period are rejected, because their
 //!   cumulative context is gone and rating them from zero would overcharge.
-//! * **Rejections.** An aggregate without a plan (no assignment and no default plan), without
-//!   a price for its meter in that plan, for a finalized period or with a malformed window is
+//! * **Rejections.** An aggregate for a finalized period or with a malformed window is
 //!   [`RateOutcome::Rejected`] (the service dead-letters it); its `seq` still counts as rated,
-//!   so a re-delivery is skipped instead of dead-lettered twice. Decimal overflow is an `Err`
-//!   and leaves the state untouched.
+//!   so a re-delivery is skipped instead of dead-lettered twice.
+//! * **Parking.** An aggregate that cannot be priced *now* but could be after a catalog fix
+//!   is [`RateOutcome::Parked`] with a [`ParkReason`]: `unpriced` (no plan in force and no
+//!   default plan, or no price for its meter and dimensions) or `overflow` (a decimal result
+//!   that does not fit, e.g. 4e23 tokens). Nothing of it is charged and the state is not
+//!   touched except that its `seq` counts as consumed and `(source_partition, seq)` is
+//!   remembered as parked: one poison aggregate never stops the billing of anybody else.
+//!   [`RatingState::rerate`] later rates a parked aggregate (when the service reads a rerate
+//!   request for it, see `meterflow-admin rerate`) exactly as [`RatingState::rate`] would have,
+//!   with the same charge id: the usage charges of a price telescope whatever the order, so a
+//!   window rated late sums to the same bill. A rerate of something not (or no longer) parked
+//!   is [`RerateOutcome::NotParked`]: a second rerate, or a forged one, charges nothing.
+//!   Rerates are records at an offset of the aggregates partition, so a replay after a
+//!   restart makes the same decisions.
+//! * **Admission.** [`RatingState::screen`] refuses, before any state change, an aggregate
+//!   whose window or watermark lies further ahead than [`Admission::max_future_ms`] of the
+//!   reference time, or whose `seq` jumps more than [`Admission::max_seq_gap`] past the high
+//!   water of its source partition: such records are forged or corrupt, and trusting them would
+//!   close billing periods early or make the next real aggregates look like re-deliveries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rust_decimal::Decimal;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -115,6 +134,52 @@ impl Default for RatingConfig {
     }
 }
 
+/// Why an aggregate was parked instead of charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParkReason {
+    /// No plan in force (and no default plan) or no price for the meter and dimensions.
+    Unpriced,
+    /// A decimal computation (quantity, price, revenue, cost, margin) does not fit.
+    Overflow,
+}
+
+impl ParkReason {
+    pub const ALL: [ParkReason; 2] = [ParkReason::Unpriced, ParkReason::Overflow];
+
+    /// The dead-letter reason and metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unpriced => "unpriced",
+            Self::Overflow => "overflow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// Bounds of what an aggregate may claim; see [`RatingState::screen`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// How far `window_start` and `emitted_at` may lie ahead of the reference time.
+    pub max_future_ms: i64,
+    /// How far a `seq` may jump past its source partition's high water (1 = strictly
+    /// contiguous).
+    pub max_seq_gap: i64,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self { max_future_ms: 86_400_000, max_seq_gap: 1_000_000 }
+    }
+}
+
+/// Reasons [`RatingState::screen`] refuses an aggregate (dead-letter reasons).
+pub const REASON_FUTURE_WINDOW: &str = "future_window";
+pub const REASON_BAD_SEQ: &str = "bad_seq";
+
 /// What rating one aggregate did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RateOutcome {
@@ -124,6 +189,22 @@ pub enum RateOutcome {
     /// A re-delivery: `seq <= high_water` for its source partition. No state change.
     Skipped { source_partition: i32, seq: i64, high_water: i64 },
     /// Not rateable ([`Error::Unrateable`]); dead-letter it. Only the seq was recorded.
+    Rejected(Error),
+    /// Cannot be priced now; parked for a [`RatingState::rerate`]. Only the seq and the
+    /// parking were recorded.
+    Parked { reason: ParkReason, error: Error },
+}
+
+/// What a rerate request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RerateOutcome {
+    /// Priced now: the usage charge (with the id it would have had) and any true-ups.
+    Charged(Vec<Charge>),
+    /// Not parked (never was, or already re-rated): nothing happened.
+    NotParked,
+    /// Still cannot be priced; stays parked.
+    StillParked { reason: ParkReason, error: Error },
+    /// Can never be rated (e.g. its period was finalized meanwhile); no longer parked.
     Rejected(Error),
 }
 
@@ -172,6 +253,9 @@ pub struct RatingState {
     /// Periods starting before this are finalized (records dropped).
     finalized_before: Option<i64>,
     tenants: BTreeMap<String, TenantState>,
+    /// source partition -> seqs parked (see [`RatingState::rerate`]).
+    #[serde(default)]
+    parked: BTreeMap<i32, BTreeSet<i64>>,
 }
 
 /// The result of pricing an aggregate against the current state, before committing it.
@@ -187,6 +271,7 @@ struct Prepared {
 
 enum Prep {
     Reject(Error),
+    Park(ParkReason, Error),
     Ready(Box<Prepared>),
 }
 
@@ -201,6 +286,7 @@ impl RatingState {
             charges_emitted: 0,
             finalized_before: None,
             tenants: BTreeMap::new(),
+            parked: BTreeMap::new(),
         }
     }
 
@@ -220,6 +306,54 @@ impl RatingState {
     /// Highest `seq` rated (or rejected) for a source partition.
     pub fn high_water(&self, source_partition: i32) -> Option<i64> {
         self.high_water.get(&source_partition).copied()
+    }
+
+    /// Whether `(source_partition, seq)` is parked.
+    pub fn is_parked(&self, source_partition: i32, seq: i64) -> bool {
+        self.parked.get(&source_partition).is_some_and(|s| s.contains(&seq))
+    }
+
+    /// Number of aggregates parked now.
+    pub fn parked_count(&self) -> usize {
+        self.parked.values().map(BTreeSet::len).sum()
+    }
+
+    /// Refuses (with a dead-letter reason and detail) an aggregate that claims a window or a
+    /// watermark more than `limits.max_future_ms` ahead of the reference time (the later of
+    /// this state's watermark and `reference_ms`, which the service takes from the broker
+    /// timestamp of the record), or a `seq` more than `limits.max_seq_gap` past its source
+    /// partition's high water, or not positive. Before the first aggregate of a source
+    /// partition there is no high water to compare with (a rater started on a topic whose
+    /// head was deleted by retention legitimately starts at a large `seq`), so only the sign
+    /// is checked. Without any reference time only the `seq` is checked. Changes nothing;
+    /// call it before [`rate`](Self::rate).
+    pub fn screen(&self, agg: &MeterAggregate, reference_ms: Option<i64>, limits: &Admission) -> Result<(), (&'static str, String)> {
+        if let Some(hw) = self.high_water(agg.source_partition).filter(|&hw| agg.seq > hw && agg.seq - hw > limits.max_seq_gap.max(1)) {
+            return Err((
+                REASON_BAD_SEQ,
+                format!("seq {} of source partition {} is more than {} past its high water {hw}", agg.seq, agg.source_partition, limits.max_seq_gap),
+            ));
+        }
+        if agg.seq < 1 {
+            return Err((REASON_BAD_SEQ, format!("seq {} is not positive", agg.seq)));
+        }
+        let reference = match (self.watermark_ms, reference_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(r) = reference {
+            let bound = r.saturating_add(limits.max_future_ms.max(0));
+            if agg.window_start > bound || agg.emitted_at > bound {
+                return Err((
+                    REASON_FUTURE_WINDOW,
+                    format!(
+                        "window start {} / emitted at {} ms is more than {} ms past the reference time {r} ms",
+                        agg.window_start, agg.emitted_at, limits.max_future_ms
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Number of charges emitted; also the `seq` of the last one.
@@ -275,15 +409,39 @@ impl RatingState {
                 });
             }
         }
-        let prepared = match self.prepare(catalog, agg)? {
-            Prep::Reject(e) => {
-                self.high_water.insert(agg.source_partition, agg.seq);
-                return Ok(RateOutcome::Rejected(e));
-            }
-            Prep::Ready(p) => *p,
-        };
-        // Commit: nothing below can fail.
         self.high_water.insert(agg.source_partition, agg.seq);
+        Ok(match self.prepare(catalog, agg) {
+            Prep::Reject(e) => RateOutcome::Rejected(e),
+            Prep::Park(reason, error) => {
+                self.parked.entry(agg.source_partition).or_default().insert(agg.seq);
+                RateOutcome::Parked { reason, error }
+            }
+            Prep::Ready(p) => RateOutcome::Charged(self.commit(catalog, agg, *p)),
+        })
+    }
+
+    /// Rates a parked aggregate (the payload of a rerate request) if it is still parked. See
+    /// the module docs.
+    pub fn rerate(&mut self, catalog: &Catalog, agg: &MeterAggregate) -> RerateOutcome {
+        if !self.is_parked(agg.source_partition, agg.seq) {
+            return RerateOutcome::NotParked;
+        }
+        let outcome = match self.prepare(catalog, agg) {
+            Prep::Park(reason, error) => return RerateOutcome::StillParked { reason, error },
+            Prep::Reject(e) => RerateOutcome::Rejected(e),
+            Prep::Ready(p) => RerateOutcome::Charged(self.commit(catalog, agg, *p)),
+        };
+        if let Some(set) = self.parked.get_mut(&agg.source_partition) {
+            set.remove(&agg.seq);
+            if set.is_empty() {
+                self.parked.remove(&agg.source_partition);
+            }
+        }
+        outcome
+    }
+
+    /// Applies a prepared charge. Nothing here can fail.
+    fn commit(&mut self, catalog: &Catalog, agg: &MeterAggregate, prepared: Prepared) -> Vec<Charge> {
         let Prepared { period, plan, currency, price, cum_after, revenue_after, charge } = prepared;
         let ts = self.tenants.entry(agg.tenant.clone()).or_insert_with(|| TenantState {
             next_close: period,
@@ -299,17 +457,24 @@ impl RatingState {
         }
         out.extend(close_due(catalog, &agg.tenant, ts, self.watermark_ms, self.config.grace_ms));
         self.stamp(&mut out);
-        Ok(RateOutcome::Charged(out))
+        out
     }
 
-    fn prepare(&self, catalog: &Catalog, agg: &MeterAggregate) -> Result<Prep, Error> {
-        let reject = |reason: String| {
-            Ok(Prep::Reject(Error::Unrateable {
-                tenant: agg.tenant.clone(),
-                meter: agg.meter.clone(),
-                reason,
-            }))
+    fn prepare(&self, catalog: &Catalog, agg: &MeterAggregate) -> Prep {
+        match self.try_prepare(catalog, agg) {
+            Ok(p) => p,
+            Err(e) => Prep::Park(ParkReason::Overflow, e),
+        }
+    }
+
+    fn try_prepare(&self, catalog: &Catalog, agg: &MeterAggregate) -> Result<Prep, Error> {
+        let unrateable = |reason: String| Error::Unrateable {
+            tenant: agg.tenant.clone(),
+            meter: agg.meter.clone(),
+            reason,
         };
+        let reject = |reason: String| Ok(Prep::Reject(unrateable(reason)));
+        let unpriced = |reason: String| Ok(Prep::Park(ParkReason::Unpriced, unrateable(reason)));
         if agg.window_end <= agg.window_start {
             return reject(format!("window end {} is not after its start {}", agg.window_end, agg.window_start));
         }
@@ -324,10 +489,10 @@ impl RatingState {
             return reject(format!("billing period starting at {period} ms is finalized (past retention)"));
         }
         let Some(plan) = catalog.plan_for(&agg.tenant, agg.window_start) else {
-            return reject(format!("no plan in force at {} ms and no default plan", agg.window_start));
+            return unpriced(format!("no plan in force at {} ms and no default plan", agg.window_start));
         };
         let Some(price) = plan.price_for(&agg.meter, &agg.dimensions) else {
-            return reject(format!("plan {:?} has no price for this meter with dimensions {:?}", plan.id, agg.dimensions));
+            return unpriced(format!("plan {:?} has no price for this meter with dimensions {:?}", plan.id, agg.dimensions));
         };
         let overflow = |what: &str| Error::Arithmetic(format!("{what} of tenant {:?} meter {:?} seq {}", agg.tenant, agg.meter, agg.seq));
         let delta = agg.value.checked_sub(agg.previous_value).ok_or_else(|| overflow("quantity delta"))?;
@@ -347,8 +512,9 @@ impl RatingState {
             .filter(|r| r.abs() <= Decimal::from_i128_with_scale(MAX_REVENUE, 0))
             .ok_or_else(|| overflow("period revenue"))?;
         let unit_cost = catalog.unit_cost(&agg.meter, &agg.dimensions);
-        let cost_now = revision_cost(unit_cost, agg.value, agg.provider_cost).ok_or_else(|| overflow("provider cost"))?;
-        let cost_prev = revision_cost(unit_cost, agg.previous_value, agg.previous_provider_cost)
+        let cost_now = revision_cost(unit_cost, agg.value, agg.provider_cost, agg.uncosted_value)
+            .ok_or_else(|| overflow("provider cost"))?;
+        let cost_prev = revision_cost(unit_cost, agg.previous_value, agg.previous_provider_cost, agg.previous_uncosted_value)
             .ok_or_else(|| overflow("provider cost"))?;
         let cost = cost_now.checked_sub(cost_prev).ok_or_else(|| overflow("provider cost"))?;
         let margin = amount.checked_sub(cost).ok_or_else(|| overflow("margin"))?;
@@ -452,9 +618,15 @@ impl RatingState {
     }
 }
 
-/// Provider cost of one revision: carried when non-zero, else the catalog rate times the
-/// value rounded to 9 digits, else zero. `None` on overflow.
-fn revision_cost(unit_cost: Option<Decimal>, value: Decimal, carried: Decimal) -> Option<Decimal> {
+/// Provider cost of one revision (see the module docs). `None` on overflow.
+pub fn revision_cost(unit_cost: Option<Decimal>, value: Decimal, carried: Decimal, uncosted: Option<Decimal>) -> Option<Decimal> {
+    if let Some(u) = uncosted {
+        let card = match unit_cost {
+            Some(rate) => u.checked_mul(rate).map(decimal::round_amount)?,
+            None => Decimal::ZERO,
+        };
+        return carried.checked_add(card);
+    }
     if !carried.is_zero() {
         return Some(carried);
     }

@@ -1,0 +1,36 @@
+//! Where a service gets the deployment's record key: `--record-key`, else the ClickHouse
+//! table `record_keys` (filled at random by `meterflow-admin migrate`). Why ClickHouse: every
+//! service already needs it and a deployment's services share it, so a fresh deployment is
+//! authenticated without an extra secret to distribute; `--record-key` is for deployments that
+//! keep secrets elsewhere.
+
+use anyhow::Context as _;
+use clickhouse::Client;
+use meterflow_core::auth::RecordKey;
+
+use crate::args::AuthArgs;
+
+/// The table holding the generated key (migration 007).
+pub const TABLE: &str = "record_keys";
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct KeyRow {
+    key_hex: String,
+}
+
+/// The key from `args`, else the oldest key in `record_keys`.
+pub async fn resolve(args: &AuthArgs, client: &Client) -> anyhow::Result<RecordKey> {
+    if let Some(hex) = &args.record_key {
+        return RecordKey::from_hex(hex).context("--record-key / METERFLOW_RECORD_KEY");
+    }
+    let rows: Vec<KeyRow> = client
+        .query("SELECT key_hex FROM record_keys ORDER BY created_at, key_hex LIMIT 1")
+        .fetch_all()
+        .await
+        .context("reading the record key from ClickHouse table record_keys (run `meterflow-admin migrate`, or pass --record-key)")?;
+    let row = rows
+        .into_iter()
+        .next()
+        .context("ClickHouse table record_keys is empty: run `meterflow-admin migrate`, or pass --record-key")?;
+    RecordKey::from_hex(&row.key_hex).context("the key in ClickHouse table record_keys")
+}
