@@ -2,6 +2,7 @@
 //! migrations. Used by the `meterflow-admin` binary and by `meterflow-testkit`, which gives
 //! every test its own topics and database.
 
+pub mod keys;
 pub mod migrations;
 pub mod sql;
 pub mod topics;

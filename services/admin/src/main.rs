@@ -5,6 +5,7 @@
 //! meterflow-admin migrate [--migrations-dir schemas/clickhouse]
 //! meterflow-admin init    (both)
 //! meterflow-admin status  (what exists, what is pending; exit 1 if anything is missing)
+//! meterflow-admin keys create --tenant T [--scope ingest|read|admin] | list | revoke KEY_ID
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
@@ -36,6 +37,8 @@ enum Command {
     Init(InitCmd),
     /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
     Status(StatusCmd),
+    /// API keys for meterflow-api: create (printed once), list, revoke.
+    Keys(meterflow_admin::keys::KeysCmd),
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +204,7 @@ async fn main() -> ExitCode {
         }
         .await,
         Command::Status(c) => run_status(c).await,
+        Command::Keys(c) => meterflow_admin::keys::run(c).await.map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

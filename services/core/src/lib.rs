@@ -10,6 +10,7 @@ pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod ingest;
 pub mod meter;
 pub mod pricing;
 pub mod rating;
