@@ -153,6 +153,9 @@ scrape_configs:
   - job_name: producer
     static_configs:
       - targets: ['127.0.0.1:9103']
+  - job_name: api
+    static_configs:
+      - targets: ['127.0.0.1:9104']
   - job_name: prometheus
     static_configs:
       - targets: ['127.0.0.1:$PROMETHEUS_PORT']
