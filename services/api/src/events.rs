@@ -65,8 +65,10 @@ pub struct ItemResult {
     path = "/v1/events",
     tag = "ingest",
     security(("bearer" = [])),
-    request_body(content = String, description = "JSON event(s) or CloudEvent(s)",
-        content_type = ["application/json", "application/cloudevents+json", "application/cloudevents-batch+json"]),
+    request_body(description = "JSON event(s) or CloudEvent(s)", content(
+        (String = "application/json"),
+        (String = "application/cloudevents+json"),
+        (String = "application/cloudevents-batch+json"))),
     responses(
         (status = 202, description = "accepted items written and acknowledged (rejected ones listed)", body = IngestResponse),
         (status = 400, description = "malformed body, or every item rejected", body = IngestResponse),
@@ -213,7 +215,7 @@ async fn produce(state: &AppState, events: &[UsageEvent]) -> Result<(), ApiError
             return Err(ApiError::unavailable("the broker did not acknowledge in time; retry the request"));
         }
     };
-    metrics::histogram!("meterflow_api_produce_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!(crate::metrics::PRODUCE_SECONDS).record(started.elapsed().as_secs_f64());
     if let Some(Err((e, _))) = results.into_iter().find(Result::is_err) {
         metrics::counter!(crate::metrics::PRODUCE_ERRORS).increment(1);
         tracing::warn!(error = %e, "produce failed");

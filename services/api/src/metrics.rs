@@ -21,3 +21,5 @@ pub const KEYS: &str = "meterflow_api_keys";
 pub const KEY_REFRESH_ERRORS: &str = "meterflow_api_key_refresh_errors_total";
 /// Events waiting for the broker's acknowledgement.
 pub const IN_FLIGHT: &str = "meterflow_api_events_in_flight";
+/// From handing a request's events to librdkafka to the last acknowledgement, seconds.
+pub const PRODUCE_SECONDS: &str = "meterflow_api_produce_seconds";

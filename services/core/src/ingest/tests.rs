@@ -135,9 +135,14 @@ fn json_event_rejections_use_the_aggregators_reasons() {
 #[test]
 fn admin_keys_may_name_the_tenant() {
     let admin = Context { any_tenant: true, ..cx("ops") };
-    let ev = one(Format::Json, r#"{"event_id":"x","tenant":"acme","meter":"requests"}"#, &admin).unwrap().remove(0);
+    let ev = one(Format::Json, r#"{"event_id":"x","tenant":"acme","meter":"requests","quantity":"1"}"#, &admin).unwrap().remove(0);
     assert_eq!(ev.tenant, "acme");
-    assert_eq!(ev.quantity, d("0"), "a JSON event carries its own quantity; count meters ignore it");
+    let ev = one(Format::Json, r#"{"event_id":"x","meter":"requests","quantity":"1"}"#, &admin).unwrap().remove(0);
+    assert_eq!(ev.tenant, "ops", "no tenant named: the key's");
+    // A JSON event is the Avro record: its quantity is required even for a count meter, as
+    // the aggregator requires it.
+    let r = one(Format::Json, r#"{"event_id":"x","tenant":"acme","meter":"requests"}"#, &admin);
+    assert_eq!(reason(&r), "bad_quantity");
 }
 
 #[test]
