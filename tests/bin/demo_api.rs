@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use meterflow_api::keys::Scope;
-use meterflow_producer::truth::{Counters, RunInfo, WindowTotal};
+use meterflow_producer::truth::{Counters, RunInfo, WindowKey, WindowTotal};
 use meterflow_producer::GroundTruth;
 use meterflow_runtime::args::ClickHouseArgs;
 use rand::{Rng as _, SeedableRng as _};
@@ -70,7 +70,7 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
     let models = ["gpt-4o", "gpt-4o-mini", "llama-3-70b", "claude-3-5-sonnet"];
     let regions = ["eu-west", "us-east"];
     let run = now_ms();
-    let mut windows: BTreeMap<(String, String, BTreeMap<String, String>, i64), (Decimal, u64)> = BTreeMap::new();
+    let mut windows: BTreeMap<WindowKey, (Decimal, u64)> = BTreeMap::new();
     let mut counters = Counters::default();
     let batches = events.div_ceil(100);
     for b in 0..batches {
@@ -170,7 +170,7 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
 
 /// Adds `extra` (sum and count meters only: values, counts and costs add up) to `gt`.
 pub fn merge(gt: &mut GroundTruth, extra: GroundTruth) {
-    let mut by_key: BTreeMap<(String, String, BTreeMap<String, String>, i64), WindowTotal> =
+    let mut by_key: BTreeMap<WindowKey, WindowTotal> =
         std::mem::take(&mut gt.windows).into_iter().map(|w| ((w.tenant.clone(), w.meter.clone(), w.dimensions.clone(), w.window_start), w)).collect();
     for w in extra.windows {
         match by_key.entry((w.tenant.clone(), w.meter.clone(), w.dimensions.clone(), w.window_start)) {

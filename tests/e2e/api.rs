@@ -18,7 +18,7 @@ use meterflow_core::pricing::Catalog;
 use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_e2e::verify;
-use meterflow_producer::truth::{Counters, GroundTruth, RunInfo, WindowTotal};
+use meterflow_producer::truth::{Counters, GroundTruth, RunInfo, WindowKey, WindowTotal};
 use meterflow_testkit::TestEnv;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -74,7 +74,7 @@ async fn post(c: &reqwest::Client, url: &str, key: Option<&str>, content_type: &
 /// The test's own expectation: window totals folded from the events it sent.
 #[derive(Default)]
 struct Expect {
-    windows: BTreeMap<(String, String, BTreeMap<String, String>, i64), (Decimal, u64, Decimal)>,
+    windows: BTreeMap<WindowKey, (Decimal, u64, Decimal)>,
 }
 
 impl Expect {

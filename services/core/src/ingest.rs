@@ -19,7 +19,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::event::RejectReason;
+use crate::event::{RejectReason, UsageEventRef};
 use crate::meter::{Aggregation, MeterCatalog, MeterDef};
 use crate::UsageEvent;
 
@@ -372,17 +372,13 @@ pub fn decode_cloud_event(raw: &RawValue, meters: &MeterCatalog, cx: &Context<'_
 /// of the horizon may still be dead-lettered `too_late` if it reaches the aggregator later:
 /// never lost, but not counted.
 pub fn validate<'m>(
-    tenant: &str,
-    event_id: &str,
-    meter: &str,
-    event_time_ms: i64,
-    quantity: &str,
-    provider_cost: Option<&str>,
+    ev: &UsageEventRef<'_>,
     meters: &'m MeterCatalog,
     now_ms: i64,
     dedup_horizon_ms: i64,
 ) -> Result<&'m MeterDef, (RejectReason, String)> {
     use crate::engine::MAX_ABS_EVENT_TIME_MS;
+    let UsageEventRef { tenant, event_id, meter, quantity, event_time_ms, provider_cost, .. } = *ev;
     if tenant.is_empty() {
         return Err((RejectReason::MissingTenant, "empty tenant".into()));
     }
@@ -420,8 +416,17 @@ fn validate_parts<'m>(
     meters: &'m MeterCatalog,
     cx: &Context<'_>,
 ) -> Result<&'m MeterDef, ItemError> {
-    validate(&ev.tenant, &ev.event_id, &ev.meter, ev.event_time_ms, quantity, provider_cost, meters, cx.now_ms, cx.dedup_horizon_ms)
-        .map_err(|(r, d)| ItemError::core(r, d))
+    let r = UsageEventRef {
+        event_id: &ev.event_id,
+        tenant: &ev.tenant,
+        meter: &ev.meter,
+        quantity,
+        event_time_ms: ev.event_time_ms,
+        dimensions: Vec::new(),
+        provider_cost,
+        source: &ev.source,
+    };
+    validate(&r, meters, cx.now_ms, cx.dedup_horizon_ms).map_err(|(r, d)| ItemError::core(r, d))
 }
 
 /// Fills in the decimals [`validate`] has accepted.

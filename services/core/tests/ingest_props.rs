@@ -86,7 +86,7 @@ proptest! {
             source: "",
         };
         let engine_says = engine.on_event_at(0, Some(NOW), &ev, &mut store).unwrap();
-        let api_says = validate(tenant, event_id, meter, t, &q, cost.as_deref(), &catalog, NOW, HORIZON);
+        let api_says = validate(&ev, &catalog, NOW, HORIZON);
         match (engine_says, api_says) {
             (Outcome::Accepted, Ok(m)) => prop_assert_eq!(m.name.as_str(), meter),
             (Outcome::Rejected { reason, .. }, Err((r, _))) => prop_assert_eq!(reason, r),
