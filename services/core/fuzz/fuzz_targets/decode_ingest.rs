@@ -47,9 +47,10 @@ fuzz_target!(|data: &[u8]| {
         1 => Format::CloudEvent,
         _ => Format::CloudEventBatch,
     };
-    let meters = MeterCatalog::from_toml_str(METERS).expect("valid meters");
+    static CATALOG: std::sync::OnceLock<MeterCatalog> = std::sync::OnceLock::new();
+    let meters = CATALOG.get_or_init(|| MeterCatalog::from_toml_str(METERS).expect("valid meters"));
     let cx = Context { tenant: "acme", any_tenant: mode & 4 != 0, now_ms: NOW, dedup_horizon_ms: 86_400_000 };
-    let Ok(items) = decode(format, body, &meters, &cx) else { return };
+    let Ok(items) = decode(format, body, meters, &cx) else { return };
     let codec = UsageEventCodec::new();
     for ev in items.into_iter().flatten().flatten() {
         assert!(cx.any_tenant || ev.tenant == "acme");
