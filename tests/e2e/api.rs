@@ -396,9 +396,10 @@ async fn every_error_path_and_key_isolation() -> anyhow::Result<()> {
     assert_eq!((s, code(&v).as_str()), (413, "payload_too_large"), "{v}");
 
     // Key isolation on writes: A's key naming B is rejected per item; A's own item passes.
+    let data = json!({"model": "m", "region": "eu", "usage": {"input_tokens": 1, "output_tokens": 1}});
     let mixed = json!([
-        {"specversion": "1.0", "id": "iso-1", "source": "s", "type": "requests", "subject": "tenant-b", "data": {"model": "m"}},
-        {"specversion": "1.0", "id": "iso-2", "source": "s", "type": "requests", "subject": "tenant-a", "data": {"model": "m"}},
+        {"specversion": "1.0", "id": "iso-1", "source": "s", "type": "llm.completion", "subject": "tenant-b", "data": data},
+        {"specversion": "1.0", "id": "iso-2", "source": "s", "type": "llm.completion", "subject": "tenant-a", "data": data},
     ]);
     let (s, v, _) = post(&c, &url, Some(&a), "application/cloudevents-batch+json", mixed.to_string()).await?;
     assert_eq!(s, 202, "{v}");
@@ -451,7 +452,8 @@ async fn every_error_path_and_key_isolation() -> anyhow::Result<()> {
         by_tenant.entry(ev.tenant.to_owned()).or_default().push(ev.event_id.to_owned());
     }
     assert!(by_tenant["tenant-b"].iter().all(|id| id.starts_with("b-")), "{by_tenant:?}");
-    assert_eq!(by_tenant["tenant-a"].len(), 1, "only iso-2: {by_tenant:?}");
+    assert_eq!(by_tenant["tenant-a"].len(), 3, "only iso-2, for its three meters: {by_tenant:?}");
+    assert!(by_tenant["tenant-a"].iter().all(|id| id.ends_with(":iso-2")), "{by_tenant:?}");
     assert!(!by_tenant.contains_key("tenant-c") || by_tenant["tenant-c"].iter().all(|id| id.starts_with('r')), "{by_tenant:?}");
     shutdown.cancel();
     Ok(())
