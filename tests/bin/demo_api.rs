@@ -67,7 +67,8 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
     tokio::time::sleep(Duration::from_secs(3)).await;
     let client = reqwest::Client::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let models = ["gpt-4o", "gpt-4o-mini", "llama-3-70b", "claude-3-5-sonnet"];
+    // Models the pricing catalog prices.
+    let models = ["gpt-4o", "gpt-4o-mini", "llama-70b", "claude-sonnet"];
     let regions = ["eu-west", "us-east"];
     let run = now_ms();
     let mut windows: BTreeMap<WindowKey, (Decimal, u64)> = BTreeMap::new();

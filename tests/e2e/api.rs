@@ -138,6 +138,8 @@ async fn ingest_through_the_api_gives_exact_totals_charges_and_wallets() -> anyh
     meterflow_e2e::scenario::init_test_logging();
     let env = TestEnv::new("api_exact").await?;
     let shutdown = CancellationToken::new();
+    // Stops the in-process services however the test ends (a failed assertion included).
+    let _stop = shutdown.clone().drop_guard();
     let tenants = ["tenant-000", "tenant-001", "tenant-002"];
     let mut keys = BTreeMap::new();
     for t in tenants {
@@ -151,7 +153,8 @@ async fn ingest_through_the_api_gives_exact_totals_charges_and_wallets() -> anyh
     let mut expect = Expect::default();
     // Event times in a closed past: 40 minutes ago, spread over 5 minutes.
     let t0 = (now_ms() - 40 * 60_000).div_euclid(60_000) * 60_000;
-    let models = ["gpt-4o", "llama-3-70b"];
+    // Models and GPUs the pricing catalog (config/catalog.toml) prices.
+    let models = ["gpt-4o", "llama-70b"];
     let regions = ["eu", "us"];
 
     // 1. meterflow JSON, batches of 100, one invalid item in each.
@@ -213,10 +216,10 @@ async fn ingest_through_the_api_gives_exact_totals_charges_and_wallets() -> anyh
     // gpu_seconds through an admin key on behalf of tenant-002 (subject names the tenant).
     let t = t0 + 120_000;
     let gpu = json!({"specversion": "1.0", "id": "g-1", "source": "scheduler", "type": "gpu.usage", "subject": "tenant-002",
-        "time": chrono_like(t), "data": {"model": "llama-3-70b", "gpu": "h100", "seconds": 12.25}});
+        "time": chrono_like(t), "data": {"model": "llama-70b", "gpu": "h100", "seconds": 12.25}});
     let (status, v, _) = post(&c, &events_url, Some(&admin), "application/cloudevents+json", gpu.to_string()).await?;
     assert_eq!(status, 202, "{v}");
-    expect.add("tenant-002", "gpu_seconds", &[("gpu", "h100"), ("model", "llama-3-70b")], t, Decimal::new(1225, 2), Decimal::ZERO);
+    expect.add("tenant-002", "gpu_seconds", &[("gpu", "h100"), ("model", "llama-70b")], t, Decimal::new(1225, 2), Decimal::ZERO);
 
     // 3. Top-ups: one retried (same body: same answer, credited once), one conflicting reuse.
     let adj = |tenant: &str| format!("{base}/v1/wallets/{tenant}/adjustments");
@@ -338,6 +341,7 @@ async fn every_error_path_and_key_isolation() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::with_partitions("api_errors", 2).await?;
     let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
     let a = key(&env, "tenant-a", Scope::Ingest).await?;
     let (b_id, b) = meterflow_admin::keys::create(env.clickhouse_args(), "tenant-b", Scope::Ingest).await?;
     let c_key = key(&env, "tenant-c", Scope::Ingest).await?;
