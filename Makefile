@@ -164,7 +164,7 @@ chaos:
 # cargo-fuzz is installed once into the cache. A crash (or a single allocation over 256 MB)
 # leaves its input in services/core/fuzz/artifacts/<target>/ and fails.
 FUZZ_SECS ?= 150
-FUZZ_TARGETS := decode_event decode_records
+FUZZ_TARGETS := decode_event decode_records decode_ingest
 FUZZ_ROOT := $(or $(METERFLOW_CACHE),$(HOME)/.cache/meterflow)/cargo-fuzz
 FUZZ := PATH="$(FUZZ_ROOT)/bin:$$PATH" CARGO_TARGET_DIR="$(CURDIR)/target/fuzz" cargo +nightly fuzz
 FUZZ_NEW := $(CURDIR)/target/fuzz/corpus

@@ -10,7 +10,7 @@
   * topic variables, if set, equal the runtime defaults, and the defaults are the meterflow.*
     names of TopicArgs::with_prefix;
   * service HTTP addresses bind 0.0.0.0 on the services' default ports (aggregator 9101, rater
-    9102, producer 9103), published 1:1, and Prometheus scrapes exactly those (same jobs as
+    9102, producer 9103, api 9104), published 1:1 on 127.0.0.1 only, and Prometheus scrapes exactly those (same jobs as
     deploy/local/services.sh); Kafka 9092, ClickHouse 8123, Prometheus 9090, Grafana 3000
     are published like the local setup;
   * profile `cluster`: ZooKeeper and two ClickHouse nodes, only in that profile; each node mounts
@@ -45,11 +45,12 @@ DOCKERFILE = os.path.join(DEPLOY, "Dockerfile")
 PROMETHEUS = os.path.join(DEPLOY, "prometheus", "prometheus.yml")
 GRAFANA = os.path.join(DEPLOY, "grafana")
 
-PORTS = {"aggregator": 9101, "rater": 9102, "producer": 9103}
+PORTS = {"aggregator": 9101, "rater": 9102, "producer": 9103, "api": 9104}
 HTTP_VAR = {
     "aggregator": "METERFLOW_AGGREGATOR_HTTP_ADDR",
     "rater": "METERFLOW_RATER_HTTP_ADDR",
     "producer": "METERFLOW_PRODUCER_METRICS_ADDR",
+    "api": "METERFLOW_API_HTTP_ADDR",
 }
 INFRA_PORTS = {"kafka": 9092, "clickhouse": 8123, "prometheus": 9090, "grafana": 3000}
 
@@ -273,8 +274,21 @@ def check_compose(runtime_env, bins, docker_env):
     if "clickhouse:8123" not in str(runtime_env_value(services, "METERFLOW_CLICKHOUSE_URL")):
         problem("compose: METERFLOW_CLICKHOUSE_URL must point at http://clickhouse:8123")
 
-    # Grafana.
+    # Least privilege: every published port on loopback; secrets from the environment.
+    for name, svc in services.items():
+        for p in svc.get("ports", []) or []:
+            if not str(p).startswith("127.0.0.1:"):
+                problem(f"compose: {name} publishes {p!r}; publish on 127.0.0.1 only")
     genv = services.get("grafana", {}).get("environment", {}) or {}
+    if str(genv.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() != "false":
+        problem("compose: grafana must not allow anonymous access (GF_AUTH_ANONYMOUS_ENABLED)")
+    if not str(genv.get("GF_SECURITY_ADMIN_PASSWORD", "")).startswith("${"):
+        problem("compose: grafana's admin password must come from the environment")
+    for var in ("METERFLOW_CH_WRITER_PASSWORD", "METERFLOW_CH_ANALYST_PASSWORD"):
+        if not str((services.get("clickhouse", {}).get("environment") or {}).get(var, "")).startswith("${"):
+            problem(f"compose: clickhouse: {var} must come from the environment")
+
+    # Grafana.
     if "grafana-clickhouse-datasource" not in str(genv.get("GF_INSTALL_PLUGINS", "")):
         problem("compose: grafana must install grafana-clickhouse-datasource via GF_INSTALL_PLUGINS")
     home = genv.get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
@@ -437,6 +451,8 @@ def check_grafana(metric_names: set[str]):
     jd = ch.get("jsonData", {})
     if (jd.get("host"), jd.get("port"), jd.get("defaultDatabase")) != ("clickhouse", 8123, "meterflow"):
         problem(f"grafana provisioning: the ClickHouse data source must use clickhouse:8123, database meterflow (got {jd})")
+    if jd.get("username") != "meterflow_analyst":
+        problem(f"grafana provisioning: the ClickHouse data source must use the read-only meterflow_analyst, not {jd.get('username')!r}")
     prov = load_yaml(os.path.join(GRAFANA, "provisioning", "dashboards", "meterflow.yml")) or {}
     paths = [p.get("options", {}).get("path") for p in prov.get("providers", [])]
     if paths != ["/etc/grafana/dashboards"]:

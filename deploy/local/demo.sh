@@ -42,6 +42,9 @@ CARGO="${CARGO:-cargo}"
 AGG_PORT=9101
 RATER_PORT=9102
 PRODUCER_PORT=9103
+API_PORT=9104
+# CloudEvents sent through meterflow-api (each feeds three meters); 0 sends none.
+API_EVENTS="${METERFLOW_DEMO_API_EVENTS:-20000}"
 CH_HTTP="http://$MF_HOST:$CLICKHOUSE_HTTP_PORT"
 DATABASE="${METERFLOW_CLICKHOUSE_DATABASE:-meterflow}"
 # The aggregator, the rater and the producer find config/ relative to the repository.
@@ -73,7 +76,7 @@ finish_step() {
 
 svc_pidfile() { printf '%s/%s.pid' "$DEMO_DIR" "$1"; }
 svc_log() { printf '%s/%s.log' "$DEMO_DIR" "$1"; }
-svc_port() { case "$1" in aggregator) echo "$AGG_PORT" ;; rater) echo "$RATER_PORT" ;; esac }
+svc_port() { case "$1" in aggregator) echo "$AGG_PORT" ;; rater) echo "$RATER_PORT" ;; api) echo "$API_PORT" ;; esac }
 
 # Is PID the demo's NAME? (Its binary, and our marker in its environment: tests run the same
 # binaries from the same directory, and a pid may have been reused.)
@@ -152,6 +155,9 @@ svc_start() {
 summary_args() {
     SUMMARY_ARGS=(--truth "$DEMO_DIR/truth.json" --credits "$DEMO_DIR/wallets.json"
         --catalog "$MF_REPO/config/catalog.toml")
+    if [[ -f "$DEMO_DIR/api_truth.json" ]]; then
+        SUMMARY_ARGS+=(--api-truth "$DEMO_DIR/api_truth.json")
+    fi
 }
 
 where_next() {
@@ -162,7 +168,8 @@ where_next() {
   Prometheus UI   http://$MF_HOST:$PROMETHEUS_PORT/graph?g0.expr=sum(rate(meterflow_aggregator_events_in_total%5B30s%5D))&g0.range_input=15m
                   also try: meterflow_rater_revenue, meterflow_rater_margin, meterflow_rater_wallet_balance,
                   meterflow_aggregator_dead_letters_total, meterflow_aggregator_watermark_lag_seconds
-  /metrics        http://$MF_HOST:$AGG_PORT/metrics (aggregator)   http://$MF_HOST:$RATER_PORT/metrics (rater)
+  /metrics        http://$MF_HOST:$AGG_PORT/metrics (aggregator)   http://$MF_HOST:$RATER_PORT/metrics (rater)   http://$MF_HOST:$API_PORT/metrics (api)
+  HTTP API        http://$MF_HOST:$API_PORT/openapi.json; keys: $BIN/meterflow-admin keys create --tenant tenant-042 (README "HTTP API")
                   (the producer's, http://$MF_HOST:$PRODUCER_PORT/metrics, only while it generates)
   logs            $(svc_log aggregator)  $(svc_log rater)  $DEMO_DIR/producer.log
   files           $DEMO_DIR/truth.json (ground truth)  $DEMO_DIR/wallets.json  $DEMO_DIR/summary.txt
@@ -192,26 +199,32 @@ cmd_run() {
     step "release build"
     have "$CARGO" || die "cargo not found: install Rust (https://rustup.rs), then re-run"
     CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release \
-        -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer
+        -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer -p meterflow-api
     CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-e2e --bin meterflow-demo-summary
 
     step "stop a previous demo's services"
+    svc_stop api
     svc_stop rater
     svc_stop aggregator
 
     step "reset topics + database, meterflow-admin init"
     "$BIN/meterflow-demo-summary" reset
     METERFLOW_LOG=warn "$BIN/meterflow-admin" init
-    rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt"
+    rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt" "$DEMO_DIR/api_truth.json"
 
-    step "start aggregator + rater"
+    step "start aggregator + rater + api"
     svc_start aggregator
     svc_start rater
+    svc_start api
     pid_agg="$(svc_pid aggregator)"
     pid_rater="$(svc_pid rater)"
 
-    step "wallet top-ups"
-    "$BIN/meterflow-demo-summary" top-up --credits "$DEMO_DIR/wallets.json"
+    step "wallet top-ups (through meterflow-api), $API_EVENTS CloudEvents through meterflow-api"
+    "$BIN/meterflow-demo-summary" top-up --credits "$DEMO_DIR/wallets.json" --api "http://$MF_HOST:$API_PORT"
+    if ((API_EVENTS > 0)); then
+        (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" api-traffic --api "http://$MF_HOST:$API_PORT" \
+            --events "$API_EVENTS" --out "$DEMO_DIR/api_truth.json")
+    fi
 
     step "generate $EVENTS messages"
     local metrics_addr="$MF_HOST:$PRODUCER_PORT"
@@ -244,13 +257,14 @@ cmd_run() {
 }
 
 cmd_stop() {
+    svc_stop api
     svc_stop rater
     svc_stop aggregator
 }
 
 cmd_status() {
     local name pid rc=0
-    for name in aggregator rater; do
+    for name in aggregator rater api; do
         if pid="$(svc_pid "$name")"; then
             printf 'demo %-11s running  pid %-7s http://%s:%s/metrics; log %s\n' "$name" "$pid" "$MF_HOST" "$(svc_port "$name")" "$(svc_log "$name")"
         else

@@ -74,7 +74,18 @@ EOF
     <readonly>
       <readonly>1</readonly>
     </readonly>
+    <!-- readonly 2: SELECT and per-query settings (Grafana sends some), no INSERT, no DDL. -->
+    <analyst>
+      <readonly>2</readonly>
+      <max_memory_usage>4000000000</max_memory_usage>
+      <max_execution_time>120</max_execution_time>
+    </analyst>
   </profiles>
+  <!-- Least privilege: 'default' (loopback, no password) is the administrator of the local
+       setup (migrations, tests' databases); the services may run as meterflow_writer (reads and
+       writes, no user or grant management); Grafana and the README's queries use
+       meterflow_analyst (read-only). Passwords: METERFLOW_CH_WRITER_PASSWORD and
+       METERFLOW_CH_ANALYST_PASSWORD (stored as SHA-256). -->
   <users>
     <default>
       <password></password>
@@ -85,6 +96,24 @@ EOF
       <profile>default</profile>
       <quota>default</quota>
     </default>
+    <meterflow_writer>
+      <password_sha256_hex>$(sha256_hex "$CH_WRITER_PASSWORD")</password_sha256_hex>
+      <networks replace="replace">
+        <ip>127.0.0.1</ip>
+        <ip>::1</ip>
+      </networks>
+      <profile>default</profile>
+      <quota>default</quota>
+    </meterflow_writer>
+    <meterflow_analyst>
+      <password_sha256_hex>$(sha256_hex "$CH_ANALYST_PASSWORD")</password_sha256_hex>
+      <networks replace="replace">
+        <ip>127.0.0.1</ip>
+        <ip>::1</ip>
+      </networks>
+      <profile>analyst</profile>
+      <quota>default</quota>
+    </meterflow_analyst>
   </users>
   <quotas>
     <default>
@@ -100,6 +129,10 @@ EOF
   </quotas>
 </yandex>
 EOF
+}
+
+sha256_hex() {
+    printf '%s' "$1" | sha256sum | cut -d' ' -f1
 }
 
 write_prometheus_config() {
@@ -120,6 +153,9 @@ scrape_configs:
   - job_name: producer
     static_configs:
       - targets: ['127.0.0.1:9103']
+  - job_name: api
+    static_configs:
+      - targets: ['127.0.0.1:9104']
   - job_name: prometheus
     static_configs:
       - targets: ['127.0.0.1:$PROMETHEUS_PORT']
@@ -330,6 +366,13 @@ main() {
     (($# >= 1)) || usage
     local action="$1" comps=()
     shift
+    # `clickhouse-config DIR`: only write the ClickHouse config (config.xml, users.xml) into DIR,
+    # e.g. for a private server on other ports (tests/e2e/clickhouse_users.rs).
+    if [[ "$action" == clickhouse-config ]]; then
+        (($# == 1)) || usage
+        write_clickhouse_config "$1"
+        return 0
+    fi
     for a in "$@"; do
         case "$a" in
             all) comps+=("${MF_COMPONENTS[@]}") ;;

@@ -24,6 +24,8 @@
 //!    ground truth; the MV's (wrong) answer and how much it over-counts; rows stored.
 //! 7. **restart**: a second aggregator group on the same topic (fresh database) is SIGKILLed
 //!    halfway and restarted at once: time to resume, to consumer lag 0 and to exact totals.
+//! 0. **ingest**: HTTP through meterflow-api (batches of 100 and of 1) vs the direct
+//!    producer on the same broker (tests/bin/bench_api.rs; `--api-events`, `--api-only`).
 //! 8. **freshness**: real-time traffic at `--freshness-rate` events/s for `--freshness-secs`
 //!    into a fresh topic; per window, when its revision 0 appears in `meter_aggregates`
 //!    (polled every 100 ms) relative to the ack of its last event and to its close time
@@ -34,6 +36,7 @@
 //! cargo run --release -p meterflow-e2e --bin meterflow-bench -- --events 10000000
 //! ```
 
+mod bench_api;
 mod harness;
 
 use std::collections::{BTreeMap, HashMap};
@@ -100,6 +103,12 @@ struct Args {
     /// Keep the private stack's state dir after the run.
     #[arg(long)]
     keep_state: bool,
+    /// Events of the HTTP ingest phase (meterflow-api vs the direct producer; 0 = skip).
+    #[arg(long, default_value_t = 200_000)]
+    api_events: u64,
+    /// Only the HTTP ingest phase (and the core bench unless --skip-core).
+    #[arg(long)]
+    api_only: bool,
 }
 
 /// One line of the result table.
@@ -320,6 +329,10 @@ impl Pids {
 }
 
 async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
+    bench_api::ingest(args, report).await?;
+    if args.api_only {
+        return Ok(());
+    }
     let env = TestEnv::with_partitions("bench", args.partitions).await?;
     let (kafka, topics) = (env.kafka_args().clone(), env.topics().clone());
     let catalog = Arc::new(meters()?);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! meterflow-demo-summary reset    delete the six topics and both consumer groups, drop the database
-//! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups, write them to --credits
+//! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups (--api: through meterflow-api), write them to --credits
+//! meterflow-demo-summary api-traffic  send CloudEvents through meterflow-api, write their ground truth
 //! meterflow-demo-summary wait     poll ClickHouse until it equals the ground truth (or time out)
 //! meterflow-demo-summary report   print the summary read from ClickHouse, with OK/MISMATCH per check
 //! ```
@@ -10,6 +11,8 @@
 //! Connection, topic and database flags are the services' own (`METERFLOW_*` variables), so
 //! the defaults are the default names (`meterflow.*`, database `meterflow`). The comparisons
 //! are `meterflow_e2e::verify`'s, the same code the end-to-end tests use.
+
+mod demo_api;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -68,6 +71,25 @@ enum Command {
         /// Where to write {tenant: credited amount}.
         #[arg(long)]
         credits: PathBuf,
+        /// Post the top-ups to this meterflow-api (e.g. http://127.0.0.1:9104) instead of
+        /// publishing them to Kafka (an admin key is created for it).
+        #[arg(long)]
+        api: Option<String>,
+    },
+    /// Send CloudEvents batches through meterflow-api (per-tenant keys created here) and write
+    /// what it accepted as a ground truth for `wait`/`report --api-truth`.
+    ApiTraffic {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "http://127.0.0.1:9104")]
+        api: String,
+        /// CloudEvents to send (each feeds three meters).
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+        #[arg(long, env = "METERFLOW_METERS", default_value = "config/meters.toml")]
+        meters: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Poll ClickHouse until window totals, dead letters, charges and wallets equal the
     /// ground truth; fail after --timeout with the first differences.
@@ -110,6 +132,17 @@ struct Files {
     credits: PathBuf,
     #[arg(long, env = "METERFLOW_CATALOG", default_value = "config/catalog.toml")]
     catalog: PathBuf,
+    /// The ground truth of `api-traffic`, merged into --truth.
+    #[arg(long)]
+    api_truth: Option<PathBuf>,
+}
+
+fn load_truth(files: &Files) -> anyhow::Result<GroundTruth> {
+    let mut gt = GroundTruth::load(&files.truth)?;
+    if let Some(p) = &files.api_truth {
+        demo_api::merge(&mut gt, GroundTruth::load(p)?);
+    }
+    Ok(gt)
 }
 
 fn parse_watch(s: &str) -> Result<(String, u32), String> {
@@ -139,7 +172,18 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Reset { conn, groups } => reset(&conn, &groups).await.map(|()| true),
-        Command::TopUp { conn, credits } => top_up(&conn, &credits).await.map(|()| true),
+        Command::TopUp { conn, credits, api: None } => top_up(&conn, &credits).await.map(|()| true),
+        Command::TopUp { conn, credits, api: Some(api) } => top_up_api(&conn, &credits, &api).await.map(|()| true),
+        Command::ApiTraffic { conn, api, events, meters, out } => async {
+            let gt = demo_api::traffic(&api, &conn.clickhouse, &meters, events, now_ms() as u64).await?;
+            gt.save(&out)?;
+            println!(
+                "sent {events} CloudEvents through {api}: {} usage events accepted ({} sent to Kafka incl. {} from retried batches), 1 rejected item per batch",
+                gt.counters.unique_accepted, gt.counters.sent, gt.counters.duplicates
+            );
+            anyhow::Ok(true)
+        }
+        .await,
         Command::Wait { conn, files, timeout, watch } => wait(&conn, &files, Duration::from_secs(timeout), &watch).await,
         Command::Report { conn, files, aggregator_metrics, rater_metrics, top } => {
             report(&conn, &files, &aggregator_metrics, &rater_metrics, top).await
@@ -282,6 +326,17 @@ async fn top_up(conn: &Conn, credits_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn top_up_api(conn: &Conn, credits_path: &Path, api: &str) -> anyhow::Result<()> {
+    let credits = demo_api::top_up(api, &conn.clickhouse, TOP_UPS, now_ms()).await?;
+    std::fs::write(credits_path, serde_json::to_string_pretty(&credits)? + "\n")
+        .with_context(|| format!("writing {}", credits_path.display()))?;
+    println!("posted {} wallet top-ups to {api}/v1/wallets/{{tenant}}/adjustments, each twice with one Idempotency-Key (the retry was answered as a replay)", credits.len());
+    for (t, a) in &credits {
+        println!("  {t:<12} USD {a:>8}");
+    }
+    Ok(())
+}
+
 fn load_credits(path: &Path) -> anyhow::Result<BTreeMap<String, Decimal>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let raw: BTreeMap<String, String> = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -387,7 +442,7 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 async fn wait(conn: &Conn, files: &Files, timeout: Duration, watch: &[(String, u32)]) -> anyhow::Result<bool> {
-    let gt = GroundTruth::load(&files.truth)?;
+    let gt = load_truth(files)?;
     let catalog = load_catalog(&files.catalog)?;
     let credits = load_credits(&files.credits)?;
     let expected_money = verify::expected_money(&gt, &catalog)?;
@@ -584,7 +639,7 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_metrics: &str, top: usize) -> anyhow::Result<bool> {
-    let gt = GroundTruth::load(&files.truth)?;
+    let gt = load_truth(files)?;
     let catalog = load_catalog(&files.catalog)?;
     let credits = load_credits(&files.credits)?;
     let expected_money = verify::expected_money(&gt, &catalog)?;

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod checkpoints;
 pub mod cluster;
+pub mod keys;
 pub mod migrations;
 pub mod reconcile;
 pub mod replay;

@@ -9,6 +9,7 @@
 //! meterflow-admin checkpoint show|replay|reset --service aggregator|rater ...
 //! meterflow-admin rerate  [--tenant T] [--reason unpriced|overflow]   (after a catalog fix)
 //! meterflow-admin redrive --reason R [--from RFC3339] [--to RFC3339]  (after a meter fix)
+//! meterflow-admin keys create --tenant T [--scope ingest|read|admin] | list | revoke KEY_ID
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
@@ -61,6 +62,8 @@ enum Command {
     Reconcile(meterflow_admin::reconcile::ReconcileCmd),
     /// Leakage audit: check the conservation laws between tables; exit 1 on a finding.
     Audit(meterflow_admin::audit::AuditCmd),
+    /// API keys for meterflow-api: create (printed once), list, revoke.
+    Keys(meterflow_admin::keys::KeysCmd),
 }
 
 #[derive(Debug, Args)]
@@ -444,6 +447,7 @@ async fn main() -> ExitCode {
         Command::ClusterDdl(c) => run_cluster_ddl(c).map(|()| true),
         Command::Reconcile(c) => meterflow_admin::reconcile::run(c).await.map(|(ok, _)| ok),
         Command::Audit(c) => meterflow_admin::audit::run(c).await.map(|r| r.findings.is_empty()),
+        Command::Keys(c) => meterflow_admin::keys::run(c).await.map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

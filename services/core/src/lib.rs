@@ -11,6 +11,7 @@ pub mod dedup;
 pub mod engine;
 pub mod error;
 pub mod event;
+pub mod ingest;
 pub mod meter;
 pub mod partitioning;
 pub mod pricing;

@@ -86,6 +86,9 @@ impl MeterDef {
 pub struct MeterCatalog {
     meters: Vec<MeterDef>,
     by_name: HashMap<String, usize>,
+    /// How CloudEvents feed the meters (HTTP ingest); kept beside the definitions rather
+    /// than in [`MeterDef`] because only the API reads it.
+    ingest: crate::ingest::IngestMap,
 }
 
 #[derive(Deserialize)]
@@ -112,18 +115,41 @@ struct RawMeter {
     allow_negative: bool,
     #[serde(default)]
     max_quantity: Option<toml::Value>,
+    /// CloudEvents `type` this meter reads (HTTP ingest; default: the meter's name).
+    #[serde(default)]
+    event_type: Option<String>,
+    /// Path of the quantity in a CloudEvent's `data` (default `$.value`; none for `count`).
+    #[serde(default)]
+    value_property: Option<String>,
+    #[serde(default)]
+    provider_cost_property: Option<String>,
+    /// Dimension name -> path in `data` (default: each dimension the meter uses at `$.<name>`).
+    #[serde(default)]
+    dimension_properties: std::collections::BTreeMap<String, String>,
 }
 
 impl MeterCatalog {
     pub fn from_toml_str(text: &str) -> Result<Self, Error> {
         let raw: RawFile = toml::from_str(text).map_err(|e| Error::Config(format!("meters file: {e}")))?;
         let mut meters = Vec::with_capacity(raw.meter.len());
-        for m in raw.meter {
-            meters.push(validate(m)?);
+        let mut ingest = Vec::with_capacity(raw.meter.len());
+        for mut m in raw.meter {
+            let raw_ingest = crate::ingest::RawIngest {
+                event_type: m.event_type.take(),
+                value_property: m.value_property.take(),
+                provider_cost_property: m.provider_cost_property.take(),
+                dimension_properties: std::mem::take(&mut m.dimension_properties),
+            };
+            let def = validate(m)?;
+            ingest.push(crate::ingest::meter_ingest(&def, &raw_ingest).map_err(|(f, r)| invalid(&def.name, &f, r))?);
+            meters.push(def);
         }
-        Self::new(meters)
+        let mut catalog = Self::new(meters)?;
+        catalog.ingest = crate::ingest::IngestMap::new(ingest);
+        Ok(catalog)
     }
 
+    /// A catalog of `meters`; CloudEvents read them with the default mapping.
     pub fn new(meters: Vec<MeterDef>) -> Result<Self, Error> {
         let mut by_name = HashMap::new();
         for (i, m) in meters.iter().enumerate() {
@@ -131,7 +157,18 @@ impl MeterCatalog {
                 return Err(invalid(&m.name, "name", "defined twice"));
             }
         }
-        Ok(Self { meters, by_name })
+        let mut ingest = Vec::with_capacity(meters.len());
+        for m in &meters {
+            ingest.push(
+                crate::ingest::meter_ingest(m, &crate::ingest::RawIngest::default()).map_err(|(f, r)| invalid(&m.name, &f, r))?,
+            );
+        }
+        Ok(Self { meters, by_name, ingest: crate::ingest::IngestMap::new(ingest) })
+    }
+
+    /// How CloudEvents feed these meters.
+    pub fn ingest(&self) -> &crate::ingest::IngestMap {
+        &self.ingest
     }
 
     pub fn get(&self, name: &str) -> Option<&MeterDef> {

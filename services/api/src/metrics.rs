@@ -1,0 +1,25 @@
+//! The API's metrics. Labels are bounded: route (a fixed set), status class, reject reason
+//! (the fixed set of reasons), result.
+
+/// Requests by `route` and `status` (the HTTP status code).
+pub const REQUESTS: &str = "meterflow_api_requests_total";
+/// Request latency by `route`, seconds.
+pub const REQUEST_SECONDS: &str = "meterflow_api_request_seconds";
+/// Usage events written to the usage topic (acknowledged by the broker).
+pub const EVENTS_ACCEPTED: &str = "meterflow_api_events_accepted_total";
+/// Items rejected, by `reason`.
+pub const EVENTS_REJECTED: &str = "meterflow_api_events_rejected_total";
+/// Requests answered 429, by `cause` (`rate_limit`, `backpressure`).
+pub const THROTTLED: &str = "meterflow_api_throttled_total";
+/// Produce failures (the request was answered 503).
+pub const PRODUCE_ERRORS: &str = "meterflow_api_produce_errors_total";
+/// Wallet adjustments by `result` (`created`, `replayed`, `conflict`).
+pub const ADJUSTMENTS: &str = "meterflow_api_wallet_adjustments_total";
+/// Active (not revoked) keys in the cache.
+pub const KEYS: &str = "meterflow_api_keys";
+/// Failed key refreshes.
+pub const KEY_REFRESH_ERRORS: &str = "meterflow_api_key_refresh_errors_total";
+/// Events waiting for the broker's acknowledgement.
+pub const IN_FLIGHT: &str = "meterflow_api_events_in_flight";
+/// From handing a request's events to librdkafka to the last acknowledgement, seconds.
+pub const PRODUCE_SECONDS: &str = "meterflow_api_produce_seconds";
