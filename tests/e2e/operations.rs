@@ -741,3 +741,47 @@ async fn lateness_change_after_a_crash_never_rewrites_a_seq() -> anyhow::Result<
     env.cleanup().await?;
     Ok(())
 }
+
+/// Issue 10, item 2: a producer writes a control record that looks like an idle tick, with a
+/// time weeks ahead. Without the deployment's tag it is dead-lettered `unauthenticated`, and
+/// the events after it are counted (before, every later event was `too_late`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tick_cannot_move_time() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_test_logging();
+    let env = TestEnv::with_partitions("ops_forged_tick", 1).await?;
+    let topic = env.topics().usage_topic.clone();
+    let producer: FutureProducer = meterflow_runtime::kafka::producer_config(env.kafka_args())?.create()?;
+    let far = (now_ms() + 40 * 86_400_000).to_be_bytes();
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: meterflow_runtime::kafka::CONTROL_HEADER,
+        value: Some(&b"tick"[..]),
+    });
+    let forged = producer
+        .send(FutureRecord::<[u8], [u8]>::to(&topic).partition(0).payload(&far[..]).headers(headers), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+    let base = (now_ms() - 20 * 60_000).div_euclid(60_000) * 60_000;
+    let sent: Vec<UsageEvent> = (0..20).map(|i| event(&format!("f{i}"), "tenant-f", 10, base + 1_000 + i)).collect();
+    send_all(&env, &sent).await?;
+    let (task, shutdown) = start_aggregator(&env, "ops-forged", &[])?;
+    wait_totals(&env, &expected(&sent), Duration::from_secs(60)).await?;
+    stop(task, shutdown).await?;
+    let rows: Vec<(String, i64)> = env
+        .clickhouse()
+        .query("SELECT reason, source_offset FROM dead_letters")
+        .fetch_all::<DeadRow>()
+        .await?
+        .into_iter()
+        .map(|r| (r.reason, r.source_offset))
+        .collect();
+    assert_eq!(rows, vec![("unauthenticated".to_owned(), forged.offset)], "only the forged tick is dead-lettered");
+    env.cleanup().await?;
+    Ok(())
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct DeadRow {
+    reason: String,
+    source_offset: i64,
+}

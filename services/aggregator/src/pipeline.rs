@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clickhouse::Client;
+use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
 use meterflow_core::event::UsageEventRef;
@@ -414,7 +415,7 @@ impl Aggregator {
         let offset = msg.offset();
         let handle = Handle::current();
         // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, client, codec, config, catalog, warned_create_time, .. } = self;
+        let Self { partitions, outputs, client, codec, config, catalog, warned_create_time, sink, .. } = self;
         let Some(part) = partitions.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
@@ -423,9 +424,23 @@ impl Aggregator {
         }
         let payload = msg.payload().unwrap_or_default();
         if is_tick(msg) {
-            let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
-            let mut stores = ChStores { client, handle: &handle, pending: outputs };
-            retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
+            let topic = config.topics.usage_topic.as_bytes();
+            let authentic = tick_tag(msg).is_some_and(|t| {
+                auth::verify(&sink.record_key, &[auth::PURPOSE_TICK, topic, &partition.to_le_bytes(), payload], t)
+            });
+            if authentic {
+                let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
+                let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
+            } else {
+                // Anyone who can produce to the topic could otherwise move the partition's time
+                // (and close or expire everything): a tick must carry the deployment's tag.
+                let reason = RejectReason::Unauthenticated;
+                part.engine.on_rejected(offset, reason);
+                counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+                let detail = "control record (tick) without a valid meterflow-auth tag: not written by this deployment's aggregator".to_owned();
+                outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, None, payload));
+            }
         } else {
             counter!(m::EVENTS_IN).increment(1);
             part.last_input = Instant::now();
@@ -521,8 +536,12 @@ impl Aggregator {
             due.push(*p);
         }
         let payload = now_ms.to_be_bytes();
+        let topic = self.config.topics.usage_topic.as_bytes();
         for p in due {
-            let headers = OwnedHeaders::new().insert(Header { key: CONTROL_HEADER, value: Some(TICK) });
+            let tag = auth::sign(&self.sink.record_key, &[auth::PURPOSE_TICK, topic, &p.to_le_bytes(), &payload]);
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: CONTROL_HEADER, value: Some(TICK) })
+                .insert(Header { key: auth::HEADER, value: Some(&tag[..]) });
             let rec = FutureRecord::<[u8], [u8]>::to(&self.config.topics.usage_topic)
                 .partition(p)
                 .payload(&payload[..])
@@ -560,6 +579,11 @@ fn spawn_lag_reporter(
         }
     });
     Ok(())
+}
+
+/// The `meterflow-auth` tag of a control record, if any.
+fn tick_tag<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a [u8]> {
+    msg.headers()?.iter().find(|h| h.key == auth::HEADER).and_then(|h| h.value)
 }
 
 fn is_tick(msg: &BorrowedMessage<'_>) -> bool {

@@ -34,6 +34,9 @@ pub const GENERATED_KEY_LEN: usize = 32;
 pub const PURPOSE_AGGREGATE: &[u8] = b"meterflow.aggregate.v1";
 /// Purpose of a rerate request (`meterflow-admin rerate`) on the aggregates topic.
 pub const PURPOSE_RERATE: &[u8] = b"meterflow.rerate.v1";
+/// An idle tick the aggregator writes into a usage partition (tagged over topic, partition
+/// and payload, so a tick cannot be replayed into another partition).
+pub const PURPOSE_TICK: &[u8] = b"meterflow.tick.v1";
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -128,12 +128,15 @@ pub enum RejectReason {
     /// On a partition other than its tenant's (message key not the tenant, or another
     /// partitioner): its duplicates and its windows live on the tenant's partition.
     WrongPartition,
+    /// A control record (idle tick) without a valid tag of the deployment's record key: a
+    /// producer cannot move a partition's time.
+    Unauthenticated,
 }
 
 impl RejectReason {
     /// In snapshot order: new reasons are appended, never inserted (engine stats are indexed
     /// by position and checkpointed).
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::Undecodable,
         RejectReason::UnknownMeter,
         RejectReason::MissingTenant,
@@ -146,6 +149,7 @@ impl RejectReason {
         RejectReason::QuantityOutOfRange,
         RejectReason::WindowLimit,
         RejectReason::WrongPartition,
+        RejectReason::Unauthenticated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -162,6 +166,7 @@ impl RejectReason {
             RejectReason::QuantityOutOfRange => "quantity_out_of_range",
             RejectReason::WindowLimit => "window_limit",
             RejectReason::WrongPartition => "wrong_partition",
+            RejectReason::Unauthenticated => "unauthenticated",
         }
     }
 

@@ -302,9 +302,14 @@ fn drive(
             (_, Some(b)) => match codec.decode(b) {
                 // The service rejects some records before the engine sees them: undecodable
                 // ones, and (modelled here on odd offsets) records on the wrong partition.
-                Err(_) if offset % 2 == 1 => {
+                Err(_) if offset % 3 == 1 => {
                     assert!(engine.on_rejected(offset, RejectReason::WrongPartition));
                     kinds.push(Kind::Rejected(RejectReason::WrongPartition));
+                }
+                // ... and (on offsets 2 mod 3) forged control records.
+                Err(_) if offset % 3 == 2 => {
+                    assert!(engine.on_rejected(offset, RejectReason::Unauthenticated));
+                    kinds.push(Kind::Rejected(RejectReason::Unauthenticated));
                 }
                 Err(_) => {
                     assert!(engine.on_skipped(offset));
@@ -379,8 +384,12 @@ fn reference(s: &Scenario, cat: &MeterCatalog) -> Reference {
                 kinds.push(Kind::Tick);
                 continue;
             }
-            Item::Garbage if offset % 2 == 1 => {
+            Item::Garbage if offset % 3 == 1 => {
                 kinds.push(Kind::Rejected(RejectReason::WrongPartition));
+                continue;
+            }
+            Item::Garbage if offset % 3 == 2 => {
+                kinds.push(Kind::Rejected(RejectReason::Unauthenticated));
                 continue;
             }
             Item::Garbage => {
