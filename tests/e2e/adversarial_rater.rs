@@ -120,6 +120,13 @@ struct Svc {
     task: JoinHandle<anyhow::Result<()>>,
 }
 
+/// A failing test returns early: stop the services then, or the runtime waits for them.
+impl Drop for Svc {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Svc {
     fn aggregator(env: &TestEnv, meters: &str) -> anyhow::Result<Self> {
         let stop = CancellationToken::new();
@@ -135,9 +142,9 @@ impl Svc {
         anyhow::ensure!(!self.task.is_finished(), "a service stopped by itself");
         Ok(())
     }
-    async fn stop(self) -> anyhow::Result<()> {
+    async fn stop(mut self) -> anyhow::Result<()> {
         self.stop.cancel();
-        self.task.await?
+        (&mut self.task).await?
     }
 }
 
@@ -271,15 +278,22 @@ async fn poison_and_unpriced_are_parked_others_billed_and_rerate_bills_once() ->
     assert_eq!(reasons, ["overflow", "unpriced"]);
     let dl: u64 = env
         .query_scalar(&format!(
-            "SELECT count() FROM dead_letters WHERE source_topic = '{}' AND reason IN ('overflow', 'unpriced')",
+            "SELECT uniqExact(source_partition, source_offset) FROM dead_letters WHERE source_topic = '{}' AND reason IN ('overflow', 'unpriced')",
             env.topics().aggregates_topic
         ))
         .await?;
     assert_eq!(dl, 2, "one dead letter per parked aggregate");
-    let text = scrape(&http).await?;
-    assert_eq!(metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"overflow\"}"), 1.0, "{text}");
-    assert_eq!(metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"unpriced\"}"), 1.0);
-    assert_eq!(metric(&text, "meterflow_rater_parked_aggregates"), 2.0);
+    // Counters count processing: a replay after a rebalance counts again, hence >= 1.
+    eventually(Duration::from_secs(10), &[&agg, &rater], || async {
+        let text = scrape(&http).await?;
+        let (o, u, now) = (
+            metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"overflow\"}"),
+            metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"unpriced\"}"),
+            metric(&text, "meterflow_rater_parked_aggregates"),
+        );
+        Ok((o < 1.0 || u < 1.0 || now != 2.0).then(|| format!("parked overflow {o} unpriced {u}, parked now {now}")))
+    })
+    .await?;
 
     // Fix the catalog, restart the rater with it, rerate twice.
     rater.stop().await?;
@@ -333,7 +347,7 @@ async fn poison_and_unpriced_are_parked_others_billed_and_rerate_bills_once() ->
     eventually(Duration::from_secs(30), &[&agg, &rater], || async {
         let text = scrape(&http).await?;
         let n = metric(&text, "meterflow_rater_rerates_total{outcome=\"not_parked\"}");
-        Ok((n != 2.0).then(|| format!("{n} not_parked rerates")))
+        Ok((n < 2.0).then(|| format!("{n} not_parked rerates")))
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await; // past a flush

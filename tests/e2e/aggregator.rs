@@ -142,6 +142,14 @@ async fn identical_after_clickhouse_outage() -> anyhow::Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     meterflow_testkit::services("stop", "clickhouse")?;
+    // Whatever happens below, the shared ClickHouse comes back for the tests after this one.
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let _ = meterflow_testkit::services("start", "clickhouse");
+        }
+    }
+    let _restart = Restart;
     eprintln!("ClickHouse stopped");
     tokio::time::sleep(Duration::from_secs(10)).await;
     agg.check_alive()?;

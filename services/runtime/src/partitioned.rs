@@ -300,18 +300,57 @@ impl Driver<'_> {
             ),
             None => None,
         };
-        let mut counts = BTreeMap::new();
-        for t in &topics {
-            counts.insert(t.clone(), partition_count(self.consumer, t)?);
-        }
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
-        if operator.is_none() {
-            self.check_offsets(&key, &topics, &counts, loaded.as_ref(), envelope.as_ref())?;
-        }
+        // Broker errors (a restart, an election) are retried; only a real disagreement refuses.
+        let mut backoff = Backoff::default().min;
+        let counts = loop {
+            let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
+                let mut counts = BTreeMap::new();
+                for t in &topics {
+                    counts.insert(t.clone(), partition_count(self.consumer, t)?);
+                }
+                if operator.is_none() {
+                    self.check_offsets(&key, &topics, &counts, loaded.as_ref(), envelope.as_ref())?;
+                }
+                Ok(counts)
+            })();
+            match checked {
+                Ok(counts) => break counts,
+                Err(e) if e.chain().any(|c| c.is::<rdkafka::error::KafkaError>()) => {
+                    counter!(errors, "sink" => "kafka").increment(1);
+                    tracing::warn!(error = %format!("{e:#}"), partition = p, "reading the topic's offsets failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return Ok(false),
+                    }
+                    backoff = (backoff * 2).min(Backoff::default().max);
+                }
+                Err(e) => return Err(e),
+            }
+        };
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
         if operator.is_none() {
-            if let Err(e) = svc.verify(p, envelope.as_ref()).await {
+            // ClickHouse errors (an outage) are retried; only a real disagreement refuses.
+            let mut backoff = Backoff::default().min;
+            let verified = loop {
+                match svc.verify(p, envelope.as_ref()).await {
+                    Err(e) if e.chain().any(|c| c.is::<::clickhouse::error::Error>()) => {
+                        counter!(errors, "sink" => "checkpoint").increment(1);
+                        tracing::warn!(error = %format!("{e:#}"), partition = p, "checking outputs failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.cancelled() => {
+                                svc.release(p);
+                                return Ok(false);
+                            }
+                        }
+                        backoff = (backoff * 2).min(Backoff::default().max);
+                    }
+                    other => break other,
+                }
+            };
+            if let Err(e) = verified {
                 svc.release(p);
                 return Err(e.context(format!(
                     "{} partition {p}: checkpoint and outputs disagree; refusing to start. \
@@ -485,7 +524,13 @@ impl Driver<'_> {
                 return Ok(());
             }
             if seeks >= 3 {
-                let (low, _) = self.consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)?;
+                let low = match tokio::task::block_in_place(|| self.consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)) {
+                    Ok((low, _)) => low,
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic, partition = p, "reading the log start failed; retrying");
+                        return Ok(());
+                    }
+                };
                 anyhow::ensure!(
                     low <= expected,
                     "{topic} partition {p}: offsets {expected}..{low} were deleted (retention?) before they were \
