@@ -23,11 +23,26 @@ pub async fn resolve(args: &AuthArgs, client: &Client) -> anyhow::Result<RecordK
     if let Some(hex) = &args.record_key {
         return RecordKey::from_hex(hex).context("--record-key / METERFLOW_RECORD_KEY");
     }
-    let rows: Vec<KeyRow> = client
-        .query("SELECT key_hex FROM record_keys ORDER BY created_at, key_hex LIMIT 1")
-        .fetch_all()
-        .await
-        .context("reading the record key from ClickHouse table record_keys (run `meterflow-admin migrate`, or pass --record-key)")?;
+    // A service (re)started during a ClickHouse outage waits for it, like everything else it
+    // reads from ClickHouse; a missing table is not an outage and fails at once.
+    let mut delay = std::time::Duration::from_millis(100);
+    let mut attempts = 0;
+    let rows: Vec<KeyRow> = loop {
+        match client.query("SELECT key_hex FROM record_keys ORDER BY created_at, key_hex LIMIT 1").fetch_all().await {
+            Ok(rows) => break rows,
+            Err(e @ clickhouse::error::Error::Network(_)) if attempts < 600 => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempt = attempts, "reading the record key from ClickHouse failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e).context(
+                    "reading the record key from ClickHouse table record_keys (run `meterflow-admin migrate`, or pass --record-key)",
+                )
+            }
+        }
+    };
     let row = rows
         .into_iter()
         .next()
