@@ -14,6 +14,20 @@ use rand::{Rng as _, SeedableRng as _};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
+/// Keys are picked up within the API's `--key-refresh` (2 s by default): waits until `key` is
+/// no longer answered 401 (a key of another scope gets 403, which also means it is known).
+async fn wait_until_known(client: &reqwest::Client, api: &str, key: &str, tenant: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get(format!("{api}/v1/wallets/{tenant}")).bearer_auth(key).send().await?;
+        if r.status().as_u16() != 401 {
+            return Ok(());
+        }
+        ensure!(std::time::Instant::now() < deadline, "meterflow-api did not pick up a new key within 30 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -23,6 +37,7 @@ fn now_ms() -> i64 {
 pub async fn top_up(api: &str, ch: &ClickHouseArgs, top_ups: &[(&str, i64)], run: i64) -> Result<BTreeMap<String, String>> {
     let (_, admin) = meterflow_admin::keys::create(ch, "demo-payments", Scope::Admin).await?;
     let client = reqwest::Client::new();
+    wait_until_known(&client, api, &admin, top_ups.first().map_or("tenant-000", |t| t.0)).await?;
     let mut credits = BTreeMap::new();
     for (tenant, usd) in top_ups {
         let body = json!({"amount": usd.to_string(), "currency": "USD", "reason": "make demo: prepaid credit",
@@ -63,9 +78,10 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
     for t in &tenants {
         keys.push(meterflow_admin::keys::create(ch, t, Scope::Ingest).await?.1);
     }
-    // Keys are picked up within the API's --key-refresh.
-    tokio::time::sleep(Duration::from_secs(3)).await;
     let client = reqwest::Client::new();
+    for (t, k) in tenants.iter().zip(&keys) {
+        wait_until_known(&client, api, k, t).await?;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Models the pricing catalog prices.
     let models = ["gpt-4o", "gpt-4o-mini", "llama-70b", "claude-sonnet"];
@@ -176,6 +192,24 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
 pub fn merge(gt: &mut GroundTruth, extra: GroundTruth) {
     let mut by_key: BTreeMap<WindowKey, WindowTotal> =
         std::mem::take(&mut gt.windows).into_iter().map(|w| ((w.tenant.clone(), w.meter.clone(), w.dimensions.clone(), w.window_start), w)).collect();
+    // Per tenant and meter totals too (the API's meters are sums and counts: totals add up).
+    for w in &extra.windows {
+        match gt.totals.iter_mut().find(|t| t.tenant == w.tenant && t.meter == w.meter) {
+            Some(t) => {
+                t.value += w.value;
+                t.event_count += w.event_count;
+                t.provider_cost += w.provider_cost;
+            }
+            None => gt.totals.push(meterflow_producer::truth::MeterTotal {
+                tenant: w.tenant.clone(),
+                meter: w.meter.clone(),
+                aggregation: w.aggregation.clone(),
+                value: w.value,
+                event_count: w.event_count,
+                provider_cost: w.provider_cost,
+            }),
+        }
+    }
     for w in extra.windows {
         match by_key.entry((w.tenant.clone(), w.meter.clone(), w.dimensions.clone(), w.window_start)) {
             std::collections::btree_map::Entry::Occupied(mut o) => {
