@@ -669,17 +669,19 @@ fn committed_offset(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32
 }
 
 /// Seeks `topic`/`p` to `offset`, retrying while librdkafka has not started the partition yet.
+/// Bounded (at most ~2 s, it runs on the loop's thread): if it fails, the contiguity check in
+/// `dispatch` seeks again when a record arrives at the wrong offset.
 fn seek(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32, offset: i64) {
-    for attempt in 0..50 {
-        match consumer.seek(topic, p, Offset::Offset(offset), Duration::from_secs(5)) {
+    for attempt in 0..5 {
+        match tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_millis(300))) {
             Ok(()) => return,
             Err(e) => {
-                if attempt == 49 {
+                if attempt == 4 {
                     // The contiguity check in `dispatch` still protects the state; it seeks again.
                     tracing::warn!(error = %e, topic, partition = p, offset, "seek failed");
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
