@@ -1,5 +1,5 @@
 # meterflow developer targets. Local services (broker, ClickHouse, Prometheus) are managed by
-# deploy/local/services.sh; see README.md "Local services".
+# deploy/local/services.sh; see docs/configuration.md "Local services".
 #
 #   make up | down | status          start / stop / show the local services
 #   make restart-broker              (also start-/stop-/restart- + broker|clickhouse|prometheus)
@@ -42,7 +42,7 @@ down:
 	@$(SERVICES) stop all
 	@deploy/local/cluster.sh stop all
 
-# The local ClickHouse cluster (deploy/local/cluster.sh; README "A ClickHouse cluster"): ZooKeeper
+# The local ClickHouse cluster (deploy/local/cluster.sh; docs/clickhouse.md "A ClickHouse cluster"): ZooKeeper
 # on 127.0.0.1:12181 and ch1/ch2/ch3 on HTTP 18123-18125, native 19000-19002. It never touches
 # the single node on 8123/9000; the broker still comes from `make up`.
 .PHONY: up-cluster down-cluster status-cluster test-cluster
@@ -143,7 +143,7 @@ demo-status:
 demo-summary:
 	@deploy/local/demo.sh summary
 
-## --- benchmarks, chaos, fuzzing (README "Benchmarks and chaos") -------------------------
+## --- benchmarks, chaos, fuzzing (docs/testing.md) -------------------------
 # bench and chaos start their own broker and ClickHouse on free ports under target/bench/ and
 # target/chaos/ (deploy/local/services.sh with METERFLOW_STATE and port variables), so they
 # never restart or stop the shared ones on 9092/8123; no `make up` needed.

@@ -1,7 +1,7 @@
 //! Memory per window, measured: the resident set growth of this process while one partition
 //! engine opens 400,000 windows (one tenant, a new `model` value per event, as in a
 //! cardinality flood), divided by the windows. The only test in its binary, so nothing else
-//! allocates meanwhile. Prints the figure (README "Memory limits" quotes it) and fails if it
+//! allocates meanwhile. Prints the figure (docs/design.md "Memory limits" quotes it) and fails if it
 //! grows past 512 bytes per window.
 
 use std::sync::Arc;
