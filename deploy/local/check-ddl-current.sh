@@ -14,50 +14,8 @@ CHDB_VERSION="${METERFLOW_CHDB_VERSION:-26.9.0}"
 VENV="$MF_CACHE/chdb-venv"
 MIGRATIONS="${1:-${METERFLOW_MIGRATIONS_DIR:-$MF_REPO/schemas/clickhouse}}"
 
-find_python() {
-    local p
-    for p in python3 python; do
-        if have "$p" && "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
-            command -v "$p"
-            return 0
-        fi
-    done
-    return 1
-}
-
-ensure_venv() {
-    if [[ -x "$VENV/bin/python" ]] &&
-        "$VENV/bin/python" -c "import chdb, sys; sys.exit(0 if chdb.__version__ == '$CHDB_VERSION' else 1)" 2>/dev/null; then
-        return 0
-    fi
-    mkdir -p "$MF_CACHE"
-    exec 8>"$MF_CACHE/chdb-venv.lock"
-    flock 8
-    if [[ -x "$VENV/bin/python" ]] &&
-        "$VENV/bin/python" -c "import chdb, sys; sys.exit(0 if chdb.__version__ == '$CHDB_VERSION' else 1)" 2>/dev/null; then
-        return 0
-    fi
-    local py
-    if ! py="$(find_python)"; then
-        log "no python3 >= 3.9: installing python3 python3-venv"
-        apt_install python3 python3-venv python3-pip || die "check-ddl-current: cannot install python3"
-        py="$(find_python)" || die "check-ddl-current: no python3 >= 3.9 even after installing it"
-    fi
-    log "creating $VENV with chdb-core==$CHDB_VERSION (ClickHouse in-process; ~100 MB download, once)"
-    rm -rf "$VENV"
-    if ! "$py" -m venv "$VENV" 2>/dev/null; then
-        log "python venv module missing: installing python3-venv"
-        apt_install python3-venv || die "check-ddl-current: cannot install python3-venv"
-        "$py" -m venv "$VENV" || die "check-ddl-current: cannot create a virtualenv with $py"
-    fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "chdb-core==$CHDB_VERSION" ||
-        die "check-ddl-current: pip install chdb-core==$CHDB_VERSION failed; this check does not skip: fix the install (network? package index?) and re-run"
-    "$VENV/bin/python" -c 'import chdb' || die "check-ddl-current: chdb-core installed but 'import chdb' fails"
-    exec 8>&-
-}
-
 [[ -d "$MIGRATIONS" ]] || die "check-ddl-current: no migrations dir $MIGRATIONS"
-ensure_venv
+ensure_py_venv "$VENV" chdb-core "$CHDB_VERSION" chdb "ClickHouse in-process; ~100 MB download, once"
 log "check-ddl-current: applying $MIGRATIONS to current ClickHouse (chdb-core $CHDB_VERSION)"
 "$VENV/bin/python" "$MF_REPO/deploy/local/check_ddl_current.py" "$MIGRATIONS"
 

@@ -181,3 +181,154 @@ apt_install() {
     [[ "$created_policy" == 0 ]] || rm -f /usr/sbin/policy-rc.d
     return "$rc"
 }
+
+# ---------------------------------------------------------------------------------------------
+# Component life cycle shared by services.sh and cluster.sh. Each script defines the hooks
+# comp_ports, comp_write_config DIR, comp_command (sets CMD), comp_ready PID, comp_describe.
+
+# Refuses a port somebody else holds, writes the config, starts the component in its own
+# session and waits until comp_ready says yes (stopping it again when it never does).
+launch_component() {
+    local comp="$1" dir logf pidfile pid
+    dir="$(comp_dir "$comp")"
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd -P)"
+    logf="$(comp_log "$comp")"
+    pidfile="$(comp_pidfile "$comp")"
+
+    # Somebody else on our port: refuse early, with the culprit named.
+    local port holders
+    for port in $(comp_ports "$comp"); do
+        if port_in_use "$port"; then
+            holders="$(listeners_on "$port" | while read -r p; do describe_pid "$p"; echo; done)"
+            printf '[meterflow] %s: 127.0.0.1:%s is already in use by %s\n' "$comp" "$port" "${holders:-another process}" >>"$logf"
+            fail_with_log "$comp" "port $port is already in use by ${holders:-another process} (not started by this script); stop it or free the port"
+        fi
+    done
+
+    comp_write_config "$comp" "$dir"
+    comp_command "$comp"
+    printf '\n[meterflow] ==== %s starting at %s: %s\n' "$comp" "$(date -u +%FT%TZ)" "${CMD[*]}" >>"$logf"
+    # setsid: its own session, so a Ctrl-C in the terminal that ran `make up` does not reach it.
+    (cd "$dir" && exec setsid "${CMD[@]}" >>"$logf" 2>&1 </dev/null) &
+    pid=$!
+    echo "$pid" >"$pidfile"
+    log "$comp: started (pid $pid), waiting up to ${MF_READY_TIMEOUT}s for it to be ready; log: $logf"
+
+    local start
+    start="$(now_s)"
+    while true; do
+        # (Not pid_is_ours here: until the subshell has exec'd, the pid is still a bash.)
+        if ! kill -0 "$pid" 2>/dev/null || [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" == Z ]]; then
+            wait "$pid" 2>/dev/null || true
+            rm -f "$pidfile"
+            fail_with_log "$comp" "exited during start-up"
+        fi
+        if comp_ready "$comp" "$pid"; then
+            break
+        fi
+        if (($(now_s) - start >= MF_READY_TIMEOUT)); then
+            kill -TERM "$pid" 2>/dev/null || true
+            sleep 1
+            kill -KILL "$pid" 2>/dev/null || true
+            rm -f "$pidfile"
+            fail_with_log "$comp" "not ready after ${MF_READY_TIMEOUT}s (stopped it again)"
+        fi
+        sleep 0.5
+    done
+    log "$comp: ready in $(($(now_s) - start))s ($(comp_describe "$comp"))"
+}
+
+# SIGTERM, then SIGKILL after 30 s; a second argument KILL sends SIGKILL at once (a crash).
+stop_component() {
+    local comp="$1" signal="${2:-TERM}" pid pidfile start
+    pidfile="$(comp_pidfile "$comp")"
+    if ! pid="$(running_pid "$comp")"; then
+        log "$comp: not running (nothing to stop)"
+        return 0
+    fi
+    log "$comp: stopping (pid $pid, SIG$signal)"
+    kill "-$signal" "$pid" 2>/dev/null || true
+    start="$(now_s)"
+    while pid_is_ours "$comp" "$pid"; do
+        if (($(now_s) - start >= 30)); then
+            warn "$comp: pid $pid did not exit 30s after SIGTERM, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 1
+            break
+        fi
+        sleep 0.2
+    done
+    rm -f "$pidfile"
+    # The ports must be free again before a quick restart.
+    local port
+    for port in $(comp_ports "$comp"); do
+        start="$(now_s)"
+        while pid_listens_on "$pid" "$port" && (($(now_s) - start < 10)); do sleep 0.2; done
+    done
+    log "$comp: stopped"
+}
+
+status_component() {
+    local comp="$1" pid
+    if pid="$(running_pid "$comp")"; then
+        if comp_ready "$comp" "$pid"; then
+            printf '%-11s running  pid %-7s %s; log %s\n' "$comp" "$pid" "$(comp_describe "$comp")" "$(comp_log "$comp")"
+            return 0
+        fi
+        printf '%-11s UNHEALTHY pid %-7s (process up but not answering) %s; log %s\n' "$comp" "$pid" "$(comp_describe "$comp")" "$(comp_log "$comp")"
+        return 3
+    fi
+    local note="" port
+    for port in $(comp_ports "$comp"); do
+        if port_in_use "$port"; then
+            note="; port $port is held by another process ($(listeners_on "$port" | head -n1 | { read -r p && describe_pid "$p"; } || true))"
+        fi
+    done
+    printf '%-11s stopped%s\n' "$comp" "$note"
+    return 3
+}
+
+# ---------------------------------------------------------------------------------------------
+# A cached Python virtualenv with one pinned PyPI package: ensure_py_venv DIR PACKAGE VERSION
+# MODULE [NOTE]. Serialised by a lock (parallel test runs); never skips: a failed install dies
+# with what to fix. Used by pyenv.sh (fastavro) and check-ddl-current.sh (chdb-core).
+find_python() {
+    local p
+    for p in python3 python; do
+        if have "$p" && "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' 2>/dev/null; then
+            command -v "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+
+ensure_py_venv() {
+    local venv="$1" package="$2" version="$3" module="$4" note="${5:-}" py
+    local check="import $module, sys; sys.exit(0 if $module.__version__ == '$version' else 1)"
+    [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "$check" 2>/dev/null && return 0
+    mkdir -p "$MF_CACHE"
+    exec 8>"$venv.lock"
+    flock 8
+    if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "$check" 2>/dev/null; then
+        exec 8>&-
+        return 0
+    fi
+    if ! py="$(find_python)"; then
+        log "no python3 >= 3.9: installing python3 python3-venv"
+        apt_install python3 python3-venv python3-pip || die "cannot install python3"
+        py="$(find_python)" || die "no python3 >= 3.9 even after installing it"
+    fi
+    log "creating $venv with $package==$version${note:+ ($note)}"
+    rm -rf "$venv"
+    if ! "$py" -m venv "$venv" 2>/dev/null; then
+        log "python venv module missing: installing python3-venv"
+        apt_install python3-venv || die "cannot install python3-venv"
+        "$py" -m venv "$venv" || die "cannot create a virtualenv with $py"
+    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$package==$version" ||
+        die "pip install $package==$version failed; this does not skip: fix the install (network? package index?) and re-run"
+    "$venv/bin/python" -c "$check" || die "$package installed but 'import $module' fails or has another version"
+    exec 8>&-
+}

@@ -239,8 +239,20 @@ comp_ready() {
 # ---------------------------------------------------------------------------------------------
 # actions
 
+comp_write_config() {
+    local comp="$1" dir="$2"
+    case "$comp" in
+        clickhouse) write_clickhouse_config "$dir" ;;
+        prometheus) write_prometheus_config "$dir" ;;
+        broker)
+            broker_storage_url >/dev/null
+            echo "$MF_BROKER_STORAGE" >"$dir/storage"
+            ;;
+    esac
+}
+
 start_one() {
-    local comp="$1" dir logf pidfile pid
+    local comp="$1" pid
     if pid="$(running_pid "$comp")"; then
         log "$comp: already running (pid $pid; $(comp_describe "$comp"))"
         if [[ "$comp" == broker && -f "$(comp_dir broker)/storage" &&
@@ -250,112 +262,11 @@ start_one() {
         return 0
     fi
     "$HERE/install.sh" "$comp"
-    dir="$(comp_dir "$comp")"
-    mkdir -p "$dir"
-    dir="$(cd "$dir" && pwd -P)"
-    logf="$(comp_log "$comp")"
-    pidfile="$(comp_pidfile "$comp")"
-
-    # Somebody else on our port: refuse early, with the culprit named.
-    local port holders
-    for port in $(comp_ports "$comp"); do
-        if port_in_use "$port"; then
-            holders="$(listeners_on "$port" | while read -r p; do describe_pid "$p"; echo; done)"
-            printf '[meterflow] %s: 127.0.0.1:%s is already in use by %s\n' "$comp" "$port" "${holders:-another process}" >>"$logf"
-            fail_with_log "$comp" "port $port is already in use by ${holders:-another process} (not started by this script); stop it or free the port"
-        fi
-    done
-
-    case "$comp" in
-        clickhouse) write_clickhouse_config "$dir" ;;
-        prometheus) write_prometheus_config "$dir" ;;
-        broker)
-            broker_storage_url >/dev/null
-            echo "$MF_BROKER_STORAGE" >"$dir/storage"
-            ;;
-    esac
-    comp_command "$comp"
-    {
-        printf '\n[meterflow] ==== %s starting at %s: %s\n' "$comp" "$(date -u +%FT%TZ)" "${CMD[*]}"
-    } >>"$logf"
-    # setsid: its own session, so a Ctrl-C in the terminal that ran `make up` does not reach it.
-    (cd "$dir" && exec setsid "${CMD[@]}" >>"$logf" 2>&1 </dev/null) &
-    pid=$!
-    echo "$pid" >"$pidfile"
-    log "$comp: started (pid $pid), waiting up to ${MF_READY_TIMEOUT}s for it to be ready; log: $logf"
-
-    local start
-    start="$(now_s)"
-    while true; do
-        # (Not pid_is_ours here: until the subshell has exec'd, the pid is still a bash.)
-        if ! kill -0 "$pid" 2>/dev/null || [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" == Z ]]; then
-            wait "$pid" 2>/dev/null || true
-            rm -f "$pidfile"
-            fail_with_log "$comp" "exited during start-up"
-        fi
-        if comp_ready "$comp" "$pid"; then
-            break
-        fi
-        if (($(now_s) - start >= MF_READY_TIMEOUT)); then
-            kill -TERM "$pid" 2>/dev/null || true
-            sleep 1
-            kill -KILL "$pid" 2>/dev/null || true
-            rm -f "$pidfile"
-            fail_with_log "$comp" "not ready after ${MF_READY_TIMEOUT}s (stopped it again)"
-        fi
-        sleep 0.5
-    done
-    log "$comp: ready in $(($(now_s) - start))s ($(comp_describe "$comp"))"
+    launch_component "$comp"
 }
 
-stop_one() {
-    local comp="$1" pid pidfile start
-    pidfile="$(comp_pidfile "$comp")"
-    if ! pid="$(running_pid "$comp")"; then
-        log "$comp: not running (nothing to stop)"
-        return 0
-    fi
-    log "$comp: stopping (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
-    start="$(now_s)"
-    while pid_is_ours "$comp" "$pid"; do
-        if (($(now_s) - start >= 30)); then
-            warn "$comp: pid $pid did not exit 30s after SIGTERM, sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 1
-            break
-        fi
-        sleep 0.2
-    done
-    rm -f "$pidfile"
-    # The ports must be free again before a quick restart.
-    local port
-    for port in $(comp_ports "$comp"); do
-        start="$(now_s)"
-        while pid_listens_on "$pid" "$port" && (($(now_s) - start < 10)); do sleep 0.2; done
-    done
-    log "$comp: stopped"
-}
-
-status_one() {
-    local comp="$1" pid
-    if pid="$(running_pid "$comp")"; then
-        if comp_ready "$comp" "$pid"; then
-            printf '%-11s running  pid %-7s %s; log %s\n' "$comp" "$pid" "$(comp_describe "$comp")" "$(comp_log "$comp")"
-            return 0
-        fi
-        printf '%-11s UNHEALTHY pid %-7s (process up but not answering) %s; log %s\n' "$comp" "$pid" "$(comp_describe "$comp")" "$(comp_log "$comp")"
-        return 3
-    fi
-    local note="" port
-    for port in $(comp_ports "$comp"); do
-        if port_in_use "$port"; then
-            note="; port $port is held by another process ($(listeners_on "$port" | head -n1 | { read -r p && describe_pid "$p"; } || true))"
-        fi
-    done
-    printf '%-11s stopped%s\n' "$comp" "$note"
-    return 3
-}
+stop_one() { stop_component "$@"; }
+status_one() { status_component "$@"; }
 
 usage() {
     echo "usage: $0 start|stop|restart|status [all|${MF_COMPONENTS[*]// /|}]..." >&2
