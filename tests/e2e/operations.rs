@@ -330,7 +330,25 @@ async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
         Duration::from_secs(30),
     )
     .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await; // a checkpoint covers them
+    // A checkpoint covers them (the restart must not re-read them from the log).
+    let (usage_topic, home) = (env.topics().usage_topic.clone(), partition_for(b"tenant-7", 2));
+    wait_for(
+        || {
+            let (env, topic) = (env.clone(), usage_topic.clone());
+            async move {
+                let next: i64 = env
+                    .clickhouse()
+                    .query("SELECT max(next_offset) FROM checkpoints WHERE topic = ? AND partition = ?")
+                    .bind(&topic)
+                    .bind(home)
+                    .fetch_one()
+                    .await?;
+                Ok(next >= 50)
+            }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
     stop(task, shutdown).await?;
     assert!(now_ms() < close_at - 5_000, "the restart happens before the window closes");
     let (task, shutdown) = start_aggregator(&env, "ops-quiet", &[])?;
@@ -425,7 +443,15 @@ async fn wrong_partition_and_partition_count_change() -> anyhow::Result<()> {
         meterflow_runtime::kafka::base_config(env.kafka_args())?.create()?;
     let opts = rdkafka::admin::AdminOptions::new();
     admin.delete_topics(&[topic.as_str()], &opts).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for(
+        || {
+            let kafka = env.kafka_args().clone();
+            let topic = topic.clone();
+            async move { Ok(!meterflow_admin::list_topics(&kafka).await?.contains_key(&topic)) }
+        },
+        Duration::from_secs(30),
+    )
+    .await?;
     admin
         .create_topics(&[rdkafka::admin::NewTopic::new(&topic, 4, rdkafka::admin::TopicReplication::Fixed(1))], &opts)
         .await?;
@@ -461,7 +487,10 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
     let proxy = TcpProxy::start(env.clickhouse_args().url.trim_start_matches("http://")).await?;
     let group = "ops-fence";
     let mut a = ServiceProc::new("meterflow-aggregator", aggregator_env(&env, group, &[]), log_path(&env, "aggregator-a"))?;
-    let b_env = aggregator_env(&env, group, &[("METERFLOW_CLICKHOUSE_URL", &proxy.url())]);
+    // B gets the record key up front: without it, B would wait for ClickHouse before even
+    // joining the group, and the cut below would test nothing.
+    let record_key: String = env.query_scalar("SELECT key_hex FROM record_keys ORDER BY created_at, key_hex LIMIT 1").await?;
+    let b_env = aggregator_env(&env, group, &[("METERFLOW_CLICKHOUSE_URL", &proxy.url()), ("METERFLOW_RECORD_KEY", &record_key)]);
     let mut b = ServiceProc::new("meterflow-aggregator", b_env, log_path(&env, "aggregator-b"))?;
     a.start()?;
     let producing = {
@@ -469,27 +498,51 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
         let cfg = workload(30_000, 21)?;
         tokio::spawn(async move { produce(&kafka, &topic, cfg).await })
     };
-    let epochs = |env: TestEnv| async move {
+    // Per partition: the newest checkpoint's epoch and its number within the epoch (0 = the claim).
+    let newest = |env: TestEnv| async move {
         #[derive(Debug, clickhouse::Row, Deserialize)]
         struct E {
             partition: i32,
             epoch: u64,
+            n: u64,
         }
         let rows: Vec<E> = env
             .clickhouse()
-            .query("SELECT partition, intDiv(max(version), 4294967296) AS epoch FROM checkpoints GROUP BY partition")
+            .query(
+                "SELECT partition, intDiv(max(version), 4294967296) AS epoch, bitAnd(max(version), 4294967295) AS n \
+                 FROM checkpoints GROUP BY partition",
+            )
             .fetch_all()
             .await?;
-        anyhow::Ok(rows.into_iter().map(|r| (r.partition, r.epoch)).collect::<BTreeMap<i32, u64>>())
+        anyhow::Ok(rows.into_iter().map(|r| (r.partition, (r.epoch, r.n))).collect::<BTreeMap<i32, (u64, u64)>>())
     };
-    wait_for(|| { let env = env.clone(); async move { Ok(epochs(env).await?.len() == 2) } }, Duration::from_secs(60)).await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let epochs = move |env: TestEnv| async move {
+        anyhow::Ok(newest(env).await?.into_iter().map(|(p, (e, _))| (p, e)).collect::<BTreeMap<i32, u64>>())
+    };
+    // A claimed both partitions and checkpointed past its claims: it is processing.
+    let past_claims = move |env: TestEnv| async move { Ok(newest(env).await?.values().filter(|(_, n)| *n >= 1).count() == 2) };
+    wait_for(|| past_claims(env.clone()), Duration::from_secs(60)).await?;
     let before = epochs(env.clone()).await?;
     assert!(a.signal("STOP")?, "SIGSTOP reached the first instance");
     eprintln!("aggregator A stopped; epochs {before:?}");
     proxy.cut();
     b.start()?;
-    tokio::time::sleep(Duration::from_secs(15)).await; // session timeout: B is assigned, cannot reach ClickHouse
+    // After A's session times out B is assigned the partitions and tries to take them over,
+    // through the cut proxy.
+    let b_log = b.log_path().to_owned();
+    wait_for(
+        || {
+            let (b_log, usage) = (b_log.clone(), env.topics().usage_topic.clone());
+            async move {
+                let log = std::fs::read_to_string(&b_log).unwrap_or_default();
+                Ok(log.lines().any(|l| l.contains("partitions assigned") && l.contains(&usage)))
+            }
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
+    let refused_at_assignment = proxy.refused();
+    wait_for(|| std::future::ready(Ok(proxy.refused() > refused_at_assignment + 1)), Duration::from_secs(30)).await?;
     b.check_alive()?;
     assert_eq!(epochs(env.clone()).await?, before, "B cannot claim while cut off from ClickHouse");
     proxy.restore();
@@ -503,7 +556,15 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
     )
     .await?;
     eprintln!("B claimed every partition: {:?}", epochs(env.clone()).await?);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // B checkpointed past its claims before A wakes up: A's next checkpoint would be stale.
+    wait_for(
+        || {
+            let (env, before) = (env.clone(), before.clone());
+            async move { Ok(newest(env).await?.iter().all(|(p, (e, n))| *e > before[p] && *n >= 1)) }
+        },
+        Duration::from_secs(60),
+    )
+    .await?;
     assert!(a.signal("CONT")?, "SIGCONT reached the first instance");
     let gt = producing.await??;
     let ch = env.clickhouse();
