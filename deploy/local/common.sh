@@ -239,6 +239,24 @@ launch_component() {
     log "$comp: ready in $(($(now_s) - start))s ($(comp_describe "$comp"))"
 }
 
+# signal_and_wait PID SIGNAL GRACE LABEL PREDICATE...: sends SIGNAL, waits while PREDICATE
+# (a command, e.g. `pid_is_ours COMP PID`) holds, and sends SIGKILL after GRACE seconds.
+signal_and_wait() {
+    local pid="$1" signal="$2" grace="$3" label="$4" start
+    shift 4
+    kill "-$signal" "$pid" 2>/dev/null || true
+    start="$(now_s)"
+    while "$@"; do
+        if (($(now_s) - start >= grace)); then
+            warn "$label: pid $pid still running ${grace}s after SIG$signal, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            sleep 1
+            break
+        fi
+        sleep 0.2
+    done
+}
+
 # SIGTERM, then SIGKILL after 30 s; a second argument KILL sends SIGKILL at once (a crash).
 stop_component() {
     local comp="$1" signal="${2:-TERM}" pid pidfile start
@@ -248,17 +266,7 @@ stop_component() {
         return 0
     fi
     log "$comp: stopping (pid $pid, SIG$signal)"
-    kill "-$signal" "$pid" 2>/dev/null || true
-    start="$(now_s)"
-    while pid_is_ours "$comp" "$pid"; do
-        if (($(now_s) - start >= 30)); then
-            warn "$comp: pid $pid did not exit 30s after SIGTERM, sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 1
-            break
-        fi
-        sleep 0.2
-    done
+    signal_and_wait "$pid" "$signal" 30 "$comp" pid_is_ours "$comp" "$pid"
     rm -f "$pidfile"
     # The ports must be free again before a quick restart.
     local port

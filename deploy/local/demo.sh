@@ -100,23 +100,13 @@ svc_pid() {
 }
 
 svc_stop() {
-    local name="$1" pid start
+    local name="$1" pid
     if ! pid="$(svc_pid "$name")"; then
         log "demo $name: not running"
         return 0
     fi
     log "demo $name: stopping (pid $pid; it flushes and checkpoints first)"
-    kill -TERM "$pid" 2>/dev/null || true
-    start="$(now_s)"
-    while svc_is_ours "$name" "$pid"; do
-        if (($(now_s) - start >= 40)); then
-            warn "demo $name: pid $pid still running 40 s after SIGTERM, sending SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-            sleep 1
-            break
-        fi
-        sleep 0.2
-    done
+    signal_and_wait "$pid" TERM 40 "demo $name" svc_is_ours "$name" "$pid"
     rm -f "$(svc_pidfile "$name")"
     log "demo $name: stopped"
 }
