@@ -31,6 +31,7 @@ use anyhow::Context as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::meter::MeterCatalog;
+use meterflow_core::pricing::Catalog;
 use meterflow_runtime::http::Health;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Semaphore;
@@ -54,6 +55,8 @@ pub enum Error {
 #[derive(Clone)]
 pub struct AppState {
     pub meters: Arc<MeterCatalog>,
+    /// The rater's pricing catalog (`--catalog`), validated against `meters`.
+    pub catalog: Arc<Catalog>,
     pub keys: keys::KeyCache,
     pub producer: FutureProducer,
     pub codec: Arc<UsageEventCodec>,
@@ -84,6 +87,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(&config.meters).with_context(|| format!("reading {}", config.meters.display()))?;
         let meters = Arc::new(MeterCatalog::from_toml_str(&text)?);
+        let catalog = Arc::new(load_catalog(&config.catalog, &meters)?);
         let producer: FutureProducer = meterflow_runtime::kafka::producer_config(&config.kafka)?.create()?;
         let limiter = NonZeroU32::new(config.tenant_rate).map(|rate| {
             let burst = config.tenant_burst.and_then(NonZeroU32::new).unwrap_or(rate);
@@ -92,6 +96,7 @@ impl AppState {
         let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Self {
             meters,
+            catalog,
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
@@ -109,6 +114,15 @@ impl AppState {
             produce_timeout: Duration::from_millis(config.produce_timeout_ms.max(1) as u64),
         })
     }
+}
+
+/// The catalog at `path`, refused when it prices a meter that `meters` does not define (the
+/// rater refuses the same file, so the API would answer with prices nobody charges).
+pub fn load_catalog(path: &std::path::Path, meters: &MeterCatalog) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading catalog {}", path.display()))?;
+    let catalog = Catalog::from_toml_str(&text).with_context(|| format!("catalog {}", path.display()))?;
+    catalog.validate_meters(meters).context("the catalog does not match the meters")?;
+    Ok(catalog)
 }
 
 /// A running API: where it listens, and its task.
