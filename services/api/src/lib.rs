@@ -10,12 +10,15 @@
 //! * `POST /v1/wallets/{tenant}/adjustments` (admin): a top-up from a payment provider with
 //!   `Idempotency-Key` semantics, published as a `WalletAdjustment`.
 //! * `GET /v1/wallets/{tenant}` (read): the tenant's balances.
+//! * `GET /v1/customers/{tenant}/balance`, `POST /v1/entitlements/check`: real-time balance
+//!   (settled, pending, available) and spend checks, answered from memory ([`control`]).
 //! * `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 //!
 //! The tenant always comes from the API key: an item naming another tenant is rejected
 //! (`tenant_mismatch`) unless the key is an admin key.
 
 pub mod config;
+pub mod control;
 pub mod events;
 pub mod keys;
 pub mod metrics;
@@ -57,6 +60,8 @@ pub struct AppState {
     pub meters: Arc<MeterCatalog>,
     /// The rater's pricing catalog (`--catalog`), validated against `meters`.
     pub catalog: Arc<Catalog>,
+    /// Newest balance per tenant (fed by the balances topic once [`start`] runs).
+    pub balances: control::Balances,
     pub keys: keys::KeyCache,
     pub producer: FutureProducer,
     pub codec: Arc<UsageEventCodec>,
@@ -97,6 +102,7 @@ impl AppState {
         Ok(Self {
             meters,
             catalog,
+            balances: control::Balances::default(),
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
@@ -163,6 +169,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
+    state.balances.spawn_reader(config.kafka.clone(), config.topics.balances_topic.clone(), shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");
     let task = tokio::spawn(async move {
