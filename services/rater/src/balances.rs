@@ -263,3 +263,60 @@ impl DeskFeed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rust_decimal::Decimal;
+
+    use super::*;
+
+    const CATALOG: &str = "default_plan = \"p\"\n[[plan]]\nid = \"p\"\ncurrency = \"USD\"\n[[plan.price]]\nmeter = \"m\"\nmodel = \"per_unit\"\nunit_price = \"0.5\"\n\
+[[spend_limit]]\ntenant = \"t\"\ncurrency = \"USD\"\namount = \"3\"\nkind = \"soft\"\n";
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn total(value: i64, offset: i64) -> ProvisionalTotal {
+        ProvisionalTotal {
+            tenant: "t".into(),
+            meter: "m".into(),
+            aggregation: "sum".into(),
+            dimensions: BTreeMap::new(),
+            window_start: NOW - 60_000,
+            window_end: NOW,
+            closes_at: NOW + 10_000,
+            value: Decimal::from(value),
+            event_count: 1,
+            source_partition: 0,
+            as_of_offset: offset,
+            published_at: NOW,
+        }
+    }
+
+    #[test]
+    fn publishes_owned_changes_once_and_alerts_on_the_crossing() {
+        let catalog = Catalog::from_toml_str(CATALOG).unwrap();
+        let mut desk = Desk::default();
+        desk.on_provisional(&total(4, 1));
+        assert!(desk.take_changes(&catalog, NOW).0.is_empty(), "not owned: nothing published");
+        let p = partition_for(b"t", 4);
+        desk.own(p, 4);
+        desk.on_provisional(&total(4, 2));
+        let (b, alerts) = desk.take_changes(&catalog, NOW);
+        assert_eq!((b.len(), b[0].pending, b[0].available), (1, Decimal::from(2), Decimal::from(-2)));
+        assert!(alerts.is_empty(), "2 < 3");
+        desk.on_provisional(&total(4, 2)); // re-delivery
+        assert!(desk.take_changes(&catalog, NOW).0.is_empty(), "unchanged: not published again");
+        desk.on_provisional(&total(7, 3));
+        let (b, alerts) = desk.take_changes(&catalog, NOW + 1);
+        assert_eq!(b[0].pending, Decimal::new(35, 1));
+        assert_eq!((alerts.len(), alerts[0].kind.as_str()), (1, "spend_limit_soft"));
+        // The settled state arrives with a top-up: published, no second alert.
+        desk.update("t".into(), TenantSettled { wallet: [("USD".to_owned(), Decimal::from(10))].into(), prepaid: true, ..Default::default() });
+        let (b, alerts) = desk.take_changes(&catalog, NOW + 2);
+        assert_eq!((b[0].settled, b[0].available, alerts.len()), (Decimal::from(10), Decimal::new(65, 1), 0));
+        desk.disown(p);
+        desk.on_provisional(&total(9, 4));
+        assert!(desk.take_changes(&catalog, NOW + 3).0.is_empty(), "disowned: its new owner publishes");
+    }
+}
