@@ -298,9 +298,10 @@ fn check_tenant(key: &KeyInfo, asked: Option<&str>) -> Result<String, ApiError> 
     )
 )]
 pub async fn check(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<EntitlementResponse>, ApiError> {
-    // The service about to serve the usage holds an ingest key; dashboards a read key.
-    let key = match authenticate(&state, &headers, Scope::Read) {
-        Err(e) if e.status == StatusCode::FORBIDDEN => authenticate(&state, &headers, Scope::Ingest)?,
+    // The service about to serve the usage holds an ingest key (tried first); dashboards a
+    // read key.
+    let key = match authenticate(&state, &headers, Scope::Ingest) {
+        Err(e) if e.status == StatusCode::FORBIDDEN => authenticate(&state, &headers, Scope::Read)?,
         other => other?,
     };
     let req: EntitlementRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
