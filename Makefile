@@ -96,6 +96,7 @@ test:
 	@$(MAKE) --no-print-directory check-ddl
 	@$(MAKE) --no-print-directory check-compose
 	@$(MAKE) --no-print-directory pyenv
+	@deploy/local/install.sh chromium
 	@$(MAKE) --no-print-directory test-rust
 	@$(MAKE) --no-print-directory fuzz-short
 	@$(MAKE) --no-print-directory clippy

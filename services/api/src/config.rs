@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
 
 /// HTTP front door: usage events (meterflow JSON and CloudEvents, OpenMeter-compatible) go to
 /// the usage topic, wallet top-ups to the wallet topic, each acknowledged only after the
@@ -20,6 +20,9 @@ pub struct Config {
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Signs customer-page links (`POST /v1/portal/tokens`).
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     /// Listen address (port 0 picks a free one).
     #[arg(long, env = "METERFLOW_API_HTTP_ADDR", default_value = "127.0.0.1:9104")]
@@ -28,6 +31,12 @@ pub struct Config {
     /// Meter definitions (TOML), including how CloudEvents feed them.
     #[arg(long, env = "METERFLOW_METERS", default_value = "config/meters.toml")]
     pub meters: PathBuf,
+
+    /// Pricing catalog (TOML), the file the rater rates with: entitlement checks price a
+    /// requested quantity with it and read the tenants' spend limits from it. Checked against
+    /// the meters at start, as the rater does.
+    #[arg(long, env = "METERFLOW_CATALOG", default_value = "config/catalog.toml")]
+    pub catalog: PathBuf,
 
     /// Largest accepted request body in bytes (larger: 413).
     #[arg(long, env = "METERFLOW_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]

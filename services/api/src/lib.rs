@@ -10,6 +10,9 @@
 //! * `POST /v1/wallets/{tenant}/adjustments` (admin): a top-up from a payment provider with
 //!   `Idempotency-Key` semantics, published as a `WalletAdjustment`.
 //! * `GET /v1/wallets/{tenant}` (read): the tenant's balances.
+//! * `GET /v1/usage` (read): usage over time from the rollups ([`usage`]);
+//!   `GET /v1/customers/{tenant}/invoice` (read): the invoice preview ([`invoice`]);
+//!   `POST /v1/portal/tokens` (admin) and `GET /portal/{token}`: the customer page ([`portal`]).
 //! * `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 //!
 //! The tenant always comes from the API key: an item naming another tenant is rejected
@@ -18,7 +21,10 @@
 pub mod config;
 pub mod events;
 pub mod keys;
+pub mod invoice;
 pub mod metrics;
+pub mod portal;
+pub mod usage;
 pub mod wallets;
 
 mod http;
@@ -31,6 +37,7 @@ use anyhow::Context as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::meter::MeterCatalog;
+use meterflow_core::pricing::Catalog;
 use meterflow_runtime::http::Health;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Semaphore;
@@ -54,6 +61,8 @@ pub enum Error {
 #[derive(Clone)]
 pub struct AppState {
     pub meters: Arc<MeterCatalog>,
+    /// The rater's pricing catalog (`--catalog`), validated against `meters`.
+    pub catalog: Arc<Catalog>,
     pub keys: keys::KeyCache,
     pub producer: FutureProducer,
     pub codec: Arc<UsageEventCodec>,
@@ -71,6 +80,9 @@ pub struct AppState {
     pub max_batch: usize,
     pub dedup_horizon_ms: i64,
     pub produce_timeout: Duration,
+    /// Where the record key comes from, and the key once read: it signs customer-page links.
+    pub auth: meterflow_runtime::args::AuthArgs,
+    pub portal_key: Arc<tokio::sync::OnceCell<meterflow_core::auth::RecordKey>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -84,14 +96,20 @@ impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(&config.meters).with_context(|| format!("reading {}", config.meters.display()))?;
         let meters = Arc::new(MeterCatalog::from_toml_str(&text)?);
+        let catalog = Arc::new(load_catalog(&config.catalog, &meters)?);
         let producer: FutureProducer = meterflow_runtime::kafka::producer_config(&config.kafka)?.create()?;
         let limiter = NonZeroU32::new(config.tenant_rate).map(|rate| {
             let burst = config.tenant_burst.and_then(NonZeroU32::new).unwrap_or(rate);
             Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         });
         let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let portal_key = match &config.auth.record_key {
+            Some(hex) => Some(meterflow_core::auth::RecordKey::from_hex(hex).context("--record-key / METERFLOW_RECORD_KEY")?),
+            None => None,
+        };
         Ok(Self {
             meters,
+            catalog,
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
@@ -107,8 +125,19 @@ impl AppState {
             max_batch: config.max_batch.max(1),
             dedup_horizon_ms: config.dedup_horizon_ms,
             produce_timeout: Duration::from_millis(config.produce_timeout_ms.max(1) as u64),
+            auth: config.auth.clone(),
+            portal_key: Arc::new(tokio::sync::OnceCell::new_with(portal_key)),
         })
     }
+}
+
+/// The catalog at `path`, refused when it prices a meter that `meters` does not define (the
+/// rater refuses the same file, so the API would answer with prices nobody charges).
+pub fn load_catalog(path: &std::path::Path, meters: &MeterCatalog) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading catalog {}", path.display()))?;
+    let catalog = Catalog::from_toml_str(&text).with_context(|| format!("catalog {}", path.display()))?;
+    catalog.validate_meters(meters).context("the catalog does not match the meters")?;
+    Ok(catalog)
 }
 
 /// A running API: where it listens, and its task.
@@ -149,6 +178,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
+    portal::spawn_key_load(&state, shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");
     let task = tokio::spawn(async move {

@@ -13,7 +13,8 @@ use tower::ServiceExt as _;
 
 fn app() -> axum::Router {
     let meters = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/meters.toml");
-    let cfg = meterflow_api::Config::try_parse_from(["meterflow-api", "--meters", meters]).expect("config");
+    let catalog = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/catalog.toml");
+    let cfg = meterflow_api::Config::try_parse_from(["meterflow-api", "--meters", meters, "--catalog", catalog]).expect("config");
     meterflow_api::router(meterflow_api::AppState::from_config(&cfg).expect("state"))
 }
 
@@ -43,6 +44,10 @@ async fn document_matches_router() {
         ("POST", "/v1/events"),
         ("POST", "/v1/wallets/{tenant}/adjustments"),
         ("GET", "/v1/wallets/{tenant}"),
+        ("GET", "/v1/usage"),
+        ("GET", "/v1/customers/{tenant}/invoice"),
+        ("POST", "/v1/portal/tokens"),
+        ("GET", "/portal/{token}"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/metrics"),
@@ -79,7 +84,7 @@ async fn document_matches_router() {
             }
         }
     }
-    for undocumented in ["/v1/usage", "/v1/events/x", "/api/v1/events", "/v1/wallets"] {
+    for undocumented in ["/v1/customers/tenant-001", "/v1/events/x", "/api/v1/events", "/v1/wallets"] {
         assert_eq!(call(&app, "GET", undocumented).await.0, StatusCode::NOT_FOUND, "{undocumented}");
     }
     let ingest = doc.paths.paths["/v1/events"].post.as_ref().unwrap();
