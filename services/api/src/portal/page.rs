@@ -137,7 +137,9 @@ fn usage(h: &mut String, m: &MeterUsage, d: &PageData) {
         name = esc(&m.meter),
         agg = m.aggregation
     );
-    h.push_str(&chart(m, d.period_start_ms, d.period_end_ms));
+    if !m.days.is_empty() {
+        h.push_str(&chart(m, d.period_start_ms, d.period_end_ms));
+    }
 }
 
 /// Daily bars over the month; each bar's tooltip is the exact value.
