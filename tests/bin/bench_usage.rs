@@ -249,11 +249,18 @@ async fn rows_read(ch: &clickhouse::Client, plan: &meterflow_core::usage::UsageP
         };
     }
     q.execute().await?;
-    ch.query("SYSTEM FLUSH LOGS").execute().await?;
-    let n: u64 = ch
-        .query("SELECT max(read_rows) FROM system.query_log WHERE query_id = ? AND type = 2")
-        .bind(&id)
-        .fetch_one()
-        .await?;
-    Ok(n)
+    // The log is flushed asynchronously: ask until the query's entry is there.
+    for _ in 0..50 {
+        ch.query("SYSTEM FLUSH LOGS").execute().await?;
+        let (found, n): (u64, u64) = ch
+            .query("SELECT count(), max(read_rows) FROM system.query_log WHERE query_id = ? AND type = 2")
+            .bind(&id)
+            .fetch_one()
+            .await?;
+        if found > 0 {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("query {id} never appeared in system.query_log")
 }

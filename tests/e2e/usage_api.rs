@@ -448,3 +448,68 @@ async fn chromium(args: &[&str]) -> anyhow::Result<String> {
     anyhow::ensure!(out.status.success(), "{bin} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A window revision of `tenant`'s `requests` (count by model) as the aggregator writes it.
+fn revision(tenant: &str, start: i64, revision: i32, value: i64, previous: i64, seq: i64) -> anyhow::Result<meterflow_aggregator::rows::AggregateRow> {
+    let agg = meterflow_core::records::MeterAggregate {
+        tenant: tenant.into(),
+        meter: "requests".into(),
+        aggregation: "count".into(),
+        dimensions: BTreeMap::from([("model".to_owned(), "gpt-4o".to_owned())]),
+        window_start: start,
+        window_end: start + 60_000,
+        revision,
+        value: Decimal::from(value),
+        previous_value: Decimal::from(previous),
+        event_count: value,
+        provider_cost: Decimal::ZERO,
+        previous_provider_cost: Decimal::ZERO,
+        source_partition: 0,
+        seq,
+        emitted_at: start + 60_000,
+        uncosted_value: None,
+        previous_uncosted_value: None,
+    };
+    Ok(meterflow_aggregator::rows::AggregateRow::try_from(&agg)?)
+}
+
+/// What an aggregator replay does to the rollups (the same revisions inserted again: folded by
+/// meter_aggregates, added again by the views), and that `meterflow-admin rollups --repair`
+/// puts them back to the windows' latest values, after which a check finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_revisions_overcount_rollups_until_repaired() -> anyhow::Result<()> {
+    use meterflow_admin::rollups::{self, RollupsCmd};
+    let env = TestEnv::new("usage_repair").await?;
+    let ch = env.clickhouse();
+    let t0 = pricing::period_start(now_ms()) + 3_600_000;
+    // Two windows, the second restated (4 -> 6); then the replay re-inserts all three rows.
+    let rows = vec![revision("acme", t0, 0, 5, 0, 1)?, revision("acme", t0 + 60_000, 0, 4, 0, 2)?, revision("acme", t0 + 60_000, 1, 6, 4, 3)?];
+    for _ in 0..2 {
+        let mut insert = ch.insert::<meterflow_aggregator::rows::AggregateRow>("meter_aggregates").await?;
+        for r in &rows {
+            insert.write(r).await?;
+        }
+        insert.end().await?;
+    }
+    let (from, to) = (pricing::period_start(t0), pricing::period_end(t0));
+    assert_eq!(meter_totals(&ch, "acme", "requests", from, to).await?, Decimal::from(11), "meter_aggregates folds the replay");
+    let cmd = |repair| RollupsCmd { clickhouse: env.clickhouse_args().clone(), repair, from: None, to: None, tenant: Some("acme".into()) };
+    let drifts = rollups::check(&ch, &cmd(false)).await?;
+    // One hour bucket and one day bucket, each counted twice: 22 instead of 11.
+    assert_eq!(drifts.len(), 2, "{drifts:?}");
+    for d in &drifts {
+        assert_eq!((d.expected, d.actual), (Decimal::from(11), Decimal::from(22)), "{d:?}");
+    }
+    assert_eq!(rollups::check(&ch, &cmd(true)).await?.len(), 2, "repair reports what it corrects");
+    assert!(rollups::check(&ch, &cmd(false)).await?.is_empty(), "nothing left after the repair");
+    assert!(rollups::check(&ch, &cmd(true)).await?.is_empty(), "a second repair inserts nothing");
+    #[derive(Debug, clickhouse::Row, serde::Deserialize)]
+    struct Sum {
+        v: i128,
+    }
+    for table in ["usage_rollup_hour", "usage_rollup_day"] {
+        let s: Sum = ch.query(&format!("SELECT sum(value) AS v FROM {table} WHERE tenant = 'acme'")).fetch_one().await?;
+        assert_eq!(from_ch_i128(s.v), Decimal::from(11), "{table}");
+    }
+    Ok(())
+}
