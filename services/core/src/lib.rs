@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod ledger;
 pub mod meter;
 pub mod partitioning;
 pub mod pricing;
