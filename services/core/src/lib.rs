@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod invoice;
+pub mod ledger;
 pub mod meter;
 pub mod partitioning;
 pub mod portal;
