@@ -129,6 +129,68 @@ struct Total {
     total: i128,
 }
 
+/// The API in-process on `env`, ready, with an admin key: (base URL, key).
+async fn start_api(env: &TestEnv, shutdown: &CancellationToken) -> Result<(String, String)> {
+    let admin = meterflow_admin::keys::create(env.clickhouse_args(), "ops", Scope::Admin).await?.1;
+    let mut vars = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
+    let root = workspace_root();
+    for (k, v) in [
+        ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0".to_owned()),
+        ("METERFLOW_METERS", root.join("config/meters.toml").display().to_string()),
+        ("METERFLOW_CATALOG", root.join("config/catalog.toml").display().to_string()),
+        ("METERFLOW_LOG", "warn".to_owned()),
+    ] {
+        vars.push((k.to_owned(), v));
+    }
+    let running = meterflow_api::start(parse_with_env(&vars)?, shutdown.clone()).await?;
+    let base = format!("http://{}", running.addr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{base}/readyz")).await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
+        ensure!(Instant::now() < deadline, "meterflow-api not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((base, admin))
+}
+
+/// Every tenant and meter through the API against `meter_totals`: (pairs compared, source).
+async fn check_equal(ch: &clickhouse::Client, client: &reqwest::Client, admin: &str, url: &impl Fn(u64, &str) -> String, args: &Args, month: i64) -> Result<(usize, String)> {
+    let truth: Vec<Total> = ch
+        .query("SELECT tenant, meter, sum(value) AS total FROM meter_totals WHERE window_start >= toDateTime(?) GROUP BY tenant, meter")
+        .bind(month / 1000)
+        .fetch_all()
+        .await?;
+    let truth: BTreeMap<(String, String), Decimal> = truth.into_iter().map(|r| ((r.tenant, r.meter), from_ch_i128(r.total))).collect();
+    let (mut equal, mut source) = (0, String::new());
+    for t in 0..args.tenants {
+        for (meter, _, _) in SERIES {
+            let v: serde_json::Value = client.get(url(t, meter)).bearer_auth(admin).send().await?.json().await?;
+            let got: Decimal = v["data"][0]["value"].as_str().context("no value")?.parse()?;
+            let want = truth[&(format!("tenant-{t:03}"), meter.to_owned())];
+            ensure!(got == want, "tenant-{t:03} {meter}: API {got} != meter_totals {want}");
+            source = v["source"].as_str().unwrap_or_default().to_owned();
+            equal += 1;
+        }
+    }
+    Ok((equal, source))
+}
+
+/// Latencies (ms, sorted) of `args.queries` queries after 200 warm-up ones, one at a time.
+async fn measure(client: &reqwest::Client, admin: &str, url: &impl Fn(u64, &str) -> String, args: &Args) -> Result<Vec<f64>> {
+    let mut lat = Vec::with_capacity(args.queries);
+    for i in 0..args.queries + 200 {
+        let (t, meter) = (i as u64 % args.tenants, SERIES[i % 2].0);
+        let t0 = Instant::now();
+        let r = client.get(url(t, meter)).bearer_auth(admin).send().await?;
+        ensure!(r.status().is_success(), "{}", r.status());
+        r.bytes().await?;
+        if i >= 200 {
+            lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    Ok(lat)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -150,61 +212,12 @@ async fn main() -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let admin = meterflow_admin::keys::create(env.clickhouse_args(), "ops", Scope::Admin).await?.1;
-    let mut vars = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
-    let root = workspace_root();
-    for (k, v) in [
-        ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0".to_owned()),
-        ("METERFLOW_METERS", root.join("config/meters.toml").display().to_string()),
-        ("METERFLOW_CATALOG", root.join("config/catalog.toml").display().to_string()),
-        ("METERFLOW_LOG", "warn".to_owned()),
-    ] {
-        vars.push((k.to_owned(), v));
-    }
-    let running = meterflow_api::start(parse_with_env(&vars)?, shutdown.clone()).await?;
-    let base = format!("http://{}", running.addr);
+    let (base, admin) = start_api(&env, &shutdown).await?;
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0) != 200 {
-        ensure!(Instant::now() < deadline, "meterflow-api not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let range = format!("from={}&to={}", meterflow_api::usage::rfc3339(month), meterflow_api::usage::rfc3339(pricing::period_end(month)));
     let url = |t: u64, meter: &str| format!("{base}/v1/usage?meter={meter}&tenant=tenant-{t:03}&{range}&window_size=month");
-
-    // Equality: every tenant and meter, the API against meter_totals.
-    let truth: Vec<Total> = ch
-        .query("SELECT tenant, meter, sum(value) AS total FROM meter_totals WHERE window_start >= toDateTime(?) GROUP BY tenant, meter")
-        .bind(month / 1000)
-        .fetch_all()
-        .await?;
-    let truth: BTreeMap<(String, String), Decimal> = truth.into_iter().map(|r| ((r.tenant, r.meter), from_ch_i128(r.total))).collect();
-    let mut equal = 0;
-    let mut source = String::new();
-    for t in 0..args.tenants {
-        for (meter, _, _) in SERIES {
-            let v: serde_json::Value = client.get(url(t, meter)).bearer_auth(&admin).send().await?.json().await?;
-            let got: Decimal = v["data"][0]["value"].as_str().context("no value")?.parse()?;
-            let want = truth[&(format!("tenant-{t:03}"), meter.to_owned())];
-            ensure!(got == want, "tenant-{t:03} {meter}: API {got} != meter_totals {want}");
-            source = v["source"].as_str().unwrap_or_default().to_owned();
-            equal += 1;
-        }
-    }
-
-    // Latency: one keep-alive client, queries one after another.
-    let mut lat = Vec::with_capacity(args.queries);
-    for i in 0..args.queries + 200 {
-        let (t, meter) = (i as u64 % args.tenants, SERIES[i % 2].0);
-        let t0 = Instant::now();
-        let r = client.get(url(t, meter)).bearer_auth(&admin).send().await?;
-        ensure!(r.status().is_success(), "{}", r.status());
-        r.bytes().await?;
-        if i >= 200 {
-            lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-        }
-    }
-    lat.sort_by(f64::total_cmp);
+    let (equal, source) = check_equal(&ch, &client, &admin, &url, &args, month).await?;
+    let lat = measure(&client, &admin, &url, &args).await?;
     let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
 
     // Rows read by ClickHouse for the API's query (its plan's SQL, logged under a query id).
@@ -231,7 +244,7 @@ async fn main() -> Result<()> {
     writeln!(md, "| rows read by ClickHouse for one query | {read_rows} | |")?;
     writeln!(md, "| raw events / rows read | {ratio:.0}x | >= 1000x: {} |", if ratio >= 1000.0 { "met" } else { "**not met**" })?;
     print!("\n{md}");
-    let out = root.join("target/bench/bench-usage.md");
+    let out = workspace_root().join("target/bench/bench-usage.md");
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     std::fs::write(&out, &md)?;
     println!("\nwritten to {}", out.display());
