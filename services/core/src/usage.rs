@@ -97,7 +97,7 @@ impl WindowSize {
     }
 }
 
-/// A validated-to-be request, as the API parsed it.
+/// A request as the API parsed it; [`plan`] validates it against the meter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRequest {
     pub tenant: String,
