@@ -112,6 +112,7 @@ pub async fn ingest(args: &Args, report: &mut Report) -> Result<()> {
     vars.extend([
         ("METERFLOW_API_HTTP_ADDR".to_owned(), http.clone()),
         ("METERFLOW_METERS".to_owned(), workspace_root().join("config/meters.toml").display().to_string()),
+        ("METERFLOW_CATALOG".to_owned(), workspace_root().join("config/catalog.toml").display().to_string()),
         ("METERFLOW_API_TENANT_RATE".to_owned(), "0".to_owned()),
         ("METERFLOW_API_MAX_IN_FLIGHT".to_owned(), "1000000".to_owned()),
         ("METERFLOW_LOG".to_owned(), "warn".to_owned()),

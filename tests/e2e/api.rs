@@ -38,8 +38,13 @@ fn meters_path() -> String {
 }
 
 async fn start_api(env: &TestEnv, extra: &[(&str, &str)], shutdown: &CancellationToken) -> anyhow::Result<String> {
-    let meters = meters_path();
-    let mut vars = vec![("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0"), ("METERFLOW_METERS", meters.as_str()), ("METERFLOW_API_KEY_REFRESH", "500ms")];
+    let (meters, catalog) = (meters_path(), workspace_root().join("config/catalog.toml").display().to_string());
+    let mut vars = vec![
+        ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0"),
+        ("METERFLOW_METERS", meters.as_str()),
+        ("METERFLOW_CATALOG", catalog.as_str()),
+        ("METERFLOW_API_KEY_REFRESH", "500ms"),
+    ];
     vars.extend_from_slice(extra);
     let cfg: meterflow_api::Config = parse_with_env(&env_with(env, &vars))?;
     let running = meterflow_api::start(cfg, shutdown.clone()).await?;

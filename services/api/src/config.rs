@@ -29,6 +29,12 @@ pub struct Config {
     #[arg(long, env = "METERFLOW_METERS", default_value = "config/meters.toml")]
     pub meters: PathBuf,
 
+    /// Pricing catalog (TOML), the file the rater rates with: entitlement checks price a
+    /// requested quantity with it and read the tenants' spend limits from it. Checked against
+    /// the meters at start, as the rater does.
+    #[arg(long, env = "METERFLOW_CATALOG", default_value = "config/catalog.toml")]
+    pub catalog: PathBuf,
+
     /// Largest accepted request body in bytes (larger: 413).
     #[arg(long, env = "METERFLOW_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,

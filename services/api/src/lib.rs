@@ -10,12 +10,15 @@
 //! * `POST /v1/wallets/{tenant}/adjustments` (admin): a top-up from a payment provider with
 //!   `Idempotency-Key` semantics, published as a `WalletAdjustment`.
 //! * `GET /v1/wallets/{tenant}` (read): the tenant's balances.
+//! * `GET /v1/customers/{tenant}/balance`, `POST /v1/entitlements/check`: real-time balance
+//!   (settled, pending, available) and spend checks, answered from memory ([`control`]).
 //! * `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 //!
 //! The tenant always comes from the API key: an item naming another tenant is rejected
 //! (`tenant_mismatch`) unless the key is an admin key.
 
 pub mod config;
+pub mod control;
 pub mod events;
 pub mod keys;
 pub mod metrics;
@@ -31,6 +34,7 @@ use anyhow::Context as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::meter::MeterCatalog;
+use meterflow_core::pricing::Catalog;
 use meterflow_runtime::http::Health;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Semaphore;
@@ -54,6 +58,10 @@ pub enum Error {
 #[derive(Clone)]
 pub struct AppState {
     pub meters: Arc<MeterCatalog>,
+    /// The rater's pricing catalog (`--catalog`), validated against `meters`.
+    pub catalog: Arc<Catalog>,
+    /// Newest balance per tenant (fed by the balances topic once [`start`] runs).
+    pub balances: control::Balances,
     pub keys: keys::KeyCache,
     pub producer: FutureProducer,
     pub codec: Arc<UsageEventCodec>,
@@ -84,6 +92,7 @@ impl AppState {
     pub fn from_config(config: &Config) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(&config.meters).with_context(|| format!("reading {}", config.meters.display()))?;
         let meters = Arc::new(MeterCatalog::from_toml_str(&text)?);
+        let catalog = Arc::new(load_catalog(&config.catalog, &meters)?);
         let producer: FutureProducer = meterflow_runtime::kafka::producer_config(&config.kafka)?.create()?;
         let limiter = NonZeroU32::new(config.tenant_rate).map(|rate| {
             let burst = config.tenant_burst.and_then(NonZeroU32::new).unwrap_or(rate);
@@ -92,6 +101,8 @@ impl AppState {
         let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Ok(Self {
             meters,
+            catalog,
+            balances: control::Balances::default(),
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
@@ -109,6 +120,15 @@ impl AppState {
             produce_timeout: Duration::from_millis(config.produce_timeout_ms.max(1) as u64),
         })
     }
+}
+
+/// The catalog at `path`, refused when it prices a meter that `meters` does not define (the
+/// rater refuses the same file, so the API would answer with prices nobody charges).
+pub fn load_catalog(path: &std::path::Path, meters: &MeterCatalog) -> anyhow::Result<Catalog> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading catalog {}", path.display()))?;
+    let catalog = Catalog::from_toml_str(&text).with_context(|| format!("catalog {}", path.display()))?;
+    catalog.validate_meters(meters).context("the catalog does not match the meters")?;
+    Ok(catalog)
 }
 
 /// A running API: where it listens, and its task.
@@ -149,6 +169,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
+    state.balances.spawn_reader(config.kafka.clone(), config.topics.balances_topic.clone(), shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");
     let task = tokio::spawn(async move {

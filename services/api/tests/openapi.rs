@@ -13,7 +13,8 @@ use tower::ServiceExt as _;
 
 fn app() -> axum::Router {
     let meters = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/meters.toml");
-    let cfg = meterflow_api::Config::try_parse_from(["meterflow-api", "--meters", meters]).expect("config");
+    let catalog = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/catalog.toml");
+    let cfg = meterflow_api::Config::try_parse_from(["meterflow-api", "--meters", meters, "--catalog", catalog]).expect("config");
     meterflow_api::router(meterflow_api::AppState::from_config(&cfg).expect("state"))
 }
 
@@ -43,6 +44,8 @@ async fn document_matches_router() {
         ("POST", "/v1/events"),
         ("POST", "/v1/wallets/{tenant}/adjustments"),
         ("GET", "/v1/wallets/{tenant}"),
+        ("GET", "/v1/customers/{tenant}/balance"),
+        ("POST", "/v1/entitlements/check"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/metrics"),
