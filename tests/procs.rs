@@ -40,6 +40,8 @@ pub fn service_env(kafka: &KafkaArgs, topics: &TopicArgs, ch: &ClickHouseArgs) -
         ("METERFLOW_CHARGES_TOPIC", topics.charges_topic.clone()),
         ("METERFLOW_WALLET_TOPIC", topics.wallet_topic.clone()),
         ("METERFLOW_ALERTS_TOPIC", topics.alerts_topic.clone()),
+        ("METERFLOW_PROVISIONAL_TOPIC", topics.provisional_topic.clone()),
+        ("METERFLOW_BALANCES_TOPIC", topics.balances_topic.clone()),
         ("METERFLOW_CLICKHOUSE_URL", ch.url.clone()),
         ("METERFLOW_CLICKHOUSE_DATABASE", ch.database.clone()),
         ("METERFLOW_CLICKHOUSE_USER", ch.user.clone()),

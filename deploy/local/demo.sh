@@ -142,6 +142,23 @@ svc_start() {
 
 # ---------------------------------------------------------------------------------------------
 
+# Real-time control through meterflow-api: tenant-000's balance (settled, pending, available)
+# and an entitlement check for 2,000 gpt-4o input tokens, both answered from the API's memory.
+balance_check() {
+    local key api="http://$MF_HOST:$API_PORT" start status
+    key="$(METERFLOW_LOG=warn "$BIN/meterflow-admin" keys create --tenant demo-ops --scope admin 2>/dev/null)" || return 1
+    start="$(now_s)"
+    # The API picks a new key up within its --key-refresh (2 s).
+    until status="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")" && [[ "$status" == 200 ]]; do
+        (($(now_s) - start < 30)) || { warn "balance check: meterflow-api answered $status for 30 s"; return 1; }
+        sleep 0.5
+    done
+    printf '  GET  /v1/customers/tenant-000/balance  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")"
+    printf '  POST /v1/entitlements/check (tenant-000, 2000 gpt-4o input tokens)  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" \
+        -H 'Content-Type: application/json' "$api/v1/entitlements/check" \
+        -d '{"tenant":"tenant-000","meter":"input_tokens","quantity":"2000","dimensions":{"model":"gpt-4o","region":"eu-west"}}')"
+}
+
 summary_args() {
     SUMMARY_ARGS=(--truth "$DEMO_DIR/truth.json" --credits "$DEMO_DIR/wallets.json"
         --catalog "$MF_REPO/config/catalog.toml")
@@ -252,6 +269,10 @@ cmd_run() {
 
     step "summary"
     (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    finish_step
+
+    step "balance check (meterflow-api, from memory)"
+    balance_check || rc=1
     finish_step
 
     where_next

@@ -26,6 +26,8 @@
 //!    halfway and restarted at once: time to resume, to consumer lag 0 and to exact totals.
 //! 0. **ingest**: HTTP through meterflow-api (batches of 100 and of 1) vs the direct
 //!    producer on the same broker (tests/bin/bench_api.rs; `--api-events`, `--api-only`).
+//! 0. **control**: ack -> pending visible in the balance API, and entitlement checks at a
+//!    fixed 5,000/s (tests/bin/bench_control.rs; `--control-checks`, `--control-rate`).
 //! 8. **freshness**: real-time traffic at `--freshness-rate` events/s for `--freshness-secs`
 //!    into a fresh topic; per window, when its revision 0 appears in `meter_aggregates`
 //!    (polled every 100 ms) relative to the ack of its last event and to its close time
@@ -37,6 +39,7 @@
 //! ```
 
 mod bench_api;
+mod bench_control;
 mod harness;
 
 use std::collections::{BTreeMap, HashMap};
@@ -106,9 +109,15 @@ struct Args {
     /// Events of the HTTP ingest phase (meterflow-api vs the direct producer; 0 = skip).
     #[arg(long, default_value_t = 200_000)]
     api_events: u64,
-    /// Only the HTTP ingest phase (and the core bench unless --skip-core).
+    /// Only the HTTP phases, ingest and control (and the core bench unless --skip-core).
     #[arg(long)]
     api_only: bool,
+    /// Entitlement checks of the control phase (0 skips the phase; tests/bin/bench_control.rs).
+    #[arg(long, default_value_t = 50_000)]
+    control_checks: usize,
+    /// Entitlement checks per second (fixed schedule).
+    #[arg(long, default_value_t = 5_000.0)]
+    control_rate: f64,
 }
 
 /// One line of the result table.
@@ -330,6 +339,7 @@ impl Pids {
 
 async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
     bench_api::ingest(args, report).await?;
+    bench_control::control(args, report).await?;
     if args.api_only {
         return Ok(());
     }

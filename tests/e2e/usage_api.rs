@@ -7,7 +7,8 @@
 //!   minimum-commitment true-up, and each line is its exact amount rounded half-to-even;
 //! * key isolation: a tenant's key never sees another tenant's usage or invoice and cannot
 //!   create portal links; forged and expired links get the 401 page;
-//! * the customer page, loaded by headless Chromium, shows the numbers the API returns, and a
+//! * the customer page, loaded by headless Chromium, shows the numbers the API returns (usage,
+//!   invoice total, settled / pending / available balance), and a
 //!   screenshot is saved to target/portal/portal.png.
 
 use std::collections::BTreeMap;
@@ -284,7 +285,7 @@ async fn usage_invoice_and_customer_page_are_exact_and_isolated() -> anyhow::Res
     check_isolation(&w, from, to).await?;
     let balance = top_up_and_wait(&w, from).await?;
     let total = (pricing::period_start(now_ms()) == from).then(|| invoices["tenant-000"]["totals"][0]["total"].clone());
-    check_page(&w, balance, total).await?;
+    check_page(&w, &balance, total).await?;
     w.stop().await
 }
 
@@ -346,26 +347,29 @@ async fn check_isolation(w: &World, from: i64, to: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tops tenant-000 up by 250 and waits until its wallet saw every charge: the balance.
-async fn top_up_and_wait(w: &World, period: i64) -> anyhow::Result<Decimal> {
+/// Tops tenant-000 up by 250 and waits until its wallet and its real-time balance saw every
+/// charge; returns `GET /v1/customers/tenant-000/balance` then.
+async fn top_up_and_wait(w: &World, period: i64) -> anyhow::Result<Value> {
     let (s, v) = w.api.post("/v1/wallets/tenant-000/adjustments", &w.admin, json!({"amount": "250", "currency": "USD"}), Some("portal-top-up")).await?;
     assert_eq!(s, 201, "{v}");
     let charged = charges_sum(&w.ch, "tenant-000", period).await?;
-    let want = Decimal::from(250) - charged;
+    let want = (Decimal::from(250) - charged).normalize();
+    let num = |v: &Value| v.as_str().and_then(|s| s.parse::<Decimal>().ok()).map(|d| d.normalize());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, b) = w.api.get("/v1/wallets/tenant-000", &w.read["tenant-000"]).await?;
-        if b[0]["balance"].as_str().and_then(|s| s.parse::<Decimal>().ok()).map(|d| d.normalize()) == Some(want.normalize()) {
-            return Ok(want);
+        let (_, wallet) = w.api.get("/v1/wallets/tenant-000", &w.read["tenant-000"]).await?;
+        let (_, b) = w.api.get("/v1/customers/tenant-000/balance", &w.read["tenant-000"]).await?;
+        if num(&wallet[0]["balance"]) == Some(want) && num(&b["settled"]) == Some(want) && num(&b["pending"]) == Some(Decimal::ZERO) {
+            return Ok(b);
         }
-        anyhow::ensure!(Instant::now() < deadline, "wallet {b} != 250 - {charged}");
+        anyhow::ensure!(Instant::now() < deadline, "wallet {wallet} / balance {b}: settled != 250 - {charged} or pending left");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
 /// The customer page: links (plain HTTP, forged, expired), then headless Chromium: the DOM
 /// shows the API's numbers, and a screenshot is saved.
-async fn check_page(w: &World, balance: Decimal, invoice_total: Option<Value>) -> anyhow::Result<()> {
+async fn check_page(w: &World, balance: &Value, invoice_total: Option<Value>) -> anyhow::Result<()> {
     let (s, tok) = w.api.post("/v1/portal/tokens", &w.admin, json!({"tenant": "tenant-000", "ttl": "10m"}), None).await?;
     assert_eq!(s, 201, "{tok}");
     let url = format!("{}{}", w.api.base, tok["url"].as_str().unwrap());
@@ -381,7 +385,10 @@ async fn check_page(w: &World, balance: Decimal, invoice_total: Option<Value>) -
     if let Some(total) = invoice_total {
         assert_eq!(attr(&dom, "data-invoice-total=\"USD\""), total.as_str(), "invoice total on the page");
     }
-    assert_eq!(attr(&dom, "data-balance=\"USD\"").map(|b| dec(&json!(b))), Some(balance), "balance on the page");
+    for (field, attribute) in [("settled", "data-balance"), ("pending", "data-pending"), ("available", "data-available")] {
+        let on_page = attr(&dom, &format!("{attribute}=\"USD\"")).map(|b| dec(&json!(b)));
+        assert_eq!(on_page, Some(dec(&balance[field])), "{field} on the page: {balance}");
+    }
     assert!(dom.contains("<svg") && dom.contains("class=\"bar\""), "the chart is rendered");
     assert!(!dom.contains("tenant-001"), "nothing of another tenant on the page");
     let png = workspace_root().join("target/portal/portal.png");

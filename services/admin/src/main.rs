@@ -36,7 +36,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the six topics (existing topics are left alone).
+    /// Create the topics (existing topics are left alone).
     Topics(TopicsCmd),
     /// Create the database if missing and apply pending migrations in order.
     Migrate(MigrateCmd),

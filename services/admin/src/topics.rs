@@ -1,4 +1,4 @@
-//! Creating meterflow's six topics.
+//! Creating meterflow's topics.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ impl Partitions {
         Self { data: n, dead_letters: None, alerts: None }
     }
 
-    /// `(topic, partitions)` for each of the six topics.
+    /// `(topic, partitions)` for each topic.
     pub fn plan(&self, topics: &TopicArgs) -> Vec<(String, i32)> {
         vec![
             (topics.usage_topic.clone(), self.data),
@@ -42,6 +42,8 @@ impl Partitions {
             (topics.charges_topic.clone(), self.data),
             (topics.wallet_topic.clone(), self.data),
             (topics.alerts_topic.clone(), self.alerts.unwrap_or(self.data)),
+            (topics.provisional_topic.clone(), self.data),
+            (topics.balances_topic.clone(), self.data),
         ]
     }
 }
@@ -110,7 +112,7 @@ pub async fn list_topics(kafka: &KafkaArgs) -> Result<BTreeMap<String, i32>> {
     .context("metadata task panicked")?
 }
 
-/// Creates the six topics of `topics` with `partitions` (see [`Partitions`]). Topics that exist
+/// Creates the topics of `topics` with `partitions` (see [`Partitions`]). Topics that exist
 /// already are left as they are (a different partition count is reported, not changed), so
 /// calling it again is harmless. Waits until the broker's metadata shows every topic. Fails if
 /// the aggregates and wallet-adjustments topics end up with different partition counts.
@@ -138,6 +140,9 @@ pub async fn create_topics(
                 let t = NewTopic::new(n, *p, TopicReplication::Fixed(1));
                 if *n == topics.usage_topic {
                     t.set("message.timestamp.type", "LogAppendTime")
+                } else if *n == topics.balances_topic {
+                    // The newest balance per tenant is all a reader needs.
+                    t.set("cleanup.policy", "compact")
                 } else {
                     t
                 }
@@ -200,7 +205,7 @@ mod tests {
         assert_eq!(get("x.usage-events"), 8);
         assert_eq!(get("x.dead-letters"), 1);
         assert_eq!(get("x.alerts"), 2);
-        assert_eq!(Partitions::from(3).plan(&t).iter().map(|x| x.1).collect::<Vec<_>>(), vec![3; 6]);
+        assert_eq!(Partitions::from(3).plan(&t).iter().map(|x| x.1).collect::<Vec<_>>(), vec![3; 8]);
     }
 
     #[test]

@@ -24,6 +24,7 @@
 pub mod cold;
 pub mod config;
 pub mod metrics;
+pub mod provisional;
 pub mod rows;
 pub mod sink;
 

@@ -22,6 +22,7 @@ pub const DEDUP_BYTES: &str = "meterflow_aggregator_dedup_bytes";
 pub const PARTITIONS_OWNED: &str = "meterflow_aggregator_partitions_owned";
 pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
 pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
+pub const PROVISIONAL: &str = "meterflow_aggregator_provisional_totals_total";
 
 pub fn describe() {
     describe_counter!(EVENTS_IN, "Records read from the usage-events topic (ticks excluded).");
@@ -44,9 +45,13 @@ pub fn describe() {
     describe_gauge!(PARTITIONS_OWNED, "Usage-events partitions this instance owns.");
     describe_gauge!(OPEN_WINDOWS, "Open windows per owned partition (bounded per tenant by --max-open-windows-per-tenant).");
     describe_gauge!(WINDOWS_IN_MEMORY, "Open and retained closed windows per owned partition (bounded by --max-windows).");
+    describe_counter!(PROVISIONAL, "Provisional totals of open windows handed to the producer (sent) or not (dropped: queue full; unencodable).");
     // Touch the labelled series so dashboards see zeros instead of gaps.
     for r in meterflow_core::RejectReason::ALL {
         counter!(DEAD_LETTERS, "reason" => r.as_str()).increment(0);
+    }
+    for outcome in ["sent", "dropped", "unencodable"] {
+        counter!(PROVISIONAL, "outcome" => outcome).increment(0);
     }
     for c in [EVENTS_IN, ACCEPTED, DUPLICATES, WINDOWS_CLOSED, RESTATEMENTS] {
         counter!(c).increment(0);

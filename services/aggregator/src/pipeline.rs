@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cold::ChStores;
 use crate::config::Config;
 use crate::metrics as m;
+use crate::provisional::Publisher;
 use crate::rows::{secs, LedgerRow, UsageRow};
 use crate::sink::{Outputs, Sink};
 
@@ -70,8 +71,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             aggregates_topic: config.topics.aggregates_topic.clone(),
             dead_letter_topic: config.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
-            record_key,
+            record_key: record_key.clone(),
         },
+        provisional: Publisher { producer: producer.clone(), topic: config.topics.provisional_topic.clone(), record_key },
         client,
         producer,
         catalog,
@@ -138,6 +140,8 @@ struct Aggregator {
     /// A partition switched configuration since the last snapshot (checkpoint it at once).
     switched: bool,
     sink: Sink,
+    /// Running totals of open windows, after each successful flush (best effort).
+    provisional: Publisher,
     partitions: BTreeMap<i32, Part>,
     outputs: Outputs,
     last_progress: Instant,
@@ -328,6 +332,7 @@ impl Partitioned for Aggregator {
         let ok = self.sink.flush(&mut self.outputs, shutdown).await;
         if ok {
             self.publish_positions();
+            self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
         }
         ok
     }

@@ -10,6 +10,8 @@
 //! * `POST /v1/wallets/{tenant}/adjustments` (admin): a top-up from a payment provider with
 //!   `Idempotency-Key` semantics, published as a `WalletAdjustment`.
 //! * `GET /v1/wallets/{tenant}` (read): the tenant's balances.
+//! * `GET /v1/customers/{tenant}/balance`, `POST /v1/entitlements/check`: real-time balance
+//!   (settled, pending, available) and spend checks, answered from memory ([`control`]).
 //! * `GET /v1/usage` (read): usage over time from the rollups ([`usage`]);
 //!   `GET /v1/customers/{tenant}/invoice` (read): the invoice preview ([`invoice`]);
 //!   `POST /v1/portal/tokens` (admin) and `GET /portal/{token}`: the customer page ([`portal`]).
@@ -19,6 +21,7 @@
 //! (`tenant_mismatch`) unless the key is an admin key.
 
 pub mod config;
+pub mod control;
 pub mod events;
 pub mod keys;
 pub mod invoice;
@@ -63,6 +66,8 @@ pub struct AppState {
     pub meters: Arc<MeterCatalog>,
     /// The rater's pricing catalog (`--catalog`), validated against `meters`.
     pub catalog: Arc<Catalog>,
+    /// Newest balance per tenant (fed by the balances topic once [`start`] runs).
+    pub balances: control::Balances,
     pub keys: keys::KeyCache,
     pub producer: FutureProducer,
     pub codec: Arc<UsageEventCodec>,
@@ -110,6 +115,7 @@ impl AppState {
         Ok(Self {
             meters,
             catalog,
+            balances: control::Balances::default(),
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
@@ -178,6 +184,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
+    state.balances.spawn_reader(config.kafka.clone(), config.topics.balances_topic.clone(), shutdown.clone());
     portal::spawn_key_load(&state, shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");

@@ -15,6 +15,10 @@ pub const THROTTLED: &str = "meterflow_api_throttled_total";
 pub const PRODUCE_ERRORS: &str = "meterflow_api_produce_errors_total";
 /// Wallet adjustments by `result` (`created`, `replayed`, `conflict`).
 pub const ADJUSTMENTS: &str = "meterflow_api_wallet_adjustments_total";
+/// Entitlement checks by `reason` (`ok`, `no_price`, `insufficient_balance`, `hard_limit`).
+pub const ENTITLEMENT_CHECKS: &str = "meterflow_api_entitlement_checks_total";
+/// Balance records that could not be read.
+pub const BALANCES_UNREADABLE: &str = "meterflow_api_balances_unreadable_total";
 /// Active (not revoked) keys in the cache.
 pub const KEYS: &str = "meterflow_api_keys";
 /// Failed key refreshes.

@@ -208,13 +208,15 @@ struct BalanceRow {
     balance: i128,
 }
 
-/// The balance shown on the page: today the settled wallet balance the rater booked
-/// (`wallet_balances`, as `GET /v1/wallets/{tenant}`), with no pending spend.
-///
-/// SWITCH HERE when the pending-aware balance (`GET /v1/customers/{tenant}/balance`, fed from
-/// memory by the rater's balance records) is in the API: return its settled, pending and
-/// available amounts instead. The page renders `pending: None` as "not shown".
+/// The balance shown on the page: the real-time balance (`GET /v1/customers/{tenant}/balance`:
+/// settled, pending spend of open windows, available) from the API's memory; until the
+/// balances topic has been read, or for a tenant the rater has published nothing about, the
+/// settled wallet balances the rater booked (`wallet_balances`, as `GET /v1/wallets/{tenant}`),
+/// without a pending part.
 pub async fn balance_view(state: &AppState, tenant: &str) -> Result<Vec<Balance>, ApiError> {
+    if let Some(b) = state.balances.get(tenant).filter(|_| state.balances.is_caught_up()) {
+        return Ok(vec![Balance { currency: b.currency.clone(), settled: b.settled, pending: Some(b.pending), available: Some(b.available) }]);
+    }
     let rows = state
         .clickhouse
         .query("SELECT currency, balance FROM wallet_balances WHERE tenant = ? ORDER BY currency")
@@ -224,6 +226,6 @@ pub async fn balance_view(state: &AppState, tenant: &str) -> Result<Vec<Balance>
         .map_err(|e| ApiError::unavailable(format!("cannot read balances: {e}")))?;
     Ok(rows
         .into_iter()
-        .map(|r| Balance { currency: r.currency, settled: decimal::from_ch_i128(r.balance), pending: None })
+        .map(|r| Balance { currency: r.currency, settled: decimal::from_ch_i128(r.balance), pending: None, available: None })
         .collect())
 }

@@ -44,6 +44,8 @@ async fn document_matches_router() {
         ("POST", "/v1/events"),
         ("POST", "/v1/wallets/{tenant}/adjustments"),
         ("GET", "/v1/wallets/{tenant}"),
+        ("GET", "/v1/customers/{tenant}/balance"),
+        ("POST", "/v1/entitlements/check"),
         ("GET", "/v1/usage"),
         ("GET", "/v1/customers/{tenant}/invoice"),
         ("POST", "/v1/portal/tokens"),

@@ -37,6 +37,9 @@ pub const PURPOSE_RERATE: &[u8] = b"meterflow.rerate.v1";
 /// An idle tick the aggregator writes into a usage partition (tagged over topic, partition
 /// and payload, so a tick cannot be replayed into another partition).
 pub const PURPOSE_TICK: &[u8] = b"meterflow.tick.v1";
+/// A provisional total the aggregator writes to the provisional topic: untagged ones could
+/// inflate (or hide) a tenant's pending spend, so the rater ignores them.
+pub const PURPOSE_PROVISIONAL: &[u8] = b"meterflow.provisional.v1";
 
 type HmacSha256 = Hmac<Sha256>;
 

@@ -59,6 +59,7 @@
 //! its corrected retry.
 
 pub mod memory;
+mod open;
 pub(crate) mod snapshot;
 
 use std::collections::BTreeMap;
@@ -233,6 +234,9 @@ pub struct PartitionEngine {
     retained: BTreeMap<i64, Vec<u32>>,
     /// Slots of dirty windows (restatement pending).
     dirty: Vec<u32>,
+    /// Slots of open windows changed since the last [`Self::take_provisional`] (may hold
+    /// stale slots; the window's `touched` flag decides).
+    touched: Vec<u32>,
     /// Open windows per tenant (tenants with none are absent), for
     /// [`EngineConfig::max_open_windows_per_tenant`]. Derived from the windows, so not in the
     /// snapshot: `insert_window` rebuilds it on restore.
@@ -375,6 +379,7 @@ impl PartitionEngine {
             closing: BTreeMap::new(),
             retained: BTreeMap::new(),
             dirty: Vec::new(),
+            touched: Vec::new(),
             open_per_tenant: hashbrown::HashMap::new(),
             max_time: None,
             next_offset: 0,
@@ -778,6 +783,10 @@ impl PartitionEngine {
         if w.closed && !w.dirty {
             w.dirty = true;
             self.dirty.push(slot);
+        } else if !w.closed && !w.touched {
+            w.touched = true;
+            self.touched.push(slot);
+            self.compact_touched();
         }
         if self.max_time.is_none_or(|now| t > now) {
             self.advance(t, store, false);

@@ -92,6 +92,9 @@ use crate::decimal::{self, MAX_SCALE};
 use crate::meter::MeterCatalog;
 use crate::Error;
 
+pub mod limits;
+pub use limits::{LimitKind, LimitStatus, SpendLimit};
+
 /// Fractional digits a price (unit price, flat fee, package price, cost rate) may carry.
 pub const PRICE_SCALE: u32 = 12;
 
@@ -432,6 +435,8 @@ pub struct Catalog {
     default_plan: Option<String>,
     /// Per meter.
     costs: BTreeMap<String, Vec<CostRule>>,
+    /// Per tenant, in file order.
+    limits: BTreeMap<String, Vec<SpendLimit>>,
 }
 
 impl Catalog {
@@ -493,7 +498,12 @@ impl Catalog {
             }
             rules.push(c);
         }
-        Ok(Self { plans, assignments, default_plan, costs })
+        let mut limits: BTreeMap<String, Vec<SpendLimit>> = BTreeMap::new();
+        for (i, v) in raw.spend_limit.into_iter().enumerate() {
+            let l = limits::parse_spend_limit(i, v)?;
+            limits.entry(l.tenant.clone()).or_default().push(l);
+        }
+        Ok(Self { plans, assignments, default_plan, costs, limits })
     }
 
     /// Checks the catalog against the meter definitions: every priced or costed meter exists
@@ -535,6 +545,11 @@ impl Catalog {
 
     pub fn default_plan(&self) -> Option<&Plan> {
         self.default_plan.as_deref().and_then(|id| self.plans.get(id))
+    }
+
+    /// The tenant's spend limits (see [`limits`]).
+    pub fn spend_limits(&self, tenant: &str) -> &[SpendLimit] {
+        self.limits.get(tenant).map_or(&[], Vec::as_slice)
     }
 
     /// The tenant's assignments, sorted by effective date.
@@ -623,6 +638,8 @@ struct RawFile {
     assignment: Vec<toml::Value>,
     #[serde(default)]
     cost: Vec<toml::Value>,
+    #[serde(default)]
+    spend_limit: Vec<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -676,6 +693,16 @@ struct RawCost {
     value: Option<toml::Value>,
     per_unit: Option<toml::Value>,
     per_million: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpendLimit {
+    tenant: Option<toml::Value>,
+    currency: Option<toml::Value>,
+    amount: Option<toml::Value>,
+    kind: Option<toml::Value>,
+    period: Option<toml::Value>,
 }
 
 fn invalid(plan: &str, price: &str, field: &str, reason: impl Into<String>) -> Error {

@@ -12,6 +12,9 @@ use crate::decimal::check_storable;
 use crate::schema::{self, Known};
 use crate::Error;
 
+mod provisional;
+pub use provisional::ProvisionalTotal;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterAggregate {
     pub tenant: String,

@@ -32,6 +32,8 @@ pub const WALLET_ADJUSTMENT_V1: &str =
     include_str!("../../../schemas/avro/wallet_adjustment.v1.avsc");
 pub const WALLET_ADJUSTMENT_V2: &str =
     include_str!("../../../schemas/avro/wallet_adjustment.v2.avsc");
+pub const PROVISIONAL_TOTAL_V1: &str =
+    include_str!("../../../schemas/avro/provisional_total.v1.avsc");
 
 /// A parsed schema with its single-object fingerprints.
 #[derive(Debug)]
@@ -85,6 +87,7 @@ known!(charge_v1, CHARGE_V1);
 known!(dead_letter_v1, DEAD_LETTER_V1);
 known!(wallet_adjustment_v1, WALLET_ADJUSTMENT_V1);
 known!(wallet_adjustment_v2, WALLET_ADJUSTMENT_V2);
+known!(provisional_total_v1, PROVISIONAL_TOTAL_V1);
 
 /// CRC-64-AVRO, the Rabin fingerprint of the Avro specification ("Schema Fingerprints").
 pub fn crc64_avro(bytes: &[u8]) -> u64 {

@@ -378,6 +378,9 @@ pub(crate) struct Window {
     pub closed: bool,
     /// Closed and changed since its last emission (a restatement is pending).
     pub dirty: bool,
+    /// Open and changed since its last provisional total (see `engine::open`). Not in the
+    /// snapshot: provisional totals are best effort.
+    pub touched: bool,
     pub hash: u64,
     /// Creation number (per engine, deterministic, in the snapshot): the emission order of
     /// windows that close or restate together, so no sort by key is needed.
@@ -413,6 +416,7 @@ impl Window {
             uncosted: if c.provider_cost.is_some() { Decimal::ZERO } else { uncosted_unit(agg, c) },
             closed: false,
             dirty: false,
+            touched: false,
             last: None,
         }
     }

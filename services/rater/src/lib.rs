@@ -11,6 +11,7 @@
 //! tenant, same partition count), so partition N of both belongs to one member and one
 //! state. Balances are sums, so they do not depend on how the two streams interleave.
 
+pub mod balances;
 pub mod config;
 pub mod metrics;
 pub mod rows;

@@ -23,6 +23,10 @@ pub const INSERT_SECONDS: &str = "meterflow_rater_clickhouse_insert_seconds";
 pub const CHECKPOINT_SECONDS: &str = "meterflow_rater_checkpoint_seconds";
 pub const FENCED: &str = "meterflow_rater_partitions_fenced_total";
 pub const FLUSH_ERRORS: &str = "meterflow_rater_flush_errors_total";
+pub const PROVISIONAL_IN: &str = "meterflow_rater_provisional_totals_total";
+pub const PROVISIONAL_LAG: &str = "meterflow_rater_provisional_lag_seconds";
+pub const PENDING_WINDOWS: &str = "meterflow_rater_pending_windows";
+pub const BALANCES: &str = "meterflow_rater_balances_total";
 
 pub fn describe() {
     describe_counter!(AGGREGATES_IN, "Aggregates read.");
@@ -45,6 +49,14 @@ pub fn describe() {
     describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
     counter!(FENCED).increment(0);
     describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
+    describe_counter!(PROVISIONAL_IN, "Provisional totals read, by outcome (accepted, unauthenticated, undecodable).");
+    describe_histogram!(PROVISIONAL_LAG, Unit::Seconds, "Wall clock minus the aggregator's publication time of a provisional total.");
+    describe_gauge!(PENDING_WINDOWS, "Open windows counted as pending spend (all tenants seen).");
+    describe_counter!(BALANCES, "Balance and spend-limit alert records by outcome (published, failed, dropped).");
+    for outcome in ["accepted", "unauthenticated", "undecodable"] {
+        counter!(PROVISIONAL_IN, "outcome" => outcome).increment(0);
+    }
+    gauge!(PENDING_WINDOWS).set(0.0);
     for c in [AGGREGATES_IN, SKIPPED, REJECTED] {
         counter!(c).increment(0);
     }

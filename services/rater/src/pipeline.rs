@@ -24,6 +24,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::balances::{self, DeskFeed, SharedDesk};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
@@ -147,7 +148,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         outputs: Outputs::default(),
         config,
         gauge_labels: BTreeMap::new(),
+        desk: SharedDesk::default(),
+        desk_feed: DeskFeed::default(),
     };
+    // Stops with the service, and also when `run` is dropped without a shutdown.
+    let balances_stop = shutdown.child_token();
+    let publishing = balances::Publishing {
+        kafka: rater.config.kafka.clone(),
+        topics: rater.config.topics.clone(),
+        record_key: rater.record_key.clone(),
+        producer: rater.producer.clone(),
+        client: rater.client.clone(),
+        catalog: rater.catalog.clone(),
+    };
+    tokio::spawn(balances::run(publishing, rater.desk.clone(), balances_stop.clone()));
+    let _balances_guard = balances_stop.drop_guard();
     let loop_config = LoopConfig {
         flush_interval: Duration::from_millis(rater.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
@@ -176,6 +191,9 @@ struct Rater {
     outputs: Outputs,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
     gauge_labels: BTreeMap<String, ()>,
+    /// Pending spend and settled state for real-time balances (see `balances`).
+    desk: SharedDesk,
+    desk_feed: DeskFeed,
 }
 
 impl Rater {
@@ -237,7 +255,7 @@ impl Rater {
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
         let is_wallet = msg.topic() == self.config.topics.wallet_topic;
-        let Self { shards, outputs, config, switched, record_key, admission, .. } = self;
+        let Self { shards, outputs, config, switched, record_key, admission, desk_feed, .. } = self;
         let Some(owned) = shards.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
@@ -253,6 +271,7 @@ impl Rater {
             }) {
                 Ok((adj, AdjustmentOutcome::Applied { alerts, .. })) => {
                     counter!(m::WALLET_ADJUSTMENTS, "outcome" => "applied").increment(1);
+                    desk_feed.touched.insert(adj.tenant.clone());
                     for a in &alerts {
                         counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
                     }
@@ -315,6 +334,7 @@ impl Rater {
                 }
                 RerateOutcome::Charged(c) => {
                     counter!(m::RERATES, "outcome" => "charged").increment(1);
+                    desk_feed.touched.insert(agg.tenant.clone());
                     ("rerated", "", format!("charged by the rerate request at offset {offset}"), c)
                 }
                 RerateOutcome::StillParked { reason, error } => {
@@ -347,6 +367,11 @@ impl Rater {
             }
             // Never an `Err` any more: what cannot be priced is parked.
             let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
+            if !matches!(outcome, RateOutcome::Skipped { .. }) {
+                // Charged, parked or rejected: either way the window is no longer pending.
+                desk_feed.touched.insert(agg.tenant.clone());
+                desk_feed.settled.push(agg.clone());
+            }
             let mut charges = match outcome {
                 RateOutcome::Charged(c) => c,
                 RateOutcome::Skipped { .. } => {
@@ -401,6 +426,7 @@ impl Rater {
     async fn flush_outputs(&mut self, shutdown: &CancellationToken) -> bool {
         let out = &mut self.outputs;
         if out.rows() == 0 {
+            self.feed_desk();
             return true;
         }
         let b = Backoff::default();
@@ -457,7 +483,18 @@ impl Rater {
         }
         *out = Outputs::default();
         self.export_gauges();
+        self.feed_desk();
         true
+    }
+
+    /// Hands what the flush just wrote to the balances desk.
+    fn feed_desk(&mut self) {
+        let shards = &self.shards;
+        self.desk_feed.hand_over(&self.desk, |tenant| {
+            let n = shards.values().next()?.partitions;
+            let o = shards.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
+            Some(balances::settled_of(&o.shard.rating, &o.shard.wallets, tenant))
+        });
     }
 
     fn export_gauges(&mut self) {
@@ -565,6 +602,10 @@ impl Partitioned for Rater {
             None => self.fresh_shard(partition),
         };
         let partitions = partition_counts.get(&self.config.topics.aggregates_topic).copied().unwrap_or(1);
+        // Its tenants' balances are published from the restored state on the next flush.
+        self.desk_feed.touched.extend(shard.rating.tenants().cloned());
+        self.desk_feed.touched.extend(shard.wallets.balances().keys().cloned());
+        self.desk.lock().expect("desk lock").own(partition, partitions);
         self.shards.insert(partition, Owned { shard, catalog, catalog_text, switch, partitions });
         Ok(())
     }
@@ -598,6 +639,7 @@ impl Partitioned for Rater {
 
     fn release(&mut self, partition: i32) {
         self.shards.remove(&partition);
+        self.desk.lock().expect("desk lock").disown(partition);
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {

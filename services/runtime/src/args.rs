@@ -29,6 +29,12 @@ pub struct TopicArgs {
     pub wallet_topic: String,
     #[arg(long, env = "METERFLOW_ALERTS_TOPIC", default_value = "meterflow.alerts")]
     pub alerts_topic: String,
+    /// Running totals of open windows (aggregator -> rater; best effort).
+    #[arg(long, env = "METERFLOW_PROVISIONAL_TOPIC", default_value = "meterflow.provisional")]
+    pub provisional_topic: String,
+    /// Per-tenant balances, JSON keyed by tenant, compacted (rater -> API).
+    #[arg(long, env = "METERFLOW_BALANCES_TOPIC", default_value = "meterflow.balances")]
+    pub balances_topic: String,
 }
 
 impl TopicArgs {
@@ -41,10 +47,12 @@ impl TopicArgs {
             charges_topic: format!("{prefix}charges"),
             wallet_topic: format!("{prefix}wallet-adjustments"),
             alerts_topic: format!("{prefix}alerts"),
+            provisional_topic: format!("{prefix}provisional"),
+            balances_topic: format!("{prefix}balances"),
         }
     }
 
-    pub fn all(&self) -> [&str; 6] {
+    pub fn all(&self) -> [&str; 8] {
         [
             &self.usage_topic,
             &self.aggregates_topic,
@@ -52,6 +60,8 @@ impl TopicArgs {
             &self.charges_topic,
             &self.wallet_topic,
             &self.alerts_topic,
+            &self.provisional_topic,
+            &self.balances_topic,
         ]
     }
 }

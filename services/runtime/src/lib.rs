@@ -12,6 +12,7 @@ pub mod record_key;
 pub mod retry;
 pub mod rows;
 pub mod shutdown;
+pub mod tail;
 pub mod telemetry;
 
 pub use error::Error;

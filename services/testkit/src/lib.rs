@@ -41,7 +41,7 @@ pub const START_SERVICES_HINT: &str =
     "start the local services with `make up` (in the repository root) and re-run; `make status` shows what runs";
 
 /// A test's private slice of the local services: a fresh database with every migration
-/// applied and a fresh set of the six topics.
+/// applied and a fresh set of the topics.
 #[derive(Debug, Clone)]
 pub struct TestEnv {
     name: String,
@@ -126,7 +126,7 @@ impl TestEnv {
     }
 
     /// A fresh environment: database `t_<name>_<random>` with all migrations applied and the
-    /// six topics `t.<name>.<random>.*` with `partitions` (an `i32` for all, or a
+    /// topics `t.<name>.<random>.*` with `partitions` (an `i32` for all, or a
     /// [`Partitions`]). Fails with a "run `make up`" message when the services are down.
     pub async fn with_partitions(name: &str, partitions: impl Into<Partitions>) -> Result<Self> {
         Self::on_clickhouse(name, partitions, None, cluster_from_env().as_deref()).await
@@ -230,7 +230,7 @@ impl TestEnv {
     }
 
     /// Environment variables that point a service at this environment (the shared flags of
-    /// `meterflow-runtime`: brokers, the six topics, ClickHouse).
+    /// `meterflow-runtime`: brokers, the topics, ClickHouse).
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let t = &self.topics;
         let mut v = vec![
@@ -241,6 +241,8 @@ impl TestEnv {
             ("METERFLOW_CHARGES_TOPIC", t.charges_topic.clone()),
             ("METERFLOW_WALLET_TOPIC", t.wallet_topic.clone()),
             ("METERFLOW_ALERTS_TOPIC", t.alerts_topic.clone()),
+            ("METERFLOW_PROVISIONAL_TOPIC", t.provisional_topic.clone()),
+            ("METERFLOW_BALANCES_TOPIC", t.balances_topic.clone()),
             ("METERFLOW_CLICKHOUSE_URL", self.clickhouse.url.clone()),
             ("METERFLOW_CLICKHOUSE_DATABASE", self.clickhouse.database.clone()),
             ("METERFLOW_CLICKHOUSE_USER", self.clickhouse.user.clone()),

@@ -47,6 +47,7 @@ async fn fresh_env_has_migrated_database_and_topics() -> anyhow::Result<()> {
     assert_eq!(topics[&t.charges_topic], 3);
     assert_eq!(topics[&t.dead_letter_topic], 1);
     assert_eq!(topics[&t.alerts_topic], 2);
+    assert_eq!((topics[&t.provisional_topic], topics[&t.balances_topic]), (3, 3));
     let again = meterflow_admin::create_topics(env.kafka_args(), t, 5).await?;
     assert!(again.iter().all(|r| !r.created && r.requested == 5));
 

@@ -32,13 +32,14 @@ impl MeterUsage {
     }
 }
 
-/// A balance in one currency. `pending: None` until the pending-aware balance is wired in
-/// (see `balance_view`).
+/// A balance in one currency; `pending` and `available` are `None` when only the settled
+/// wallet balance is known (see `balance_view`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Balance {
     pub currency: String,
     pub settled: Decimal,
     pub pending: Option<Decimal>,
+    pub available: Option<Decimal>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,12 +118,15 @@ fn balances(h: &mut String, list: &[Balance]) {
         h.push_str("<p class=\"muted\">No prepaid balance.</p>");
     }
     for b in list {
-        let pending = b.pending.map_or_else(|| "not shown".to_owned(), |p| decimal::format(&p));
+        let shown = |d: Option<Decimal>| d.map_or_else(|| "not known yet".to_owned(), |d| decimal::format(&d));
         let _ = write!(
             h,
             "<div class=\"card\"><div class=\"muted\">{cur} settled</div><div class=\"big\" data-balance=\"{cur}\">{}</div>\
-             <div class=\"muted\">pending spend: <span data-pending=\"{cur}\">{pending}</span></div></div>",
+             <div class=\"muted\">pending spend (open windows): <span data-pending=\"{cur}\">{}</span></div>\
+             <div class=\"muted\">available: <span data-available=\"{cur}\">{}</span></div></div>",
             decimal::format(&b.settled),
+            shown(b.pending),
+            shown(b.available),
             cur = esc(&b.currency)
         );
     }
@@ -243,13 +247,14 @@ mod tests {
             period_start_ms: NOV,
             period_end_ms: NOV + 30 * DAY_MS,
             meters: vec![MeterUsage { meter: "requests".into(), aggregation: "count", days: vec![(NOV, Decimal::from(4)), (NOV + DAY_MS, Decimal::new(15, 1))] }],
-            balances: vec![Balance { currency: "USD".into(), settled: Decimal::new(-125, 2), pending: None }],
+            balances: vec![Balance { currency: "USD".into(), settled: Decimal::new(-125, 2), pending: Some(Decimal::new(5, 1)), available: Some(Decimal::new(-175, 2)) }],
             invoice: inv(),
         };
         let html = render_page(&d);
         assert!(!html.contains("<script>") && html.contains("&lt;script&gt;"));
         assert!(html.contains("data-usage-total=\"requests\">5.5<"), "{html}");
         assert!(html.contains("data-balance=\"USD\">-1.25<"));
+        assert!(html.contains("data-pending=\"USD\">0.5<") && html.contains("data-available=\"USD\">-1.75<"), "{html}");
         assert!(html.contains("data-invoice-total=\"USD\">0.03<"));
         assert!(html.contains("in&lt;put&gt;"));
         // The larger day is the full height, the other proportional (1.5 / 4 of 140 = 52.5 -> 52).

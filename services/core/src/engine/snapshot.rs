@@ -587,6 +587,7 @@ impl PartitionEngine {
                 uncosted,
                 closed,
                 dirty,
+                touched: false,
                 last,
             };
             let slot = e.insert_window(win, !closed, close_at);

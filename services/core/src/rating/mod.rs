@@ -96,6 +96,8 @@ use crate::pricing::{self, Catalog};
 use crate::records::{Charge, MeterAggregate};
 use crate::Error;
 
+pub mod balance;
+pub mod pending;
 mod wallet;
 pub use wallet::{AdjustmentOutcome, Alert, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE};
 pub use wallet::{
@@ -384,6 +386,22 @@ impl RatingState {
             .and_then(|p| p.true_ups.get(currency))
             .map(|t| t.amount)
             .unwrap_or_default()
+    }
+
+    /// The tenant's settled periods (cumulative quantities and usage revenue), the base that
+    /// pending spend is priced on ([`pending::price_pending`]).
+    pub fn settled_usage(&self, tenant: &str) -> pending::SettledUsage {
+        self.tenants.get(tenant).map_or_else(Default::default, |t| {
+            t.periods
+                .iter()
+                .map(|(&p, r)| (p, pending::PeriodUsage { usage: r.usage.clone(), revenue: r.revenue.clone() }))
+                .collect()
+        })
+    }
+
+    /// Tenants this state has rated usage for.
+    pub fn tenants(&self) -> impl Iterator<Item = &String> {
+        self.tenants.keys()
     }
 
     /// Whether the tenant's period has been closed (true-up computed).

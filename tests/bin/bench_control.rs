@@ -1,0 +1,207 @@
+//! The control rows of `meterflow-bench` (issue 14): aggregator, rater and meterflow-api
+//! (in this process, release build) on the private stack.
+//!
+//! 1. **ack -> pending visible**: 10 tenants each send one event at a time through
+//!    `POST /v1/events`; from the 202 (the broker's ack) until the API's in-memory balance
+//!    (what `GET /v1/customers/{tenant}/balance` answers from) shows the event's spend, polled
+//!    every 2 ms. The spend is read from `period_spend` (settled + pending), which only grows,
+//!    so a window closing meanwhile cannot hide a sample.
+//! 2. **entitlement checks**: `--control-checks` `POST /v1/entitlements/check` on a fixed
+//!    schedule of `--control-rate` per second (open loop: request i is due at i / rate),
+//!    sent by a bounded pool of keep-alive clients with a per-request and a total timeout.
+//!    Latency is measured from the scheduled time (so falling behind counts) and, as a note,
+//!    from the send.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use meterflow_api::keys::Scope;
+use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_e2e::scenario::now_ms;
+use meterflow_testkit::TestEnv;
+use rust_decimal::Decimal;
+use tokio_util::sync::CancellationToken;
+
+use crate::{fmt_rate, percentile, Args, Report};
+
+const TENANTS: usize = 10;
+/// Events per tenant in the visibility phase (samples = TENANTS x this).
+const ROUNDS: usize = 30;
+/// Concurrent HTTP clients of the check phase.
+const CHECK_CLIENTS: usize = 32;
+/// 1,000 tokens at 0.001 = 1 USD per event, no free allowance.
+const CATALOG: &str = "default_plan = \"bench\"\n[[plan]]\nid = \"bench\"\ncurrency = \"USD\"\n\
+[[plan.price]]\nmeter = \"input_tokens\"\nmodel = \"per_unit\"\nunit_price = \"0.001\"\n\
+[[spend_limit]]\ntenant = \"tenant-001\"\ncurrency = \"USD\"\namount = \"1000000\"\nkind = \"hard\"\n";
+
+pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
+    if args.control_checks == 0 {
+        return Ok(());
+    }
+    let env = TestEnv::with_partitions("bench_control", args.partitions).await?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let catalog_path = crate::harness::log_dir("bench")?.join("control-catalog.toml");
+    std::fs::write(&catalog_path, CATALOG)?;
+    let catalog = catalog_path.display().to_string();
+    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let with = |extra: &[(&str, &str)]| {
+        let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
+        e.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        e.push(("METERFLOW_LOG".to_owned(), "warn".to_owned()));
+        e
+    };
+    let agg = tokio::spawn(meterflow_aggregator::run(
+        parse_with_env(&with(&[("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"), ("METERFLOW_METERS", &meters), ("METERFLOW_IDLE_TIMEOUT", "1s")]))?,
+        shutdown.clone(),
+    ));
+    let rater = tokio::spawn(meterflow_rater::run(
+        parse_with_env(&with(&[("METERFLOW_RATER_HTTP_ADDR", "127.0.0.1:0"), ("METERFLOW_CATALOG", &catalog), ("METERFLOW_METERS", &meters)]))?,
+        shutdown.clone(),
+    ));
+    let api_cfg: meterflow_api::Config = parse_with_env(&with(&[
+        ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0"),
+        ("METERFLOW_METERS", &meters),
+        ("METERFLOW_CATALOG", &catalog),
+        ("METERFLOW_API_TENANT_RATE", "0"),
+    ]))?;
+    let api = meterflow_api::start(api_cfg, shutdown.clone()).await?;
+    let base = format!("http://{}", api.addr);
+    let mut keys = Vec::new();
+    for i in 0..TENANTS {
+        keys.push(meterflow_admin::keys::create(env.clickhouse_args(), &format!("tenant-{i:03}"), Scope::Ingest).await?.1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(api.state.balances.is_caught_up() && api.state.keys.lookup(&keys[TENANTS - 1]).is_some()) {
+        ensure!(Instant::now() < deadline, "meterflow-api not ready after 60 s");
+        ensure!(!agg.is_finished() && !rater.is_finished(), "a service stopped by itself");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let keys = Arc::new(keys);
+
+    // 1. Ack -> pending visible.
+    println!("== control: ack -> pending visible, {TENANTS} tenants x {ROUNDS} events");
+    let mut tasks = Vec::new();
+    for t in 0..TENANTS {
+        let (keys, base, balances) = (keys.clone(), base.clone(), api.state.balances.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let tenant = format!("tenant-{t:03}");
+            let mut lat = Vec::new();
+            for r in 0..ROUNDS {
+                let body = serde_json::json!([{"event_id": format!("v-{t}-{r}"), "meter": "input_tokens", "quantity": "1000",
+                    "event_time": now_ms(), "dimensions": {"model": "gpt-4o", "region": "eu"}}]);
+                let resp = c.post(format!("{base}/v1/events")).bearer_auth(&keys[t]).json(&body).send().await?;
+                ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
+                let acked = Instant::now();
+                let want = Decimal::from(r as u64 + 1);
+                loop {
+                    if balances.get(&tenant).is_some_and(|b| b.period_spend >= want) {
+                        break;
+                    }
+                    ensure!(acked.elapsed() < Duration::from_secs(20), "{tenant}: spend {want} not visible after 20 s");
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                lat.push(acked.elapsed().as_secs_f64() * 1e3);
+                // Spread the tenants' sends over the flush interval.
+                tokio::time::sleep(Duration::from_millis(((t * 37 + r * 53) % 300) as u64)).await;
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut visible = Vec::new();
+    for t in tasks {
+        visible.extend(t.await??);
+    }
+    visible.sort_by(f64::total_cmp);
+
+    // 2. Entitlement checks at a fixed rate.
+    let n = args.control_checks;
+    let rate = args.control_rate;
+    println!("== control: {n} entitlement checks at {rate:.0}/s, {CHECK_CLIENTS} keep-alive clients");
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now() + Duration::from_millis(200);
+    let mut workers = Vec::new();
+    for _ in 0..CHECK_CLIENTS {
+        let (next, keys, url) = (next.clone(), keys.clone(), format!("{base}/v1/entitlements/check"));
+        workers.push(tokio::spawn(async move {
+            let c = reqwest::Client::builder().pool_max_idle_per_host(1).timeout(Duration::from_secs(2)).build()?;
+            let (mut from_due, mut from_send, mut denied) = (Vec::new(), Vec::new(), 0usize);
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let sent = Instant::now();
+                let body = format!(r#"{{"meter":"input_tokens","quantity":"{}","dimensions":{{"model":"gpt-4o","region":"eu"}}}}"#, 100 + i % 900);
+                let r = c.post(&url).bearer_auth(&keys[i % TENANTS]).header("content-type", "application/json").body(body).send().await?;
+                ensure!(r.status().as_u16() == 200, "check answered {}", r.status());
+                let v: serde_json::Value = r.json().await?;
+                if v["allowed"] != true {
+                    denied += 1;
+                }
+                from_due.push(due.elapsed().as_secs_f64() * 1e3);
+                from_send.push(sent.elapsed().as_secs_f64() * 1e3);
+            }
+            anyhow::Ok((from_due, from_send, denied))
+        }));
+    }
+    let total = Duration::from_secs_f64(n as f64 / rate + 30.0);
+    let results = tokio::time::timeout(total, async {
+        let mut out = Vec::new();
+        for w in workers {
+            out.push(w.await?);
+        }
+        anyhow::Ok(out)
+    })
+    .await
+    .context("entitlement phase timed out")??;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut from_due, mut from_send, mut denied) = (Vec::new(), Vec::new(), 0);
+    for r in results {
+        let (a, b, d) = r?;
+        from_due.extend(a);
+        from_send.extend(b);
+        denied += d;
+    }
+    from_due.sort_by(f64::total_cmp);
+    from_send.sort_by(f64::total_cmp);
+    shutdown.cancel();
+    let _ = agg.await;
+    let _ = rater.await;
+
+    let p = |l: &[f64], q: f64| percentile(l, q);
+    let achieved = from_due.len() as f64 / elapsed;
+    report.row(
+        "control",
+        "ack -> pending visible in the API (aggregator flush 1 s)",
+        format!("p99 {:.0} ms", p(&visible, 0.99)),
+        format!("{} samples ({TENANTS} tenants); p50 {:.0} ms, max {:.0} ms", visible.len(), p(&visible, 0.5), visible.last().copied().unwrap_or(f64::NAN)),
+    );
+    report.row(
+        "control",
+        format!("entitlement checks, {CHECK_CLIENTS} keep-alive clients, fixed schedule"),
+        format!("{} checks/s", fmt_rate(achieved)),
+        format!(
+            "{} checks ({denied} denied); from the scheduled time p50 {:.2} ms, p99 {:.2} ms; from the send p50 {:.2} ms, p99 {:.2} ms",
+            from_due.len(),
+            p(&from_due, 0.5),
+            p(&from_due, 0.99),
+            p(&from_send, 0.5),
+            p(&from_send, 0.99)
+        ),
+    );
+    let p99_visible = p(&visible, 0.99);
+    report.goal("spend pending in the balance <= 2 s (p99) after the ack", format!("p99 {p99_visible:.0} ms over {} samples", visible.len()), Some(p99_visible <= 2_000.0));
+    let p99_check = p(&from_due, 0.99);
+    report.goal(
+        "entitlement check p99 <= 5 ms at 5,000 checks/s",
+        format!("p99 {p99_check:.2} ms (from the scheduled time) at {} checks/s", fmt_rate(achieved)),
+        Some(p99_check <= 5.0 && achieved >= 0.98 * rate && rate >= 5_000.0),
+    );
+    Ok(())
+}
