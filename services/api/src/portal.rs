@@ -208,15 +208,12 @@ struct BalanceRow {
     balance: i128,
 }
 
-/// The balance shown on the page: the real-time balance (`GET /v1/customers/{tenant}/balance`:
-/// settled, pending spend of open windows, available) from the API's memory; until the
-/// balances topic has been read, or for a tenant the rater has published nothing about, the
-/// settled wallet balances the rater booked (`wallet_balances`, as `GET /v1/wallets/{tenant}`),
-/// without a pending part.
+/// The balance shown on the page: the real-time balance (settled, the pending spend of open
+/// windows and available, from the rater's balance records the API keeps in memory, as
+/// `GET /v1/customers/{tenant}/balance`) where the API has one for the tenant, and the settled
+/// wallet balance the rater booked (`wallet_balances`, without a pending part) for any other
+/// currency, or while the balances topic is still being read after a start.
 pub async fn balance_view(state: &AppState, tenant: &str) -> Result<Vec<Balance>, ApiError> {
-    if let Some(b) = state.balances.get(tenant).filter(|_| state.balances.is_caught_up()) {
-        return Ok(vec![Balance { currency: b.currency.clone(), settled: b.settled, pending: Some(b.pending), available: Some(b.available) }]);
-    }
     let rows = state
         .clickhouse
         .query("SELECT currency, balance FROM wallet_balances WHERE tenant = ? ORDER BY currency")
@@ -224,8 +221,15 @@ pub async fn balance_view(state: &AppState, tenant: &str) -> Result<Vec<Balance>
         .fetch_all::<BalanceRow>()
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot read balances: {e}")))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Balance { currency: r.currency, settled: decimal::from_ch_i128(r.balance), pending: None, available: None })
-        .collect())
+    let live = state.balances.get(tenant).filter(|_| state.balances.is_caught_up());
+    let mut out: Vec<Balance> = live
+        .iter()
+        .map(|b| Balance { currency: b.currency.clone(), settled: b.settled, pending: Some(b.pending), available: Some(b.available) })
+        .collect();
+    out.extend(
+        rows.into_iter()
+            .filter(|r| live.as_ref().is_none_or(|b| b.currency != r.currency))
+            .map(|r| Balance { currency: r.currency, settled: decimal::from_ch_i128(r.balance), pending: None, available: None }),
+    );
+    Ok(out)
 }
