@@ -73,7 +73,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             backoff: Backoff::default(),
             record_key: record_key.clone(),
         },
-        provisional: Publisher { producer: producer.clone(), topic: config.topics.provisional_topic.clone(), record_key },
+        provisional: Publisher {
+            producer: producer.clone(),
+            topic: config.topics.provisional_topic.clone(),
+            record_key,
+            interval: Duration::from_millis(config.provisional_interval_ms.max(0) as u64),
+            last: Instant::now(),
+        },
         client,
         producer,
         catalog,
@@ -338,6 +344,9 @@ impl Partitioned for Aggregator {
     }
 
     async fn on_timer(&mut self) {
+        if self.provisional.due() {
+            self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
+        }
         self.send_ticks().await;
         if self.last_progress.elapsed() >= Duration::from_secs(10) {
             self.log_progress();

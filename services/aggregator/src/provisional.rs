@@ -1,7 +1,8 @@
-//! Provisional totals of open windows (see `meterflow_core::engine::open`): after each flush
-//! the aggregator publishes the running totals of the open windows that changed since the
-//! previous one, so the rater can count their spend as pending within about a flush interval
-//! of the events' acknowledgement instead of when the windows close.
+//! Provisional totals of open windows (see `meterflow_core::engine::open`): every
+//! `--provisional-interval` (and after each flush) the aggregator publishes the running totals
+//! of the open windows that changed since the previous publication, so the rater can count
+//! their spend as pending within about that interval of the events' acknowledgement instead of
+//! when the windows close.
 //!
 //! Best effort by design: the records are handed to the producer without waiting for their
 //! acknowledgement and never retried. A lost one only delays the pending amount until the
@@ -22,11 +23,20 @@ pub struct Publisher {
     pub topic: String,
     /// Tags every record (`meterflow-auth`): the rater ignores untagged ones.
     pub record_key: RecordKey,
+    /// `--provisional-interval`.
+    pub interval: std::time::Duration,
+    pub last: std::time::Instant,
 }
 
 impl Publisher {
+    /// Whether the interval has passed since the last publication.
+    pub fn due(&self) -> bool {
+        self.last.elapsed() >= self.interval
+    }
+
     /// Publishes the changed open windows of `engines`, stamped with `now_ms`.
-    pub fn publish<'a>(&self, engines: impl IntoIterator<Item = &'a mut PartitionEngine>, now_ms: i64) {
+    pub fn publish<'a>(&mut self, engines: impl IntoIterator<Item = &'a mut PartitionEngine>, now_ms: i64) {
+        self.last = std::time::Instant::now();
         for engine in engines {
             for p in engine.take_provisional(now_ms) {
                 self.send(&p);
