@@ -22,7 +22,7 @@ COMPONENTS := broker clickhouse prometheus
 # The admin binary, built on demand (release, shared with `make build`).
 ADMIN := $(CARGO) run --quiet --release -p meterflow-admin --
 
-.PHONY: help up down status install build test test-rust pyenv check-ddl check-compose clippy init demo bench chaos bench-core \
+.PHONY: help up down status install build test test-rust pyenv check-ddl check-compose clippy init demo bench bench-usage chaos bench-core \
 	$(foreach c,$(COMPONENTS),start-$(c) stop-$(c) restart-$(c) status-$(c))
 
 help:
@@ -96,6 +96,7 @@ test:
 	@$(MAKE) --no-print-directory check-ddl
 	@$(MAKE) --no-print-directory check-compose
 	@$(MAKE) --no-print-directory pyenv
+	@deploy/local/install.sh chromium
 	@$(MAKE) --no-print-directory test-rust
 	@$(MAKE) --no-print-directory fuzz-short
 	@$(MAKE) --no-print-directory clippy
@@ -149,6 +150,7 @@ demo-summary:
 # never restart or stop the shared ones on 9092/8123; no `make up` needed.
 #   make bench [BENCH_ARGS='--events 10000000']     meterflow vs raw consume and a raw-events baseline -> target/bench/bench.md
 #   make chaos [CHAOS_ARGS='--events 100000 ...']   SIGKILLs, broker restart, ClickHouse outage, then exact verification
+#   make bench-usage [BENCH_USAGE_ARGS=...]          GET /v1/usage at 10M events (shared services: make up) -> target/bench/bench-usage.md
 #   make fuzz [FUZZ_SECS=150] | fuzz-short          cargo-fuzz (nightly) on the event and record decoders
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
@@ -157,6 +159,11 @@ bench:
 
 chaos:
 	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-chaos -- $(CHAOS_ARGS)
+
+BENCH_USAGE_ARGS ?=
+bench-usage:
+	@$(MAKE) --no-print-directory up
+	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-bench-usage -- $(BENCH_USAGE_ARGS)
 
 # Fuzz targets live in services/core/fuzz (their own cargo workspace). The corpus in
 # services/core/fuzz/corpus is kept in git and only read by a run; new inputs go to

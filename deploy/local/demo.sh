@@ -167,8 +167,24 @@ summary_args() {
     fi
 }
 
+# A customer-page link (GET /portal/{token}) for one tenant: a fresh admin key, then
+# POST /v1/portal/tokens, retried while the API has not loaded the new key yet (--key-refresh).
+portal_link() {
+    local tenant="$1" key url="" _
+    key="$("$BIN/meterflow-admin" keys create --tenant demo-portal --scope admin 2>/dev/null)" || return 0
+    for _ in $(seq 1 20); do
+        url="$(curl -s -X POST "http://$MF_HOST:$API_PORT/v1/portal/tokens" -H "Authorization: Bearer $key" \
+            -H 'Content-Type: application/json' -d "{\"tenant\":\"$tenant\",\"ttl\":\"24h\"}" |
+            sed -n 's/.*"url":"\([^"]*\)".*/\1/p')"
+        [[ -n "$url" ]] && break
+        sleep 0.5
+    done
+    [[ -n "$url" ]] && echo "http://$MF_HOST:$API_PORT$url"
+}
+
 where_next() {
-    local db="$DATABASE"
+    local db="$DATABASE" portal
+    portal="$(portal_link tenant-000 || true)"
     cat <<EOF
 
 == Where to look next (the aggregator and the rater keep running)
@@ -177,6 +193,8 @@ where_next() {
                   meterflow_aggregator_dead_letters_total, meterflow_aggregator_watermark_lag_seconds
   /metrics        http://$MF_HOST:$AGG_PORT/metrics (aggregator)   http://$MF_HOST:$RATER_PORT/metrics (rater)   http://$MF_HOST:$API_PORT/metrics (api)
   HTTP API        http://$MF_HOST:$API_PORT/openapi.json; keys: $BIN/meterflow-admin keys create --tenant tenant-042 (README "HTTP API")
+  customer page   ${portal:-(no link: is meterflow-api running?)}
+                  (tenant-000's usage, balance and invoice preview; a signed link valid 24 h, docs/api.md "Customer page")
                   (the producer's, http://$MF_HOST:$PRODUCER_PORT/metrics, only while it generates)
   logs            $(svc_log aggregator)  $(svc_log rater)  $DEMO_DIR/producer.log
   files           $DEMO_DIR/truth.json (ground truth)  $DEMO_DIR/wallets.json  $DEMO_DIR/summary.txt

@@ -7,8 +7,10 @@
 #   prometheus  Debian's prometheus (apt)
 #   zookeeper   Debian's zookeeper 3.8 and a Java runtime (apt), for the local ClickHouse cluster
 #               (deploy/local/cluster.sh); not part of `all`
+#   chromium    Debian's chromium (apt): the headless browser of the customer-page test
+#               (tests/e2e/usage_api.rs); `make test` installs it; not part of `all`
 #
-# usage: install.sh [all|broker|clickhouse|prometheus|zookeeper]...
+# usage: install.sh [all|broker|clickhouse|prometheus|zookeeper|chromium]...
 #        install.sh broker --background   start the broker build detached (for CI) and return
 set -euo pipefail
 # shellcheck source=deploy/local/common.sh
@@ -41,6 +43,15 @@ install_zookeeper() {
     log "zookeeper: installing zookeeper (and a Java runtime)"
     apt_install --no-install-recommends zookeeper || die "zookeeper: apt-get install failed"
     [[ -f /usr/share/java/zookeeper.jar ]] || die "zookeeper: /usr/share/java/zookeeper.jar missing after install"
+}
+
+install_chromium() {
+    if have chromium; then
+        return 0
+    fi
+    log "chromium: installing chromium (headless browser for the customer-page test)"
+    apt_install --no-install-recommends chromium || die "chromium: apt-get install failed"
+    have chromium || die "chromium: still not on PATH after install"
 }
 
 ensure_build_tools() {
@@ -153,8 +164,8 @@ main() {
         case "$a" in
             --background) background=1 ;;
             all) comps+=("${MF_COMPONENTS[@]}") ;;
-            broker | clickhouse | prometheus | zookeeper) comps+=("$a") ;;
-            *) die "usage: install.sh [all|broker|clickhouse|prometheus|zookeeper]... [--background]" ;;
+            broker | clickhouse | prometheus | zookeeper | chromium) comps+=("$a") ;;
+            *) die "usage: install.sh [all|broker|clickhouse|prometheus|zookeeper|chromium]... [--background]" ;;
         esac
     done
     ((${#comps[@]})) || comps=("${MF_COMPONENTS[@]}")

@@ -328,9 +328,25 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
     let clean = audit::audit(&ch, &cat, &env.topics().aggregates_topic, 0, to).await?;
     eprintln!("assurance: clean audit ({:?})", started.elapsed());
     assert!(clean.findings.is_empty(), "clean pipeline, no finding:\n{}", audit::render(&clean));
-    for check in ["events_vs_windows", "window_not_rated", "charge_without_window", "invoice_vs_charges", "wallet_charges", "wallet_adjustments"] {
+    for check in ["events_vs_windows", "window_not_rated", "charge_without_window", "invoice_vs_charges", "wallet_charges", "wallet_adjustments", "ingest_ledger"] {
         assert!(clean.checked.get(check).is_some_and(|n| *n > 0), "{check} compared nothing: {:?}", clean.checked);
     }
+
+    // The aggregator wrote the ledger itself, and it reaches every partition's checkpoint.
+    let covered: Vec<(i32, i64)> = ch
+        .query("SELECT partition, max(last_offset) + 1 FROM ingest_ledger GROUP BY partition ORDER BY partition")
+        .fetch_all()
+        .await?;
+    let checkpointed: Vec<(i32, i64)> = ch
+        .query(
+            "SELECT partition, argMax(next_offset, version) FROM checkpoints \
+             WHERE service = 'aggregator' AND topic = ? GROUP BY partition ORDER BY partition",
+        )
+        .bind(&env.topics().usage_topic)
+        .fetch_all()
+        .await?;
+    assert!(!checkpointed.is_empty(), "no aggregator checkpoint");
+    assert_eq!(covered, checkpointed, "ledger entries (partition, next offset) vs checkpoints");
 
     // Leak 1: a usage row deleted (tenant-005).
     let ev: EventRow =
@@ -365,14 +381,18 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
     )
     .execute()
     .await?;
-    // Leak 4: a skipped offset range in the ingest ledger (written here by hand: the
-    // aggregator's checkpoint does not write it yet).
+    // Leak 4: a skipped offset range: an entry claiming 20 more offsets of partition 0 than
+    // the aggregator's latest one, with none of them counted (what a seek past a range
+    // would leave).
+    let last: i64 = ch.query("SELECT max(last_offset) FROM ingest_ledger WHERE partition = 0").fetch_one().await?;
     ch.query(
         "INSERT INTO ingest_ledger (topic, partition, first_offset, last_offset, accepted, duplicates, dead_lettered, \
-         dead_letter_reasons, dead_letter_counts, ticks, checkpoint_version) VALUES \
-         ('usage', 0, 0, 99, 90, 8, 1, ['undecodable'], [1], 1, 1), ('usage', 0, 100, 149, 50, 0, 0, [], [], 0, 2), \
-         ('usage', 0, 100, 149, 50, 0, 0, [], [], 0, 2), ('usage', 0, 180, 199, 20, 0, 0, [], [], 0, 3)",
+         dead_letter_reasons, dead_letter_counts, ticks, checkpoint_version) \
+         SELECT topic, partition, first_offset, last_offset + 20, accepted, duplicates, dead_lettered, \
+         dead_letter_reasons, dead_letter_counts, ticks, checkpoint_version \
+         FROM ingest_ledger WHERE partition = 0 AND last_offset = ? LIMIT 1",
     )
+    .bind(last)
     .execute()
     .await?;
     let leaky = audit::audit(&ch, &cat, &env.topics().aggregates_topic, 0, to).await?;
@@ -387,13 +407,16 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
         ("invoice_vs_charges", "tenant-007"),
         ("wallet_charges", "tenant-007"),
         ("ingest_gap", ""),
+        ("ingest_accepted", ""),
     ]
     .into_iter()
     .map(|(a, b)| (a.to_owned(), b.to_owned()))
     .collect();
     assert_eq!(named, want, "\n{}", audit::render(&leaky));
     let gap = leaky.findings.iter().find(|f| f.check == "ingest_gap").expect("named above");
-    assert_eq!(gap.detail, "offsets 150..179 were never accounted for", "{gap:?}");
+    assert_eq!(gap.detail, format!("20 offsets in {}..={} were never accounted for", last + 1, last + 20), "{gap:?}");
+    let acc = leaky.findings.iter().find(|f| f.check == "ingest_accepted").expect("named above");
+    assert_eq!(acc.expected - acc.actual, Decimal::ONE, "the deleted usage row: {acc:?}");
     let f = leaky.findings.iter().find(|f| f.check == "events_vs_windows").expect("named above");
     assert!(f.subject.contains(&ev_meter), "{f:?}");
     assert_eq!(f.expected - f.actual, Decimal::ONE, "one event missing");

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod migrations;
 pub mod reconcile;
 pub mod replay;
+pub mod rollups;
 pub mod sql;
 pub mod topics;
 

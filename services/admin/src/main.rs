@@ -10,6 +10,7 @@
 //! meterflow-admin rerate  [--tenant T] [--reason unpriced|overflow]   (after a catalog fix)
 //! meterflow-admin redrive --reason R [--from RFC3339] [--to RFC3339]  (after a meter fix)
 //! meterflow-admin keys create --tenant T [--scope ingest|read|admin] | list | revoke KEY_ID
+//! meterflow-admin rollups [--repair] [--from RFC3339] [--to RFC3339] [--tenant T]
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
@@ -64,6 +65,9 @@ enum Command {
     Audit(meterflow_admin::audit::AuditCmd),
     /// API keys for meterflow-api: create (printed once), list, revoke.
     Keys(meterflow_admin::keys::KeysCmd),
+    /// Check the usage rollups against the windows; `--repair` corrects them (after an
+    /// aggregator replay re-inserted revisions). Exit 1 on a difference left unrepaired.
+    Rollups(meterflow_admin::rollups::RollupsCmd),
 }
 
 #[derive(Debug, Args)]
@@ -448,6 +452,7 @@ async fn main() -> ExitCode {
         Command::Reconcile(c) => meterflow_admin::reconcile::run(c).await.map(|(ok, _)| ok),
         Command::Audit(c) => meterflow_admin::audit::run(c).await.map(|r| r.findings.is_empty()),
         Command::Keys(c) => meterflow_admin::keys::run(c).await.map(|()| true),
+        Command::Rollups(c) => meterflow_admin::rollups::run(c).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

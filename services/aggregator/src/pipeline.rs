@@ -7,6 +7,7 @@ use clickhouse::Client;
 use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
+use meterflow_core::ledger::LedgerEntry;
 use meterflow_core::event::UsageEventRef;
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::partitioning::partition_for;
@@ -28,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cold::ChStores;
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{secs, UsageRow};
 use crate::provisional::Publisher;
+use crate::rows::{secs, LedgerRow, UsageRow};
 use crate::sink::{Outputs, Sink};
 
 const SERVICE: &str = "aggregator";
@@ -129,6 +130,8 @@ struct Part {
     last_tick: Instant,
     /// Events arrived since the last tick was written (restatements may be pending).
     input_since_tick: bool,
+    /// `next_offset` of the last ingest-ledger entry buffered for this partition.
+    ledger_at: i64,
 }
 
 struct Aggregator {
@@ -228,7 +231,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, Part { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true });
+            .insert(partition, Part { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1 });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }
@@ -331,6 +334,7 @@ impl Partitioned for Aggregator {
     }
 
     async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+        self.buffer_ledger();
         let ok = self.sink.flush(&mut self.outputs, shutdown).await;
         if ok {
             self.publish_positions();
@@ -415,6 +419,22 @@ impl Aggregator {
             "switched to the new meter definitions"
         );
         Ok(())
+    }
+
+    /// One cumulative ledger entry per partition that moved, written with this flush and so
+    /// before the checkpoint that covers the same offsets (see `meterflow_core::ledger`).
+    fn buffer_ledger(&mut self) {
+        let topic = &self.config.topics.usage_topic;
+        for (&p, part) in &mut self.partitions {
+            let next = part.engine.next_offset();
+            if next == part.ledger_at {
+                continue;
+            }
+            if let Some(entry) = LedgerEntry::of(topic, p, part.engine.stats(), next) {
+                self.outputs.ledger.push(LedgerRow::from(entry));
+            }
+            part.ledger_at = next;
+        }
     }
 
     /// Covered offsets for the lag reporter (it does the network round trips elsewhere).

@@ -1,6 +1,7 @@
 //! ClickHouse rows written by the aggregator (RowBinary; `Decimal(38, 9)` travels as i128).
 
 use meterflow_core::decimal::to_ch_i128;
+use meterflow_core::ledger::LedgerEntry;
 use meterflow_core::records::MeterAggregate;
 pub use meterflow_runtime::rows::{secs, DeadLetterRow};
 use serde::Serialize;
@@ -83,5 +84,41 @@ impl TryFrom<&MeterAggregate> for AggregateRow {
             seq: a.seq,
             emitted_at_ms: a.emitted_at,
         })
+    }
+}
+
+/// `ingest_ledger`: one cumulative entry (`meterflow_core::ledger`); `inserted_at` is left to
+/// its default so a replayed entry is byte-identical.
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct LedgerRow {
+    pub topic: String,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub dead_letter_reasons: Vec<String>,
+    pub dead_letter_counts: Vec<u64>,
+    pub ticks: u64,
+    /// Unused since entries became cumulative (kept for the table's layout).
+    pub checkpoint_version: u64,
+}
+
+impl From<LedgerEntry> for LedgerRow {
+    fn from(e: LedgerEntry) -> Self {
+        Self {
+            topic: e.topic,
+            partition: e.partition,
+            first_offset: e.first_offset,
+            last_offset: e.last_offset,
+            accepted: e.accepted,
+            duplicates: e.duplicates,
+            dead_lettered: e.dead_lettered,
+            dead_letter_reasons: e.dead_letter_reasons,
+            dead_letter_counts: e.dead_letter_counts,
+            ticks: e.ticks,
+            checkpoint_version: 0,
+        }
     }
 }

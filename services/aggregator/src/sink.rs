@@ -13,7 +13,7 @@ use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::rows::{AggregateRow, DeadLetterRow, UncostedRow, UsageRow};
+use crate::rows::{AggregateRow, DeadLetterRow, LedgerRow, UncostedRow, UsageRow};
 
 const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
@@ -23,6 +23,9 @@ pub struct Outputs {
     pub usage: Vec<UsageRow>,
     pub aggregates: Vec<MeterAggregate>,
     pub dead_letters: Vec<DeadLetter>,
+    /// Ingest-ledger entries (no Kafka record; not counted as buffered rows: at most one per
+    /// partition and flush).
+    pub ledger: Vec<LedgerRow>,
 }
 
 impl Outputs {
@@ -30,7 +33,7 @@ impl Outputs {
         self.usage.len() + self.aggregates.len() + self.dead_letters.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.rows() == 0
+        self.rows() == 0 && self.ledger.is_empty()
     }
 }
 
@@ -85,6 +88,10 @@ impl Sink {
         if !insert_all(c, "dead_letters", &dls, &self.backoff, shutdown, WRITE_METRICS).await {
             return false;
         }
+        if !insert_all(c, "ingest_ledger", &out.ledger, &self.backoff, shutdown, WRITE_METRICS).await {
+            return false;
+        }
+        out.ledger.clear();
         let mut records = Vec::with_capacity(out.aggregates.len() + out.dead_letters.len());
         let mut tags = Vec::with_capacity(out.aggregates.len());
         for a in &out.aggregates {

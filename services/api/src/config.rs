@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
 
 /// HTTP front door: usage events (meterflow JSON and CloudEvents, OpenMeter-compatible) go to
 /// the usage topic, wallet top-ups to the wallet topic, each acknowledged only after the
@@ -20,6 +20,9 @@ pub struct Config {
     pub clickhouse: ClickHouseArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    /// Signs customer-page links (`POST /v1/portal/tokens`).
+    #[command(flatten)]
+    pub auth: AuthArgs,
 
     /// Listen address (port 0 picks a free one).
     #[arg(long, env = "METERFLOW_API_HTTP_ADDR", default_value = "127.0.0.1:9104")]

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::keys::{KeyInfo, Scope};
-use crate::{control, events, wallets, AppState};
+use crate::{control, events, invoice, portal, usage, wallets, AppState};
 
 /// The JSON body of every error: a stable machine-readable `code` and a message for humans.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -112,7 +112,7 @@ pub fn authorize_tenant(key: &KeyInfo, tenant: &str) -> Result<(), ApiError> {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "meterflow API", description = "Usage ingest (meterflow JSON, CloudEvents 1.0 as OpenMeter takes them), wallet top-ups, balances, real-time balances and entitlement checks."),
+    info(title = "meterflow API", description = "Usage ingest (meterflow JSON, CloudEvents 1.0 as OpenMeter takes them), wallet top-ups, balances, real-time balances and entitlement checks, usage queries, invoice previews, customer pages."),
     modifiers(&BearerAuth),
     components(schemas(ErrorBody, ErrorDetail, Scope))
 )]
@@ -137,6 +137,10 @@ fn parts() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(wallets::balance))
         .routes(routes!(control::customer_balance))
         .routes(routes!(control::check))
+        .routes(routes!(usage::get_usage))
+        .routes(routes!(invoice::get_invoice))
+        .routes(routes!(portal::create_token))
+        .routes(routes!(portal::page))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics_text))

@@ -12,6 +12,9 @@
 //! * `GET /v1/wallets/{tenant}` (read): the tenant's balances.
 //! * `GET /v1/customers/{tenant}/balance`, `POST /v1/entitlements/check`: real-time balance
 //!   (settled, pending, available) and spend checks, answered from memory ([`control`]).
+//! * `GET /v1/usage` (read): usage over time from the rollups ([`usage`]);
+//!   `GET /v1/customers/{tenant}/invoice` (read): the invoice preview ([`invoice`]);
+//!   `POST /v1/portal/tokens` (admin) and `GET /portal/{token}`: the customer page ([`portal`]).
 //! * `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 //!
 //! The tenant always comes from the API key: an item naming another tenant is rejected
@@ -21,7 +24,10 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod keys;
+pub mod invoice;
 pub mod metrics;
+pub mod portal;
+pub mod usage;
 pub mod wallets;
 
 mod http;
@@ -79,6 +85,9 @@ pub struct AppState {
     pub max_batch: usize,
     pub dedup_horizon_ms: i64,
     pub produce_timeout: Duration,
+    /// Where the record key comes from, and the key once read: it signs customer-page links.
+    pub auth: meterflow_runtime::args::AuthArgs,
+    pub portal_key: Arc<tokio::sync::OnceCell<meterflow_core::auth::RecordKey>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -99,6 +108,10 @@ impl AppState {
             Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         });
         let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let portal_key = match &config.auth.record_key {
+            Some(hex) => Some(meterflow_core::auth::RecordKey::from_hex(hex).context("--record-key / METERFLOW_RECORD_KEY")?),
+            None => None,
+        };
         Ok(Self {
             meters,
             catalog,
@@ -118,6 +131,8 @@ impl AppState {
             max_batch: config.max_batch.max(1),
             dedup_horizon_ms: config.dedup_horizon_ms,
             produce_timeout: Duration::from_millis(config.produce_timeout_ms.max(1) as u64),
+            auth: config.auth.clone(),
+            portal_key: Arc::new(tokio::sync::OnceCell::new_with(portal_key)),
         })
     }
 }
@@ -170,6 +185,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
     state.balances.spawn_reader(config.kafka.clone(), config.topics.balances_topic.clone(), shutdown.clone());
+    portal::spawn_key_load(&state, shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");
     let task = tokio::spawn(async move {

@@ -27,3 +27,9 @@ pub const KEY_REFRESH_ERRORS: &str = "meterflow_api_key_refresh_errors_total";
 pub const IN_FLIGHT: &str = "meterflow_api_events_in_flight";
 /// From handing a request's events to librdkafka to the last acknowledgement, seconds.
 pub const PRODUCE_SECONDS: &str = "meterflow_api_produce_seconds";
+/// Usage queries by `source` (`usage_rollup_day`, `usage_rollup_hour`, `meter_totals`).
+pub const USAGE_QUERIES: &str = "meterflow_api_usage_queries_total";
+/// Invoice previews by `true_up` (`charged`, `projected`, `none`).
+pub const INVOICE_PREVIEWS: &str = "meterflow_api_invoice_previews_total";
+/// Customer page requests by `result` (`ok`, `expired`, `invalid`).
+pub const PORTAL_VIEWS: &str = "meterflow_api_portal_views_total";

@@ -181,6 +181,10 @@ pub struct EngineStats {
     pub windows_opened: u64,
     pub windows_loaded: u64,
     pub windows_evicted: u64,
+    /// The first offset this engine covered (or was positioned at by `start_at`): with
+    /// `next_offset` it bounds the range the counters above account for, which is what the
+    /// ingest ledger publishes and the leakage audit checks (see [`crate::ledger`]).
+    pub first_offset: Option<i64>,
 }
 
 impl EngineStats {
@@ -193,6 +197,10 @@ impl EngineStats {
     /// Input records (events and skipped records, not ticks).
     pub fn input(&self) -> u64 {
         self.accepted + self.duplicates + self.rejected_total()
+    }
+    /// Every record the counters account for: input and ticks.
+    pub fn records(&self) -> u64 {
+        self.input() + self.ticks
     }
 }
 
@@ -419,6 +427,7 @@ impl PartitionEngine {
         }
         self.next_offset = next_offset;
         self.next_seq = next_seq;
+        self.stats.first_offset = Some(next_offset);
         Ok(())
     }
 
@@ -484,6 +493,12 @@ impl PartitionEngine {
         Ok(())
     }
 
+    /// Moves `next_offset` past `offset` (already checked not to go backwards).
+    fn cover(&mut self, offset: i64) {
+        self.stats.first_offset.get_or_insert(offset);
+        self.next_offset = offset + 1;
+    }
+
     /// Processes the decoded event at `offset` (offsets must increase; gaps are fine).
     /// Aggregates that become final are buffered for [`Self::drain_output`]. On `Err` (a store
     /// failed, or the offset went backwards) the engine is unchanged and the call can be retried.
@@ -512,7 +527,7 @@ impl PartitionEngine {
     ) -> Result<Outcome> {
         self.check_offset(offset)?;
         let outcome = self.process(ev, offset, record_time_ms, stores)?;
-        self.next_offset = offset + 1;
+        self.cover(offset);
         match &outcome {
             Outcome::Accepted => self.stats.accepted += 1,
             Outcome::Duplicate => self.stats.duplicates += 1,
@@ -535,7 +550,7 @@ impl PartitionEngine {
         if offset < self.next_offset {
             return false;
         }
-        self.next_offset = offset + 1;
+        self.cover(offset);
         self.stats.rejected[reason as usize] += 1;
         true
     }
@@ -552,7 +567,7 @@ impl PartitionEngine {
         stores: &mut S,
     ) -> Result<()> {
         self.check_offset(offset)?;
-        self.next_offset = offset + 1;
+        self.cover(offset);
         self.stats.ticks += 1;
         self.on_watermark(time_ms, stores);
         Ok(())

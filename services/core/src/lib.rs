@@ -12,12 +12,16 @@ pub mod engine;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod invoice;
+pub mod ledger;
 pub mod meter;
 pub mod partitioning;
+pub mod portal;
 pub mod pricing;
 pub mod rating;
 pub mod records;
 pub mod schema;
+pub mod usage;
 pub mod window;
 
 pub use error::Error;

@@ -26,9 +26,9 @@ pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
 /// 3: windows, their last emission and pending aggregates also carry the uncosted quantity
 /// (per-event provider cost). Version 2 existed only between two changes of one release and
 /// is not read.
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 /// Versions [`open`] accepts.
-const READABLE: [u32; 2] = [1, VERSION];
+const READABLE: [u32; 3] = [1, 3, VERSION];
 
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let mut h = SipHasher13::new_with_keys(0x6d65_7465_7266_6c6f, 0x736e_6170_7368_6f74);
@@ -447,6 +447,8 @@ impl PartitionEngine {
         for a in &self.output {
             write_aggregate(&mut w, a);
         }
+        // Version 4: appended so older bodies stay a prefix of the layout.
+        w.opt_i64(self.stats.first_offset);
         seal(w)
     }
 
@@ -602,6 +604,14 @@ impl PartitionEngine {
         for _ in 0..n {
             e.output.push(read_aggregate(&mut r)?);
         }
+        let mut stats = stats;
+        stats.first_offset = if version >= 4 {
+            r.opt_i64()?
+        } else {
+            // Older snapshots did not record it: derived assuming no gap before the upgrade
+            // (the ledger can only vouch for offsets from the upgrade on anyway).
+            (stats.records() > 0).then(|| next_offset - stats.records() as i64)
+        };
         if r.remaining() != 0 {
             return Err(bad("trailing bytes"));
         }
