@@ -40,6 +40,22 @@ const CATALOG: &str = "default_plan = \"bench\"\n[[plan]]\nid = \"bench\"\ncurre
 [[plan.price]]\nmeter = \"input_tokens\"\nmodel = \"per_unit\"\nunit_price = \"0.001\"\n\
 [[spend_limit]]\ntenant = \"tenant-001\"\ncurrency = \"USD\"\namount = \"1000000\"\nkind = \"hard\"\n";
 
+/// Keys of the tenants: ingest (to send and check) and read (to read balances).
+struct Keys {
+    ingest: Vec<String>,
+    read: Vec<String>,
+}
+
+/// The check phase's latencies (ms, sorted) and counts.
+#[derive(Default)]
+struct Checks {
+    from_due: Vec<f64>,
+    from_send: Vec<f64>,
+    denied: usize,
+    late: usize,
+    rate: f64,
+}
+
 pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
     if args.control_checks == 0 {
         return Ok(());
@@ -73,17 +89,17 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
     )?;
     api.start()?;
     let base = format!("http://{http}");
-    let (mut keys, mut readers) = (Vec::new(), Vec::new());
+    let mut keys = Keys { ingest: Vec::new(), read: Vec::new() };
     for i in 0..TENANTS {
         let tenant = format!("tenant-{i:03}");
-        keys.push(meterflow_admin::keys::create(env.clickhouse_args(), &tenant, Scope::Ingest).await?.1);
-        readers.push(meterflow_admin::keys::create(env.clickhouse_args(), &tenant, Scope::Read).await?.1);
+        keys.ingest.push(meterflow_admin::keys::create(env.clickhouse_args(), &tenant, Scope::Ingest).await?.1);
+        keys.read.push(meterflow_admin::keys::create(env.clickhouse_args(), &tenant, Scope::Read).await?.1);
     }
     // Ready: the last key known and the balances loaded (both: 200).
     let deadline = Instant::now() + Duration::from_secs(60);
     let probe = reqwest::Client::new();
     loop {
-        let r = probe.get(format!("{base}/v1/customers/tenant-{:03}/balance", TENANTS - 1)).bearer_auth(&readers[TENANTS - 1]).send().await;
+        let r = probe.get(format!("{base}/v1/customers/tenant-{:03}/balance", TENANTS - 1)).bearer_auth(&keys.read[TENANTS - 1]).send().await;
         if r.is_ok_and(|r| r.status().as_u16() == 200) {
             break;
         }
@@ -92,27 +108,37 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
         ensure!(!agg.is_finished() && !rater.is_finished(), "a service stopped by itself");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (keys, readers) = (Arc::new(keys), Arc::new(readers));
+    let keys = Arc::new(keys);
+    let visible = visibility(&base, &keys).await?;
+    let checks = entitlement_checks(&base, &keys, args.control_checks, args.control_rate).await?;
+    api.terminate()?;
+    shutdown.cancel();
+    let _ = agg.await;
+    let _ = rater.await;
+    report_rows(report, &visible, &checks, args.control_rate);
+    Ok(())
+}
 
-    // 1. Ack -> pending visible.
+/// Phase 1: per tenant, one event at a time; ms from its 202 until the balance shows it.
+async fn visibility(base: &str, keys: &Arc<Keys>) -> Result<Vec<f64>> {
     println!("== control: ack -> pending visible, {TENANTS} tenants x {ROUNDS} events");
     let mut tasks = Vec::new();
     for t in 0..TENANTS {
-        let (keys, readers, base) = (keys.clone(), readers.clone(), base.clone());
+        let (keys, base) = (keys.clone(), base.to_owned());
         tasks.push(tokio::spawn(async move {
             let c = reqwest::Client::new();
             let tenant = format!("tenant-{t:03}");
+            let url = format!("{base}/v1/customers/{tenant}/balance");
             let mut lat = Vec::new();
             for r in 0..ROUNDS {
                 let body = serde_json::json!([{"event_id": format!("v-{t}-{r}"), "meter": "input_tokens", "quantity": "1000",
                     "event_time": now_ms(), "dimensions": {"model": "gpt-4o", "region": "eu"}}]);
-                let resp = c.post(format!("{base}/v1/events")).bearer_auth(&keys[t]).json(&body).send().await?;
+                let resp = c.post(format!("{base}/v1/events")).bearer_auth(&keys.ingest[t]).json(&body).send().await?;
                 ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
                 let acked = Instant::now();
                 let want = Decimal::from(r as u64 + 1);
-                let url = format!("{base}/v1/customers/{tenant}/balance");
                 loop {
-                    let v: serde_json::Value = c.get(&url).bearer_auth(&readers[t]).send().await?.json().await?;
+                    let v: serde_json::Value = c.get(&url).bearer_auth(&keys.read[t]).send().await?.json().await?;
                     if v["period_spend"].as_str().and_then(|s| s.parse::<Decimal>().ok()).is_some_and(|s| s >= want) {
                         break;
                     }
@@ -120,7 +146,7 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 lat.push(acked.elapsed().as_secs_f64() * 1e3);
-                // Spread the tenants' sends over the flush interval.
+                // Spread the tenants' sends over the publication interval.
                 tokio::time::sleep(Duration::from_millis(((t * 37 + r * 53) % 300) as u64)).await;
             }
             anyhow::Ok(lat)
@@ -131,10 +157,11 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
         visible.extend(t.await??);
     }
     visible.sort_by(f64::total_cmp);
+    Ok(visible)
+}
 
-    // 2. Entitlement checks at a fixed rate.
-    let n = args.control_checks;
-    let rate = args.control_rate;
+/// Phase 2: `n` checks, request i due at i / `rate`, from a bounded pool of clients.
+async fn entitlement_checks(base: &str, keys: &Arc<Keys>, n: usize, rate: f64) -> Result<Checks> {
     println!("== control: {n} entitlement checks at {rate:.0}/s, {CHECK_CLIENTS} keep-alive clients");
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now() + Duration::from_millis(200);
@@ -143,7 +170,7 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
         let (next, keys, url) = (next.clone(), keys.clone(), format!("{base}/v1/entitlements/check"));
         workers.push(tokio::spawn(async move {
             let c = reqwest::Client::builder().pool_max_idle_per_host(1).timeout(Duration::from_secs(2)).build()?;
-            let (mut from_due, mut from_send, mut denied, mut late) = (Vec::new(), Vec::new(), 0usize, 0usize);
+            let mut out = Checks::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= n {
@@ -153,19 +180,19 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
                 tokio::time::sleep_until(due.into()).await;
                 let sent = Instant::now();
                 if sent.duration_since(due) > Duration::from_millis(1) {
-                    late += 1;
+                    out.late += 1;
                 }
                 let body = format!(r#"{{"meter":"input_tokens","quantity":"{}","dimensions":{{"model":"gpt-4o","region":"eu"}}}}"#, 100 + i % 900);
-                let r = c.post(&url).bearer_auth(&keys[i % TENANTS]).header("content-type", "application/json").body(body).send().await?;
+                let r = c.post(&url).bearer_auth(&keys.ingest[i % TENANTS]).header("content-type", "application/json").body(body).send().await?;
                 ensure!(r.status().as_u16() == 200, "check answered {}", r.status());
                 let v: serde_json::Value = r.json().await?;
                 if v["allowed"] != true {
-                    denied += 1;
+                    out.denied += 1;
                 }
-                from_due.push(due.elapsed().as_secs_f64() * 1e3);
-                from_send.push(sent.elapsed().as_secs_f64() * 1e3);
+                out.from_due.push(due.elapsed().as_secs_f64() * 1e3);
+                out.from_send.push(sent.elapsed().as_secs_f64() * 1e3);
             }
-            anyhow::Ok((from_due, from_send, denied, late))
+            anyhow::Ok(out)
         }));
     }
     let total = Duration::from_secs_f64(n as f64 / rate + 30.0);
@@ -179,50 +206,49 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
     .await
     .context("entitlement phase timed out")??;
     let elapsed = started.elapsed().as_secs_f64();
-    let (mut from_due, mut from_send, mut denied, mut late) = (Vec::new(), Vec::new(), 0, 0);
+    let mut all = Checks::default();
     for r in results {
-        let (a, b, d, l) = r?;
-        from_due.extend(a);
-        from_send.extend(b);
-        denied += d;
-        late += l;
+        let c = r?;
+        all.from_due.extend(c.from_due);
+        all.from_send.extend(c.from_send);
+        all.denied += c.denied;
+        all.late += c.late;
     }
-    from_due.sort_by(f64::total_cmp);
-    from_send.sort_by(f64::total_cmp);
-    api.terminate()?;
-    shutdown.cancel();
-    let _ = agg.await;
-    let _ = rater.await;
+    all.from_due.sort_by(f64::total_cmp);
+    all.from_send.sort_by(f64::total_cmp);
+    all.rate = all.from_due.len() as f64 / elapsed;
+    Ok(all)
+}
 
+fn report_rows(report: &mut Report, visible: &[f64], c: &Checks, rate: f64) {
     let p = |l: &[f64], q: f64| percentile(l, q);
-    let achieved = from_due.len() as f64 / elapsed;
     report.row(
         "control",
         "ack -> pending visible in GET /v1/customers/{tenant}/balance (provisional interval 200 ms)",
-        format!("p99 {:.0} ms", p(&visible, 0.99)),
-        format!("{} samples ({TENANTS} tenants); p50 {:.0} ms, max {:.0} ms", visible.len(), p(&visible, 0.5), visible.last().copied().unwrap_or(f64::NAN)),
+        format!("p99 {:.0} ms", p(visible, 0.99)),
+        format!("{} samples ({TENANTS} tenants); p50 {:.0} ms, max {:.0} ms", visible.len(), p(visible, 0.5), visible.last().copied().unwrap_or(f64::NAN)),
     );
     report.row(
         "control",
         format!("entitlement checks, {CHECK_CLIENTS} keep-alive clients, fixed schedule"),
-        format!("{} checks/s", fmt_rate(achieved)),
+        format!("{} checks/s", fmt_rate(c.rate)),
         format!(
-            "{} checks ({denied} denied); from the send p50 {:.2} ms, p99 {:.2} ms; from the scheduled time p50 {:.2} ms, p99 {:.2} ms; {:.1}% sent > 1 ms late",
-            from_due.len(),
-            p(&from_send, 0.5),
-            p(&from_send, 0.99),
-            p(&from_due, 0.5),
-            p(&from_due, 0.99),
-            late as f64 * 100.0 / from_due.len().max(1) as f64
+            "{} checks ({} denied); from the send p50 {:.2} ms, p99 {:.2} ms; from the scheduled time p50 {:.2} ms, p99 {:.2} ms; {:.1}% sent > 1 ms late",
+            c.from_due.len(),
+            c.denied,
+            p(&c.from_send, 0.5),
+            p(&c.from_send, 0.99),
+            p(&c.from_due, 0.5),
+            p(&c.from_due, 0.99),
+            c.late as f64 * 100.0 / c.from_due.len().max(1) as f64
         ),
     );
-    let p99_visible = p(&visible, 0.99);
+    let p99_visible = p(visible, 0.99);
     report.goal("spend pending in the balance <= 2 s (p99) after the ack", format!("p99 {p99_visible:.0} ms over {} samples", visible.len()), Some(p99_visible <= 2_000.0));
-    let p99_check = p(&from_send, 0.99);
+    let p99_check = p(&c.from_send, 0.99);
     report.goal(
         "entitlement check p99 <= 5 ms at 5,000 checks/s",
-        format!("p99 {p99_check:.2} ms from the send at {} checks/s (from the scheduled time: p99 {:.2} ms)", fmt_rate(achieved), p(&from_due, 0.99)),
-        Some(p99_check <= 5.0 && achieved >= 0.98 * rate && rate >= 5_000.0),
+        format!("p99 {p99_check:.2} ms from the send at {} checks/s (from the scheduled time: p99 {:.2} ms)", fmt_rate(c.rate), p(&c.from_due, 0.99)),
+        Some(p99_check <= 5.0 && c.rate >= 0.98 * rate && rate >= 5_000.0),
     );
-    Ok(())
 }
