@@ -367,11 +367,12 @@ impl Rater {
             }
             // Never an `Err` any more: what cannot be priced is parked.
             let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
-            if !matches!(outcome, RateOutcome::Skipped { .. }) {
-                // Charged, parked or rejected: either way the window is no longer pending.
-                desk_feed.touched.insert(agg.tenant.clone());
-                desk_feed.settled.push(agg.clone());
-            }
+            // Charged, parked, rejected or a re-delivery (skipped): whatever the outcome, this
+            // revision of the window exists, so the window is no longer pending. (A skipped one
+            // matters after a double restart: the aggregator replays, re-publishes totals of
+            // windows the restarted rater has no tombstone for, and then re-emits their close.)
+            desk_feed.touched.insert(agg.tenant.clone());
+            desk_feed.settled.push(agg.clone());
             let mut charges = match outcome {
                 RateOutcome::Charged(c) => c,
                 RateOutcome::Skipped { .. } => {
