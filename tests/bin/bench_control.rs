@@ -224,7 +224,7 @@ fn report_rows(report: &mut Report, visible: &[f64], c: &Checks, rate: f64) {
     let p = |l: &[f64], q: f64| percentile(l, q);
     report.row(
         "control",
-        "ack -> pending visible in GET /v1/customers/{tenant}/balance (provisional interval 200 ms)",
+        "ack -> pending visible in GET /v1/customers/{tenant}/balance (provisional interval 500 ms)",
         format!("p99 {:.0} ms", p(visible, 0.99)),
         format!("{} samples ({TENANTS} tenants); p50 {:.0} ms, max {:.0} ms", visible.len(), p(visible, 0.5), visible.last().copied().unwrap_or(f64::NAN)),
     );

@@ -72,10 +72,10 @@ pub struct Config {
     #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
     pub flush_interval_ms: i64,
 
-    /// Running totals of the open windows that changed are published at least this often
-    /// (and after every flush) to the provisional topic, for real-time balances; the most it
-    /// adds to "usage acknowledged -> pending spend visible".
-    #[arg(long = "provisional-interval", env = "METERFLOW_PROVISIONAL_INTERVAL", default_value = "200ms", value_parser = parse_ms)]
+    /// How often the running totals of the open windows that changed are published to the
+    /// provisional topic, for real-time balances: the most it adds to "usage acknowledged ->
+    /// pending spend visible", against one record per active window per interval.
+    #[arg(long = "provisional-interval", env = "METERFLOW_PROVISIONAL_INTERVAL", default_value = "500ms", value_parser = parse_ms)]
     pub provisional_interval_ms: i64,
 
     /// State is checkpointed (and offsets committed) at least this often: the most input a

@@ -338,7 +338,6 @@ impl Partitioned for Aggregator {
         let ok = self.sink.flush(&mut self.outputs, shutdown).await;
         if ok {
             self.publish_positions();
-            self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
         }
         ok
     }

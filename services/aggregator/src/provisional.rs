@@ -1,8 +1,9 @@
 //! Provisional totals of open windows (see `meterflow_core::engine::open`): every
-//! `--provisional-interval` (and after each flush) the aggregator publishes the running totals
-//! of the open windows that changed since the previous publication, so the rater can count
-//! their spend as pending within about that interval of the events' acknowledgement instead of
-//! when the windows close.
+//! `--provisional-interval` (500 ms) the aggregator publishes the running totals of the open
+//! windows that changed since the previous publication, so the rater can count their spend as
+//! pending within about that interval of the events' acknowledgement instead of when the
+//! windows close. The cost is at most one record per active window per interval, whatever the
+//! event rate.
 //!
 //! Best effort by design: the records are handed to the producer without waiting for their
 //! acknowledgement and never retried. A lost one only delays the pending amount until the
