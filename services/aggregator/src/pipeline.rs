@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use anyhow::Context;
 use clickhouse::Client;
 use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
-use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
+use meterflow_core::engine::{Accepted, EngineConfig, Outcome, PartitionEngine};
 use meterflow_core::event::UsageEventRef;
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::partitioning::partition_for;
@@ -45,6 +46,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &config.kafka,
         &config.clickhouse,
         &config.group,
+        &config.membership,
         &[&config.topics.usage_topic],
         config.http_addr,
         &shutdown,
@@ -63,20 +65,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         meters_text: meters_text.clone(),
         switched: false,
-        sink: Sink {
+        sink: Arc::new(Sink {
             client: client.clone(),
             producer: producer.clone(),
             aggregates_topic: config.topics.aggregates_topic.clone(),
             dead_letter_topic: config.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
             record_key,
-        },
+        }),
         client,
         producer,
         catalog,
         codec: UsageEventCodec::new(),
         partitions: BTreeMap::new(),
         outputs: Outputs::default(),
+        writing: None,
+        spare: Outputs::default(),
+        counters: m::Counters::register(),
         config,
         last_progress: Instant::now(),
         progress_records: 0,
@@ -92,6 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         flush_interval: Duration::from_millis(agg.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
+        max_buffered_bytes: agg.config.max_buffered_bytes,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
         fenced: m::FENCED,
@@ -134,9 +140,15 @@ struct Aggregator {
     meters_text: String,
     /// A partition switched configuration since the last snapshot (checkpoint it at once).
     switched: bool,
-    sink: Sink,
+    sink: Arc<Sink>,
     partitions: BTreeMap<i32, Part>,
+    /// The buffer being filled.
     outputs: Outputs,
+    /// The batch being written (cold look-ups consult it until it is in ClickHouse).
+    writing: Option<Arc<Outputs>>,
+    /// The buffers of the last written batch, emptied, for the next one to fill.
+    spare: Outputs,
+    counters: m::Counters,
     last_progress: Instant,
     /// Offsets covered per owned partition, read by the lag reporter thread.
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
@@ -147,6 +159,8 @@ struct Aggregator {
 }
 
 impl Partitioned for Aggregator {
+    type Batch = Arc<Outputs>;
+
     fn service(&self) -> &'static str {
         SERVICE
     }
@@ -320,12 +334,29 @@ impl Partitioned for Aggregator {
         self.outputs.rows()
     }
 
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        let ok = self.sink.flush(&mut self.outputs, shutdown).await;
-        if ok {
-            self.publish_positions();
+    fn buffered_bytes(&self) -> usize {
+        self.outputs.bytes()
+    }
+
+    fn take_batch(&mut self) -> Arc<Outputs> {
+        let batch = Arc::new(std::mem::replace(&mut self.outputs, std::mem::take(&mut self.spare)));
+        self.writing = Some(batch.clone());
+        gauge!(m::BUFFERED_ROWS).set((batch.rows()) as f64);
+        batch
+    }
+
+    fn write_batch(&self, batch: Arc<Outputs>, stop: CancellationToken) -> impl Future<Output = bool> + Send + 'static {
+        self.sink.clone().write(batch, stop)
+    }
+
+    fn batch_written(&mut self) {
+        // The writer has dropped its reference: keep the emptied buffers for the next batch.
+        if let Some(Ok(mut done)) = self.writing.take().map(Arc::try_unwrap) {
+            done.clear();
+            self.spare = done;
         }
-        ok
+        gauge!(m::BUFFERED_ROWS).set(self.outputs.rows() as f64);
+        self.publish_positions();
     }
 
     async fn on_timer(&mut self) {
@@ -415,7 +446,8 @@ impl Aggregator {
         let offset = msg.offset();
         let handle = Handle::current();
         // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, client, codec, config, catalog, warned_create_time, sink, .. } = self;
+        let Self { partitions, outputs, writing, client, codec, config, warned_create_time, sink, counters, .. } = self;
+        let writing = writing.as_deref();
         let Some(part) = partitions.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
@@ -430,26 +462,26 @@ impl Aggregator {
             });
             if authentic {
                 let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
-                let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                let mut stores = ChStores { client, handle: &handle, pending: outputs, writing };
                 retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
             } else {
                 // Anyone who can produce to the topic could otherwise move the partition's time
                 // (and close or expire everything): a tick must carry the deployment's tag.
                 let reason = RejectReason::Unauthenticated;
                 part.engine.on_rejected(offset, reason);
-                counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+                counters.dead_letter(reason);
                 let detail = "control record (tick) without a valid meterflow-auth tag: not written by this deployment's aggregator".to_owned();
-                outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, None, payload));
+                outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, None, payload));
             }
         } else {
-            counter!(m::EVENTS_IN).increment(1);
+            counters.events_in.increment(1);
             part.last_input = Instant::now();
             part.input_since_tick = true;
             match codec.decode(payload) {
                 Err(e) => {
                     part.engine.on_skipped(offset);
-                    outputs.dead_letters.push(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
-                    counter!(m::DEAD_LETTERS, "reason" => RejectReason::Undecodable.as_str()).increment(1);
+                    outputs.push_dead_letter(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
+                    counters.dead_letter(RejectReason::Undecodable);
                 }
                 Ok(ev) if !ev.tenant.is_empty() && partition_for(ev.tenant.as_bytes(), part.partitions) != partition => {
                     let expected = partition_for(ev.tenant.as_bytes(), part.partitions);
@@ -460,11 +492,11 @@ impl Aggregator {
                         ev.tenant.chars().take(64).collect::<String>(),
                         part.partitions
                     );
-                    counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
-                    outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                    counters.dead_letter(reason);
+                    outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
                 }
                 Ok(ev) => {
-                    let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                    let mut stores = ChStores { client, handle: &handle, pending: outputs, writing };
                     // Only the broker's clock bounds event time; a producer's CreateTime is
                     // trusted only on topics not created by meterflow-admin (warned at start).
                     let record_ms = match msg.timestamp() {
@@ -487,13 +519,13 @@ impl Aggregator {
                         retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
                     match outcome {
                         Outcome::Accepted => {
-                            counter!(m::ACCEPTED).increment(1);
-                            outputs.usage.push(usage_row(catalog, &ev, partition, offset)?);
+                            counters.accepted.increment(1);
+                            outputs.push_usage(usage_row(part.engine.accepted(), &ev, partition, offset)?);
                         }
-                        Outcome::Duplicate => counter!(m::DUPLICATES).increment(1),
+                        Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {
-                            counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
-                            outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                            counters.dead_letter(reason);
+                            outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
                         }
                     }
                 }
@@ -501,11 +533,11 @@ impl Aggregator {
         }
         for a in part.engine.drain_output() {
             if a.revision == 0 {
-                counter!(m::WINDOWS_CLOSED).increment(1);
+                counters.windows_closed.increment(1);
             } else {
-                counter!(m::RESTATEMENTS).increment(1);
+                counters.restatements.increment(1);
             }
-            outputs.aggregates.push(a);
+            outputs.push_aggregate(a);
         }
         if part.switch.is_some() {
             self.try_switch(partition)?;
@@ -623,15 +655,14 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The raw row of an accepted event. Its decimals were validated by the engine (canonical,
-/// at most 9 fractional digits), so the conversion is exact; an error here is a bug, and it
-/// stops the aggregator rather than store a wrong quantity.
-fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
-    use meterflow_core::decimal::{parse, to_ch_i128};
-    let window_start = catalog.get(ev.meter).map_or(ev.event_time_ms, |m| m.window_start(ev.event_time_ms));
-    let quantity = to_ch_i128(&parse("quantity", ev.quantity)?)?;
-    let provider_cost = match ev.provider_cost {
-        Some(c) => to_ch_i128(&parse("provider_cost", c)?)?,
+/// The raw row of an accepted event, from the quantities and window the engine parsed
+/// (canonical, at most 9 fractional digits, so the conversion is exact; an error here is a
+/// bug, and it stops the aggregator rather than store a wrong quantity).
+fn usage_row(acc: &Accepted, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
+    use meterflow_core::decimal::to_ch_i128;
+    let quantity = to_ch_i128(&acc.quantity)?;
+    let provider_cost = match &acc.provider_cost {
+        Some(c) => to_ch_i128(c)?,
         None => 0,
     };
     let mut dims: Vec<(&str, &str)> = ev.dimensions.clone();
@@ -642,10 +673,10 @@ fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, off
         event_id: ev.event_id.to_owned(),
         event_time: secs(ev.event_time_ms),
         event_time_ms: ev.event_time_ms,
-        window_start: secs(window_start),
+        window_start: secs(acc.window_start),
         quantity,
         provider_cost,
-        has_provider_cost: u8::from(ev.provider_cost.is_some()),
+        has_provider_cost: u8::from(acc.provider_cost.is_some()),
         dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
         dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
         source: ev.source.to_owned(),

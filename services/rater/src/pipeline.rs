@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use meterflow_core::rating::{
     Admission, AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
 };
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
+use meterflow_runtime::args::TopicArgs;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
@@ -100,6 +102,80 @@ impl Outputs {
     }
 }
 
+/// Where a batch of rater outputs goes; shared with the writer task of each batch.
+struct RaterSink {
+    client: Client,
+    producer: FutureProducer,
+    topics: TopicArgs,
+}
+
+impl RaterSink {
+    /// Writes `out` (ClickHouse rows, then Kafka records), each retried until written. The
+    /// rows are built once, so retries send byte-identical blocks. False if `stop` came first.
+    async fn write(self: Arc<Self>, out: Outputs, stop: CancellationToken) -> bool {
+        if out.rows() == 0 {
+            return true;
+        }
+        let b = Backoff::default();
+        let c = &self.client;
+        let rows = out.charges.iter().map(ChargeRow::try_from).collect::<Result<Vec<_>, _>>().and_then(|c| {
+            Ok((c, out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect::<Result<Vec<_>, _>>()?))
+        });
+        let (charges, alerts) = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // Never store a rounded amount: fail the write, loudly (see rows.rs).
+                tracing::error!(error = %e, "a charge or alert cannot be stored exactly");
+                return false;
+            }
+        };
+        let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
+        let stop = &stop;
+        let ok = insert_all(c, "charges", &charges, &b, stop, WRITE_METRICS).await
+            && insert_all(c, "wallet_adjustments", &out.adjustments, &b, stop, WRITE_METRICS).await
+            && insert_all(c, "wallet_alerts", &alerts, &b, stop, WRITE_METRICS).await
+            && insert_all(c, "dead_letters", &dls, &b, stop, WRITE_METRICS).await
+            && insert_all(c, "wallet_ledger", &out.ledger, &b, stop, WRITE_METRICS).await
+            && insert_all(c, "parked_aggregates", &out.parked, &b, stop, WRITE_METRICS).await;
+        if !ok {
+            return false;
+        }
+        let records = self.records(&out);
+        produce_all(&self.producer, &records, &b, stop, WRITE_METRICS).await
+    }
+
+    /// The Kafka records of `out`: charges, alerts, expired credit, dead letters.
+    fn records<'a>(&'a self, out: &Outputs) -> Vec<OutRecord<'a>> {
+        let topics = &self.topics;
+        let mut records: Vec<OutRecord<'_>> = Vec::new();
+        for ch in &out.charges {
+            records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
+        }
+        for (a, _) in &out.alerts {
+            let json = serde_json::to_vec(a).unwrap_or_default();
+            records.push((&topics.alerts_topic, a.tenant.clone(), json));
+        }
+        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
+        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
+            let json = serde_json::json!({
+                "kind": "credit_expired",
+                "entry_id": e.entry_id,
+                "tenant": e.tenant,
+                "currency": e.currency,
+                "credit_kind": e.credit_kind,
+                "grant_key": e.grant_key,
+                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
+                "expired_at": i64::from(e.at) * 1000,
+            });
+            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
+        }
+        for d in &out.dead_letters {
+            records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));
+        }
+        records
+    }
+}
+
 /// Runs until `shutdown`, then flushes and checkpoints.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     http::prometheus(); // the recorder must exist before metrics are described
@@ -126,6 +202,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &config.kafka,
         &config.clickhouse,
         &config.group,
+        &config.membership,
         &[&config.topics.aggregates_topic, &config.topics.wallet_topic],
         config.http_addr,
         &shutdown,
@@ -140,8 +217,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         wallet_config,
         catalog_text: text.clone(),
         switched: false,
+        sink: Arc::new(RaterSink { client: client.clone(), producer, topics: config.topics.clone() }),
         client,
-        producer,
         catalog,
         shards: BTreeMap::new(),
         outputs: Outputs::default(),
@@ -152,6 +229,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         flush_interval: Duration::from_millis(rater.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
         max_buffered_rows: rater.config.max_buffered_rows,
+        max_buffered_bytes: rater.config.max_buffered_bytes,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
         fenced: m::FENCED,
@@ -167,7 +245,7 @@ struct Rater {
     wallet_config: WalletConfig,
     catalog: Arc<Catalog>,
     client: Client,
-    producer: FutureProducer,
+    sink: Arc<RaterSink>,
     /// The current catalog (config/catalog.toml).
     catalog_text: String,
     /// A partition switched catalog since the last snapshot (checkpoint it at once).
@@ -398,68 +476,6 @@ impl Rater {
         Ok(())
     }
 
-    async fn flush_outputs(&mut self, shutdown: &CancellationToken) -> bool {
-        let out = &mut self.outputs;
-        if out.rows() == 0 {
-            return true;
-        }
-        let b = Backoff::default();
-        let c = &self.client;
-        let rows = out.charges.iter().map(ChargeRow::try_from).collect::<Result<Vec<_>, _>>().and_then(|c| {
-            Ok((c, out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect::<Result<Vec<_>, _>>()?))
-        });
-        let (charges, alerts) = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                // Never store a rounded amount: fail the flush, loudly (see rows.rs).
-                tracing::error!(error = %e, "a charge or alert cannot be stored exactly");
-                return false;
-            }
-        };
-        let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
-        let ok = insert_all(c, "charges", &charges, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_alerts", &alerts, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_ledger", &out.ledger, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "parked_aggregates", &out.parked, &b, shutdown, WRITE_METRICS).await;
-        if !ok {
-            return false;
-        }
-        let topics = &self.config.topics;
-        let mut records: Vec<OutRecord<'_>> = Vec::new();
-        for ch in &out.charges {
-            records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
-        }
-        for (a, _) in &out.alerts {
-            let json = serde_json::to_vec(a).unwrap_or_default();
-            records.push((&topics.alerts_topic, a.tenant.clone(), json));
-        }
-        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
-        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
-            let json = serde_json::json!({
-                "kind": "credit_expired",
-                "entry_id": e.entry_id,
-                "tenant": e.tenant,
-                "currency": e.currency,
-                "credit_kind": e.credit_kind,
-                "grant_key": e.grant_key,
-                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
-                "expired_at": i64::from(e.at) * 1000,
-            });
-            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
-        }
-        for d in &out.dead_letters {
-            records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));
-        }
-        if !produce_all(&self.producer, &records, &b, shutdown, WRITE_METRICS).await {
-            return false;
-        }
-        *out = Outputs::default();
-        self.export_gauges();
-        true
-    }
-
     fn export_gauges(&mut self) {
         let parked: usize = self.shards.values().map(|o| o.shard.rating.parked_count()).sum();
         gauge!(m::PARKED_NOW).set(parked as f64);
@@ -501,6 +517,8 @@ impl Rater {
 }
 
 impl Partitioned for Rater {
+    type Batch = Outputs;
+
     fn service(&self) -> &'static str {
         SERVICE
     }
@@ -616,8 +634,22 @@ impl Partitioned for Rater {
         self.outputs.rows()
     }
 
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        self.flush_outputs(shutdown).await
+    /// Rater rows are small (a charge, an alert, a ledger line; a dead letter carries an
+    /// aggregate of a few hundred bytes): a per-row estimate keeps this O(1) per record.
+    fn buffered_bytes(&self) -> usize {
+        self.outputs.rows() * 512
+    }
+
+    fn take_batch(&mut self) -> Outputs {
+        std::mem::take(&mut self.outputs)
+    }
+
+    fn write_batch(&self, batch: Outputs, stop: CancellationToken) -> impl Future<Output = bool> + Send + 'static {
+        self.sink.clone().write(batch, stop)
+    }
+
+    fn batch_written(&mut self) {
+        self.export_gauges();
     }
 }
 
