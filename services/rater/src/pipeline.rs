@@ -8,18 +8,14 @@ use clickhouse::Client;
 use meterflow_core::pricing::Catalog;
 use meterflow_core::auth::{self, RecordKey};
 use meterflow_core::rating::{
-    Admission, AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
+    Admission, AdjustmentOutcome, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
 };
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
-use meterflow_runtime::args::TopicArgs;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
-use meterflow_runtime::retry::Backoff;
 use metrics::{counter, gauge};
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
@@ -28,12 +24,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
+use crate::rows::{AdjustmentRow, LedgerRow, ParkedRow};
+use crate::sink::{Outputs, RaterSink};
 
 const SERVICE: &str = "rater";
 const STATE_VERSION: u32 = 1;
-
-const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
 /// Revenue, cost and margin rated so far, exported as gauges (exact here, f64 at export).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,102 +73,6 @@ struct Switch {
     max_charge_seq: i64,
     max_aggregates_offset: i64,
     max_wallet_offset: i64,
-}
-
-#[derive(Default)]
-struct Outputs {
-    charges: Vec<Charge>,
-    alerts: Vec<(Alert, i64)>,
-    adjustments: Vec<AdjustmentRow>,
-    dead_letters: Vec<DeadLetter>,
-    /// Credit ledger movements (ASC 606), with the partition whose state made them.
-    ledger: Vec<LedgerRow>,
-    parked: Vec<ParkedRow>,
-}
-
-impl Outputs {
-    fn rows(&self) -> usize {
-        self.charges.len()
-            + self.alerts.len()
-            + self.adjustments.len()
-            + self.dead_letters.len()
-            + self.ledger.len()
-            + self.parked.len()
-    }
-}
-
-/// Where a batch of rater outputs goes; shared with the writer task of each batch.
-struct RaterSink {
-    client: Client,
-    producer: FutureProducer,
-    topics: TopicArgs,
-}
-
-impl RaterSink {
-    /// Writes `out` (ClickHouse rows, then Kafka records), each retried until written. The
-    /// rows are built once, so retries send byte-identical blocks. False if `stop` came first.
-    async fn write(self: Arc<Self>, out: Outputs, stop: CancellationToken) -> bool {
-        if out.rows() == 0 {
-            return true;
-        }
-        let b = Backoff::default();
-        let c = &self.client;
-        let rows = out.charges.iter().map(ChargeRow::try_from).collect::<Result<Vec<_>, _>>().and_then(|c| {
-            Ok((c, out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect::<Result<Vec<_>, _>>()?))
-        });
-        let (charges, alerts) = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                // Never store a rounded amount: fail the write, loudly (see rows.rs).
-                tracing::error!(error = %e, "a charge or alert cannot be stored exactly");
-                return false;
-            }
-        };
-        let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
-        let stop = &stop;
-        let ok = insert_all(c, "charges", &charges, &b, stop, WRITE_METRICS).await
-            && insert_all(c, "wallet_adjustments", &out.adjustments, &b, stop, WRITE_METRICS).await
-            && insert_all(c, "wallet_alerts", &alerts, &b, stop, WRITE_METRICS).await
-            && insert_all(c, "dead_letters", &dls, &b, stop, WRITE_METRICS).await
-            && insert_all(c, "wallet_ledger", &out.ledger, &b, stop, WRITE_METRICS).await
-            && insert_all(c, "parked_aggregates", &out.parked, &b, stop, WRITE_METRICS).await;
-        if !ok {
-            return false;
-        }
-        let records = self.records(&out);
-        produce_all(&self.producer, &records, &b, stop, WRITE_METRICS).await
-    }
-
-    /// The Kafka records of `out`: charges, alerts, expired credit, dead letters.
-    fn records<'a>(&'a self, out: &Outputs) -> Vec<OutRecord<'a>> {
-        let topics = &self.topics;
-        let mut records: Vec<OutRecord<'_>> = Vec::new();
-        for ch in &out.charges {
-            records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
-        }
-        for (a, _) in &out.alerts {
-            let json = serde_json::to_vec(a).unwrap_or_default();
-            records.push((&topics.alerts_topic, a.tenant.clone(), json));
-        }
-        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
-        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
-            let json = serde_json::json!({
-                "kind": "credit_expired",
-                "entry_id": e.entry_id,
-                "tenant": e.tenant,
-                "currency": e.currency,
-                "credit_kind": e.credit_kind,
-                "grant_key": e.grant_key,
-                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
-                "expired_at": i64::from(e.at) * 1000,
-            });
-            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
-        }
-        for d in &out.dead_letters {
-            records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));
-        }
-        records
-    }
 }
 
 /// Runs until `shutdown`, then flushes and checkpoints.
@@ -686,10 +585,6 @@ fn label_meter(c: &Charge) -> String {
     } else {
         c.meter.clone()
     }
-}
-
-fn encode<R: AvroRecord>(r: &R) -> Vec<u8> {
-    r.to_avro().expect("meterflow record encodes with its own schema")
 }
 
 fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, detail: String, payload: &[u8]) -> DeadLetter {
