@@ -228,7 +228,8 @@ async fn restamped_retries_and_shared_request_ids_from_the_cold_tier() -> anyhow
 
 /// The aggregator's cold store on ClickHouse 18.16 (no broker needed): the look-up by
 /// (tenant, meter, event id) through `usage_event_ids` (filled by migration 014's view)
-/// answers "as of" the offset, from the horizon floor on, and consults unflushed rows.
+/// answers "as of" the offset, from the horizon floor on, and consults unwritten rows (the
+/// buffer and the batch being written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::Result<()> {
     use meterflow_aggregator::cold::ChStores;
@@ -261,9 +262,12 @@ async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::R
     insert.write(&row("input_tokens", "req-c", t0, 11)).await?;
     insert.end().await?;
     let mut pending = Outputs::default();
-    pending.usage.push(row("output_tokens", "req-c", t0 + 5_000, 12));
+    pending.push_usage(row("output_tokens", "req-c", t0 + 5_000, 12));
+    // The batch being written: neither in the buffer nor (yet) in ClickHouse.
+    let mut writing = Outputs::default();
+    writing.push_usage(row("output_tokens", "req-d", t0 + 6_000, 14));
     let handle = tokio::runtime::Handle::current();
-    let mut stores = ChStores { client: &client, handle: &handle, pending: &pending };
+    let mut stores = ChStores { client: &client, handle: &handle, pending: &pending, writing: Some(&writing) };
     let mut ask = |meter: &str, id: &str, from_ms: i64, offset: i64| {
         let q = ColdQuery {
             tenant: "acme",
@@ -282,6 +286,8 @@ async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::R
     assert!(ask("input_tokens", "req-c", t0, 100)?);
     assert!(ask("output_tokens", "req-c", t0, 13)?, "buffered, not yet flushed");
     assert!(!ask("output_tokens", "req-c", t0, 12)?);
+    assert!(ask("output_tokens", "req-d", t0, 15)?, "in the batch being written");
+    assert!(!ask("output_tokens", "req-d", t0, 14)?, "not as of its own offset");
     let ids: u64 = client.query("SELECT count() FROM usage_event_ids").fetch_one().await?;
     assert_eq!(ids, 2, "the materialized view copied the inserted rows");
     client.query(&format!("DROP DATABASE {}", args.database)).execute().await?;

@@ -4,8 +4,8 @@
 //!
 //! Both answer "as of" the engine's position: rows written at or after the current offset
 //! (or seq) are ignored, so that a replay after a crash, which finds rows the first run wrote
-//! ahead of its checkpoint, sees what the first run saw. Rows still buffered for the next
-//! flush are consulted too.
+//! ahead of its checkpoint, sees what the first run saw. Rows not yet in ClickHouse are
+//! consulted in memory: the buffer being filled and the batch being written.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -24,7 +24,10 @@ use crate::sink::Outputs;
 pub struct ChStores<'a> {
     pub client: &'a Client,
     pub handle: &'a Handle,
+    /// The outputs being buffered.
     pub pending: &'a Outputs,
+    /// The batch being written, if any (possibly partly in ClickHouse already).
+    pub writing: Option<&'a Outputs>,
 }
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
@@ -47,6 +50,11 @@ struct LastRow {
 }
 
 impl ChStores<'_> {
+    /// Outputs not known to be in ClickHouse yet.
+    fn unwritten(&self) -> impl Iterator<Item = &Outputs> {
+        std::iter::once(self.pending).chain(self.writing)
+    }
+
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         // The engine is synchronous (no I/O in the core); cold look-ups are rare (old
         // duplicates, days-old windows), so blocking this worker briefly is the simple choice.
@@ -64,7 +72,7 @@ impl ColdStore for ChStores<'_> {
     /// granule per month partition, whatever the horizon (migration 014).
     fn contains(&mut self, q: &ColdQuery<'_>) -> Result<bool, Error> {
         let p = q.before.partition;
-        let buffered = self.pending.usage.iter().any(|r| {
+        let buffered = self.unwritten().flat_map(|o| &o.usage).any(|r| {
             r.source_partition == p
                 && r.source_offset < q.before.offset
                 && r.tenant == q.tenant
@@ -142,7 +150,7 @@ impl WindowStore for ChStores<'_> {
                 ));
             }
         }
-        for r in &self.pending.usage {
+        for r in self.unwritten().flat_map(|o| &o.usage) {
             let matches = r.source_partition == p
                 && r.source_offset < q.before.offset
                 && r.tenant == q.tenant
@@ -173,9 +181,8 @@ impl WindowStore for ChStores<'_> {
             q.group.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let key = dimensions_key(&group);
         let buffered_last = self
-            .pending
-            .aggregates
-            .iter()
+            .unwritten()
+            .flat_map(|o| &o.aggregates)
             .filter(|a| {
                 a.source_partition == p
                     && a.seq < q.before.next_seq

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
 
 /// Consumes usage events, drops duplicates, totals them in event-time windows and writes the
 /// totals (and restatements of late windows) to ClickHouse and the aggregates topic. Bad
@@ -22,6 +22,8 @@ pub struct Config {
     pub log: LogArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Consumer group; partitions of the usage topic are shared among its members.
     #[arg(long, env = "METERFLOW_AGGREGATOR_GROUP", default_value = "meterflow-aggregator")]
@@ -83,9 +85,16 @@ pub struct Config {
     #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
     pub checkpoint_interval_ms: i64,
 
-    /// Buffered output rows that force a flush; bounds memory while ClickHouse is down.
+    /// Buffered output rows that start a write at once. One batch is written while the next
+    /// fills; consumption pauses while that one is full too, so at most twice this many rows
+    /// wait in memory while ClickHouse or the broker is down.
     #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 200_000)]
     pub max_buffered_rows: usize,
+
+    /// The same bound in estimated bytes of buffered output (dead letters carry whole
+    /// payloads): at most twice this much waits in memory during an outage.
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
+    pub max_buffered_bytes: usize,
 
     /// A partition with no input for this long gets a tick record, so its windows close
     /// without new events.

@@ -6,10 +6,13 @@
 //! function of the partition's records, and every aggregate carries a per-partition `seq`.
 //! The loop:
 //! 1. process records, buffering outputs;
-//! 2. flush: insert into ClickHouse (usage_events, meter_aggregates, dead_letters), then
-//!    produce aggregates and dead letters to Kafka and wait for the acks, retrying until done;
-//! 3. checkpoint: after a flush, every `checkpoint_interval` the engine state and the offset
-//!    it covers go to ClickHouse `checkpoints`; then that offset is committed to the group.
+//! 2. write: the buffers are taken as a batch and a task inserts it into ClickHouse
+//!    (usage_events, meter_aggregates, dead_letters) and produces its aggregates and dead
+//!    letters to Kafka, retrying until done, while the loop fills the next batch (one batch
+//!    in flight at most; consumption pauses while the next one is full too);
+//! 3. checkpoint: every `checkpoint_interval` the engine state and the offsets it covers are
+//!    snapshotted when a batch is taken, saved to ClickHouse `checkpoints` once that batch is
+//!    written, and then committed to the group.
 //!
 //! On (re)assignment a partition's state is the newest checkpoint and records below its
 //! offset are skipped. Whatever was flushed after that checkpoint is produced again,
@@ -29,6 +32,7 @@ pub mod rows;
 pub mod sink;
 
 mod pipeline;
+mod record;
 
 pub use config::Config;
 pub use pipeline::run;

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,19 +9,17 @@ use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
 use meterflow_core::ledger::LedgerEntry;
-use meterflow_core::event::UsageEventRef;
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::partitioning::partition_for;
-use meterflow_core::records::DeadLetter;
 use meterflow_core::RejectReason;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::kafka::{self, CONTROL_HEADER};
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::retry::Backoff;
-use metrics::{counter, gauge};
+use metrics::gauge;
 use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Timestamp};
 use tokio::runtime::Handle;
@@ -30,11 +29,11 @@ use crate::cold::ChStores;
 use crate::config::Config;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::rows::{secs, LedgerRow, UsageRow};
+use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, usage_row, wall_ms, TICK};
+use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 
 const SERVICE: &str = "aggregator";
-const TICK: &[u8] = b"tick";
 
 /// Runs until `shutdown`, then flushes and checkpoints what it holds.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -47,6 +46,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &config.kafka,
         &config.clickhouse,
         &config.group,
+        &config.membership,
         &[&config.topics.usage_topic],
         config.http_addr,
         &shutdown,
@@ -65,14 +65,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         meters_text: meters_text.clone(),
         switched: false,
-        sink: Sink {
+        sink: Arc::new(Sink {
             client: client.clone(),
             producer: producer.clone(),
             aggregates_topic: config.topics.aggregates_topic.clone(),
             dead_letter_topic: config.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
             record_key: record_key.clone(),
-        },
+        }),
         provisional: Publisher {
             producer: producer.clone(),
             topic: config.topics.provisional_topic.clone(),
@@ -86,6 +86,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         codec: UsageEventCodec::new(),
         partitions: BTreeMap::new(),
         outputs: Outputs::default(),
+        writing: None,
+        spare: Outputs::default(),
+        counters: m::Counters::register(),
+        runtime: Handle::current(),
+        now: Instant::now(),
         config,
         last_progress: Instant::now(),
         progress_records: 0,
@@ -101,6 +106,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         flush_interval: Duration::from_millis(agg.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
+        max_buffered_bytes: agg.config.max_buffered_bytes,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
         fenced: m::FENCED,
@@ -145,11 +151,22 @@ struct Aggregator {
     meters_text: String,
     /// A partition switched configuration since the last snapshot (checkpoint it at once).
     switched: bool,
-    sink: Sink,
-    /// Running totals of open windows, after each successful flush (best effort).
+    sink: Arc<Sink>,
+    /// Running totals of open windows, after each written batch and on the timer (best effort).
     provisional: Publisher,
     partitions: BTreeMap<i32, Part>,
+    /// The buffer being filled.
     outputs: Outputs,
+    /// The batch being written (cold look-ups consult it until it is in ClickHouse).
+    writing: Option<Arc<Outputs>>,
+    /// The buffers of the last written batch, emptied, for the next one to fill.
+    spare: Outputs,
+    counters: m::Counters,
+    /// For the cold stores' blocking look-ups (taken once, not per record).
+    runtime: Handle,
+    /// The clock as of the last timer tick (~100 ms): idle detection needs no finer one, and
+    /// reading the clock for every record cost ~3% of the CPU.
+    now: Instant,
     last_progress: Instant,
     /// Offsets covered per owned partition, read by the lag reporter thread.
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
@@ -160,6 +177,8 @@ struct Aggregator {
 }
 
 impl Partitioned for Aggregator {
+    type Batch = Arc<Outputs>;
+
     fn service(&self) -> &'static str {
         SERVICE
     }
@@ -333,19 +352,38 @@ impl Partitioned for Aggregator {
         self.outputs.rows()
     }
 
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
+    fn buffered_bytes(&self) -> usize {
+        self.outputs.bytes()
+    }
+
+    fn take_batch(&mut self) -> Arc<Outputs> {
+        // The ledger entries describe the state the checkpoint staged with this batch has.
         self.buffer_ledger();
-        let ok = self.sink.flush(&mut self.outputs, shutdown).await;
-        if ok {
-            self.publish_positions();
+        let batch = Arc::new(std::mem::replace(&mut self.outputs, std::mem::take(&mut self.spare)));
+        self.writing = Some(batch.clone());
+        gauge!(m::BUFFERED_ROWS).set((batch.rows()) as f64);
+        batch
+    }
+
+    fn write_batch(&self, batch: Arc<Outputs>, stop: CancellationToken) -> impl Future<Output = bool> + Send + 'static {
+        self.sink.clone().write(batch, stop)
+    }
+
+    fn batch_written(&mut self) {
+        // The writer has dropped its reference: keep the emptied buffers for the next batch.
+        if let Some(Ok(mut done)) = self.writing.take().map(Arc::try_unwrap) {
+            done.clear();
+            self.spare = done;
         }
-        ok
+        gauge!(m::BUFFERED_ROWS).set(self.outputs.rows() as f64);
+        self.publish_positions();
     }
 
     async fn on_timer(&mut self) {
         if self.provisional.due() {
             self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
         }
+        self.now = Instant::now();
         self.send_ticks().await;
         if self.last_progress.elapsed() >= Duration::from_secs(10) {
             self.log_progress();
@@ -446,9 +484,9 @@ impl Aggregator {
     async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let partition = msg.partition();
         let offset = msg.offset();
-        let handle = Handle::current();
         // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, client, codec, config, catalog, warned_create_time, sink, .. } = self;
+        let Self { partitions, outputs, writing, client, codec, config, warned_create_time, sink, counters, runtime, now, .. } = self;
+        let writing = writing.as_deref();
         let Some(part) = partitions.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
@@ -463,26 +501,26 @@ impl Aggregator {
             });
             if authentic {
                 let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
-                let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
                 retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
             } else {
                 // Anyone who can produce to the topic could otherwise move the partition's time
                 // (and close or expire everything): a tick must carry the deployment's tag.
                 let reason = RejectReason::Unauthenticated;
                 part.engine.on_rejected(offset, reason);
-                counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+                counters.dead_letter(reason);
                 let detail = "control record (tick) without a valid meterflow-auth tag: not written by this deployment's aggregator".to_owned();
-                outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, None, payload));
+                outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, None, payload));
             }
         } else {
-            counter!(m::EVENTS_IN).increment(1);
-            part.last_input = Instant::now();
+            counters.events_in.increment(1);
+            part.last_input = *now;
             part.input_since_tick = true;
             match codec.decode(payload) {
                 Err(e) => {
                     part.engine.on_skipped(offset);
-                    outputs.dead_letters.push(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
-                    counter!(m::DEAD_LETTERS, "reason" => RejectReason::Undecodable.as_str()).increment(1);
+                    outputs.push_dead_letter(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
+                    counters.dead_letter(RejectReason::Undecodable);
                 }
                 Ok(ev) if !ev.tenant.is_empty() && partition_for(ev.tenant.as_bytes(), part.partitions) != partition => {
                     let expected = partition_for(ev.tenant.as_bytes(), part.partitions);
@@ -493,11 +531,11 @@ impl Aggregator {
                         ev.tenant.chars().take(64).collect::<String>(),
                         part.partitions
                     );
-                    counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
-                    outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                    counters.dead_letter(reason);
+                    outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
                 }
-                Ok(ev) => {
-                    let mut stores = ChStores { client, handle: &handle, pending: outputs };
+                Ok(mut ev) => {
+                    let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
                     // Only the broker's clock bounds event time; a producer's CreateTime is
                     // trusted only on topics not created by meterflow-admin (warned at start).
                     let record_ms = match msg.timestamp() {
@@ -520,13 +558,15 @@ impl Aggregator {
                         retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
                     match outcome {
                         Outcome::Accepted => {
-                            counter!(m::ACCEPTED).increment(1);
-                            outputs.usage.push(usage_row(catalog, &ev, partition, offset)?);
+                            counters.accepted.increment(1);
+                            // The raw row keeps dimensions sorted by key (in place: no copy).
+                            ev.dimensions.sort_unstable();
+                            outputs.push_usage(usage_row(part.engine.accepted(), &ev, partition, offset)?);
                         }
-                        Outcome::Duplicate => counter!(m::DUPLICATES).increment(1),
+                        Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {
-                            counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
-                            outputs.dead_letters.push(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
+                            counters.dead_letter(reason);
+                            outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
                         }
                     }
                 }
@@ -534,11 +574,11 @@ impl Aggregator {
         }
         for a in part.engine.drain_output() {
             if a.revision == 0 {
-                counter!(m::WINDOWS_CLOSED).increment(1);
+                counters.windows_closed.increment(1);
             } else {
-                counter!(m::RESTATEMENTS).increment(1);
+                counters.restatements.increment(1);
             }
-            outputs.aggregates.push(a);
+            outputs.push_aggregate(a);
         }
         if part.switch.is_some() {
             self.try_switch(partition)?;
@@ -612,99 +652,4 @@ fn spawn_lag_reporter(
         }
     });
     Ok(())
-}
-
-/// The `meterflow-auth` tag of a control record, if any.
-fn tick_tag<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a [u8]> {
-    msg.headers()?.iter().find(|h| h.key == auth::HEADER).and_then(|h| h.value)
-}
-
-fn is_tick(msg: &BorrowedMessage<'_>) -> bool {
-    msg.headers()
-        .map(|h| h.iter().any(|x| x.key == CONTROL_HEADER && x.value == Some(TICK)))
-        .unwrap_or(false)
-}
-
-/// Retries a synchronous engine call whose cold-store look-up failed (ClickHouse down): the
-/// engine leaves its state unchanged on error, so the call can simply be repeated.
-async fn retry_sync<T>(
-    mut f: impl FnMut() -> Result<T, meterflow_core::Error>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<T> {
-    let backoff = Backoff::default();
-    let mut delay = backoff.min;
-    loop {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(meterflow_core::Error::Store(e)) => {
-                counter!(m::FLUSH_ERRORS, "sink" => "cold_store").increment(1);
-                tracing::warn!(error = %e, "cold store look-up failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => anyhow::bail!("shutdown during a cold-store retry"),
-                }
-                delay = (delay * 2).min(backoff.max);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The raw row of an accepted event. Its decimals were validated by the engine (canonical,
-/// at most 9 fractional digits), so the conversion is exact; an error here is a bug, and it
-/// stops the aggregator rather than store a wrong quantity.
-fn usage_row(catalog: &MeterCatalog, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
-    use meterflow_core::decimal::{parse, to_ch_i128};
-    let window_start = catalog.get(ev.meter).map_or(ev.event_time_ms, |m| m.window_start(ev.event_time_ms));
-    let quantity = to_ch_i128(&parse("quantity", ev.quantity)?)?;
-    let provider_cost = match ev.provider_cost {
-        Some(c) => to_ch_i128(&parse("provider_cost", c)?)?,
-        None => 0,
-    };
-    let mut dims: Vec<(&str, &str)> = ev.dimensions.clone();
-    dims.sort_unstable();
-    Ok(UsageRow {
-        tenant: ev.tenant.to_owned(),
-        meter: ev.meter.to_owned(),
-        event_id: ev.event_id.to_owned(),
-        event_time: secs(ev.event_time_ms),
-        event_time_ms: ev.event_time_ms,
-        window_start: secs(window_start),
-        quantity,
-        provider_cost,
-        has_provider_cost: u8::from(ev.provider_cost.is_some()),
-        dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
-        dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
-        source: ev.source.to_owned(),
-        source_partition: partition,
-        source_offset: offset,
-    })
-}
-
-fn dead_letter(
-    config: &Config,
-    partition: i32,
-    offset: i64,
-    reason: RejectReason,
-    detail: String,
-    ev: Option<&UsageEventRef<'_>>,
-    payload: &[u8],
-) -> DeadLetter {
-    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    DeadLetter {
-        source_topic: config.topics.usage_topic.clone(),
-        source_partition: partition,
-        source_offset: offset,
-        reason: reason.as_str().to_owned(),
-        detail,
-        tenant: ev.and_then(|e| nonempty(e.tenant)),
-        event_id: ev.and_then(|e| nonempty(e.event_id)),
-        payload: payload.to_vec(),
-    }
 }

@@ -1,13 +1,14 @@
-//! Buffered outputs and their flush. Everything is retried until written: outputs are
-//! deterministic and the tables fold identical rows, so a retry after a partial write, or a
-//! replay after a crash, cannot double count.
+//! Buffered outputs and how a batch of them is written. Everything is retried until written:
+//! outputs are deterministic and the tables fold identical rows, so a retry after a partial
+//! write, or a replay after a crash, cannot double count.
+
+use std::sync::Arc;
 
 use clickhouse::Client;
-use meterflow_core::records::{AvroRecord, DeadLetter, MeterAggregate};
 use meterflow_core::auth::{self, RecordKey};
+use meterflow_core::records::{AvroRecord, DeadLetter, MeterAggregate};
 use meterflow_runtime::output::{insert_all, produce_all_with_headers, WriteMetrics};
 use meterflow_runtime::retry::Backoff;
-use metrics::gauge;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
@@ -17,26 +18,80 @@ use crate::rows::{AggregateRow, DeadLetterRow, LedgerRow, UncostedRow, UsageRow}
 
 const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
-/// What processing produced since the last flush.
+/// Bytes of a row beyond its strings (numbers, vector headers, allocator overhead): the byte
+/// bound is an estimate of memory, it only has to be proportionate.
+const ROW_OVERHEAD: usize = 128;
+
+/// A Kafka record that goes out with a batch and nowhere else, e.g. a best-effort
+/// notification derived from the state at the moment the batch is taken.
+#[derive(Debug, Clone)]
+pub struct ExtraRecord {
+    pub topic: String,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// What processing produced since the last batch was taken.
 #[derive(Debug, Default)]
 pub struct Outputs {
     pub usage: Vec<UsageRow>,
     pub aggregates: Vec<MeterAggregate>,
     pub dead_letters: Vec<DeadLetter>,
-    /// Ingest-ledger entries (no Kafka record; not counted as buffered rows: at most one per
-    /// partition and flush).
+    /// Ingest-ledger entries (one per partition that moved, taken with the batch).
     pub ledger: Vec<LedgerRow>,
+    /// Produced after the aggregates and dead letters of the batch (see [`ExtraRecord`]).
+    pub records: Vec<ExtraRecord>,
+    bytes: usize,
 }
 
 impl Outputs {
     pub fn rows(&self) -> usize {
-        self.usage.len() + self.aggregates.len() + self.dead_letters.len()
+        self.usage.len() + self.aggregates.len() + self.dead_letters.len() + self.records.len()
     }
+
     pub fn is_empty(&self) -> bool {
         self.rows() == 0 && self.ledger.is_empty()
     }
+
+    /// Estimated memory of the buffered rows.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn push_usage(&mut self, r: UsageRow) {
+        let dims: usize = r.dim_keys.iter().chain(&r.dim_values).map(|s| s.len() + 24).sum();
+        self.bytes += ROW_OVERHEAD + r.tenant.len() + r.meter.len() + r.event_id.len() + r.source.len() + dims;
+        self.usage.push(r);
+    }
+
+    pub fn push_aggregate(&mut self, a: MeterAggregate) {
+        let dims: usize = a.dimensions.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+        self.bytes += 2 * ROW_OVERHEAD + a.tenant.len() + a.meter.len() + dims;
+        self.aggregates.push(a);
+    }
+
+    pub fn push_dead_letter(&mut self, d: DeadLetter) {
+        self.bytes += ROW_OVERHEAD + d.payload.len() + d.detail.len() + d.source_topic.len();
+        self.dead_letters.push(d);
+    }
+
+    pub fn push_record(&mut self, r: ExtraRecord) {
+        self.bytes += ROW_OVERHEAD + r.topic.len() + r.key.len() + r.payload.len();
+        self.records.push(r);
+    }
+
+    /// Empties the buffers, keeping their capacity (no re-growth for the next batch).
+    pub fn clear(&mut self) {
+        self.usage.clear();
+        self.aggregates.clear();
+        self.dead_letters.clear();
+        self.records.clear();
+        self.ledger.clear();
+        self.bytes = 0;
+    }
 }
 
+/// Where a batch goes. Shared with the writer task of each batch.
 pub struct Sink {
     pub client: Client,
     pub producer: FutureProducer,
@@ -48,32 +103,31 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Writes and clears `out`. Returns false if shutdown interrupted the retries (then
-    /// nothing may be checkpointed past what was flushed).
-    pub async fn flush(&self, out: &mut Outputs, shutdown: &CancellationToken) -> bool {
-        gauge!(m::BUFFERED_ROWS).set(out.rows() as f64);
+    /// Writes `out`: ClickHouse rows and Kafka records at the same time, each retried until
+    /// written. The rows are built once, so every retry sends byte-identical blocks. False
+    /// if `stop` interrupted the retries (then nothing may be checkpointed past `out`).
+    pub async fn write(self: Arc<Self>, out: Arc<Outputs>, stop: CancellationToken) -> bool {
         if out.is_empty() {
             return true;
         }
         let started = std::time::Instant::now();
-        let rows = out.rows();
+        let (clickhouse, kafka) = tokio::join!(self.insert(&out, &stop), self.produce(&out, &stop));
+        tracing::debug!(rows = out.rows(), ms = started.elapsed().as_millis() as u64, "batch written");
+        clickhouse && kafka
+    }
+
+    async fn insert(&self, out: &Outputs, stop: &CancellationToken) -> bool {
         let c = &self.client;
-        if !insert_all(c, "usage_events", &out.usage, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
-        }
-        out.usage.clear();
+        let b = &self.backoff;
         let aggs: Vec<AggregateRow> = match out.aggregates.iter().map(AggregateRow::try_from).collect() {
             Ok(rows) => rows,
             Err(e) => {
                 // Unreachable (engine values have at most 9 fractional digits); never store a
-                // rounded value: fail the flush, loudly.
+                // rounded value: fail the write, loudly.
                 tracing::error!(error = %e, "an aggregate cannot be stored exactly");
                 return false;
             }
         };
-        if !insert_all(c, "meter_aggregates", &aggs, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
-        }
         let uncosted: Vec<UncostedRow> = match out.aggregates.iter().map(UncostedRow::of).collect::<Result<Vec<_>, _>>() {
             Ok(rows) => rows.into_iter().flatten().collect(),
             Err(e) => {
@@ -81,18 +135,30 @@ impl Sink {
                 return false;
             }
         };
-        if !insert_all(c, "aggregate_uncosted", &uncosted, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
-        }
         let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
-        if !insert_all(c, "dead_letters", &dls, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
+        // The raw rows are most of the work: two inserts of a fixed half each (the same halves
+        // on every retry) let ClickHouse parse and sort them on two threads, beside the
+        // small tables.
+        let (first, second) = out.usage.split_at(out.usage.len() / 2);
+        let (a, b2, small) = tokio::join!(
+            insert_all(c, "usage_events", first, b, stop, WRITE_METRICS),
+            insert_all(c, "usage_events", second, b, stop, WRITE_METRICS),
+            async {
+                insert_all(c, "meter_aggregates", &aggs, b, stop, WRITE_METRICS).await
+                    && insert_all(c, "aggregate_uncosted", &uncosted, b, stop, WRITE_METRICS).await
+                    && insert_all(c, "dead_letters", &dls, b, stop, WRITE_METRICS).await
+                    && insert_all(c, "ingest_ledger", &out.ledger, b, stop, WRITE_METRICS).await
+            }
+        );
+        a && b2 && small
+    }
+
+    async fn produce(&self, out: &Outputs, stop: &CancellationToken) -> bool {
+        let n = out.aggregates.len() + out.dead_letters.len() + out.records.len();
+        if n == 0 {
+            return true;
         }
-        if !insert_all(c, "ingest_ledger", &out.ledger, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
-        }
-        out.ledger.clear();
-        let mut records = Vec::with_capacity(out.aggregates.len() + out.dead_letters.len());
+        let mut records = Vec::with_capacity(n);
         let mut tags = Vec::with_capacity(out.aggregates.len());
         for a in &out.aggregates {
             let bytes = encode(a);
@@ -103,18 +169,14 @@ impl Sink {
             let key = format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset);
             records.push((self.dead_letter_topic.as_str(), key, encode(d)));
         }
+        for r in &out.records {
+            records.push((r.topic.as_str(), r.key.clone(), r.payload.clone()));
+        }
         // Aggregates come first in `records`: record i < tags.len() is aggregate i.
         let headers = |i: usize| {
             tags.get(i).map(|t| OwnedHeaders::new().insert(Header { key: auth::HEADER, value: Some(&t[..]) }))
         };
-        if !produce_all_with_headers(&self.producer, &records, headers, &self.backoff, shutdown, WRITE_METRICS).await {
-            return false;
-        }
-        out.aggregates.clear();
-        out.dead_letters.clear();
-        tracing::debug!(rows, ms = started.elapsed().as_millis() as u64, "flushed");
-        gauge!(m::BUFFERED_ROWS).set(0.0);
-        true
+        produce_all_with_headers(&self.producer, &records, headers, &self.backoff, stop, WRITE_METRICS).await
     }
 }
 

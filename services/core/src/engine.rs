@@ -164,6 +164,16 @@ pub enum Outcome {
     Rejected { reason: RejectReason, detail: String },
 }
 
+/// What the service stores of the event the engine just accepted, as the engine parsed it:
+/// the raw row needs no second parse and no meter look-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accepted {
+    pub quantity: Decimal,
+    pub provider_cost: Option<Decimal>,
+    /// Start of the event's window (Unix ms).
+    pub window_start: i64,
+}
+
 /// Counters of one partition engine (part of the snapshot).
 /// Invariant: `accepted + duplicates + rejected_total() == input()` is the number of
 /// `on_event` plus `on_skipped` calls.
@@ -249,6 +259,8 @@ pub struct PartitionEngine {
     stats: EngineStats,
     /// Emitted, not yet drained aggregates.
     output: Vec<MeterAggregate>,
+    /// The last accepted event (see [`Self::accepted`]); not part of the snapshot.
+    accepted: Accepted,
 }
 
 impl std::fmt::Debug for PartitionEngine {
@@ -387,6 +399,7 @@ impl PartitionEngine {
             next_window_id: 0,
             stats: EngineStats::default(),
             output: Vec::new(),
+            accepted: Accepted::default(),
         })
     }
 
@@ -409,6 +422,11 @@ impl PartitionEngine {
     }
 
     /// Emitted, not yet drained aggregates.
+    /// The event of the last `on_event` that returned [`Outcome::Accepted`], as parsed.
+    pub fn accepted(&self) -> &Accepted {
+        &self.accepted
+    }
+
     pub fn output(&self) -> &[MeterAggregate] {
         &self.output
     }
@@ -767,6 +785,7 @@ impl PartitionEngine {
                 self.insert_window(w, is_open, close_at)
             }
         };
+        self.accepted = Accepted { quantity, provider_cost, window_start };
         self.accept(new_id, slot, t, store)
     }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
 
 /// Prices meter aggregates (per-unit, graduated, volume, package, free allowances, minimum
 /// commitments), computes provider cost and margin, draws prepaid wallets down, and writes
@@ -22,6 +22,8 @@ pub struct Config {
     pub log: LogArgs,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 
     /// Consumer group. The aggregates and wallet topics must have the same partition count:
     /// the range assignor then gives partition N of both to one member.
@@ -69,8 +71,14 @@ pub struct Config {
     #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
     pub checkpoint_interval_ms: i64,
 
+    /// Buffered output rows that start a write at once; consumption pauses while one batch is
+    /// written and the next is this full too.
     #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 100_000)]
     pub max_buffered_rows: usize,
+
+    /// The same bound in estimated bytes of buffered output.
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
+    pub max_buffered_bytes: usize,
 
     /// Export a wallet-balance gauge per tenant. Cardinality is the number of tenants with a
     /// wallet; turn it off for very many prepaid tenants.

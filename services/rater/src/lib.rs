@@ -2,8 +2,8 @@
 //!
 //! Same protocol as the aggregator (see its crate docs): per aggregates partition a core
 //! `RatingState` plus the prepaid `Wallets` of the tenants on that partition; outputs are
-//! flushed, then the state is checkpointed with the offsets it covers, then offsets are
-//! committed. Re-delivered aggregates (after an aggregator restart) are recognised by their
+//! written (by a task, while the next batch fills), then the state is checkpointed with the
+//! offsets it covers, then offsets are committed. Re-delivered aggregates (after an aggregator restart) are recognised by their
 //! per-source-partition `seq` and skipped; charge ids are deterministic, so a replay after a
 //! rater restart re-inserts identical rows that `charges_dedup` folds.
 //!
@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod rows;
 
 mod pipeline;
+mod sink;
 
 pub use config::Config;
 pub use pipeline::run;

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -7,17 +8,14 @@ use clickhouse::Client;
 use meterflow_core::pricing::Catalog;
 use meterflow_core::auth::{self, RecordKey};
 use meterflow_core::rating::{
-    Admission, AdjustmentOutcome, Alert, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
+    Admission, AdjustmentOutcome, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
 };
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
-use meterflow_runtime::retry::Backoff;
 use metrics::{counter, gauge};
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
@@ -27,12 +25,11 @@ use tokio_util::sync::CancellationToken;
 use crate::balances::{self, DeskFeed, SharedDesk};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
+use crate::rows::{AdjustmentRow, LedgerRow, ParkedRow};
+use crate::sink::{Outputs, RaterSink};
 
 const SERVICE: &str = "rater";
 const STATE_VERSION: u32 = 1;
-
-const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
 
 /// Revenue, cost and margin rated so far, exported as gauges (exact here, f64 at export).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -79,28 +76,6 @@ struct Switch {
     max_wallet_offset: i64,
 }
 
-#[derive(Default)]
-struct Outputs {
-    charges: Vec<Charge>,
-    alerts: Vec<(Alert, i64)>,
-    adjustments: Vec<AdjustmentRow>,
-    dead_letters: Vec<DeadLetter>,
-    /// Credit ledger movements (ASC 606), with the partition whose state made them.
-    ledger: Vec<LedgerRow>,
-    parked: Vec<ParkedRow>,
-}
-
-impl Outputs {
-    fn rows(&self) -> usize {
-        self.charges.len()
-            + self.alerts.len()
-            + self.adjustments.len()
-            + self.dead_letters.len()
-            + self.ledger.len()
-            + self.parked.len()
-    }
-}
-
 /// Runs until `shutdown`, then flushes and checkpoints.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     http::prometheus(); // the recorder must exist before metrics are described
@@ -127,6 +102,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &config.kafka,
         &config.clickhouse,
         &config.group,
+        &config.membership,
         &[&config.topics.aggregates_topic, &config.topics.wallet_topic],
         config.http_addr,
         &shutdown,
@@ -141,8 +117,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         wallet_config,
         catalog_text: text.clone(),
         switched: false,
+        sink: Arc::new(RaterSink { client: client.clone(), producer, topics: config.topics.clone() }),
         client,
-        producer,
         catalog,
         shards: BTreeMap::new(),
         outputs: Outputs::default(),
@@ -157,7 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         kafka: rater.config.kafka.clone(),
         topics: rater.config.topics.clone(),
         record_key: rater.record_key.clone(),
-        producer: rater.producer.clone(),
+        producer: rater.sink.producer.clone(),
         client: rater.client.clone(),
         catalog: rater.catalog.clone(),
     };
@@ -167,6 +143,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         flush_interval: Duration::from_millis(rater.config.flush_interval_ms as u64),
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
         max_buffered_rows: rater.config.max_buffered_rows,
+        max_buffered_bytes: rater.config.max_buffered_bytes,
         checkpoint_seconds: m::CHECKPOINT_SECONDS,
         errors: m::FLUSH_ERRORS,
         fenced: m::FENCED,
@@ -182,7 +159,7 @@ struct Rater {
     wallet_config: WalletConfig,
     catalog: Arc<Catalog>,
     client: Client,
-    producer: FutureProducer,
+    sink: Arc<RaterSink>,
     /// The current catalog (config/catalog.toml).
     catalog_text: String,
     /// A partition switched catalog since the last snapshot (checkpoint it at once).
@@ -424,71 +401,7 @@ impl Rater {
         Ok(())
     }
 
-    async fn flush_outputs(&mut self, shutdown: &CancellationToken) -> bool {
-        let out = &mut self.outputs;
-        if out.rows() == 0 {
-            self.feed_desk();
-            return true;
-        }
-        let b = Backoff::default();
-        let c = &self.client;
-        let rows = out.charges.iter().map(ChargeRow::try_from).collect::<Result<Vec<_>, _>>().and_then(|c| {
-            Ok((c, out.alerts.iter().map(|(a, at)| AlertRow::new(a, *at)).collect::<Result<Vec<_>, _>>()?))
-        });
-        let (charges, alerts) = match rows {
-            Ok(rows) => rows,
-            Err(e) => {
-                // Never store a rounded amount: fail the flush, loudly (see rows.rs).
-                tracing::error!(error = %e, "a charge or alert cannot be stored exactly");
-                return false;
-            }
-        };
-        let dls: Vec<DeadLetterRow> = out.dead_letters.iter().map(DeadLetterRow::from).collect();
-        let ok = insert_all(c, "charges", &charges, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_adjustments", &out.adjustments, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_alerts", &alerts, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "dead_letters", &dls, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "wallet_ledger", &out.ledger, &b, shutdown, WRITE_METRICS).await
-            && insert_all(c, "parked_aggregates", &out.parked, &b, shutdown, WRITE_METRICS).await;
-        if !ok {
-            return false;
-        }
-        let topics = &self.config.topics;
-        let mut records: Vec<OutRecord<'_>> = Vec::new();
-        for ch in &out.charges {
-            records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
-        }
-        for (a, _) in &out.alerts {
-            let json = serde_json::to_vec(a).unwrap_or_default();
-            records.push((&topics.alerts_topic, a.tenant.clone(), json));
-        }
-        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
-        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
-            let json = serde_json::json!({
-                "kind": "credit_expired",
-                "entry_id": e.entry_id,
-                "tenant": e.tenant,
-                "currency": e.currency,
-                "credit_kind": e.credit_kind,
-                "grant_key": e.grant_key,
-                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
-                "expired_at": i64::from(e.at) * 1000,
-            });
-            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
-        }
-        for d in &out.dead_letters {
-            records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));
-        }
-        if !produce_all(&self.producer, &records, &b, shutdown, WRITE_METRICS).await {
-            return false;
-        }
-        *out = Outputs::default();
-        self.export_gauges();
-        self.feed_desk();
-        true
-    }
-
-    /// Hands what the flush just wrote to the balances desk.
+    /// Hands the settled balances to the balances desk after a batch was written.
     fn feed_desk(&mut self) {
         let shards = &self.shards;
         self.desk_feed.hand_over(&self.desk, |tenant| {
@@ -539,6 +452,8 @@ impl Rater {
 }
 
 impl Partitioned for Rater {
+    type Batch = Outputs;
+
     fn service(&self) -> &'static str {
         SERVICE
     }
@@ -659,8 +574,23 @@ impl Partitioned for Rater {
         self.outputs.rows()
     }
 
-    async fn flush(&mut self, shutdown: &CancellationToken) -> bool {
-        self.flush_outputs(shutdown).await
+    /// Rater rows are small (a charge, an alert, a ledger line; a dead letter carries an
+    /// aggregate of a few hundred bytes): a per-row estimate keeps this O(1) per record.
+    fn buffered_bytes(&self) -> usize {
+        self.outputs.rows() * 512
+    }
+
+    fn take_batch(&mut self) -> Outputs {
+        std::mem::take(&mut self.outputs)
+    }
+
+    fn write_batch(&self, batch: Outputs, stop: CancellationToken) -> impl Future<Output = bool> + Send + 'static {
+        self.sink.clone().write(batch, stop)
+    }
+
+    fn batch_written(&mut self) {
+        self.export_gauges();
+        self.feed_desk();
     }
 }
 
@@ -697,10 +627,6 @@ fn label_meter(c: &Charge) -> String {
     } else {
         c.meter.clone()
     }
-}
-
-fn encode<R: AvroRecord>(r: &R) -> Vec<u8> {
-    r.to_avro().expect("meterflow record encodes with its own schema")
 }
 
 fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, detail: String, payload: &[u8]) -> DeadLetter {

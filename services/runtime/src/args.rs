@@ -14,6 +14,19 @@ pub struct KafkaArgs {
     pub properties: Vec<String>,
 }
 
+/// How a partitioned service's consumer is a member of its group.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MembershipArgs {
+    /// Static membership (Kafka's `group.instance.id`, KIP-345): an instance restarted with
+    /// the same id (after a crash, an upgrade) takes its partitions back at once, without a
+    /// rebalance and without waiting for the session timeout. Unique per instance of a group
+    /// (e.g. the host or pod name). Unset: dynamic membership. A static member that stops
+    /// does not leave the group: its partitions move to the others only after the session
+    /// timeout (10 s), unless it comes back first.
+    #[arg(long, env = "METERFLOW_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+}
+
 /// Topic names. Keep them identical across services (they are in docker-compose too).
 #[derive(Debug, Clone, Args)]
 pub struct TopicArgs {

@@ -79,6 +79,11 @@ pub struct RebalanceLog {
 }
 
 impl RebalanceLog {
+    /// True if ownership changes wait to be drained.
+    pub fn pending(&self) -> bool {
+        !self.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
     pub fn drain(&self) -> Vec<Ownership> {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
     }

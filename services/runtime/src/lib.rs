@@ -2,9 +2,11 @@
 
 pub mod args;
 pub mod checkpoint;
+mod claim;
 pub mod clickhouse;
 pub mod error;
 pub mod http;
+mod inflight;
 pub mod kafka;
 pub mod output;
 pub mod partitioned;
