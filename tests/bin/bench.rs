@@ -845,18 +845,22 @@ struct BaselineResult {
 
 /// The baseline's ingest: one consumer reads the topic, decodes and validates each message
 /// like meterflow does (undecodable, unknown meter, missing tenant or id, bad or negative
-/// quantity, bad provider cost are dropped), batches of 100,000 rows are inserted (two
-/// concurrent inserts of half a batch, like meterflow's raw rows) while the next batch is
-/// read. No dedup, no windows.
+/// quantity, bad provider cost are dropped), batches are inserted (two concurrent inserts of
+/// half a batch, like meterflow's raw rows) while the next batch is read, handed over when
+/// the inserter is free or at 1,000,000 rows, like meterflow's. No dedup, no windows.
 async fn baseline_ingest(kafka: &KafkaArgs, topic: &str, ch: &clickhouse::Client, catalog: Arc<MeterCatalog>) -> Result<BaselineResult> {
-    const BATCH: usize = 100_000;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<BaselineRow>>(2);
+    // Batched like meterflow's outputs: one batch being inserted, the next filling; it is
+    // handed over as soon as the inserter is free (at least MIN rows), else it grows up to
+    // BATCH rows and the reader waits. Larger inserts are much cheaper for ClickHouse.
+    const BATCH: usize = 1_000_000;
+    const MIN: usize = 10_000;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<BaselineRow>>(1);
     let started = Instant::now();
     let reader = {
         let (kafka, topic) = (kafka.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || -> Result<u64> {
             let codec = UsageEventCodec::new();
-            let mut batch = Vec::with_capacity(BATCH);
+            let mut batch = Vec::new();
             let mut dropped = 0u64;
             consume_pass(&kafka, &topic, |m| {
                 match baseline_row(&codec, &catalog, m.payload().unwrap_or_default()) {
@@ -864,8 +868,13 @@ async fn baseline_ingest(kafka: &KafkaArgs, topic: &str, ch: &clickhouse::Client
                     None => dropped += 1,
                 }
                 if batch.len() >= BATCH {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                    let full = std::mem::take(&mut batch);
                     let _ = tx.blocking_send(full);
+                } else if batch.len() >= MIN && tx.capacity() > 0 {
+                    let ready = std::mem::take(&mut batch);
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Full(back)) = tx.try_send(ready) {
+                        batch = back;
+                    }
                 }
             })?;
             if !batch.is_empty() {

@@ -87,13 +87,16 @@ pub struct Config {
 
     /// Buffered output rows that start a write at once. One batch is written while the next
     /// fills; consumption pauses while that one is full too, so at most twice this many rows
-    /// wait in memory while ClickHouse or the broker is down.
-    #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 200_000)]
+    /// wait in memory while ClickHouse or the broker is down. Batches are written every
+    /// flush interval, so this only matters when ClickHouse is slower than the input: then
+    /// batches grow up to it, and fewer, larger inserts cost ClickHouse about half the CPU
+    /// per row of 200,000-row ones (docs/benchmarks.md).
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_ROWS", default_value_t = 1_000_000)]
     pub max_buffered_rows: usize,
 
     /// The same bound in estimated bytes of buffered output (dead letters carry whole
     /// payloads): at most twice this much waits in memory during an outage.
-    #[arg(long, env = "METERFLOW_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "METERFLOW_MAX_BUFFERED_BYTES", default_value_t = 256 << 20)]
     pub max_buffered_bytes: usize,
 
     /// A partition with no input for this long gets a tick record, so its windows close
