@@ -296,16 +296,9 @@ pub fn compare(
     report
 }
 
-/// `YYYY-MM` of a Unix-ms time (Howard Hinnant's civil-from-days).
+/// `YYYY-MM` of a Unix-ms time.
 pub fn month(ms: i64) -> String {
-    let z = ms.div_euclid(86_400_000) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, _) = pricing::civil_from_days(ms.div_euclid(86_400_000));
     format!("{y:04}-{m:02}")
 }
 

@@ -94,7 +94,9 @@ use crate::Error;
 mod calendar;
 pub mod limits;
 mod load;
-pub use calendar::{parse_rfc3339_ms, period_end, period_start, MAX_TIME_MS, MIN_TIME_MS};
+pub use calendar::{
+    civil_from_days, days_from_civil, days_in_month, parse_rfc3339_ms, period_end, period_start, MAX_TIME_MS, MIN_TIME_MS,
+};
 pub use limits::{LimitKind, LimitStatus, SpendLimit};
 use load::{as_string, invalid, parse_assignment, parse_cost, parse_plan, serde_error, RawFile};
 
