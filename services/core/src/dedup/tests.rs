@@ -6,7 +6,10 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 
+use super::cold::search_u32;
+use super::table::home;
 use super::*;
+use crate::engine::snapshot::{Reader, Writer};
 
 /// The accepted raw events, as the aggregator stores them.
 #[derive(Default)]

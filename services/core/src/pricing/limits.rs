@@ -19,7 +19,8 @@
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use super::{serde_error, Ctx, RawSpendLimit, MAX_SCALE};
+use super::load::{serde_error, Ctx, RawSpendLimit};
+use crate::decimal::MAX_SCALE;
 use crate::Error;
 
 /// Alert kinds of a crossed limit.

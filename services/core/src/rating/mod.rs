@@ -88,8 +88,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use rust_decimal::Decimal;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use siphasher::sip128::SipHasher13;
+use serde::{Deserialize, Serialize};
 
 use crate::decimal;
 use crate::pricing::{self, Catalog};
@@ -97,8 +96,17 @@ use crate::records::{Charge, MeterAggregate};
 use crate::Error;
 
 pub mod balance;
+mod admission;
+mod close;
+mod ids;
 pub mod pending;
+mod snapshot;
 mod wallet;
+pub use admission::{Admission, REASON_BAD_SEQ, REASON_FUTURE_WINDOW};
+use close::{close_due, true_up};
+pub(crate) use ids::stable_id;
+use ids::usage_charge_id;
+use snapshot::{from_snapshot, to_snapshot};
 pub use wallet::{AdjustmentOutcome, Alert, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE};
 pub use wallet::{
     Account, CreditKind, Grant, LedgerEntry, MOVE_ARREARS, MOVE_DEBIT, MOVE_DRAWDOWN, MOVE_EXPIRY, MOVE_GRANT, MOVE_REFUND,
@@ -161,26 +169,6 @@ impl ParkReason {
         Self::ALL.into_iter().find(|r| r.as_str() == s)
     }
 }
-
-/// Bounds of what an aggregate may claim; see [`RatingState::screen`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
-    /// How far `window_start` and `emitted_at` may lie ahead of the reference time.
-    pub max_future_ms: i64,
-    /// How far a `seq` may jump past its source partition's high water (1 = strictly
-    /// contiguous).
-    pub max_seq_gap: i64,
-}
-
-impl Default for Admission {
-    fn default() -> Self {
-        Self { max_future_ms: 86_400_000, max_seq_gap: 1_000_000 }
-    }
-}
-
-/// Reasons [`RatingState::screen`] refuses an aggregate (dead-letter reasons).
-pub const REASON_FUTURE_WINDOW: &str = "future_window";
-pub const REASON_BAD_SEQ: &str = "bad_seq";
 
 /// What rating one aggregate did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,44 +306,6 @@ impl RatingState {
     /// Number of aggregates parked now.
     pub fn parked_count(&self) -> usize {
         self.parked.values().map(BTreeSet::len).sum()
-    }
-
-    /// Refuses (with a dead-letter reason and detail) an aggregate that claims a window or a
-    /// watermark more than `limits.max_future_ms` ahead of the reference time (the later of
-    /// this state's watermark and `reference_ms`, which the service takes from the broker
-    /// timestamp of the record), or a `seq` more than `limits.max_seq_gap` past its source
-    /// partition's high water, or not positive. Before the first aggregate of a source
-    /// partition there is no high water to compare with (a rater started on a topic whose
-    /// head was deleted by retention legitimately starts at a large `seq`), so only the sign
-    /// is checked. Without any reference time only the `seq` is checked. Changes nothing;
-    /// call it before [`rate`](Self::rate).
-    pub fn screen(&self, agg: &MeterAggregate, reference_ms: Option<i64>, limits: &Admission) -> Result<(), (&'static str, String)> {
-        if let Some(hw) = self.high_water(agg.source_partition).filter(|&hw| agg.seq > hw && agg.seq - hw > limits.max_seq_gap.max(1)) {
-            return Err((
-                REASON_BAD_SEQ,
-                format!("seq {} of source partition {} is more than {} past its high water {hw}", agg.seq, agg.source_partition, limits.max_seq_gap),
-            ));
-        }
-        if agg.seq < 1 {
-            return Err((REASON_BAD_SEQ, format!("seq {} is not positive", agg.seq)));
-        }
-        let reference = match (self.watermark_ms, reference_ms) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(r) = reference {
-            let bound = r.saturating_add(limits.max_future_ms.max(0));
-            if agg.window_start > bound || agg.emitted_at > bound {
-                return Err((
-                    REASON_FUTURE_WINDOW,
-                    format!(
-                        "window start {} / emitted at {} ms is more than {} ms past the reference time {r} ms",
-                        agg.window_start, agg.emitted_at, limits.max_future_ms
-                    ),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// Number of charges emitted; also the `seq` of the last one.
@@ -652,151 +602,4 @@ pub fn revision_cost(unit_cost: Option<Decimal>, value: Decimal, carried: Decima
         Some(u) => value.checked_mul(u).map(decimal::round_amount),
         None => Some(Decimal::ZERO),
     }
-}
-
-/// Walks the tenant's periods from `next_close` and closes each one whose end plus grace is
-/// at or before the watermark (creating empty records for months without usage).
-fn close_due(catalog: &Catalog, tenant: &str, ts: &mut TenantState, watermark: Option<i64>, grace_ms: i64) -> Vec<Charge> {
-    let mut out = Vec::new();
-    let Some(wm) = watermark else { return out };
-    loop {
-        let p = ts.next_close;
-        let end = pricing::period_end(p);
-        if end.saturating_add(grace_ms) > wm {
-            break;
-        }
-        let rec = ts.periods.entry(p).or_default();
-        if !rec.closed {
-            rec.closed = true;
-            out.extend(true_up(catalog, tenant, p, rec));
-        }
-        ts.next_close = end;
-    }
-    out
-}
-
-/// Brings the period's true-ups in line with `max(0, commitment - revenue)` per currency,
-/// returning the (unstamped) charges for the differences.
-fn true_up(catalog: &Catalog, tenant: &str, period: i64, rec: &mut PeriodState) -> Vec<Charge> {
-    let commitments = catalog.commitments(tenant, period);
-    let mut currencies: Vec<String> = commitments.keys().cloned().collect();
-    currencies.extend(rec.true_ups.keys().filter(|c| !commitments.contains_key(*c)).cloned());
-    let mut out = Vec::new();
-    for currency in currencies {
-        let revenue = rec.revenue.get(&currency).copied().unwrap_or_default();
-        let commitment = commitments.get(&currency);
-        let owed = commitment.map_or(Decimal::ZERO, |c| (c.amount - revenue).max(Decimal::ZERO));
-        let prev = rec.true_ups.get(&currency);
-        let already = prev.map_or(Decimal::ZERO, |t| t.amount);
-        if owed == already {
-            continue;
-        }
-        let revision = prev.map_or(0, |t| t.revision + 1);
-        let plan = commitment.map_or_else(|| prev.map(|t| t.plan.clone()).unwrap_or_default(), |c| c.plan.clone());
-        let amount = owed - already;
-        out.push(Charge {
-            charge_id: stable_id(&[
-                KIND_TRUE_UP.as_bytes(),
-                tenant.as_bytes(),
-                currency.as_bytes(),
-                &period.to_le_bytes(),
-                &revision.to_le_bytes(),
-            ]),
-            kind: KIND_TRUE_UP.to_owned(),
-            tenant: tenant.to_owned(),
-            plan: plan.clone(),
-            currency: currency.clone(),
-            meter: String::new(),
-            dimensions: BTreeMap::new(),
-            period_start: period,
-            window_start: period,
-            window_end: pricing::period_end(period),
-            revision,
-            quantity: Decimal::ZERO,
-            amount,
-            provider_cost: Decimal::ZERO,
-            margin: amount,
-            seq: 0,
-        });
-        rec.true_ups.insert(currency, TrueUp { plan, amount: owed, revision });
-    }
-    out
-}
-
-/// Deterministic id of a usage charge: the same aggregate (same source partition and seq,
-/// which the aggregator assigns deterministically) always gets the same id, so a sink can
-/// deduplicate charges re-emitted after a crash.
-fn usage_charge_id(agg: &MeterAggregate) -> String {
-    let mut dims = Vec::new();
-    for (k, v) in &agg.dimensions {
-        for part in [k, v] {
-            dims.extend_from_slice(&(part.len() as u64).to_le_bytes());
-            dims.extend_from_slice(part.as_bytes());
-        }
-    }
-    stable_id(&[
-        KIND_USAGE.as_bytes(),
-        agg.tenant.as_bytes(),
-        agg.meter.as_bytes(),
-        &dims,
-        &agg.window_start.to_le_bytes(),
-        &agg.revision.to_le_bytes(),
-        &agg.source_partition.to_le_bytes(),
-        &agg.seq.to_le_bytes(),
-    ])
-}
-
-/// 128-bit SipHash-1-3 (fixed keys: ids must be stable across processes and releases) of the
-/// length-prefixed parts, as 32 hex digits. Length prefixes make the encoding unambiguous.
-pub(crate) fn stable_id(parts: &[&[u8]]) -> String {
-    const K0: u64 = 0x6d65_7465_7266_6c6f; // "meterflo"
-    const K1: u64 = 0x7720_6368_6172_6765; // "w charge"
-    let mut buf = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
-    for p in parts {
-        buf.extend_from_slice(&(p.len() as u64).to_le_bytes());
-        buf.extend_from_slice(p);
-    }
-    format!("{:032x}", SipHasher13::new_with_keys(K0, K1).hash(&buf).as_u128())
-}
-
-#[derive(Serialize)]
-struct SnapshotOut<'a, T> {
-    format: &'static str,
-    version: u32,
-    state: &'a T,
-}
-
-#[derive(Deserialize)]
-struct SnapshotHeader {
-    format: String,
-    version: u32,
-}
-
-#[derive(Deserialize)]
-struct SnapshotIn<T> {
-    state: T,
-}
-
-/// Why JSON: snapshots are small (per tenant and open period), human-inspectable when a bill
-/// is disputed, and decimals survive as strings. The header is checked before the body so a
-/// future version can be migrated instead of misread.
-fn to_snapshot<T: Serialize>(format: &'static str, state: &T) -> Vec<u8> {
-    serde_json::to_vec(&SnapshotOut { format, version: SNAPSHOT_VERSION, state })
-        .expect("state serializes: string keys and plain values only")
-}
-
-fn from_snapshot<T: DeserializeOwned>(format: &'static str, bytes: &[u8]) -> Result<T, Error> {
-    let header: SnapshotHeader =
-        serde_json::from_slice(bytes).map_err(|e| Error::Snapshot(format!("{format}: unreadable header: {e}")))?;
-    if header.format != format {
-        return Err(Error::Snapshot(format!("expected a {format} snapshot, got {:?}", header.format)));
-    }
-    if header.version != SNAPSHOT_VERSION {
-        return Err(Error::Snapshot(format!(
-            "{format}: snapshot version {} is not supported (expected {SNAPSHOT_VERSION})",
-            header.version
-        )));
-    }
-    let body: SnapshotIn<T> = serde_json::from_slice(bytes).map_err(|e| Error::Snapshot(format!("{format}: {e}")))?;
-    Ok(body.state)
 }
