@@ -85,7 +85,10 @@ fn check(tenant: &str, event_id: &str, meter: &str, t: i64, q: &str, cost: Optio
 
 #[test]
 fn same_verdict_as_the_engine() {
-    let mut runner = TestRunner::new(ProptestConfig::with_cases(1024));
+    // A fixed seed: the coverage assertion below must not depend on luck (a random seed
+    // missed one verdict in about one run of many).
+    let rng = proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
+    let mut runner = TestRunner::new_with_rng(ProptestConfig::with_cases(1024), rng);
     let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
     let strategy = (
         prop_oneof![Just(""), Just("acme")],
