@@ -62,7 +62,7 @@ step() {
     step_no=$((step_no + 1))
     step_name="$1"
     step_started="$(date +%s.%N)"
-    printf '\n\033[1m==> [%d/9] %s\033[0m\n' "$step_no" "$1"
+    printf '\n\033[1m==> [%d/10] %s\033[0m\n' "$step_no" "$1"
 }
 finish_step() {
     if ((step_no > 0)) && [[ -n "${step_name:-}" ]]; then
