@@ -373,7 +373,13 @@ async fn services_write_through_the_cluster_exactly_and_a_killed_replica_catches
     eprintln!("shard 1 gained {} usage rows on ch1 while ch2 was down", during - before);
     assert!(during > before, "no rows reached shard 1 while ch2 was down: the outage tested nothing");
     let restart = Instant::now();
-    cluster_sh(&["start", "ch2"])?;
+    // One retry: a start refused right after a SIGKILL (a port or the ZooKeeper session not yet
+    // released on a slow machine) is not what this test is about; its output says why.
+    if let Err(e) = cluster_sh(&["start", "ch2"]) {
+        eprintln!("first start of ch2 after the kill failed ({e}); retrying in 5 s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        cluster_sh(&["start", "ch2"])?;
+    }
     let started = restart.elapsed();
     // Right after its restart ch2 is behind: replication entries to fetch. Time until its
     // queues are empty (ingest goes on meanwhile).
