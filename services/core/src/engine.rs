@@ -58,8 +58,12 @@
 //! only committed when the event is accepted, so a malformed event never consumes the id of
 //! its corrected retry.
 
+mod close;
+mod config;
+mod hot;
 pub mod memory;
 mod open;
+mod stats;
 pub(crate) mod snapshot;
 
 use std::collections::BTreeMap;
@@ -76,81 +80,16 @@ use crate::records::MeterAggregate;
 pub use crate::window::{LastEmitted, LoadedWindow, StoredEvent, WindowQuery, WindowStore};
 use crate::window::{canonical, Contribution, Overflow, Window, WindowKey};
 use crate::{Error, Result};
+pub use config::{EngineConfig, DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT, DEFAULT_MAX_WINDOWS};
 pub use memory::MemoryStore;
+pub use stats::EngineStats;
+pub(crate) use hot::parse_decimal;
+use hot::{key_hash, INLINE_DIMS};
 
 /// Event times must lie within ±2^50 ms (about ±35,000 years), so that window and horizon
 /// arithmetic never overflows an `i64`.
 pub const MAX_ABS_EVENT_TIME_MS: i64 = 1 << 50;
 
-/// Configuration of a [`PartitionEngine`] (the same for every partition).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// See [`DedupConfig::horizon_ms`] (default 35 days).
-    pub dedup_horizon_ms: i64,
-    /// See [`DedupConfig::bucket_ms`] (default 1 hour).
-    pub dedup_bucket_ms: i64,
-    /// See [`DedupConfig::hot_max_ids`] (default 16 Mi ids, 18-22 bytes each).
-    pub hot_max_ids: usize,
-    /// How long (in partition time, after closing) a closed window stays in memory; later
-    /// events for it reload it from the [`WindowStore`] (default 1 hour).
-    pub retain_closed_ms: i64,
-    /// Restatements are emitted when partition time crosses a multiple of this; 0 emits them
-    /// from the `on_event` that caused them (default 1 second).
-    pub restate_interval_ms: i64,
-    /// Most windows (open and retained closed) one partition holds in memory; an event that
-    /// would create one more is rejected `WindowLimit`. Bounds memory under a cardinality
-    /// flood (default [`DEFAULT_MAX_WINDOWS`]).
-    pub max_windows: usize,
-    /// Most open windows of one tenant in one partition; beyond it that tenant's events for
-    /// new windows are rejected `WindowLimit`, so one tenant's flood leaves room for the
-    /// others (default [`DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT`]).
-    pub max_open_windows_per_tenant: usize,
-}
-
-/// Default of [`EngineConfig::max_windows`]: 2 Mi windows, about 0.4 GiB per partition at
-/// the measured ~190 bytes per window (README, "Memory limits").
-pub const DEFAULT_MAX_WINDOWS: usize = 2 << 20;
-/// Default of [`EngineConfig::max_open_windows_per_tenant`].
-pub const DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT: usize = 100_000;
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        let d = DedupConfig::default();
-        Self {
-            dedup_horizon_ms: d.horizon_ms,
-            dedup_bucket_ms: d.bucket_ms,
-            hot_max_ids: d.hot_max_ids,
-            retain_closed_ms: 3_600_000,
-            restate_interval_ms: 1_000,
-            max_windows: DEFAULT_MAX_WINDOWS,
-            max_open_windows_per_tenant: DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT,
-        }
-    }
-}
-
-impl EngineConfig {
-    pub fn dedup_config(&self) -> DedupConfig {
-        DedupConfig {
-            horizon_ms: self.dedup_horizon_ms,
-            bucket_ms: self.dedup_bucket_ms,
-            hot_max_ids: self.hot_max_ids,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.dedup_config().validate()?;
-        if !(0..=MAX_ABS_EVENT_TIME_MS).contains(&self.retain_closed_ms) {
-            return Err(Error::Config("engine: retain_closed_ms must be in [0, 2^50]".into()));
-        }
-        if self.restate_interval_ms < 0 {
-            return Err(Error::Config("engine: restate_interval_ms must not be negative".into()));
-        }
-        if self.max_windows == 0 || self.max_open_windows_per_tenant == 0 {
-            return Err(Error::Config("engine: max_windows and max_open_windows_per_tenant must be positive".into()));
-        }
-        Ok(())
-    }
-}
 
 /// What became of one input event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,45 +113,6 @@ pub struct Accepted {
     pub window_start: i64,
 }
 
-/// Counters of one partition engine (part of the snapshot).
-/// Invariant: `accepted + duplicates + rejected_total() == input()` is the number of
-/// `on_event` plus `on_skipped` calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    pub accepted: u64,
-    pub duplicates: u64,
-    /// Indexed by `RejectReason as usize` (the order of [`RejectReason::ALL`]).
-    pub rejected: [u64; RejectReason::ALL.len()],
-    pub ticks: u64,
-    /// Aggregates emitted (revision 0 and restatements).
-    pub aggregates: u64,
-    /// Of which restatements (revision > 0).
-    pub restatements: u64,
-    pub windows_opened: u64,
-    pub windows_loaded: u64,
-    pub windows_evicted: u64,
-    /// The first offset this engine covered (or was positioned at by `start_at`): with
-    /// `next_offset` it bounds the range the counters above account for, which is what the
-    /// ingest ledger publishes and the leakage audit checks (see [`crate::ledger`]).
-    pub first_offset: Option<i64>,
-}
-
-impl EngineStats {
-    pub fn rejected(&self, reason: RejectReason) -> u64 {
-        self.rejected[reason as usize]
-    }
-    pub fn rejected_total(&self) -> u64 {
-        self.rejected.iter().sum()
-    }
-    /// Input records (events and skipped records, not ticks).
-    pub fn input(&self) -> u64 {
-        self.accepted + self.duplicates + self.rejected_total()
-    }
-    /// Every record the counters account for: input and ticks.
-    pub fn records(&self) -> u64 {
-        self.input() + self.ticks
-    }
-}
 
 struct MeterRt {
     def: MeterDef,
@@ -276,68 +176,6 @@ impl std::fmt::Debug for PartitionEngine {
     }
 }
 
-/// Up to this many `group_by` dimensions are gathered on the stack.
-const INLINE_DIMS: usize = 8;
-
-#[inline]
-fn key_hash<'a>(
-    bh: &DefaultHashBuilder,
-    meter: u16,
-    window_start: i64,
-    tenant: &str,
-    dims: impl Iterator<Item = &'a str>,
-) -> u64 {
-    let mut h = bh.build_hasher();
-    h.write_u16(meter);
-    h.write_i64(window_start);
-    h.write_usize(tenant.len());
-    h.write(tenant.as_bytes());
-    for d in dims {
-        h.write_usize(d.len());
-        h.write(d.as_bytes());
-    }
-    h.finish()
-}
-
-/// [`crate::decimal::parse`] with a fast path for the common case (at most 18 digits, at most
-/// 9 of them fractional), which needs no validation pass and no `from_str`: the result is
-/// identical (same value and scale), which a unit test checks against the slow path.
-#[inline]
-pub(crate) fn parse_decimal(field: &'static str, s: &str) -> Result<Decimal> {
-    let b = s.as_bytes();
-    let (neg, digits) = match b.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, b),
-    };
-    if !digits.is_empty() && digits.len() <= 18 {
-        let mut m: i64 = 0;
-        let mut int_digits = 0u32;
-        let mut frac_digits = 0u32;
-        let mut dot = false;
-        let mut ok = true;
-        for &c in digits {
-            match c {
-                b'0'..=b'9' => {
-                    m = m * 10 + i64::from(c - b'0');
-                    if dot {
-                        frac_digits += 1;
-                    } else {
-                        int_digits += 1;
-                    }
-                }
-                b'.' if !dot => dot = true,
-                _ => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if ok && int_digits > 0 && (!dot || (1..=crate::decimal::MAX_SCALE).contains(&frac_digits)) {
-            return Ok(Decimal::new(if neg { -m } else { m }, frac_digits));
-        }
-    }
-    crate::decimal::parse(field, s)
-}
 
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
@@ -816,216 +654,6 @@ impl PartitionEngine {
         Ok(Outcome::Accepted)
     }
 
-    /// Puts a new window in the slab, the hash index and the right time index.
-    fn insert_window(&mut self, mut w: Window, is_open: bool, close_at: i64) -> u32 {
-        w.closed = !is_open;
-        let hash = w.hash;
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.slab[s as usize] = Some(w);
-                s
-            }
-            None => {
-                self.slab.push(Some(w));
-                (self.slab.len() - 1) as u32
-            }
-        };
-        let slab = &self.slab;
-        self.index.insert_unique(hash, slot, |&i| {
-            slab[i as usize].as_ref().map_or(0, |w| w.hash)
-        });
-        if is_open {
-            self.closing.entry(close_at).or_default().push(slot);
-            let tenant = self.slab[slot as usize].as_ref().expect("just inserted").key.tenant();
-            match self.open_per_tenant.get_mut(tenant) {
-                Some(n) => *n += 1,
-                None => {
-                    self.open_per_tenant.insert(Box::from(tenant), 1);
-                }
-            }
-        } else {
-            let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
-            self.retained.entry(evict_at).or_default().push(slot);
-        }
-        self.stats.windows_opened += 1;
-        slot
-    }
-
-    /// Moves partition time to `t` (if ahead) and does everything that follows from it.
-    fn advance<S: ColdStore + WindowStore + ?Sized>(
-        &mut self,
-        t: i64,
-        store: &mut S,
-        force_flush: bool,
-    ) {
-        let prev = self.max_time;
-        if prev.is_some_and(|p| p >= t) {
-            if force_flush {
-                self.flush_dirty();
-            }
-            return;
-        }
-        self.max_time = Some(t);
-        self.dedup.advance(t);
-
-        // 1. Close windows (revision 0).
-        if self.closing.first_key_value().is_some_and(|(&k, _)| k <= t) {
-            let mut batch: Vec<(i64, u32)> = Vec::new();
-            while let Some(entry) = self.closing.first_entry() {
-                if *entry.key() > t {
-                    break;
-                }
-                let close_at = *entry.key();
-                batch.extend(entry.remove().into_iter().map(|s| (close_at, s)));
-            }
-            // Each list is in creation order (windows are pushed when created), so the batch
-            // is in (close time, creation) order without sorting.
-            for (close_at, slot) in batch {
-                let w = self.slab[slot as usize].as_mut().expect("live");
-                w.closed = true;
-                let tenant = w.key.tenant();
-                if let Some(n) = self.open_per_tenant.get_mut(tenant) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.open_per_tenant.remove(tenant);
-                    }
-                }
-                self.emit(slot);
-                let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
-                self.retained.entry(evict_at).or_default().push(slot);
-            }
-        }
-
-        // 2. Coalesced restatements.
-        let interval = self.cfg.restate_interval_ms;
-        let crossed = interval > 0 && prev.is_none_or(|p| p.div_euclid(interval) != t.div_euclid(interval));
-        if force_flush || crossed {
-            self.flush_dirty();
-        }
-
-        // 3. Evict closed windows past retention (flushing their pending restatements first).
-        if self.retained.first_key_value().is_some_and(|(&k, _)| k <= t) {
-            let mut batch: Vec<u32> = Vec::new();
-            while let Some(entry) = self.retained.first_entry() {
-                if *entry.key() > t {
-                    break;
-                }
-                batch.extend(entry.remove());
-            }
-            if batch.iter().any(|&s| self.slab[s as usize].as_ref().expect("live").dirty) {
-                self.flush_dirty();
-            }
-            // (Eviction order only affects store notifications, never output.)
-            let pos = SourcePos {
-                partition: self.partition,
-                offset: self.next_offset,
-                next_seq: self.next_seq,
-            };
-            for slot in batch {
-                let w = self.slab[slot as usize].take().expect("live");
-                let hash = w.hash;
-                self.index
-                    .find_entry(hash, |&i| i == slot)
-                    .expect("evicted window is indexed")
-                    .remove();
-                self.free.push(slot);
-                let rt = &mut self.meters[usize::from(w.key.meter)];
-                let window_end = w.key.window_start + rt.def.window_ms;
-                rt.evicted_end_bound = rt.evicted_end_bound.max(window_end);
-                self.stats.windows_evicted += 1;
-                let mut inline = [("", ""); INLINE_DIMS];
-                let heap: Vec<(&str, &str)>;
-                let pairs = rt.def.group_by.iter().map(String::as_str).zip(w.key.dims());
-                let group: &[(&str, &str)] = if rt.def.group_by.len() <= INLINE_DIMS {
-                    for (slot, pair) in inline.iter_mut().zip(pairs) {
-                        *slot = pair;
-                    }
-                    &inline[..rt.def.group_by.len()]
-                } else {
-                    heap = pairs.collect();
-                    &heap
-                };
-                let q = WindowQuery {
-                    meter: &rt.def,
-                    tenant: w.key.tenant(),
-                    group,
-                    window_start: w.key.window_start,
-                    window_end,
-                    before: pos,
-                };
-                let last = w.last.expect("a closed, flushed window has been emitted");
-                store.window_evicted(&q, &last);
-            }
-        }
-    }
-
-    /// Emits every dirty window, in opening order.
-    fn flush_dirty(&mut self) {
-        if self.dirty.is_empty() {
-            return;
-        }
-        let mut dirty = std::mem::take(&mut self.dirty);
-        let slab = &self.slab;
-        dirty.sort_unstable_by_key(|&s| slab[s as usize].as_ref().expect("live").created);
-        for &slot in &dirty {
-            self.emit(slot);
-        }
-        dirty.clear();
-        self.dirty = dirty;
-    }
-
-    /// Emits the current state of a closed window as its next revision.
-    fn emit(&mut self, slot: u32) {
-        let now = self.max_time.expect("emission happens after time started");
-        let w = self.slab[slot as usize].as_mut().expect("live");
-        let m = &self.meters[usize::from(w.key.meter)].def;
-        let value = w.value(m.aggregation);
-        let provider_cost = canonical(w.provider_cost);
-        // Per-event cost needs an additive value: for min/max/avg/latest/unique the rater
-        // keeps pricing the window's value (carried cost if any, else rate card x value).
-        let uncosted_value =
-            matches!(m.aggregation, Aggregation::Sum | Aggregation::Count).then(|| canonical(w.uncosted));
-        let (revision, previous_value, previous_provider_cost, previous_uncosted_value) = match &w.last {
-            None => (0, Decimal::ZERO, Decimal::ZERO, uncosted_value.map(|_| Decimal::ZERO)),
-            Some(l) => (l.revision + 1, l.value, l.provider_cost, l.uncosted),
-        };
-        // Inserting in (sorted) group_by order is cheaper than `collect`, which sorts.
-        let mut dimensions = BTreeMap::new();
-        for (name, value) in m.group_by.iter().zip(w.key.dims()) {
-            dimensions.insert(name.clone(), value.to_owned());
-        }
-        self.output.push(MeterAggregate {
-            tenant: w.key.tenant().to_owned(),
-            meter: m.name.clone(),
-            aggregation: m.aggregation.as_str().to_owned(),
-            dimensions,
-            window_start: w.key.window_start,
-            window_end: w.key.window_start + m.window_ms,
-            revision,
-            value,
-            previous_value,
-            event_count: w.event_count,
-            provider_cost,
-            previous_provider_cost,
-            source_partition: self.partition,
-            seq: self.next_seq,
-            emitted_at: now.saturating_sub(m.allowed_lateness_ms),
-            uncosted_value,
-            previous_uncosted_value,
-        });
-        self.next_seq += 1;
-        self.stats.aggregates += 1;
-        if revision > 0 {
-            self.stats.restatements += 1;
-        }
-        w.last = Some(LastEmitted {
-            revision,
-            value,
-            provider_cost,
-            uncosted: uncosted_value,
-        });
-        w.dirty = false;
-    }
 }
 
 fn overflow_reject(o: Overflow) -> Outcome {
