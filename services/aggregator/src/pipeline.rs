@@ -43,17 +43,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
     let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
     let io = ServiceIo::connect(
-        &config.kafka,
-        &config.clickhouse,
+        &config.service.conn.kafka,
+        &config.service.conn.clickhouse,
         &config.group,
         &config.membership,
-        &[&config.topics.usage_topic],
+        &[&config.service.conn.topics.usage_topic],
         config.http_addr,
         &shutdown,
     )
     .await?;
     let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.auth, &client).await?;
+    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -68,14 +68,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sink: Arc::new(Sink {
             client: client.clone(),
             producer: producer.clone(),
-            aggregates_topic: config.topics.aggregates_topic.clone(),
-            dead_letter_topic: config.topics.dead_letter_topic.clone(),
+            aggregates_topic: config.service.conn.topics.aggregates_topic.clone(),
+            dead_letter_topic: config.service.conn.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
             record_key: record_key.clone(),
         }),
         provisional: Publisher {
             producer: producer.clone(),
-            topic: config.topics.provisional_topic.clone(),
+            topic: config.service.conn.topics.provisional_topic.clone(),
             record_key,
             interval: Duration::from_millis(config.provisional_interval_ms.max(0) as u64),
             last: Instant::now(),
@@ -188,7 +188,7 @@ impl Partitioned for Aggregator {
     }
 
     fn topics(&self) -> Vec<String> {
-        vec![self.config.topics.usage_topic.clone()]
+        vec![self.config.service.conn.topics.usage_topic.clone()]
     }
 
     fn config_text(&self, partition: i32) -> String {
@@ -205,7 +205,7 @@ impl Partitioned for Aggregator {
         from: Option<&Envelope>,
         partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
-        let partitions = partition_counts.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+        let partitions = partition_counts.get(&self.config.service.conn.topics.usage_topic).copied().unwrap_or(0);
         let mut switch = None;
         let mut meters_text = self.meters_text.clone();
         let engine = match from {
@@ -237,7 +237,7 @@ impl Partitioned for Aggregator {
             Some(env) => {
                 let op = env.meta.operator.as_ref().expect("matched above");
                 let mut engine = PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?;
-                let offset = env.meta.offsets.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+                let offset = env.meta.offsets.get(&self.config.service.conn.topics.usage_topic).copied().unwrap_or(0);
                 let seq = op.next_seq.unwrap_or(1);
                 engine.start_at(offset, seq)?;
                 tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %op.action, "fresh state by operator decision");
@@ -257,7 +257,7 @@ impl Partitioned for Aggregator {
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
-        let topic = &self.config.topics.usage_topic;
+        let topic = &self.config.service.conn.topics.usage_topic;
         let count = |sql: &'static str| {
             let client = self.client.clone();
             let topic = topic.clone();
@@ -461,7 +461,7 @@ impl Aggregator {
     /// One cumulative ledger entry per partition that moved, written with this flush and so
     /// before the checkpoint that covers the same offsets (see `meterflow_core::ledger`).
     fn buffer_ledger(&mut self) {
-        let topic = &self.config.topics.usage_topic;
+        let topic = &self.config.service.conn.topics.usage_topic;
         for (&p, part) in &mut self.partitions {
             let next = part.engine.next_offset();
             if next == part.ledger_at {
@@ -495,7 +495,7 @@ impl Aggregator {
         }
         let payload = msg.payload().unwrap_or_default();
         if is_tick(msg) {
-            let topic = config.topics.usage_topic.as_bytes();
+            let topic = config.service.conn.topics.usage_topic.as_bytes();
             let authentic = tick_tag(msg).is_some_and(|t| {
                 auth::verify(&sink.record_key, &[auth::PURPOSE_TICK, topic, &partition.to_le_bytes(), payload], t)
             });
@@ -544,7 +544,7 @@ impl Aggregator {
                             if !*warned_create_time {
                                 *warned_create_time = true;
                                 tracing::warn!(
-                                    topic = %config.topics.usage_topic,
+                                    topic = %config.service.conn.topics.usage_topic,
                                     "records carry producer CreateTime: a producer with a wrong or hostile clock can move \
                                      event time. Create the usage topic with message.timestamp.type=LogAppendTime \
                                      (meterflow-admin topics does)"
@@ -609,13 +609,13 @@ impl Aggregator {
             due.push(*p);
         }
         let payload = now_ms.to_be_bytes();
-        let topic = self.config.topics.usage_topic.as_bytes();
+        let topic = self.config.service.conn.topics.usage_topic.as_bytes();
         for p in due {
             let tag = auth::sign(&self.sink.record_key, &[auth::PURPOSE_TICK, topic, &p.to_le_bytes(), &payload]);
             let headers = OwnedHeaders::new()
                 .insert(Header { key: CONTROL_HEADER, value: Some(TICK) })
                 .insert(Header { key: auth::HEADER, value: Some(&tag[..]) });
-            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.topics.usage_topic)
+            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.service.conn.topics.usage_topic)
                 .partition(p)
                 .payload(&payload[..])
                 .headers(headers);
@@ -633,8 +633,8 @@ fn spawn_lag_reporter(
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.kafka)?.create()?;
-    let topic = config.topics.usage_topic.clone();
+    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.service.conn.kafka)?.create()?;
+    let topic = config.service.conn.topics.usage_topic.clone();
     tokio::task::spawn_blocking(move || {
         while !shutdown.is_cancelled() {
             let owned = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();

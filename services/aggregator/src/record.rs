@@ -101,7 +101,7 @@ pub(crate) fn dead_letter(
 ) -> DeadLetter {
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     DeadLetter {
-        source_topic: config.topics.usage_topic.clone(),
+        source_topic: config.service.conn.topics.usage_topic.clone(),
         source_partition: partition,
         source_offset: offset,
         reason: reason.as_str().to_owned(),

@@ -13,6 +13,7 @@ pub mod partitioned;
 pub mod record_key;
 pub mod retry;
 pub mod rows;
+pub mod service;
 pub mod shutdown;
 pub mod tail;
 pub mod telemetry;
