@@ -16,6 +16,7 @@ use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::kafka::{self, CONTROL_HEADER};
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
+use meterflow_runtime::resume::Resume;
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
 use rdkafka::consumer::Consumer as _;
@@ -205,45 +206,44 @@ impl Partitioned for Aggregator {
         from: Option<&Envelope>,
         partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
-        let partitions = partition_counts.get(&self.config.service.conn.topics.usage_topic).copied().unwrap_or(0);
+        let topic = &self.config.service.conn.topics.usage_topic;
+        let partitions = partition_counts.get(topic).copied().unwrap_or(0);
         let mut switch = None;
         let mut meters_text = self.meters_text.clone();
-        let engine = match from {
-            Some(env) if env.meta.operator.is_none() => {
-                let changed = !env.meta.config_text.is_empty() && env.meta.config_text != self.meters_text;
-                let catalog = if changed {
-                    let old = MeterCatalog::from_toml_str(&env.meta.config_text)
-                        .context("the meter definitions recorded in the checkpoint")?;
-                    tracing::warn!(
-                        partition,
-                        "meter definitions changed since the checkpoint: replaying what was already output with the \
-                         recorded ones, then switching"
-                    );
-                    switch = Some(Switch {
-                        catalog: self.catalog.clone(),
-                        text: self.meters_text.clone(),
-                        max_seq: i64::MAX,
-                        max_offset: i64::MAX,
-                    });
-                    meters_text = env.meta.config_text.clone();
-                    Arc::new(old)
-                } else {
-                    self.catalog.clone()
+        let engine = match Resume::of(from, &self.meters_text) {
+            Resume::Checkpoint { state, recorded_config } => {
+                let catalog = match recorded_config {
+                    Some(recorded) => {
+                        let old = MeterCatalog::from_toml_str(recorded).context("the meter definitions recorded in the checkpoint")?;
+                        tracing::warn!(
+                            partition,
+                            "meter definitions changed since the checkpoint: replaying what was already output with the \
+                             recorded ones, then switching"
+                        );
+                        switch = Some(Switch {
+                            catalog: self.catalog.clone(),
+                            text: self.meters_text.clone(),
+                            max_seq: i64::MAX,
+                            max_offset: i64::MAX,
+                        });
+                        meters_text = recorded.to_owned();
+                        Arc::new(old)
+                    }
+                    None => self.catalog.clone(),
                 };
-                let engine = PartitionEngine::restore(&env.state, catalog, self.engine_config.clone())?;
+                let engine = PartitionEngine::restore(state, catalog, self.engine_config.clone())?;
                 tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
                 engine
             }
-            Some(env) => {
-                let op = env.meta.operator.as_ref().expect("matched above");
+            Resume::Operator { offsets, decision } => {
                 let mut engine = PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?;
-                let offset = env.meta.offsets.get(&self.config.service.conn.topics.usage_topic).copied().unwrap_or(0);
-                let seq = op.next_seq.unwrap_or(1);
+                let offset = offsets.get(topic).copied().unwrap_or(0);
+                let seq = decision.next_seq.unwrap_or(1);
                 engine.start_at(offset, seq)?;
-                tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %op.action, "fresh state by operator decision");
+                tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %decision.action, "fresh state by operator decision");
                 engine
             }
-            None => {
+            Resume::Fresh => {
                 tracing::info!(partition, "no checkpoint: fresh state");
                 PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?
             }

@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod output;
 pub mod partitioned;
 pub mod record_key;
+pub mod resume;
 pub mod retry;
 pub mod rows;
 pub mod service;
