@@ -141,6 +141,23 @@ struct Part {
     ledger_at: i64,
 }
 
+/// What ClickHouse already holds of one source partition's outputs: the checks at assignment.
+struct Stored<'a> {
+    client: &'a Client,
+    partition: i32,
+    topic: &'a str,
+}
+
+impl Stored<'_> {
+    /// `sql` selects one number; its first `?` is the partition and a second, if any, the
+    /// usage topic (dead letters of other topics are not this partition's).
+    async fn number<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, sql: &'static str) -> clickhouse::error::Result<T> {
+        let q = self.client.query(sql).bind(self.partition);
+        let q = if sql.matches('?').count() > 1 { q.bind(self.topic) } else { q };
+        q.fetch_one().await
+    }
+}
+
 struct Aggregator {
     config: Config,
     engine_config: EngineConfig,
@@ -257,20 +274,11 @@ impl Partitioned for Aggregator {
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
-        let topic = &self.config.service.conn.topics.usage_topic;
-        let count = |sql: &'static str| {
-            let client = self.client.clone();
-            let topic = topic.clone();
-            async move {
-                let q = client.query(sql).bind(partition);
-                let q = if sql.contains("source_topic") { q.bind(topic) } else { q };
-                q.fetch_one::<u64>().await
-            }
-        };
+        let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
         if from.is_none() {
-            let usage = count("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
-            let aggs = count("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
-            let dls = count("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
+            let usage: u64 = stored.number("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
+            let aggs: u64 = stored.number("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
+            let dls: u64 = stored.number("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
             anyhow::ensure!(
                 usage + aggs + dls == 0,
                 "no checkpoint, but ClickHouse already holds output of this partition ({usage} raw events, \
@@ -279,24 +287,12 @@ impl Partitioned for Aggregator {
             return Ok(());
         }
         if part.switch.is_some() {
-            let max_seq: i64 = self
-                .client
-                .query("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
+            let max_seq: i64 = stored.number("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?").await?;
+            let raw: i64 = stored
+                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
                 .await?;
-            let raw: i64 = self
-                .client
-                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
-                .await?;
-            let dead: i64 = self
-                .client
-                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
-                .bind(partition)
-                .bind(topic)
-                .fetch_one()
+            let dead: i64 = stored
+                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
                 .await?;
             if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
                 sw.max_seq = max_seq;
@@ -308,12 +304,8 @@ impl Partitioned for Aggregator {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
         let next_seq = part.engine.next_seq();
         if next_seq > 1 {
-            let max: i64 = self
-                .client
-                .query("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
-                .await?;
+            let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
+            let max: i64 = stored.number("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?").await?;
             anyhow::ensure!(
                 max >= next_seq - 1,
                 "the checkpoint has emitted aggregates up to seq {}, but meter_aggregates only holds up to seq {max}: \
