@@ -17,51 +17,46 @@ use crate::AppState;
 
 /// The scope an endpoint needs (admin keys have every scope).
 pub trait Needs: Send + Sync + 'static {
+    /// `None`: any valid key.
+    const SCOPE: Option<Scope>;
+
+    fn allows(scope: Scope) -> bool {
+        Self::SCOPE.is_none_or(|needed| scope.allows(needed))
+    }
+
     /// What a 403 says the key lacked.
-    const NAME: &'static str;
-    fn allows(scope: Scope) -> bool;
+    fn name() -> &'static str {
+        Self::SCOPE.map_or("read, ingest or admin", Scope::as_str)
+    }
 }
 
 /// `GET` endpoints of the key's tenant.
 #[derive(Debug)]
 pub struct Read;
+impl Needs for Read {
+    const SCOPE: Option<Scope> = Some(Scope::Read);
+}
+
 /// `POST /v1/events`.
 #[derive(Debug)]
 pub struct Ingest;
+impl Needs for Ingest {
+    const SCOPE: Option<Scope> = Some(Scope::Ingest);
+}
+
 /// Wallet adjustments, customer-page links, any tenant.
 #[derive(Debug)]
 pub struct Admin;
+impl Needs for Admin {
+    const SCOPE: Option<Scope> = Some(Scope::Admin);
+}
+
 /// Any valid key (entitlement checks: the service about to serve usage holds an ingest key,
 /// a dashboard a read key).
 #[derive(Debug)]
 pub struct AnyScope;
-
-impl Needs for Read {
-    const NAME: &'static str = "read";
-    fn allows(scope: Scope) -> bool {
-        scope.allows(Scope::Read)
-    }
-}
-
-impl Needs for Ingest {
-    const NAME: &'static str = "ingest";
-    fn allows(scope: Scope) -> bool {
-        scope.allows(Scope::Ingest)
-    }
-}
-
-impl Needs for Admin {
-    const NAME: &'static str = "admin";
-    fn allows(scope: Scope) -> bool {
-        scope.allows(Scope::Admin)
-    }
-}
-
 impl Needs for AnyScope {
-    const NAME: &'static str = "read, ingest or admin";
-    fn allows(_: Scope) -> bool {
-        true
-    }
+    const SCOPE: Option<Scope> = None;
 }
 
 /// The key behind `Authorization: Bearer <key>`, of a scope `S` allows: 401 without a
@@ -78,7 +73,7 @@ impl<S: Needs> FromRequestParts<AppState> for Key<S> {
             return Err(ApiError::forbidden(format!(
                 "this key has scope {}; this endpoint needs {}",
                 key.scope.as_str(),
-                S::NAME
+                S::name()
             )));
         }
         Ok(Key(key, PhantomData))
@@ -154,13 +149,13 @@ fn error_responses(forbidden: String) -> BTreeMap<String, RefOr<utoipa::openapi:
 
 impl<S: Needs> IntoResponses for Key<S> {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
-        error_responses(format!("a key without {} scope", S::NAME))
+        error_responses(format!("a key without {} scope", S::name()))
     }
 }
 
 impl<S: Needs> IntoResponses for TenantPath<S> {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
-        error_responses(format!("a key of another tenant, or without {} scope", S::NAME))
+        error_responses(format!("a key of another tenant, or without {} scope", S::name()))
     }
 }
 
