@@ -1,7 +1,8 @@
 //! Every metric the aggregator exports, in one place. Labels are bounded: reason (a fixed
 //! enum), partition (the topic's partition count), table and sink (fixed sets).
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit};
+use meterflow_runtime::telemetry::RuntimeMetrics;
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Unit};
 use meterflow_core::RejectReason;
 
 pub const EVENTS_IN: &str = "meterflow_aggregator_events_in_total";
@@ -25,6 +26,14 @@ pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
 pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
 pub const PROVISIONAL: &str = "meterflow_aggregator_provisional_totals_total";
 
+/// What the runtime reports for this service, under the names above.
+pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
+    insert_seconds: INSERT_SECONDS,
+    checkpoint_seconds: CHECKPOINT_SECONDS,
+    flush_errors: FLUSH_ERRORS,
+    fenced: FENCED,
+};
+
 pub fn describe() {
     describe_counter!(EVENTS_IN, "Records read from the usage-events topic (ticks excluded).");
     describe_counter!(ACCEPTED, "Events counted in a window.");
@@ -34,11 +43,7 @@ pub fn describe() {
     describe_counter!(RESTATEMENTS, "Window restatements emitted (revision > 0).");
     describe_gauge!(WATERMARK_LAG, Unit::Seconds, "Wall clock minus the partition's watermark.");
     describe_gauge!(CONSUMER_LAG, "Messages between the committed position and the partition end.");
-    describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
-    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
-    describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
-    counter!(FENCED).increment(0);
-    describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
+    RUNTIME.describe();
     describe_gauge!(BUFFERED_ROWS, "Output rows waiting to be flushed.");
     describe_gauge!(DEDUP_HOT_IDS, "Event ids remembered in memory.");
     describe_gauge!(DEDUP_COLD_IDS, "Evicted event ids remembered by a 4-byte fingerprint (a match asks ClickHouse).");
@@ -58,7 +63,6 @@ pub fn describe() {
         counter!(c).increment(0);
     }
     gauge!(BUFFERED_ROWS).set(0.0);
-    let _ = histogram!(CHECKPOINT_SECONDS);
 }
 
 /// The per-record counters, registered once: looking a metric up by name for every record
