@@ -136,28 +136,50 @@ async fn visibility(base: &str, keys: &Arc<Keys>) -> Result<Vec<f64>> {
                 let resp = c.post(format!("{base}/v1/events")).bearer_auth(&keys.ingest[t]).json(&body).send().await?;
                 ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
                 let acked = Instant::now();
+                let acked_wall = now_ms();
                 let want = Decimal::from(r as u64 + 1);
-                loop {
+                let composed = loop {
                     let v: serde_json::Value = c.get(&url).bearer_auth(&keys.read[t]).send().await?.json().await?;
                     if v["period_spend"].as_str().and_then(|s| s.parse::<Decimal>().ok()).is_some_and(|s| s >= want) {
-                        break;
+                        break v["updated_at"].as_i64().unwrap_or(acked_wall);
                     }
                     ensure!(acked.elapsed() < Duration::from_secs(20), "{tenant}: spend {want} not visible after 20 s: {v}");
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                lat.push(acked.elapsed().as_secs_f64() * 1e3);
+                };
+                let total = acked.elapsed().as_secs_f64() * 1e3;
+                lat.push(Sample { total, to_rater: (composed - acked_wall) as f64, acked_wall });
                 // Spread the tenants' sends over the publication interval.
                 tokio::time::sleep(Duration::from_millis(((t * 37 + r * 53) % 300) as u64)).await;
             }
             anyhow::Ok(lat)
         }));
     }
-    let mut visible = Vec::new();
+    let mut samples = Vec::new();
     for t in tasks {
-        visible.extend(t.await??);
+        samples.extend(t.await??);
     }
-    visible.sort_by(f64::total_cmp);
-    Ok(visible)
+    samples.sort_by(|a, b| a.total.total_cmp(&b.total));
+    // Where the tail goes: ack -> the rater composed the balance (aggregator, provisional
+    // topic, rater) and from there -> the API answered with it (balances topic, API).
+    let first = samples.iter().map(|s| s.acked_wall).min().unwrap_or(0);
+    for s in samples.iter().rev().take(5) {
+        println!(
+            "   slow sample at +{:.1} s: {:.0} ms = {:.0} ms to the rater's balance + {:.0} ms to the API",
+            (s.acked_wall - first) as f64 / 1e3,
+            s.total,
+            s.to_rater,
+            s.total - s.to_rater
+        );
+    }
+    Ok(samples.iter().map(|s| s.total).collect())
+}
+
+/// One visibility sample (ms).
+struct Sample {
+    total: f64,
+    /// Ack -> the `updated_at` of the first balance showing the event (clocks of one machine).
+    to_rater: f64,
+    acked_wall: i64,
 }
 
 /// Phase 2: `n` checks, request i due at i / `rate`, from a bounded pool of clients.

@@ -376,7 +376,7 @@ impl Partitioned for Aggregator {
             self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
         }
         self.now = Instant::now();
-        self.send_ticks().await;
+        self.send_ticks();
         if self.last_progress.elapsed() >= Duration::from_secs(10) {
             self.log_progress();
         }
@@ -580,7 +580,7 @@ impl Aggregator {
 
     /// Writes a tick into each partition that has been idle for `idle_timeout` and may still
     /// hold windows to close or restatements to emit.
-    async fn send_ticks(&mut self) {
+    fn send_ticks(&mut self) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let now_ms = wall_ms();
         let mut due = Vec::new();
@@ -611,8 +611,18 @@ impl Aggregator {
                 .partition(p)
                 .payload(&payload[..])
                 .headers(headers);
-            if let Err((e, _)) = self.producer.send(rec, Duration::from_secs(5)).await {
-                tracing::warn!(error = %e, partition = p, "could not write idle tick");
+            // Not awaited here: a slow ack would stall the consume loop (and with it the
+            // provisional totals of real-time balances). librdkafka keeps the partition's
+            // order; a lost tick only delays a close until the next one.
+            match self.producer.send_result(rec) {
+                Ok(delivery) => {
+                    tokio::spawn(async move {
+                        if !matches!(delivery.await, Ok(Ok(_))) {
+                            tracing::warn!(partition = p, "could not write idle tick");
+                        }
+                    });
+                }
+                Err((e, _)) => tracing::warn!(error = %e, partition = p, "could not queue idle tick"),
             }
         }
     }

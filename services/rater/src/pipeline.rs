@@ -22,7 +22,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::balances::{self, DeskFeed, SharedDesk};
+use crate::balances::{self, DeskFeed, SealedFeed, SharedDesk};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::rows::{AdjustmentRow, LedgerRow, ParkedRow};
@@ -126,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         gauge_labels: BTreeMap::new(),
         desk: SharedDesk::default(),
         desk_feed: DeskFeed::default(),
+        writing_feed: None,
     };
     // Stops with the service, and also when `run` is dropped without a shutdown.
     let balances_stop = shutdown.child_token();
@@ -171,6 +172,8 @@ struct Rater {
     /// Pending spend and settled state for real-time balances (see `balances`).
     desk: SharedDesk,
     desk_feed: DeskFeed,
+    /// The feed of the batch being written, handed to the desk when it is.
+    writing_feed: Option<SealedFeed>,
 }
 
 impl Rater {
@@ -401,14 +404,14 @@ impl Rater {
         Ok(())
     }
 
-    /// Hands the settled balances to the balances desk after a batch was written.
-    fn feed_desk(&mut self) {
+    /// Freezes the balances desk's feed with the batch being taken (see [`SealedFeed`]).
+    fn seal_feed(&mut self) {
         let shards = &self.shards;
-        self.desk_feed.hand_over(&self.desk, |tenant| {
+        self.writing_feed = Some(self.desk_feed.seal(|tenant| {
             let n = shards.values().next()?.partitions;
             let o = shards.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
             Some(balances::settled_of(&o.shard.rating, &o.shard.wallets, tenant))
-        });
+        }));
     }
 
     fn export_gauges(&mut self) {
@@ -581,6 +584,7 @@ impl Partitioned for Rater {
     }
 
     fn take_batch(&mut self) -> Outputs {
+        self.seal_feed();
         std::mem::take(&mut self.outputs)
     }
 
@@ -590,7 +594,9 @@ impl Partitioned for Rater {
 
     fn batch_written(&mut self) {
         self.export_gauges();
-        self.feed_desk();
+        if let Some(feed) = self.writing_feed.take() {
+            feed.hand_over(&self.desk);
+        }
     }
 }
 
