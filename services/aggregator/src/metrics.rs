@@ -13,10 +13,6 @@ pub const WINDOWS_CLOSED: &str = "meterflow_aggregator_windows_closed_total";
 pub const RESTATEMENTS: &str = "meterflow_aggregator_restatements_total";
 pub const WATERMARK_LAG: &str = "meterflow_aggregator_watermark_lag_seconds";
 pub const CONSUMER_LAG: &str = "meterflow_aggregator_consumer_lag_messages";
-pub const INSERT_SECONDS: &str = "meterflow_aggregator_clickhouse_insert_seconds";
-pub const CHECKPOINT_SECONDS: &str = "meterflow_aggregator_checkpoint_seconds";
-pub const FENCED: &str = "meterflow_aggregator_partitions_fenced_total";
-pub const FLUSH_ERRORS: &str = "meterflow_aggregator_flush_errors_total";
 pub const BUFFERED_ROWS: &str = "meterflow_aggregator_buffered_rows";
 pub const DEDUP_HOT_IDS: &str = "meterflow_aggregator_dedup_hot_ids";
 pub const DEDUP_COLD_IDS: &str = "meterflow_aggregator_dedup_cold_ids";
@@ -26,12 +22,12 @@ pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
 pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
 pub const PROVISIONAL: &str = "meterflow_aggregator_provisional_totals_total";
 
-/// What the runtime reports for this service, under the names above.
+/// What the runtime's loop and writers report for the aggregator.
 pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
-    insert_seconds: INSERT_SECONDS,
-    checkpoint_seconds: CHECKPOINT_SECONDS,
-    flush_errors: FLUSH_ERRORS,
-    fenced: FENCED,
+    insert_seconds: "meterflow_aggregator_clickhouse_insert_seconds",
+    checkpoint_seconds: "meterflow_aggregator_checkpoint_seconds",
+    flush_errors: "meterflow_aggregator_flush_errors_total",
+    fenced: "meterflow_aggregator_partitions_fenced_total",
 };
 
 pub fn describe() {

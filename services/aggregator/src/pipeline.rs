@@ -108,9 +108,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
         max_buffered_bytes: agg.config.max_buffered_bytes,
-        checkpoint_seconds: m::CHECKPOINT_SECONDS,
-        errors: m::FLUSH_ERRORS,
-        fenced: m::FENCED,
+        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
+        errors: m::RUNTIME.flush_errors,
+        fenced: m::RUNTIME.fenced,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }

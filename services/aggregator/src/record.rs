@@ -41,7 +41,7 @@ pub(crate) async fn retry_sync<T>(
         match f() {
             Ok(v) => return Ok(v),
             Err(meterflow_core::Error::Store(e)) => {
-                counter!(m::FLUSH_ERRORS, "sink" => "cold_store").increment(1);
+                counter!(m::RUNTIME.flush_errors, "sink" => "cold_store").increment(1);
                 tracing::warn!(error = %e, "cold store look-up failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
