@@ -42,8 +42,8 @@
 //! price before it is read. Prices carry up to 12 fractional digits (what Stripe allows);
 //! quantities (`up_to`, `free_units`, `package_size`) and the minimum commitment carry up to
 //! 9, the pipeline's scale. Validation rejects anything else with an
-//! [`Error::InvalidCatalog`] naming the plan, the price and the field, because the person
-//! reading it is editing that file; unknown keys are rejected at every level.
+//! [`Error::InvalidCatalog`] naming the plan, the price and the field (and the line of a value
+//! that cannot be read), because the person reading it is editing that file; unknown keys are rejected at every level.
 //!
 //! # Rounding (the only rounding point)
 //!
