@@ -21,13 +21,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 use meterflow_api::keys::Scope;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_testkit::TestEnv;
 use rust_decimal::Decimal;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{free_port, log_dir, Proc};
+use meterflow_testkit::http::free_port;
+use meterflow_testkit::procs::ServiceProc;
+
+use crate::harness::log_dir;
 use crate::{fmt_rate, percentile, Args, Report};
 
 const TENANTS: usize = 10;
@@ -66,7 +69,7 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
     let catalog_path = log_dir("bench")?.join("control-catalog.toml");
     std::fs::write(&catalog_path, CATALOG)?;
     let catalog = catalog_path.display().to_string();
-    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let meters = repo_root().join("config/meters.toml").display().to_string();
     let with = |extra: &[(&str, &str)]| {
         let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
         e.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
@@ -82,7 +85,7 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
         shutdown.clone(),
     ));
     let http = format!("127.0.0.1:{}", free_port()?);
-    let mut api = Proc::new(
+    let mut api = ServiceProc::new(
         "meterflow-api",
         with(&[("METERFLOW_API_HTTP_ADDR", &http), ("METERFLOW_METERS", &meters), ("METERFLOW_CATALOG", &catalog), ("METERFLOW_API_TENANT_RATE", "0")]),
         log_dir("bench")?.join("control-api.log"),
@@ -111,7 +114,7 @@ pub async fn control(args: &Args, report: &mut Report) -> Result<()> {
     let keys = Arc::new(keys);
     let (visible, cold) = visibility(&base, &keys).await?;
     let checks = entitlement_checks(&base, &keys, args.control_checks, args.control_rate).await?;
-    api.terminate()?;
+    api.stop()?;
     shutdown.cancel();
     let _ = agg.await;
     let _ = rater.await;
