@@ -99,6 +99,7 @@ pub mod balance;
 mod admission;
 mod close;
 mod ids;
+pub mod partition;
 pub mod pending;
 mod snapshot;
 mod wallet;

@@ -356,7 +356,7 @@ impl Wallets {
             let acc = self.account(tenant, currency);
             // A credit balance from earlier credit notes is used first.
             let from_credit = left.min((-acc.arrears).max(Decimal::ZERO));
-            acc.arrears += from_credit;
+            acc.arrears = crate::decimal::unsigned_zero(acc.arrears + from_credit);
             left -= from_credit;
             for g in acc.grants.iter_mut().filter(|g| g.remaining > Decimal::ZERO) {
                 let take = left.min(g.remaining);
@@ -384,7 +384,7 @@ impl Wallets {
             let mut left = -charge.amount;
             let acc = self.account(tenant, currency);
             let from_arrears = left.min(acc.arrears.max(Decimal::ZERO));
-            acc.arrears -= from_arrears;
+            acc.arrears = crate::decimal::unsigned_zero(acc.arrears - from_arrears);
             left -= from_arrears;
             let mut moves = Vec::new();
             for g in acc.grants.iter_mut().rev().filter(|g| g.drawn > Decimal::ZERO) {
@@ -539,7 +539,7 @@ impl Wallets {
             .entry(currency.to_owned())
             .or_default();
         let before = *slot;
-        let after = before.saturating_add(amount);
+        let after = crate::decimal::unsigned_zero(before.saturating_add(amount));
         *slot = after;
         let mut alerts = Vec::new();
         let mut check = |kind: &str, threshold: Decimal| {
