@@ -375,3 +375,27 @@ fn json_checkpoints_of_the_old_rater_restore_and_other_versions_are_refused() {
     let err = RaterPartition::restore(config(), b"MFENGSNP\x04\0\0\0engine state").unwrap_err().to_string();
     assert!(err.contains("not a MFRATERS state"), "{err}");
 }
+
+#[test]
+fn old_rater_json_with_wallets_from_before_credit_grants_gets_a_paid_grant_or_arrears() {
+    // A rater checkpoint whose wallets predate credit grants: balances, no accounts.
+    let rating = serde_json::to_value(meterflow_core::rating::RatingState::new(3, RatingConfig::default())).unwrap();
+    let old = serde_json::json!({
+        "version": 1, "aggregates_next": 7, "wallet_next": 2, "rating": rating, "totals": {}, "advanced_to": i64::MIN,
+        "wallets": {
+            "config": {"low_balance": {}, "tenant_low_balance": {}},
+            "balances": {"a": {"USD": "12.5"}, "b": {"USD": "-3"}},
+            "seen": {"a": {"k": {"currency": "USD", "amount": "12.5"}}},
+            "duplicates": 0,
+        },
+    });
+    let p = RaterPartition::restore(config(), &serde_json::to_vec(&old).unwrap()).unwrap();
+    let w = p.wallets();
+    assert_eq!(w.account_of("a", "USD").unwrap().unused(meterflow_core::rating::CreditKind::Paid), Decimal::from_str("12.5").unwrap());
+    assert_eq!(w.account_of("b", "USD").unwrap().arrears, Decimal::from(3));
+    assert_eq!(w.balance("a", "USD"), Decimal::from_str("12.5").unwrap());
+    // Restored once, it snapshots in the current format and restores to itself.
+    let again = RaterPartition::restore(config(), &p.snapshot()).unwrap();
+    assert_eq!(again.wallets(), p.wallets());
+    assert_eq!((again.aggregates_next(), again.wallet_next()), (7, 2));
+}

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{from_snapshot, stable_id, to_snapshot};
+use super::stable_id;
 use crate::records::{Charge, WalletAdjustment};
 use crate::Error;
 
@@ -562,16 +562,11 @@ impl Wallets {
         (after, alerts)
     }
 
-    /// Versioned JSON bytes of the wallets (config, balances, seen keys).
-    pub fn snapshot(&self) -> Vec<u8> {
-        to_snapshot("meterflow.wallets", self)
-    }
-
-    /// The inverse of [`snapshot`](Self::snapshot). A snapshot from before credit grants
-    /// (balances but no accounts) gets each positive balance as one non-expiring paid grant
-    /// and each negative one as arrears, so balances and the ledger stay consistent.
-    pub fn restore(bytes: &[u8]) -> Result<Self, Error> {
-        let mut w: Self = from_snapshot("meterflow.wallets", bytes)?;
+    /// Wallets checkpointed before credit grants existed (balances but no accounts) get each
+    /// positive balance as one non-expiring paid grant and each negative one as arrears, so
+    /// balances and the ledger stay consistent. A no-op on wallets with accounts.
+    pub(crate) fn adopt_legacy_balances(mut self) -> Self {
+        let w = &mut self;
         let legacy: Vec<(String, String, Decimal)> = w
             .balances
             .iter()
@@ -596,6 +591,6 @@ impl Wallets {
                 acc.arrears = -b;
             }
         }
-        Ok(w)
+        self
     }
 }

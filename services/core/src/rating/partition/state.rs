@@ -96,7 +96,7 @@ impl State {
             aggregates_next: old.aggregates_next,
             wallet_next: old.wallet_next,
             rating: old.rating,
-            wallets: old.wallets,
+            wallets: old.wallets.adopt_legacy_balances(),
             totals,
             advanced_to: old.advanced_to,
         })
