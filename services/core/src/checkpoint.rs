@@ -137,11 +137,11 @@ pub struct StateHeader {
 impl StateHeader {
     pub const LEN: usize = 12;
 
-    /// A buffer holding the header of `version`, for the body to be appended to.
-    pub fn write(&self, version: u32) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(self.magic);
-        out.extend_from_slice(&version.to_le_bytes());
+    /// The header of `version`, for the body to follow.
+    pub fn encode(&self, version: u32) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(self.magic);
+        out[8..].copy_from_slice(&version.to_le_bytes());
         out
     }
 
@@ -245,10 +245,10 @@ mod tests {
     #[test]
     fn state_header_names_what_it_refuses() {
         const H: StateHeader = StateHeader { magic: b"MFTESTST", readable: &[3, 1] };
-        let mut bytes = H.write(3);
+        let mut bytes = H.encode(3).to_vec();
         bytes.extend_from_slice(b"body");
         assert_eq!(H.read(&bytes).unwrap(), (3, &b"body"[..]));
-        let mut v2 = H.write(2);
+        let mut v2 = H.encode(2).to_vec();
         v2.extend_from_slice(b"body");
         let err = H.read(&v2).unwrap_err().to_string();
         assert!(err.contains("unsupported snapshot version 2 of MFTESTST"), "{err}");

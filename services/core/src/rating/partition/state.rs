@@ -56,7 +56,7 @@ impl State {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let out = HEADER.write(SNAPSHOT_VERSION);
+        let out = HEADER.encode(SNAPSHOT_VERSION).to_vec();
         // Plain data with string decimals: postcard cannot fail on it.
         postcard::to_extend(self, out).unwrap_or_else(|_| unreachable!("rater state serializes"))
     }
