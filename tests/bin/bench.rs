@@ -63,17 +63,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use harness::{aggregator_env, cpu_secs, free_port, http_get, loadavg, log_dir, metric_sum, Proc, Stack};
+use harness::{aggregator_env, cpu_secs, loadavg, log_dir, Stack};
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::decimal::{from_ch_i128, to_ch_i128};
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::records::dimensions_key;
-use meterflow_e2e::procs::workspace_root;
 use meterflow_e2e::scenario::{meters, now_ms, produce, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::workload::Workload;
 use meterflow_producer::{EventProducer, GroundTruth};
 use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
+use meterflow_testkit::http::{free_port, get_ok, metric_sum};
+use meterflow_testkit::procs::{repo_root, ServiceProc};
 use meterflow_testkit::TestEnv;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -238,7 +239,7 @@ fn main() -> std::process::ExitCode {
         }
     }
 
-    let state = workspace_root().join("target/bench").join(format!("state-{}", std::process::id()));
+    let state = repo_root().join("target/bench").join(format!("state-{}", std::process::id()));
     let mut stack = match Stack::start(&state, "memory") {
         Ok(s) => s,
         Err(e) => {
@@ -277,7 +278,7 @@ fn main() -> std::process::ExitCode {
         loadavg()
     );
     let md = report.markdown(&header);
-    let out = workspace_root().join(&args.out);
+    let out = repo_root().join(&args.out);
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -322,7 +323,7 @@ fn core_bench(args: &Args, report: &mut Report) -> Result<()> {
     let out = std::process::Command::new(cargo)
         .args(["bench", "-q", "-p", "meterflow-core", "--bench", "core_bench"])
         .env("EVENTS", args.core_events.to_string())
-        .current_dir(workspace_root())
+        .current_dir(repo_root())
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running cargo bench")?;

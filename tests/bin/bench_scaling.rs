@@ -97,7 +97,7 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
         let instance = format!("{group}-{i}");
         let extra = [("METERFLOW_IDLE_TIMEOUT", "1s"), ("METERFLOW_GROUP_INSTANCE_ID", instance.as_str())];
         let log = log_dir("bench")?.join(format!("{group}-{i}-{}.log", env.clickhouse_args().database));
-        procs.push(Proc::new("meterflow-aggregator", aggregator_env(&kafka, &topics, env.clickhouse_args(), &group, &http, &extra), log)?);
+        procs.push(ServiceProc::new("meterflow-aggregator", aggregator_env(&kafka, &topics, env.clickhouse_args(), &group, &http, &extra), log)?);
         addrs.push(http);
     }
     let started = Instant::now();
@@ -105,7 +105,7 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
         p.start()?;
     }
     let ch = meterflow_runtime::clickhouse::client(env.clickhouse_args());
-    let agg_cpu = |procs: &[Proc]| procs.iter().filter_map(|p| p.pid().and_then(cpu_secs)).sum::<f64>();
+    let agg_cpu = |procs: &[ServiceProc]| procs.iter().filter_map(|p| p.pid().and_then(cpu_secs)).sum::<f64>();
     // (instant, records read, CPU of aggregators / ClickHouse / broker) when all consume, and
     // when the input is read.
     let mut from: Option<(Instant, f64, (f64, f64, f64))> = None;
@@ -117,7 +117,7 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
         let mut read = Vec::with_capacity(k);
         for (p, addr) in procs.iter_mut().zip(&addrs) {
             p.check_alive()?;
-            let text = http_get(addr, "/metrics").await.unwrap_or_default();
+            let text = get_ok(&format!("http://{addr}/metrics")).await.unwrap_or_default();
             read.push(metric_sum(&text, "meterflow_aggregator_events_in_total"));
         }
         let total: f64 = read.iter().sum();
@@ -143,7 +143,7 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
     };
     let mut reread = 0.0;
     for (p, addr) in procs.iter_mut().zip(&addrs) {
-        let text = http_get(addr, "/metrics").await.unwrap_or_default();
+        let text = get_ok(&format!("http://{addr}/metrics")).await.unwrap_or_default();
         reread += metric_sum(&text, "meterflow_aggregator_events_in_total");
         p.terminate()?;
     }
