@@ -32,6 +32,8 @@
 //!    into a fresh topic; per window, when its revision 0 appears in `meter_aggregates`
 //!    (polled every 100 ms) relative to the ack of its last event and to its close time
 //!    (window end + allowed lateness).
+//! 9. **scaling**: `--scaling-events` on 1, 2 and 4 partitions with as many aggregator
+//!    processes; records/s and CPU per record against the capacity model (docs/scaling.md).
 //!
 //! ```sh
 //! make bench                                    # 5M events, ~8 minutes on 2 cores
@@ -45,6 +47,7 @@ mod bench_freshness;
 mod bench_queries;
 mod bench_control;
 mod bench_rater;
+mod bench_scaling;
 mod harness;
 
 use bench_aggregator::*;
@@ -129,6 +132,15 @@ struct Args {
     /// Entitlement checks per second (fixed schedule).
     #[arg(long, default_value_t = 5_000.0)]
     control_rate: f64,
+    /// Events of each run of the scaling phase (0 = skip; tests/bin/bench_scaling.rs).
+    #[arg(long, default_value_t = 2_000_000)]
+    scaling_events: u64,
+    /// Partitions = aggregator instances of the scaling runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    scaling_instances: Vec<usize>,
+    /// Only the scaling phase (and the core bench unless --skip-core).
+    #[arg(long)]
+    scaling_only: bool,
 }
 
 /// One line of the result table.
@@ -354,6 +366,9 @@ impl Pids {
 }
 
 async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
+    if args.scaling_only {
+        return bench_scaling::scaling(args, pids, report).await;
+    }
     bench_api::ingest(args, report).await?;
     bench_control::control(args, report).await?;
     if args.api_only {
@@ -548,7 +563,9 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
     } else {
         report.goal("freshness p99 <= window close + 2 s", "skipped (--freshness-secs 0)", None);
     }
-    Ok(())
+
+    // 9. Scaling curve.
+    bench_scaling::scaling(args, pids, report).await
 }
 
 /// Sum of the payload sizes in `topic` is not known to the broker cheaply; one consume pass

@@ -130,6 +130,16 @@ pub fn round_amount(d: Decimal) -> Decimal {
     d.round_dp_with_strategy(MAX_SCALE, rust_decimal::RoundingStrategy::MidpointNearestEven)
 }
 
+/// `d` with the sign of a zero dropped. `-x + x` is a negative zero, which prints `-0` but
+/// parses as `0`: kept in a state, a restored copy would snapshot to other bytes than the
+/// state it was restored from. State that accumulates signed amounts stores this.
+pub fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod avro_wire;
+pub mod checkpoint;
 pub mod codec;
 pub mod decimal;
 pub mod dedup;

@@ -7,10 +7,10 @@ use anyhow::Context;
 use clickhouse::Client;
 use meterflow_core::pricing::Catalog;
 use meterflow_core::auth::{self, RecordKey};
-use meterflow_core::rating::{
-    Admission, AdjustmentOutcome, RateOutcome, RatingConfig, RatingState, RerateOutcome, WalletConfig, Wallets,
+use meterflow_core::rating::partition::{
+    AggregateRecord, OutputMark, PartitionConfig, RaterPartition, RerateVerdict, Step, Totals, TotalsKey, Verdict,
 };
-use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
+use meterflow_core::rating::{Admission, RatingConfig, WalletConfig};
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
@@ -18,43 +18,19 @@ use metrics::{counter, gauge};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
 use rust_decimal::prelude::ToPrimitive;
-use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::balances::{self, DeskFeed, SharedDesk};
+use crate::balances::{self, DeskFeed, SealedFeed, SharedDesk};
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{AdjustmentRow, LedgerRow, ParkedRow};
 use crate::sink::{Outputs, RaterSink};
 
 const SERVICE: &str = "rater";
-const STATE_VERSION: u32 = 1;
 
-/// Revenue, cost and margin rated so far, exported as gauges (exact here, f64 at export).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Totals {
-    revenue: Decimal,
-    cost: Decimal,
-    margin: Decimal,
-}
-
-/// Everything one aggregates partition needs, checkpointed as one blob.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Shard {
-    version: u32,
-    aggregates_next: i64,
-    wallet_next: i64,
-    rating: RatingState,
-    wallets: Wallets,
-    /// Totals by [`TotalsKey`] (JSON maps need string keys).
-    totals: BTreeMap<String, Totals>,
-    /// The watermark last given to `RatingState::advance`.
-    advanced_to: i64,
-}
-
+/// A held partition: its core state machine and the catalog it rates with.
 struct Owned {
-    shard: Shard,
+    part: RaterPartition,
     /// The catalog this partition rates with (the checkpoint's until a switch).
     catalog: Arc<Catalog>,
     catalog_text: String,
@@ -71,9 +47,7 @@ struct Switch {
     text: String,
     /// Highest charge seq, dead-lettered aggregates offset and wallet offset already in
     /// ClickHouse for this partition (from `verify`).
-    max_charge_seq: i64,
-    max_aggregates_offset: i64,
-    max_wallet_offset: i64,
+    after: OutputMark,
 }
 
 /// Runs until `shutdown`, then flushes and checkpoints.
@@ -126,6 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         gauge_labels: BTreeMap::new(),
         desk: SharedDesk::default(),
         desk_feed: DeskFeed::default(),
+        writing_feed: None,
     };
     // Stops with the service, and also when `run` is dropped without a shutdown.
     let balances_stop = shutdown.child_token();
@@ -167,10 +142,12 @@ struct Rater {
     shards: BTreeMap<i32, Owned>,
     outputs: Outputs,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
-    gauge_labels: BTreeMap<String, ()>,
+    gauge_labels: BTreeMap<TotalsKey, ()>,
     /// Pending spend and settled state for real-time balances (see `balances`).
     desk: SharedDesk,
     desk_feed: DeskFeed,
+    /// The feed of the batch being written, handed to the desk when it is.
+    writing_feed: Option<SealedFeed>,
 }
 
 impl Rater {
@@ -206,217 +183,78 @@ impl Rater {
             .fetch_one()
             .await?;
         if let Some(sw) = self.shards.get_mut(&partition).and_then(|o| o.switch.as_mut()) {
-            sw.max_charge_seq = max_charge_seq;
-            sw.max_aggregates_offset = max_aggregates_offset;
-            sw.max_wallet_offset = max_wallet_offset;
+            sw.after = OutputMark { max_charge_seq, max_aggregates_offset, max_wallet_offset };
             tracing::info!(partition, max_charge_seq, max_aggregates_offset, max_wallet_offset, "catalog switch after these outputs");
         }
         Ok(())
     }
 
-    fn fresh_shard(&self, partition: i32) -> Shard {
-        Shard {
-            version: STATE_VERSION,
-            aggregates_next: 0,
-            wallet_next: 0,
-            rating: RatingState::new(partition, self.rating_config.clone()),
-            wallets: Wallets::new(self.wallet_config.clone()),
-            totals: BTreeMap::new(),
-            advanced_to: i64::MIN,
+    fn partition_config(&self, partition: i32) -> PartitionConfig {
+        PartitionConfig {
+            partition,
+            aggregates_topic: self.config.topics.aggregates_topic.clone(),
+            wallet_topic: self.config.topics.wallet_topic.clone(),
+            record_key: self.record_key.clone(),
+            admission: self.admission,
+            rating: self.rating_config.clone(),
+            wallets: self.wallet_config.clone(),
         }
     }
 
-    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let _ = shutdown;
+    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>) -> anyhow::Result<()> {
         let partition = msg.partition();
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
-        let is_wallet = msg.topic() == self.config.topics.wallet_topic;
-        let Self { shards, outputs, config, switched, record_key, admission, desk_feed, .. } = self;
-        let Some(owned) = shards.get_mut(&partition) else {
+        let Some(owned) = self.shards.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
-        let catalog = &owned.catalog;
-        let shard = &mut owned.shard;
-        if is_wallet {
-            if offset < shard.wallet_next {
-                return Ok(());
-            }
-            shard.wallet_next = offset + 1;
-            match WalletAdjustment::from_avro(payload).map_err(|e| e.to_string()).and_then(|adj| {
-                shard.wallets.apply_adjustment(&adj).map(|o| (adj, o)).map_err(|e| e.to_string())
-            }) {
-                Ok((adj, AdjustmentOutcome::Applied { alerts, .. })) => {
-                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "applied").increment(1);
-                    desk_feed.touched.insert(adj.tenant.clone());
-                    for a in &alerts {
-                        counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-                    }
-                    outputs.adjustments.push(AdjustmentRow::new(&adj, partition, offset)?);
-                    outputs.alerts.extend(alerts.into_iter().map(|a| (a, adj.created_at)));
-                    for e in shard.wallets.take_ledger() {
-            outputs.ledger.push(LedgerRow::new(&e, partition)?);
-        }
-                }
-                Ok((_, AdjustmentOutcome::Duplicate { .. })) => {
-                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "duplicate").increment(1);
-                }
-                Err(detail) => {
-                    counter!(m::WALLET_ADJUSTMENTS, "outcome" => "invalid").increment(1);
-                    outputs.dead_letters.push(dead_letter(&config.topics.wallet_topic, partition, offset, "invalid_adjustment", detail, payload));
-                }
-            }
-            return Ok(());
-        }
-        if offset < shard.aggregates_next {
-            return Ok(());
-        }
-        shard.aggregates_next = offset + 1;
-        counter!(m::AGGREGATES_IN).increment(1);
-        let broker_ms = msg.timestamp().to_millis();
-        if let Some(ts) = broker_ms {
-            gauge!(m::RATING_LAG).set((wall_ms() - ts).max(0) as f64 / 1000.0);
-        }
-        let topic = config.topics.aggregates_topic.as_str();
-        let refuse = |outputs: &mut Outputs, reason: &'static str, detail: String| {
-            counter!(m::REJECTED, "reason" => reason).increment(1);
-            outputs.dead_letters.push(dead_letter(topic, partition, offset, reason, detail, payload));
-        };
-        let (rerate, tag) = match (header(msg, auth::RERATE_HEADER), header(msg, auth::HEADER)) {
-            (Some(t), _) => (true, Some(t)),
-            (None, t) => (false, t),
-        };
-        let purpose = if rerate { auth::PURPOSE_RERATE } else { auth::PURPOSE_AGGREGATE };
-        if !tag.is_some_and(|t| auth::verify(record_key, &[purpose, payload], t)) {
-            let what = if rerate { "rerate request" } else { "aggregate" };
-            let detail = match tag {
-                None => format!("{what} without a {} header: not written by meterflow", auth::HEADER),
-                Some(_) => format!("{what} with an invalid tag: forged, altered, or written with another record key"),
-            };
-            refuse(outputs, "unauthenticated", detail);
-            return Ok(());
-        }
-        let agg = match MeterAggregate::from_avro(payload) {
-            Ok(a) => a,
-            Err(e) => {
-                refuse(outputs, "undecodable", e.to_string());
-                return Ok(());
-            }
-        };
-        let mut charges = if rerate {
-            let (state, reason, detail, charges) = match shard.rating.rerate(catalog, &agg) {
-                RerateOutcome::NotParked => {
-                    counter!(m::RERATES, "outcome" => "not_parked").increment(1);
-                    return Ok(());
-                }
-                RerateOutcome::Charged(c) => {
-                    counter!(m::RERATES, "outcome" => "charged").increment(1);
-                    desk_feed.touched.insert(agg.tenant.clone());
-                    ("rerated", "", format!("charged by the rerate request at offset {offset}"), c)
-                }
-                RerateOutcome::StillParked { reason, error } => {
-                    counter!(m::RERATES, "outcome" => "still_parked").increment(1);
-                    ("parked", reason.as_str(), error.to_string(), Vec::new())
-                }
-                RerateOutcome::Rejected(e) => {
-                    counter!(m::RERATES, "outcome" => "rejected").increment(1);
-                    refuse(outputs, "unrateable", e.to_string());
-                    ("rejected", "unrateable", e.to_string(), Vec::new())
-                }
-            };
-            outputs.parked.push(ParkedRow::new(&agg, partition, offset, state, reason, detail, payload));
-            charges
+        let step = if msg.topic() == self.config.topics.wallet_topic {
+            owned.part.on_adjustment(offset, payload)
         } else {
-            if let Err((reason, detail)) = shard.rating.screen(&agg, broker_ms, admission) {
-                refuse(outputs, reason, detail);
-                return Ok(());
-            }
-            if shard.rating.high_water(agg.source_partition).is_some_and(|hw| agg.seq > hw + 1) {
-                counter!(m::SEQ_GAPS).increment(1);
-                tracing::warn!(
-                    partition,
-                    offset,
-                    source_partition = agg.source_partition,
-                    seq = agg.seq,
-                    high_water = shard.rating.high_water(agg.source_partition),
-                    "aggregate seq skips past high water + 1"
-                );
-            }
-            // Never an `Err` any more: what cannot be priced is parked.
-            let outcome = shard.rating.rate(catalog, &agg).with_context(|| format!("rating aggregate at offset {offset}"))?;
-            // Charged, parked, rejected or a re-delivery (skipped): whatever the outcome, this
-            // revision of the window exists, so the window is no longer pending. (A skipped one
-            // matters after a double restart: the aggregator replays, re-publishes totals of
-            // windows the restarted rater has no tombstone for, and then re-emits their close.)
-            desk_feed.touched.insert(agg.tenant.clone());
-            desk_feed.settled.push(agg.clone());
-            let mut charges = match outcome {
-                RateOutcome::Charged(c) => c,
-                RateOutcome::Skipped { .. } => {
-                    counter!(m::SKIPPED).increment(1);
-                    Vec::new()
-                }
-                RateOutcome::Rejected(e) => {
-                    refuse(outputs, "unrateable", e.to_string());
-                    Vec::new()
-                }
-                RateOutcome::Parked { reason, error } => {
-                    counter!(m::PARKED, "reason" => reason.as_str()).increment(1);
-                    let detail = format!("parked: {error} (meterflow-admin rerate re-rates it after a catalog fix)");
-                    outputs.parked.push(ParkedRow::new(&agg, partition, offset, "parked", reason.as_str(), error.to_string(), payload));
-                    outputs.dead_letters.push(dead_letter(topic, partition, offset, reason.as_str(), detail, payload));
-                    Vec::new()
-                }
+            let broker_ms = msg.timestamp().to_millis();
+            let rec = AggregateRecord {
+                offset,
+                payload,
+                broker_ms,
+                tag: header(msg, auth::HEADER),
+                rerate_tag: header(msg, auth::RERATE_HEADER),
             };
-            // Periods close on the aggregates' own (event-time) watermark: deterministic in replay.
-            if agg.emitted_at >= shard.advanced_to.saturating_add(60_000) {
-                shard.advanced_to = agg.emitted_at;
-                charges.extend(shard.rating.advance(catalog, agg.emitted_at));
-                // Credit expires on the same event-time watermark, never on the wall clock.
-                for a in shard.wallets.expire(agg.emitted_at) {
-                    counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-                    outputs.alerts.push((a, agg.emitted_at));
+            let step = owned.part.on_aggregate(&owned.catalog, rec).with_context(|| format!("rating aggregate at offset {offset}"))?;
+            if step.verdict != Verdict::Replayed {
+                counter!(m::AGGREGATES_IN).increment(1);
+                if let Some(ts) = broker_ms {
+                    gauge!(m::RATING_LAG).set((wall_ms() - ts).max(0) as f64 / 1000.0);
                 }
             }
-            charges
+            step
         };
-        for c in charges.drain(..) {
-            let t = shard.totals.entry(totals_key(&c.currency, &label_meter(&c), &c.plan)).or_default();
-            t.revenue += c.amount;
-            t.cost += c.provider_cost;
-            t.margin += c.margin;
-            counter!(m::CHARGES, "kind" => c.kind.clone()).increment(1);
-            for a in shard.wallets.apply_charge_at(&c, Some(agg.emitted_at)) {
-                counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-                outputs.alerts.push((a, agg.emitted_at));
-            }
-            outputs.charges.push(c);
-        }
-        for e in shard.wallets.take_ledger() {
-            outputs.ledger.push(LedgerRow::new(&e, partition)?);
-        }
-        if owned.switch.is_some() {
-            *switched |= try_switch(partition, owned);
+        count(partition, offset, &step);
+        let Step { verdict, touched, settled, out, .. } = step;
+        self.desk_feed.touched.extend(touched);
+        self.desk_feed.settled.extend(settled);
+        self.outputs.push(out, partition)?;
+        if verdict.rated() && owned.switch.is_some() {
+            self.switched |= try_switch(partition, owned);
         }
         Ok(())
     }
 
-    /// Hands the settled balances to the balances desk after a batch was written.
-    fn feed_desk(&mut self) {
+    /// Freezes the balances desk's feed with the batch being taken (see [`SealedFeed`]).
+    fn seal_feed(&mut self) {
         let shards = &self.shards;
-        self.desk_feed.hand_over(&self.desk, |tenant| {
+        self.writing_feed = Some(self.desk_feed.seal(|tenant| {
             let n = shards.values().next()?.partitions;
             let o = shards.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
-            Some(balances::settled_of(&o.shard.rating, &o.shard.wallets, tenant))
-        });
+            Some(balances::settled_of(o.part.rating(), o.part.wallets(), tenant))
+        }));
     }
 
     fn export_gauges(&mut self) {
-        let parked: usize = self.shards.values().map(|o| o.shard.rating.parked_count()).sum();
+        let parked: usize = self.shards.values().map(|o| o.part.rating().parked_count()).sum();
         gauge!(m::PARKED_NOW).set(parked as f64);
-        let mut sums: BTreeMap<String, Totals> = BTreeMap::new();
+        let mut sums: BTreeMap<TotalsKey, Totals> = BTreeMap::new();
         for o in self.shards.values() {
-            for (k, t) in &o.shard.totals {
+            for (k, t) in o.part.totals() {
                 let s = sums.entry(k.clone()).or_default();
                 s.revenue += t.revenue;
                 s.cost += t.cost;
@@ -427,9 +265,7 @@ impl Rater {
             sums.entry(k.clone()).or_default();
         }
         for (key, t) in &sums {
-            let mut parts = key.splitn(3, '\u{1f}');
-            let (currency, meter, plan) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let labels = [("currency", currency.to_owned()), ("meter", meter.to_owned()), ("plan", plan.to_owned())];
+            let labels = [("currency", key.currency.clone()), ("meter", key.meter.clone()), ("plan", key.plan.clone())];
             gauge!(m::REVENUE, &labels).set(t.revenue.to_f64().unwrap_or(0.0));
             gauge!(m::COST, &labels).set(t.cost.to_f64().unwrap_or(0.0));
             gauge!(m::MARGIN, &labels).set(t.margin.to_f64().unwrap_or(0.0));
@@ -437,8 +273,8 @@ impl Rater {
         }
         if self.config.wallet_gauges {
             for o in self.shards.values() {
-                for (tenant, by_cur) in o.shard.wallets.balances() {
-                    if !o.shard.wallets.has_wallet(tenant) {
+                for (tenant, by_cur) in o.part.wallets().balances() {
+                    if !o.part.wallets().has_wallet(tenant) {
                         continue; // postpaid: no wallet to watch, and no unbounded series
                     }
                     for (cur, bal) in by_cur {
@@ -483,11 +319,11 @@ impl Partitioned for Rater {
     ) -> anyhow::Result<()> {
         let mut switch = None;
         let (mut catalog, mut catalog_text) = (self.catalog.clone(), self.catalog_text.clone());
-        let shard = match from {
+        let config = self.partition_config(partition);
+        let part = match from {
             Some(env) if env.meta.operator.is_none() => {
-                let shard: Shard = serde_json::from_slice(&env.state).context("decoding the rater state")?;
-                anyhow::ensure!(shard.version == STATE_VERSION, "checkpoint version {} is not {STATE_VERSION}", shard.version);
-                tracing::info!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "restored checkpoint");
+                let part = RaterPartition::restore(config, &env.state).context("decoding the rater state")?;
+                tracing::info!(partition, aggregates_next = part.aggregates_next(), wallet_next = part.wallet_next(), "restored checkpoint");
                 if !env.meta.config_text.is_empty() && env.meta.config_text != self.catalog_text {
                     let old = Catalog::from_toml_str(&env.meta.config_text).context("the catalog recorded in the checkpoint")?;
                     tracing::warn!(
@@ -495,34 +331,28 @@ impl Partitioned for Rater {
                         "catalog changed since the checkpoint: re-rating what was already charged with the recorded \
                          one, then switching"
                     );
-                    switch = Some(Switch {
-                        catalog: self.catalog.clone(),
-                        text: self.catalog_text.clone(),
-                        max_charge_seq: i64::MAX,
-                        max_aggregates_offset: i64::MAX,
-                        max_wallet_offset: i64::MAX,
-                    });
+                    let after = OutputMark { max_charge_seq: i64::MAX, max_aggregates_offset: i64::MAX, max_wallet_offset: i64::MAX };
+                    switch = Some(Switch { catalog: self.catalog.clone(), text: self.catalog_text.clone(), after });
                     catalog = Arc::new(old);
                     catalog_text = env.meta.config_text.clone();
                 }
-                shard
+                part
             }
             Some(env) => {
-                let mut shard = self.fresh_shard(partition);
                 let topics = &self.config.topics;
-                shard.aggregates_next = env.meta.offsets.get(&topics.aggregates_topic).copied().unwrap_or(0);
-                shard.wallet_next = env.meta.offsets.get(&topics.wallet_topic).copied().unwrap_or(0);
-                tracing::warn!(partition, aggregates_next = shard.aggregates_next, wallet_next = shard.wallet_next, "fresh state by operator decision");
-                shard
+                let aggregates_next = env.meta.offsets.get(&topics.aggregates_topic).copied().unwrap_or(0);
+                let wallet_next = env.meta.offsets.get(&topics.wallet_topic).copied().unwrap_or(0);
+                tracing::warn!(partition, aggregates_next, wallet_next, "fresh state by operator decision");
+                RaterPartition::starting_at(config, aggregates_next, wallet_next)
             }
-            None => self.fresh_shard(partition),
+            None => RaterPartition::new(config),
         };
         let partitions = partition_counts.get(&self.config.topics.aggregates_topic).copied().unwrap_or(1);
         // Its tenants' balances are published from the restored state on the next flush.
-        self.desk_feed.touched.extend(shard.rating.tenants().cloned());
-        self.desk_feed.touched.extend(shard.wallets.balances().keys().cloned());
+        self.desk_feed.touched.extend(part.rating().tenants().cloned());
+        self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
         self.desk.lock().expect("desk lock").own(partition, partitions);
-        self.shards.insert(partition, Owned { shard, catalog, catalog_text, switch, partitions });
+        self.shards.insert(partition, Owned { part, catalog, catalog_text, switch, partitions });
         Ok(())
     }
 
@@ -549,8 +379,8 @@ impl Partitioned for Rater {
     }
 
     fn position(&self, topic: &str, partition: i32) -> Option<i64> {
-        let s = &self.shards.get(&partition)?.shard;
-        Some(if topic == self.config.topics.wallet_topic { s.wallet_next } else { s.aggregates_next })
+        let p = &self.shards.get(&partition)?.part;
+        Some(if topic == self.config.topics.wallet_topic { p.wallet_next() } else { p.aggregates_next() })
     }
 
     fn release(&mut self, partition: i32) {
@@ -563,11 +393,11 @@ impl Partitioned for Rater {
         if o.switch.is_none() {
             self.switched = false;
         }
-        Ok(serde_json::to_vec(&o.shard)?)
+        Ok(o.part.snapshot())
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        self.handle_record(msg, shutdown).await
+    async fn handle(&mut self, msg: &BorrowedMessage<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.handle_record(msg).await
     }
 
     fn buffered_rows(&self) -> usize {
@@ -581,6 +411,7 @@ impl Partitioned for Rater {
     }
 
     fn take_batch(&mut self) -> Outputs {
+        self.seal_feed();
         std::mem::take(&mut self.outputs)
     }
 
@@ -590,55 +421,52 @@ impl Partitioned for Rater {
 
     fn batch_written(&mut self) {
         self.export_gauges();
-        self.feed_desk();
+        if let Some(feed) = self.writing_feed.take() {
+            feed.hand_over(&self.desk);
+        }
     }
 }
 
 /// Switches `o` to the new catalog once everything already written has been re-derived;
 /// true if it switched.
 fn try_switch(partition: i32, o: &mut Owned) -> bool {
-    let Some(sw) = &o.switch else { return false };
-    let s = &o.shard;
-    if s.rating.charges_emitted() < sw.max_charge_seq
-        || s.aggregates_next <= sw.max_aggregates_offset
-        || s.wallet_next <= sw.max_wallet_offset
-    {
-        return false;
-    }
-    let sw = o.switch.take().expect("checked above");
+    let Some(sw) = o.switch.take_if(|sw| o.part.has_passed(&sw.after)) else { return false };
     o.catalog = sw.catalog;
     o.catalog_text = sw.text;
     tracing::warn!(
         partition,
-        aggregates_next = o.shard.aggregates_next,
-        charges = o.shard.rating.charges_emitted(),
+        aggregates_next = o.part.aggregates_next(),
+        charges = o.part.rating().charges_emitted(),
         "switched to the new catalog"
     );
     true
 }
 
-fn totals_key(currency: &str, meter: &str, plan: &str) -> String {
-    format!("{currency}\u{1f}{meter}\u{1f}{plan}")
-}
-
-fn label_meter(c: &Charge) -> String {
-    if c.meter.is_empty() {
-        c.kind.clone()
-    } else {
-        c.meter.clone()
+/// The metrics of one record.
+fn count(partition: i32, offset: i64, step: &Step) {
+    match step.verdict {
+        Verdict::Replayed | Verdict::Charged => {}
+        Verdict::Adjustment(v) => counter!(m::WALLET_ADJUSTMENTS, "outcome" => v.as_str()).increment(1),
+        Verdict::Refused(reason) => counter!(m::REJECTED, "reason" => reason).increment(1),
+        Verdict::Rejected => counter!(m::REJECTED, "reason" => "unrateable").increment(1),
+        Verdict::Skipped => counter!(m::SKIPPED).increment(1),
+        Verdict::Parked(reason) => counter!(m::PARKED, "reason" => reason.as_str()).increment(1),
+        Verdict::Rerate(v) => {
+            counter!(m::RERATES, "outcome" => v.as_str()).increment(1);
+            if v == RerateVerdict::Rejected {
+                counter!(m::REJECTED, "reason" => "unrateable").increment(1);
+            }
+        }
     }
-}
-
-fn dead_letter(topic: &str, partition: i32, offset: i64, reason: &str, detail: String, payload: &[u8]) -> DeadLetter {
-    DeadLetter {
-        source_topic: topic.to_owned(),
-        source_partition: partition,
-        source_offset: offset,
-        reason: reason.to_owned(),
-        detail,
-        tenant: None,
-        event_id: None,
-        payload: payload.to_vec(),
+    if let (Some(high_water), Some(agg)) = (step.seq_gap, &step.settled) {
+        counter!(m::SEQ_GAPS).increment(1);
+        tracing::warn!(partition, offset, source_partition = agg.source_partition, seq = agg.seq, high_water, "aggregate seq skips past high water + 1");
+    }
+    for c in &step.out.charges {
+        counter!(m::CHARGES, "kind" => c.kind.clone()).increment(1);
+    }
+    for (a, _) in &step.out.alerts {
+        counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
     }
 }
 

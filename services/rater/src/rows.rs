@@ -1,8 +1,9 @@
 //! ClickHouse rows written by the rater.
 
 use meterflow_core::decimal::to_ch_i128;
+use meterflow_core::rating::partition::ParkedChange;
 use meterflow_core::rating::{Alert, LedgerEntry};
-use meterflow_core::records::{Charge, MeterAggregate, WalletAdjustment};
+use meterflow_core::records::{Charge, WalletAdjustment};
 use serde::Serialize;
 
 pub use meterflow_runtime::rows::{secs, DeadLetterRow};
@@ -168,25 +169,24 @@ pub struct ParkedRow {
 }
 
 impl ParkedRow {
-    /// `state` of `agg` (whose bytes are `payload`) decided by the record at `offset` of
-    /// aggregates partition `partition`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(agg: &MeterAggregate, partition: i32, offset: i64, state: &str, reason: &str, detail: String, payload: &[u8]) -> Self {
+    /// A parked aggregate's change, decided by a record of aggregates partition `partition`.
+    pub fn new(p: &ParkedChange, partition: i32) -> Self {
+        let agg = &p.aggregate;
         Self {
             source_partition: agg.source_partition,
             seq: agg.seq,
             aggregates_partition: partition,
-            aggregates_offset: offset,
-            state: state.to_owned(),
-            state_version: offset.max(0) as u64,
-            reason: reason.to_owned(),
-            detail,
+            aggregates_offset: p.offset,
+            state: p.state.to_owned(),
+            state_version: p.offset.max(0) as u64,
+            reason: p.reason.to_owned(),
+            detail: p.detail.clone(),
             tenant: agg.tenant.clone(),
             meter: agg.meter.clone(),
             dimensions_key: agg.dimensions_key(),
             window_start: secs(agg.window_start),
             revision: agg.revision.max(0) as u32,
-            payload: payload.to_vec(),
+            payload: p.payload.clone(),
         }
     }
 }

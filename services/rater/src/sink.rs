@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use clickhouse::Client;
+use meterflow_core::rating::partition::Emitted;
 use meterflow_core::rating::Alert;
 use meterflow_core::records::{AvroRecord, Charge, DeadLetter};
 use meterflow_runtime::args::TopicArgs;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics as m;
 use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
 
-const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
+const WRITE_METRICS: WriteMetrics = m::RUNTIME.write();
 
 #[derive(Default)]
 pub(crate) struct Outputs {
@@ -29,6 +30,22 @@ pub(crate) struct Outputs {
 }
 
 impl Outputs {
+    /// Buffers what partition `partition` emitted. Rows are built here, once, so a value
+    /// ClickHouse cannot store exactly stops the rater at the record that produced it.
+    pub fn push(&mut self, out: Emitted, partition: i32) -> Result<(), meterflow_core::Error> {
+        for a in &out.adjustments {
+            self.adjustments.push(AdjustmentRow::new(&a.adjustment, partition, a.offset)?);
+        }
+        for e in &out.ledger {
+            self.ledger.push(LedgerRow::new(e, partition)?);
+        }
+        self.parked.extend(out.parked.iter().map(|p| ParkedRow::new(p, partition)));
+        self.charges.extend(out.charges);
+        self.alerts.extend(out.alerts);
+        self.dead_letters.extend(out.dead_letters);
+        Ok(())
+    }
+
     pub fn rows(&self) -> usize {
         self.charges.len()
             + self.alerts.len()

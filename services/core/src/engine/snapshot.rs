@@ -6,7 +6,7 @@
 //! bytes deterministic (the same state always snapshots to the same bytes, which the tests
 //! use to prove that restore loses nothing).
 //!
-//! Layout: `MAGIC (8) | version u32 | body | checksum u64`, where the checksum is
+//! Layout: [`StateHeader`] (`MFENGSNP`, version) `| body | checksum u64`, where the checksum is
 //! SipHash-1-3 (fixed key) over everything before it, so truncation or bit rot is reported as
 //! [`Error::Snapshot`] instead of being restored as a subtly wrong state. Every read is
 //! bounds-checked and every count is checked against the bytes left before allocating, so
@@ -17,6 +17,7 @@ use std::hash::Hasher;
 use rust_decimal::Decimal;
 use siphasher::sip::SipHasher13;
 
+use crate::checkpoint::StateHeader;
 use crate::{Error, Result};
 
 pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
@@ -27,8 +28,8 @@ pub(crate) const MAGIC: &[u8; 8] = b"MFENGSNP";
 /// (per-event provider cost). Version 2 existed only between two changes of one release and
 /// is not read.
 pub(crate) const VERSION: u32 = 4;
-/// Versions [`open`] accepts.
-const READABLE: [u32; 3] = [1, 3, VERSION];
+/// The versions [`open`] accepts, the written one first.
+const HEADER: StateHeader = StateHeader { magic: MAGIC, readable: &[VERSION, 3, 1] };
 
 pub(crate) fn checksum(bytes: &[u8]) -> u64 {
     let mut h = SipHasher13::new_with_keys(0x6d65_7465_7266_6c6f, 0x736e_6170_7368_6f74);
@@ -174,9 +175,8 @@ impl<'a> Reader<'a> {
 /// Wraps a body into the versioned, checksummed envelope.
 pub(crate) fn seal(body: Writer) -> Vec<u8> {
     let body = body.into_inner();
-    let mut out = Vec::with_capacity(body.len() + 20);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let mut out = Vec::with_capacity(StateHeader::LEN + body.len() + 8);
+    out.extend_from_slice(&HEADER.encode(VERSION));
     out.extend_from_slice(&body);
     let sum = checksum(&out);
     out.extend_from_slice(&sum.to_le_bytes());
@@ -185,22 +185,14 @@ pub(crate) fn seal(body: Writer) -> Vec<u8> {
 
 /// Checks the envelope and returns the format version and the body.
 pub(crate) fn open(bytes: &[u8]) -> Result<(u32, &[u8])> {
-    if bytes.len() < MAGIC.len() + 4 + 8 || &bytes[..8] != MAGIC {
+    if bytes.len() < StateHeader::LEN + 8 || !bytes.starts_with(MAGIC) {
         return Err(Error::Snapshot("not a meterflow engine snapshot".into()));
     }
     let (content, sum) = bytes.split_at(bytes.len() - 8);
-    let sum = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
-    if checksum(content) != sum {
+    if checksum(content).to_le_bytes() != sum {
         return Err(Error::Snapshot("checksum mismatch (truncated or corrupt)".into()));
     }
-    let version = u32::from_le_bytes(content[8..12].try_into().expect("4 bytes"));
-    if !READABLE.contains(&version) {
-        return Err(Error::Snapshot(format!(
-            "unsupported snapshot version {version} (this build reads {:?})",
-            READABLE
-        )));
-    }
-    Ok((version, &content[12..]))
+    HEADER.read(content)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! Incremental rating: aggregates in, charges out, exactly once per aggregate.
 //!
-//! The rater service keeps one [`RatingState`] per aggregates-topic partition it owns and
-//! checkpoints it (with [`RatingState::snapshot`]) together with its consumer offset. The
+//! The rater service keeps one [`RatingState`] per aggregates-topic partition it owns (inside
+//! a [`partition::RaterPartition`]) and checkpoints it together with its consumer offset. The
 //! state is a pure function of the aggregates it rated (and the watermarks it was given), so
 //! a restored state re-fed the same input produces the same charges with the same ids.
 //!
@@ -99,22 +99,17 @@ pub mod balance;
 mod admission;
 mod close;
 mod ids;
+pub mod partition;
 pub mod pending;
-mod snapshot;
 mod wallet;
 pub use admission::{Admission, REASON_BAD_SEQ, REASON_FUTURE_WINDOW};
 use close::{close_due, true_up};
 pub(crate) use ids::stable_id;
 use ids::usage_charge_id;
-use snapshot::{from_snapshot, to_snapshot};
 pub use wallet::{AdjustmentOutcome, Alert, WalletConfig, Wallets, ALERT_EXHAUSTED, ALERT_LOW_BALANCE};
 pub use wallet::{
     Account, CreditKind, Grant, LedgerEntry, MOVE_ARREARS, MOVE_DEBIT, MOVE_DRAWDOWN, MOVE_EXPIRY, MOVE_GRANT, MOVE_REFUND,
 };
-
-/// Version of the snapshot format written by [`RatingState::snapshot`] and
-/// [`Wallets::snapshot`]; restore refuses other versions rather than guess.
-pub const SNAPSHOT_VERSION: u32 = 1;
 
 /// Charge kinds.
 pub const KIND_USAGE: &str = "usage";
@@ -573,16 +568,6 @@ impl RatingState {
             self.charges_emitted += 1;
             c.seq = self.charges_emitted;
         }
-    }
-
-    /// Versioned JSON bytes of the whole state.
-    pub fn snapshot(&self) -> Vec<u8> {
-        to_snapshot("meterflow.rating_state", self)
-    }
-
-    /// The inverse of [`snapshot`](Self::snapshot).
-    pub fn restore(bytes: &[u8]) -> Result<Self, Error> {
-        from_snapshot("meterflow.rating_state", bytes)
     }
 }
 

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{from_snapshot, stable_id, to_snapshot};
+use super::stable_id;
 use crate::records::{Charge, WalletAdjustment};
 use crate::Error;
 
@@ -356,7 +356,7 @@ impl Wallets {
             let acc = self.account(tenant, currency);
             // A credit balance from earlier credit notes is used first.
             let from_credit = left.min((-acc.arrears).max(Decimal::ZERO));
-            acc.arrears += from_credit;
+            acc.arrears = crate::decimal::unsigned_zero(acc.arrears + from_credit);
             left -= from_credit;
             for g in acc.grants.iter_mut().filter(|g| g.remaining > Decimal::ZERO) {
                 let take = left.min(g.remaining);
@@ -384,7 +384,7 @@ impl Wallets {
             let mut left = -charge.amount;
             let acc = self.account(tenant, currency);
             let from_arrears = left.min(acc.arrears.max(Decimal::ZERO));
-            acc.arrears -= from_arrears;
+            acc.arrears = crate::decimal::unsigned_zero(acc.arrears - from_arrears);
             left -= from_arrears;
             let mut moves = Vec::new();
             for g in acc.grants.iter_mut().rev().filter(|g| g.drawn > Decimal::ZERO) {
@@ -539,7 +539,7 @@ impl Wallets {
             .entry(currency.to_owned())
             .or_default();
         let before = *slot;
-        let after = before.saturating_add(amount);
+        let after = crate::decimal::unsigned_zero(before.saturating_add(amount));
         *slot = after;
         let mut alerts = Vec::new();
         let mut check = |kind: &str, threshold: Decimal| {
@@ -562,16 +562,11 @@ impl Wallets {
         (after, alerts)
     }
 
-    /// Versioned JSON bytes of the wallets (config, balances, seen keys).
-    pub fn snapshot(&self) -> Vec<u8> {
-        to_snapshot("meterflow.wallets", self)
-    }
-
-    /// The inverse of [`snapshot`](Self::snapshot). A snapshot from before credit grants
-    /// (balances but no accounts) gets each positive balance as one non-expiring paid grant
-    /// and each negative one as arrears, so balances and the ledger stay consistent.
-    pub fn restore(bytes: &[u8]) -> Result<Self, Error> {
-        let mut w: Self = from_snapshot("meterflow.wallets", bytes)?;
+    /// Wallets checkpointed before credit grants existed (balances but no accounts) get each
+    /// positive balance as one non-expiring paid grant and each negative one as arrears, so
+    /// balances and the ledger stay consistent. A no-op on wallets with accounts.
+    pub(crate) fn adopt_legacy_balances(mut self) -> Self {
+        let w = &mut self;
         let legacy: Vec<(String, String, Decimal)> = w
             .balances
             .iter()
@@ -596,6 +591,6 @@ impl Wallets {
                 acc.arrears = -b;
             }
         }
-        Ok(w)
+        self
     }
 }
