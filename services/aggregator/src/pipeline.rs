@@ -386,11 +386,10 @@ impl Aggregator {
     /// every output already written under the checkpoint's (see [`Switch`]).
     fn try_switch(&mut self, partition: i32) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get_mut(&partition) else { return Ok(()) };
-        let Some(sw) = &part.switch else { return Ok(()) };
-        if part.engine.next_seq() <= sw.max_seq || part.engine.next_offset() <= sw.max_offset {
+        let engine = &part.engine;
+        let Some(sw) = part.switch.take_if(|sw| engine.next_seq() > sw.max_seq && engine.next_offset() > sw.max_offset) else {
             return Ok(());
-        }
-        let sw = part.switch.take().expect("checked above");
+        };
         let bytes = part.engine.snapshot();
         part.engine = PartitionEngine::restore(&bytes, sw.catalog, self.engine_config.clone()).with_context(|| {
             format!(
