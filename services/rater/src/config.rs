@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{duration_ms, AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
+use meterflow_runtime::args::{duration_ms, LogArgs, MembershipArgs, ServiceArgs};
 use meterflow_runtime::service::ServiceConfig;
 
 /// Prices meter aggregates (per-unit, graduated, volume, package, free allowances, minimum
@@ -14,15 +14,7 @@ use meterflow_runtime::service::ServiceConfig;
 #[command(name = "meterflow-rater", version)]
 pub struct Config {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
-    pub topics: TopicArgs,
-    #[command(flatten)]
-    pub clickhouse: ClickHouseArgs,
-    #[command(flatten)]
-    pub log: LogArgs,
-    #[command(flatten)]
-    pub auth: AuthArgs,
+    pub service: ServiceArgs,
     #[command(flatten)]
     pub membership: MembershipArgs,
 
@@ -89,6 +81,6 @@ pub struct Config {
 
 impl ServiceConfig for Config {
     fn log(&self) -> &LogArgs {
-        &self.log
+        &self.service.log
     }
 }

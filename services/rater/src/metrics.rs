@@ -20,21 +20,17 @@ pub const WALLET_BALANCE: &str = "meterflow_rater_wallet_balance";
 pub const WALLET_ADJUSTMENTS: &str = "meterflow_rater_wallet_adjustments_total";
 pub const ALERTS: &str = "meterflow_rater_wallet_alerts_total";
 pub const RATING_LAG: &str = "meterflow_rater_rating_lag_seconds";
-pub const INSERT_SECONDS: &str = "meterflow_rater_clickhouse_insert_seconds";
-pub const CHECKPOINT_SECONDS: &str = "meterflow_rater_checkpoint_seconds";
-pub const FENCED: &str = "meterflow_rater_partitions_fenced_total";
-pub const FLUSH_ERRORS: &str = "meterflow_rater_flush_errors_total";
 pub const PROVISIONAL_IN: &str = "meterflow_rater_provisional_totals_total";
 pub const PROVISIONAL_LAG: &str = "meterflow_rater_provisional_lag_seconds";
 pub const PENDING_WINDOWS: &str = "meterflow_rater_pending_windows";
 pub const BALANCES: &str = "meterflow_rater_balances_total";
 
-/// What the runtime reports for this service, under the names above.
+/// What the runtime's loop and writers report for the rater.
 pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
-    insert_seconds: INSERT_SECONDS,
-    checkpoint_seconds: CHECKPOINT_SECONDS,
-    flush_errors: FLUSH_ERRORS,
-    fenced: FENCED,
+    insert_seconds: "meterflow_rater_clickhouse_insert_seconds",
+    checkpoint_seconds: "meterflow_rater_checkpoint_seconds",
+    flush_errors: "meterflow_rater_flush_errors_total",
+    fenced: "meterflow_rater_partitions_fenced_total",
 };
 
 pub fn describe() {

@@ -14,6 +14,7 @@ use meterflow_core::rating::{Admission, RatingConfig, WalletConfig};
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
+use meterflow_runtime::resume::Resume;
 use metrics::{counter, gauge};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
@@ -73,17 +74,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let wallet_config = WalletConfig { low_balance, ..WalletConfig::default() };
 
     let io = ServiceIo::connect(
-        &config.kafka,
-        &config.clickhouse,
+        &config.service.conn.kafka,
+        &config.service.conn.clickhouse,
         &config.group,
         &config.membership,
-        &[&config.topics.aggregates_topic, &config.topics.wallet_topic],
+        &[&config.service.conn.topics.aggregates_topic, &config.service.conn.topics.wallet_topic],
         config.http_addr,
         &shutdown,
     )
     .await?;
     let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.auth, &client).await?;
+    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
     let mut rater = Rater {
         record_key,
         admission: Admission { max_future_ms: config.max_future_ms, max_seq_gap: config.max_seq_gap },
@@ -91,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         wallet_config,
         catalog_text: text.clone(),
         switched: false,
-        sink: Arc::new(RaterSink { client: client.clone(), producer, topics: config.topics.clone() }),
+        sink: Arc::new(RaterSink { client: client.clone(), producer, topics: config.service.conn.topics.clone() }),
         client,
         catalog,
         shards: BTreeMap::new(),
@@ -105,8 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Stops with the service, and also when `run` is dropped without a shutdown.
     let balances_stop = shutdown.child_token();
     let publishing = balances::Publishing {
-        kafka: rater.config.kafka.clone(),
-        topics: rater.config.topics.clone(),
+        kafka: rater.config.service.conn.kafka.clone(),
+        topics: rater.config.service.conn.topics.clone(),
         record_key: rater.record_key.clone(),
         producer: rater.sink.producer.clone(),
         client: rater.client.clone(),
@@ -119,9 +120,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
         max_buffered_rows: rater.config.max_buffered_rows,
         max_buffered_bytes: rater.config.max_buffered_bytes,
-        checkpoint_seconds: m::CHECKPOINT_SECONDS,
-        errors: m::FLUSH_ERRORS,
-        fenced: m::FENCED,
+        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
+        errors: m::RUNTIME.flush_errors,
+        fenced: m::RUNTIME.fenced,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }
@@ -172,7 +173,7 @@ impl Rater {
         let max_aggregates_offset: i64 = self
             .client
             .query("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_topic = ? AND source_partition = ?")
-            .bind(&self.config.topics.aggregates_topic)
+            .bind(&self.config.service.conn.topics.aggregates_topic)
             .bind(partition)
             .fetch_one()
             .await?;
@@ -192,8 +193,8 @@ impl Rater {
     fn partition_config(&self, partition: i32) -> PartitionConfig {
         PartitionConfig {
             partition,
-            aggregates_topic: self.config.topics.aggregates_topic.clone(),
-            wallet_topic: self.config.topics.wallet_topic.clone(),
+            aggregates_topic: self.config.service.conn.topics.aggregates_topic.clone(),
+            wallet_topic: self.config.service.conn.topics.wallet_topic.clone(),
             record_key: self.record_key.clone(),
             admission: self.admission,
             rating: self.rating_config.clone(),
@@ -208,7 +209,7 @@ impl Rater {
         let Some(owned) = self.shards.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
-        let step = if msg.topic() == self.config.topics.wallet_topic {
+        let step = if msg.topic() == self.config.service.conn.topics.wallet_topic {
             owned.part.on_adjustment(offset, payload)
         } else {
             let broker_ms = msg.timestamp().to_millis();
@@ -300,7 +301,7 @@ impl Partitioned for Rater {
 
     /// Partition N of the aggregates and of the wallet topic share one state.
     fn topics(&self) -> Vec<String> {
-        vec![self.config.topics.aggregates_topic.clone(), self.config.topics.wallet_topic.clone()]
+        vec![self.config.service.conn.topics.aggregates_topic.clone(), self.config.service.conn.topics.wallet_topic.clone()]
     }
 
     fn config_text(&self, partition: i32) -> String {
@@ -320,12 +321,12 @@ impl Partitioned for Rater {
         let mut switch = None;
         let (mut catalog, mut catalog_text) = (self.catalog.clone(), self.catalog_text.clone());
         let config = self.partition_config(partition);
-        let part = match from {
-            Some(env) if env.meta.operator.is_none() => {
-                let part = RaterPartition::restore(config, &env.state).context("decoding the rater state")?;
+        let part = match Resume::of(from, &self.catalog_text) {
+            Resume::Checkpoint { state, recorded_config } => {
+                let part = RaterPartition::restore(config, state).context("decoding the rater state")?;
                 tracing::info!(partition, aggregates_next = part.aggregates_next(), wallet_next = part.wallet_next(), "restored checkpoint");
-                if !env.meta.config_text.is_empty() && env.meta.config_text != self.catalog_text {
-                    let old = Catalog::from_toml_str(&env.meta.config_text).context("the catalog recorded in the checkpoint")?;
+                if let Some(recorded) = recorded_config {
+                    let old = Catalog::from_toml_str(recorded).context("the catalog recorded in the checkpoint")?;
                     tracing::warn!(
                         partition,
                         "catalog changed since the checkpoint: re-rating what was already charged with the recorded \
@@ -334,20 +335,20 @@ impl Partitioned for Rater {
                     let after = OutputMark { max_charge_seq: i64::MAX, max_aggregates_offset: i64::MAX, max_wallet_offset: i64::MAX };
                     switch = Some(Switch { catalog: self.catalog.clone(), text: self.catalog_text.clone(), after });
                     catalog = Arc::new(old);
-                    catalog_text = env.meta.config_text.clone();
+                    catalog_text = recorded.to_owned();
                 }
                 part
             }
-            Some(env) => {
-                let topics = &self.config.topics;
-                let aggregates_next = env.meta.offsets.get(&topics.aggregates_topic).copied().unwrap_or(0);
-                let wallet_next = env.meta.offsets.get(&topics.wallet_topic).copied().unwrap_or(0);
+            Resume::Operator { offsets, .. } => {
+                let topics = &self.config.service.conn.topics;
+                let aggregates_next = offsets.get(&topics.aggregates_topic).copied().unwrap_or(0);
+                let wallet_next = offsets.get(&topics.wallet_topic).copied().unwrap_or(0);
                 tracing::warn!(partition, aggregates_next, wallet_next, "fresh state by operator decision");
                 RaterPartition::starting_at(config, aggregates_next, wallet_next)
             }
-            None => RaterPartition::new(config),
+            Resume::Fresh => RaterPartition::new(config),
         };
-        let partitions = partition_counts.get(&self.config.topics.aggregates_topic).copied().unwrap_or(1);
+        let partitions = partition_counts.get(&self.config.service.conn.topics.aggregates_topic).copied().unwrap_or(1);
         // Its tenants' balances are published from the restored state on the next flush.
         self.desk_feed.touched.extend(part.rating().tenants().cloned());
         self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
@@ -380,7 +381,7 @@ impl Partitioned for Rater {
 
     fn position(&self, topic: &str, partition: i32) -> Option<i64> {
         let p = &self.shards.get(&partition)?.part;
-        Some(if topic == self.config.topics.wallet_topic { p.wallet_next() } else { p.aggregates_next() })
+        Some(if topic == self.config.service.conn.topics.wallet_topic { p.wallet_next() } else { p.aggregates_next() })
     }
 
     fn release(&mut self, partition: i32) {
