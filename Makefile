@@ -22,7 +22,7 @@ COMPONENTS := broker clickhouse prometheus
 # The admin binary, built on demand (release, shared with `make build`).
 ADMIN := $(CARGO) run --quiet --release -p meterflow-admin --
 
-.PHONY: help up down status install build test test-rust pyenv check-ddl check-compose clippy init demo bench bench-usage chaos bench-core \
+.PHONY: help up down status install build test test-rust pyenv check-ddl check-compose clippy machete init demo bench bench-usage chaos bench-core \
 	$(foreach c,$(COMPONENTS),start-$(c) stop-$(c) restart-$(c) status-$(c))
 
 help:
@@ -100,6 +100,7 @@ test:
 	@$(MAKE) --no-print-directory test-rust
 	@$(MAKE) --no-print-directory fuzz-short
 	@$(MAKE) --no-print-directory clippy
+	@$(MAKE) --no-print-directory machete
 
 test-rust:
 	$(CARGO) test --workspace --no-fail-fast
@@ -119,6 +120,15 @@ check-compose:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Dependencies a crate declares but never uses (cargo-machete reads the sources, so a
+# dependency used only by a macro is listed under [package.metadata.cargo-machete] ignored).
+# Installed once into the cache, pinned.
+MACHETE_VERSION := 0.9.2
+MACHETE_ROOT := $(or $(METERFLOW_CACHE),$(HOME)/.cache/meterflow)/cargo-machete-$(MACHETE_VERSION)
+machete:
+	@test -x "$(MACHETE_ROOT)/bin/cargo-machete" || cargo install cargo-machete --locked --version $(MACHETE_VERSION) --root "$(MACHETE_ROOT)"
+	"$(MACHETE_ROOT)/bin/cargo-machete"
 
 # Topics and tables for the default names, as the services use them outside tests.
 init: up

@@ -8,12 +8,12 @@ use meterflow_core::meter::MeterCatalog;
 use meterflow_producer::{generate, EventProducer, EventTimeMode, GenerateConfig, GroundTruth, Progress};
 use meterflow_runtime::args::KafkaArgs;
 
-use crate::procs::workspace_root;
+use meterflow_testkit::procs::repo_root;
 use crate::verify;
 
 /// The project's meters (config/meters.toml).
 pub fn meters() -> anyhow::Result<MeterCatalog> {
-    let text = std::fs::read_to_string(workspace_root().join("config/meters.toml"))?;
+    let text = std::fs::read_to_string(repo_root().join("config/meters.toml"))?;
     Ok(MeterCatalog::from_toml_str(&text)?)
 }
 

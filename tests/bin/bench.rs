@@ -32,6 +32,8 @@
 //!    into a fresh topic; per window, when its revision 0 appears in `meter_aggregates`
 //!    (polled every 100 ms) relative to the ack of its last event and to its close time
 //!    (window end + allowed lateness).
+//! 9. **scaling**: `--scaling-events` on 1, 2 and 4 partitions with as many aggregator
+//!    processes; records/s and CPU per record against the capacity model (docs/scaling.md).
 //!
 //! ```sh
 //! make bench                                    # 5M events, ~8 minutes on 2 cores
@@ -45,6 +47,7 @@ mod bench_freshness;
 mod bench_queries;
 mod bench_control;
 mod bench_rater;
+mod bench_scaling;
 mod harness;
 
 use bench_aggregator::*;
@@ -60,17 +63,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use harness::{aggregator_env, cpu_secs, free_port, http_get, loadavg, log_dir, metric_sum, Proc, Stack};
+use harness::{aggregator_env, cpu_secs, loadavg, log_dir, Stack};
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::decimal::{from_ch_i128, to_ch_i128};
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::records::dimensions_key;
-use meterflow_e2e::procs::workspace_root;
 use meterflow_e2e::scenario::{meters, now_ms, produce, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::workload::Workload;
 use meterflow_producer::{EventProducer, GroundTruth};
 use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
+use meterflow_testkit::http::{free_port, get_ok, metric_sum};
+use meterflow_testkit::procs::{repo_root, ServiceProc};
 use meterflow_testkit::TestEnv;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -128,6 +132,15 @@ struct Args {
     /// Entitlement checks per second (fixed schedule).
     #[arg(long, default_value_t = 5_000.0)]
     control_rate: f64,
+    /// Events of each run of the scaling phase (0 = skip; tests/bin/bench_scaling.rs).
+    #[arg(long, default_value_t = 2_000_000)]
+    scaling_events: u64,
+    /// Partitions = aggregator instances of the scaling runs.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    scaling_instances: Vec<usize>,
+    /// Only the scaling phase (and the core bench unless --skip-core).
+    #[arg(long)]
+    scaling_only: bool,
 }
 
 /// One line of the result table.
@@ -226,7 +239,7 @@ fn main() -> std::process::ExitCode {
         }
     }
 
-    let state = workspace_root().join("target/bench").join(format!("state-{}", std::process::id()));
+    let state = repo_root().join("target/bench").join(format!("state-{}", std::process::id()));
     let mut stack = match Stack::start(&state, "memory") {
         Ok(s) => s,
         Err(e) => {
@@ -265,7 +278,7 @@ fn main() -> std::process::ExitCode {
         loadavg()
     );
     let md = report.markdown(&header);
-    let out = workspace_root().join(&args.out);
+    let out = repo_root().join(&args.out);
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -310,7 +323,7 @@ fn core_bench(args: &Args, report: &mut Report) -> Result<()> {
     let out = std::process::Command::new(cargo)
         .args(["bench", "-q", "-p", "meterflow-core", "--bench", "core_bench"])
         .env("EVENTS", args.core_events.to_string())
-        .current_dir(workspace_root())
+        .current_dir(repo_root())
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running cargo bench")?;
@@ -353,6 +366,9 @@ impl Pids {
 }
 
 async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
+    if args.scaling_only {
+        return bench_scaling::scaling(args, pids, report).await;
+    }
     bench_api::ingest(args, report).await?;
     bench_control::control(args, report).await?;
     if args.api_only {
@@ -547,7 +563,9 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
     } else {
         report.goal("freshness p99 <= window close + 2 s", "skipped (--freshness-secs 0)", None);
     }
-    Ok(())
+
+    // 9. Scaling curve.
+    bench_scaling::scaling(args, pids, report).await
 }
 
 /// Sum of the payload sizes in `topic` is not known to the broker cheaply; one consume pass

@@ -55,7 +55,7 @@ pub(super) async fn aggregator_run(
     // instance (same id) takes its partitions back without waiting for the session timeout.
     let instance = format!("{group}-0");
     let env = [("METERFLOW_IDLE_TIMEOUT", "1s"), ("METERFLOW_GROUP_INSTANCE_ID", instance.as_str())];
-    let mut agg = Proc::new("meterflow-aggregator", aggregator_env(kafka, topics, ch_args, group, &http, &env), log)?;
+    let mut agg = ServiceProc::new("meterflow-aggregator", aggregator_env(kafka, topics, ch_args, group, &http, &env), log)?;
     let ch = meterflow_runtime::clickhouse::client(ch_args);
     let sent = gt.counters.sent as f64;
     let mut run = AggRun::default();
@@ -68,7 +68,7 @@ pub(super) async fn aggregator_run(
     let mut last_verify = Instant::now() - Duration::from_secs(10);
     let deadline = started + Duration::from_secs(3600);
     let mut cpu_first = (0.0, 0.0, 0.0);
-    let agg_cpu = |agg: &Proc| agg.pid().and_then(cpu_secs).unwrap_or(0.0);
+    let agg_cpu = |agg: &ServiceProc| agg.pid().and_then(cpu_secs).unwrap_or(0.0);
     // (hot ids, RSS) when a quarter of the input had been read.
     let mut quarter: Option<(f64, u64)> = None;
     // Checkpoint histogram at the last scrape (sum, count), and the mark waiting for the next
@@ -79,7 +79,7 @@ pub(super) async fn aggregator_run(
     loop {
         agg.check_alive()?;
         anyhow::ensure!(Instant::now() < deadline, "{group}: not exact after an hour");
-        let text = http_get(&http, "/metrics").await.unwrap_or_default();
+        let text = get_ok(&format!("http://{http}/metrics")).await.unwrap_or_default();
         let events_in = metric_sum(&text, "meterflow_aggregator_events_in_total");
         if restarted.is_none() {
             let now = (
@@ -162,7 +162,7 @@ pub(super) async fn aggregator_run(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let text = http_get(&http, "/metrics").await.unwrap_or_default();
+    let text = get_ok(&format!("http://{http}/metrics")).await.unwrap_or_default();
     run.hot_ids = metric_sum(&text, "meterflow_aggregator_dedup_hot_ids");
     run.rss_end = agg.rss_bytes().unwrap_or(0);
     if let (Some((ids, rss)), None) = (quarter, restarted) {
@@ -173,7 +173,7 @@ pub(super) async fn aggregator_run(
     if restarted.is_some() {
         run.kill = Some(kill);
     }
-    agg.terminate()?;
+    agg.stop()?;
     Ok(run)
 }
 

@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use meterflow_core::UsageEvent;
-use meterflow_e2e::procs::{service_env, workspace_root};
+use meterflow_testkit::procs::{service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_producer::EventProducer;
 use meterflow_testkit::TestEnv;
 use rust_decimal::Decimal;
 
-use crate::harness::{free_port, log_dir, Proc};
+use meterflow_testkit::http::free_port;
+use meterflow_testkit::procs::ServiceProc;
+
+use crate::harness::log_dir;
 use crate::{fmt_rate, percentile, Args, Report};
 
 const TENANTS: u64 = 10;
@@ -111,25 +114,16 @@ pub async fn ingest(args: &Args, report: &mut Report) -> Result<()> {
     let mut vars = service_env(&kafka, &topics, env.clickhouse_args());
     vars.extend([
         ("METERFLOW_API_HTTP_ADDR".to_owned(), http.clone()),
-        ("METERFLOW_METERS".to_owned(), workspace_root().join("config/meters.toml").display().to_string()),
-        ("METERFLOW_CATALOG".to_owned(), workspace_root().join("config/catalog.toml").display().to_string()),
+        ("METERFLOW_METERS".to_owned(), repo_root().join("config/meters.toml").display().to_string()),
+        ("METERFLOW_CATALOG".to_owned(), repo_root().join("config/catalog.toml").display().to_string()),
         ("METERFLOW_API_TENANT_RATE".to_owned(), "0".to_owned()),
         ("METERFLOW_API_MAX_IN_FLIGHT".to_owned(), "1000000".to_owned()),
         ("METERFLOW_LOG".to_owned(), "warn".to_owned()),
     ]);
-    let mut api = Proc::new("meterflow-api", vars, log_dir("bench")?.join("api.log"))?;
+    let mut api = ServiceProc::new("meterflow-api", vars, log_dir("bench")?.join("api.log"))?;
     api.start()?;
     let base = format!("http://{http}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = reqwest::get(format!("{base}/readyz")).await.map(|r| r.status().as_u16() == 200).unwrap_or(false);
-        if ready {
-            break;
-        }
-        api.check_alive()?;
-        ensure!(Instant::now() < deadline, "meterflow-api not ready after 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    api.wait_ready(&format!("{base}/readyz"), Duration::from_secs(60)).await?;
     let url = format!("{base}/v1/events");
 
     // Batches of 100 (one tenant per batch, as a tenant's service would send).
@@ -176,7 +170,7 @@ pub async fn ingest(args: &Args, report: &mut Report) -> Result<()> {
         .collect();
     println!("== ingest: {} requests of 100 paced at {:.0} requests/s (half the batched rate)", paced.len(), half_rps);
     let (_, lat_half) = blast(&url, &keys, Arc::new(paced), Some(half_rps)).await?;
-    api.terminate()?;
+    api.stop()?;
 
     let p = |l: &[f64], q: f64| percentile(l, q);
     report.row("ingest", "meterflow-producer straight to the broker (EventProducer, 100k in flight)", format!("{} ev/s", fmt_rate(direct)), format!("{n} events in {direct_secs:.1} s, idempotent, acks=all"));

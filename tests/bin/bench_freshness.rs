@@ -33,14 +33,10 @@ pub(super) async fn freshness(args: &Args, catalog: &Arc<MeterCatalog>, report: 
     let http = format!("127.0.0.1:{}", free_port()?);
     let log = log_dir("bench")?.join(format!("fresh-{}.log", env.database()));
     // Production settings (flush 1 s, idle timeout 5 s): the windows measured close by traffic.
-    let mut agg = Proc::new("meterflow-aggregator", aggregator_env(&kafka, &topics, env.clickhouse_args(), "bench-fresh", &http, &[]), log)?;
+    let mut agg = ServiceProc::new("meterflow-aggregator", aggregator_env(&kafka, &topics, env.clickhouse_args(), "bench-fresh", &http, &[]), log)?;
     agg.start()?;
     // Ready and in the group before traffic starts.
-    let ready = Instant::now();
-    while http_get(&http, "/readyz").await.is_err() {
-        anyhow::ensure!(ready.elapsed() < Duration::from_secs(30), "aggregator not ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    agg.wait_ready(&format!("http://{http}/readyz"), Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
 
     type Key = (String, String, String, i64);
@@ -132,7 +128,7 @@ pub(super) async fn freshness(args: &Args, catalog: &Arc<MeterCatalog>, report: 
     stop_polling.cancel();
     let polls = poller.await?;
     agg.check_alive()?;
-    agg.terminate()?;
+    agg.stop()?;
 
     let windows = windows.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();

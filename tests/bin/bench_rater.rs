@@ -7,7 +7,10 @@ use anyhow::{Context as _, Result};
 use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
-use crate::harness::{cpu_secs, free_port, http_get, log_dir, metric_sum, rater_env, Proc};
+use meterflow_testkit::http::{free_port, get_ok, metric_sum};
+use meterflow_testkit::procs::ServiceProc;
+
+use crate::harness::{cpu_secs, log_dir, rater_env};
 use crate::{fmt_rate, Report};
 
 /// Runs a rater over every aggregate in `topics.aggregates_topic` and reports aggregates/s.
@@ -16,7 +19,7 @@ pub async fn rater(kafka: &KafkaArgs, topics: &TopicArgs, ch: &ClickHouseArgs, r
     anyhow::ensure!(total > 0, "the end-to-end run wrote no aggregates");
     let http = format!("127.0.0.1:{}", free_port()?);
     let log = log_dir("bench")?.join(format!("rater-{}.log", ch.database));
-    let mut rater = Proc::new("meterflow-rater", rater_env(kafka, topics, ch, "bench-rater", &http, &[]), log)?;
+    let mut rater = ServiceProc::new("meterflow-rater", rater_env(kafka, topics, ch, "bench-rater", &http, &[]), log)?;
     rater.start()?;
     let started = Instant::now();
     let (mut first, mut cpu_first) = (None, 0.0);
@@ -24,7 +27,7 @@ pub async fn rater(kafka: &KafkaArgs, topics: &TopicArgs, ch: &ClickHouseArgs, r
     let (secs, cpu) = loop {
         rater.check_alive()?;
         anyhow::ensure!(Instant::now() < deadline, "the rater did not read {total} aggregates in 10 minutes");
-        let text = http_get(&http, "/metrics").await.unwrap_or_default();
+        let text = get_ok(&format!("http://{http}/metrics")).await.unwrap_or_default();
         let read = metric_sum(&text, "meterflow_rater_aggregates_in_total");
         let cpu = rater.pid().and_then(cpu_secs).unwrap_or(0.0);
         if first.is_none() && read > 0.0 {
@@ -37,7 +40,7 @@ pub async fn rater(kafka: &KafkaArgs, topics: &TopicArgs, ch: &ClickHouseArgs, r
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    rater.terminate()?;
+    rater.stop()?;
     let rate = total as f64 / secs.max(1e-3);
     report.row(
         "rater",

@@ -27,7 +27,7 @@ use meterflow_api::keys::Scope;
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing;
 use meterflow_core::records::MeterAggregate;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_testkit::TestEnv;
 use rand::rngs::StdRng;
@@ -133,7 +133,7 @@ struct Total {
 async fn start_api(env: &TestEnv, shutdown: &CancellationToken) -> Result<(String, String)> {
     let admin = meterflow_admin::keys::create(env.clickhouse_args(), "ops", Scope::Admin).await?.1;
     let mut vars = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
-    let root = workspace_root();
+    let root = repo_root();
     for (k, v) in [
         ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ("METERFLOW_METERS", root.join("config/meters.toml").display().to_string()),
@@ -244,7 +244,7 @@ async fn main() -> Result<()> {
     writeln!(md, "| rows read by ClickHouse for one query | {read_rows} | |")?;
     writeln!(md, "| raw events / rows read | {ratio:.0}x | >= 1000x: {} |", if ratio >= 1000.0 { "met" } else { "**not met**" })?;
     print!("\n{md}");
-    let out = workspace_root().join("target/bench/bench-usage.md");
+    let out = repo_root().join("target/bench/bench-usage.md");
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     std::fs::write(&out, &md)?;
     println!("\nwritten to {}", out.display());

@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Parser;
-use harness::{aggregator_env, free_port, log_dir, rater_env, secs, Proc, Stack};
+use harness::{aggregator_env, log_dir, rater_env, secs, Stack};
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_e2e::procs::workspace_root;
 use meterflow_e2e::scenario::{produce, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
+use meterflow_testkit::http::free_port;
+use meterflow_testkit::procs::{repo_root, ServiceProc};
 use meterflow_testkit::TestEnv;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -122,7 +123,7 @@ impl Timeline {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let state = workspace_root().join("target/chaos").join(format!("state-{}", std::process::id()));
+    let state = repo_root().join("target/chaos").join(format!("state-{}", std::process::id()));
     println!("meterflow-chaos: {} events, {} aggregator(s) and {} rater(s), {} aggregator kills, {} rater kills, {} broker restart(s), ClickHouse outage {} s, seed {seed} (--seed {seed} replays the schedule)",
         args.events, args.instances, args.rater_instances, args.aggregator_kills, args.rater_kills, args.broker_restarts, args.clickhouse_outage);
     let mut stack = match Stack::start(&state, &args.broker_storage) {
@@ -155,7 +156,7 @@ fn main() -> std::process::ExitCode {
 
 
 fn catalog() -> Result<Catalog> {
-    Ok(Catalog::from_toml_str(&std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?)?)
+    Ok(Catalog::from_toml_str(&std::fs::read_to_string(repo_root().join("config/catalog.toml"))?)?)
 }
 
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
@@ -284,19 +285,19 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
 
     let logs = log_dir("chaos")?;
     let (kafka, topics, ch_args) = (env.kafka_args(), env.topics(), env.clickhouse_args());
-    let agg_proc = |i: usize| -> Result<Proc> {
+    let agg_proc = |i: usize| -> Result<ServiceProc> {
         let http = format!("127.0.0.1:{}", free_port()?);
-        Proc::new(
+        ServiceProc::new(
             "meterflow-aggregator",
             aggregator_env(kafka, topics, ch_args, "chaos-agg", &http, &[("METERFLOW_IDLE_TIMEOUT", "1s")]),
             logs.join(format!("{}-aggregator-{i}.log", env.name())),
         )
     };
-    let mut aggs: Vec<Proc> = (0..args.instances.max(1)).map(agg_proc).collect::<Result<_>>()?;
-    let mut raters: Vec<Proc> = (0..args.rater_instances.max(1))
+    let mut aggs: Vec<ServiceProc> = (0..args.instances.max(1)).map(agg_proc).collect::<Result<_>>()?;
+    let mut raters: Vec<ServiceProc> = (0..args.rater_instances.max(1))
         .map(|i| {
             let http = format!("127.0.0.1:{}", free_port()?);
-            Proc::new(
+            ServiceProc::new(
                 "meterflow-rater",
                 rater_env(kafka, topics, ch_args, "chaos-rater", &http, &[("METERFLOW_LOW_BALANCE", "USD=900")]),
                 logs.join(format!("{}-rater-{i}.log", env.name())),
@@ -309,13 +310,13 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
     tl.log(format!(
         "{} aggregator(s) (pids {:?}) and {} rater(s) (pids {:?}) started; logs in {}",
         aggs.len(),
-        aggs.iter().map(Proc::pid).collect::<Vec<_>>(),
+        aggs.iter().map(ServiceProc::pid).collect::<Vec<_>>(),
         raters.len(),
-        raters.iter().map(Proc::pid).collect::<Vec<_>>(),
+        raters.iter().map(ServiceProc::pid).collect::<Vec<_>>(),
         logs.display()
     ));
     // Instances that left the group (kept for their logs).
-    let mut retired: Vec<Proc> = Vec::new();
+    let mut retired: Vec<ServiceProc> = Vec::new();
 
     let mut cfg = workload(args.events, seed)?;
     cfg.max_in_flight = 50_000;
@@ -492,7 +493,7 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
         "one usage charge per window revision ({revisions} revisions of {windows_charged} windows), no charge id with two contents, every dead letter has a reason and detail, usage_events holds each accepted event once ({raw}); {restated} restatement rows left after merges; revenue {}",
         from_ch_i128(revenue).normalize()
     ));
-    let starts = |ps: &[Proc]| ps.iter().map(|p| p.starts).sum::<u32>();
+    let starts = |ps: &[ServiceProc]| ps.iter().map(|p| p.starts).sum::<u32>();
     tl.log(format!(
         "aggregators started {} times, raters {} times; stopping gracefully",
         starts(&aggs) + starts(&retired),
@@ -503,7 +504,7 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
     }
     // Evidence that partitions really moved between instances: every instance that ran long
     // enough claimed some, and with several instances more than one did.
-    let claimed = |ps: &[Proc]| -> Result<usize> {
+    let claimed = |ps: &[ServiceProc]| -> Result<usize> {
         let mut n = 0;
         for p in ps {
             let log = std::fs::read_to_string(p.log_path()).unwrap_or_default();
@@ -513,7 +514,7 @@ async fn run(args: &Args, seed: u64, stack: &Stack) -> Result<()> {
         }
         Ok(n)
     };
-    let all_aggs: Vec<Proc> = aggs.into_iter().chain(retired).collect();
+    let all_aggs: Vec<ServiceProc> = aggs.into_iter().chain(retired).collect();
     let (agg_claimers, rater_claimers) = (claimed(&all_aggs)?, claimed(&raters)?);
     tl.log(format!("{agg_claimers} aggregator instance(s) and {rater_claimers} rater instance(s) claimed partitions"));
     if all_aggs.len() > 1 {

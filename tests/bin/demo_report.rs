@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::demo_format::*;
+use meterflow_testkit::http::{get_ok, metric};
 
 #[derive(Debug, clickhouse::Row, Deserialize)]
 struct UsageRow {
@@ -35,28 +36,6 @@ struct ModelRow {
     margin: i128,
 }
 
-async fn scrape(url: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(host)).await??;
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
-    Ok(body)
-}
-
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
-    let mut found = false;
-    let sum = text
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .inspect(|_| found = true)
-        .sum();
-    found.then_some(sum)
-}
-
 pub(crate) async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_metrics: &str, top: usize) -> anyhow::Result<bool> {
     let gt = load_truth(files)?;
     let catalog = load_catalog(&files.catalog)?;
@@ -82,8 +61,8 @@ pub(crate) async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_
     let restated: u64 = ch.query("SELECT count() FROM meter_totals WHERE last_revision > 0").fetch_one().await?;
     // Revisions are consecutive, so the latest one counts the restatements of its window.
     let revisions: u64 = ch.query("SELECT toUInt64(sum(last_revision)) FROM meter_totals").fetch_one().await?;
-    let agg_text = scrape(agg_metrics).await.ok();
-    let dup_metric = agg_text.as_deref().and_then(|t| metric_sum(t, "meterflow_aggregator_duplicates_total"));
+    let agg_text = get_ok(agg_metrics).await.ok();
+    let dup_metric = agg_text.as_deref().and_then(|t| metric(t, "meterflow_aggregator_duplicates_total"));
 
     let _ = writeln!(w, "\n== Events ({topic}, ground truth {})", files.truth.display());
     let _ = writeln!(w, "  sent (acknowledged by the broker)    {:>12}", count_u64(c.sent));
@@ -245,7 +224,7 @@ pub(crate) async fn report(conn: &Conn, files: &Files, agg_metrics: &str, rater_
     checks.report(&exact.wallets, "wallet balances = top-ups - revenue (each top-up published twice, counted once)");
     let inconsistent = verify::charge_rows_consistent(&ch).await?;
     checks.add(inconsistent == 0, format!("charge ids with differing replays: {inconsistent}"));
-    match scrape(rater_metrics).await.ok().and_then(|t| Some((metric_sum(&t, "meterflow_rater_revenue")?, metric_sum(&t, "meterflow_rater_margin")?))) {
+    match get_ok(rater_metrics).await.ok().and_then(|t| Some((metric(&t, "meterflow_rater_revenue")?, metric(&t, "meterflow_rater_margin")?))) {
         Some((r, m)) => {
             let close = |got: f64, want: Decimal| {
                 let want: f64 = want.to_string().parse().unwrap_or(f64::NAN);

@@ -1,24 +1,20 @@
 //! What `meterflow-bench` and `meterflow-chaos` share (`mod harness;` in both): a private
 //! broker + ClickHouse started through `deploy/local/services.sh` on free ports with their own
 //! state dir (so restarting the broker or stopping ClickHouse never disturbs anybody using the
-//! shared instances on 9092/8123), service processes whose pid is known (SIGKILL, RSS), and
-//! scraping a service's `/metrics`.
+//! shared instances on 9092/8123), and the services' environments. The processes themselves
+//! run under `meterflow_testkit::procs`.
 
 // Each binary uses a different part of this module.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
-use meterflow_e2e::procs::{bin_path, service_env, workspace_root};
+use meterflow_testkit::http::free_port;
+use meterflow_testkit::procs::{repo_root, service_env};
 use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
-
-/// A free TCP port on loopback (bound, read, released: a tiny race, fine on a dev machine).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// Seconds since `t` with millisecond precision, for timelines.
 pub fn secs(t: Instant) -> f64 {
@@ -68,7 +64,7 @@ impl Stack {
     /// `deploy/local/services.sh ACTION COMPONENT` against this stack (blocks; `start` waits
     /// until the component answers).
     pub fn services(&self, action: &str, component: &str) -> Result<()> {
-        let script = workspace_root().join("deploy/local/services.sh");
+        let script = repo_root().join("deploy/local/services.sh");
         let out = Command::new("bash")
             .arg(&script)
             .args([action, component])
@@ -143,7 +139,7 @@ pub fn aggregator_env(
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
     let mut e = service_env(kafka, topics, ch);
-    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let meters = repo_root().join("config/meters.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", http),
@@ -169,7 +165,7 @@ pub fn rater_env(
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
     let mut e = service_env(kafka, topics, ch);
-    let catalog = workspace_root().join("config/catalog.toml").display().to_string();
+    let catalog = repo_root().join("config/catalog.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_RATER_GROUP", group),
         ("METERFLOW_RATER_HTTP_ADDR", http),
@@ -185,103 +181,6 @@ pub fn rater_env(
     e
 }
 
-/// A service binary run as a child process, restartable with the same configuration. Like
-/// `meterflow_e2e::procs::ServiceProc`, plus the pid (for RSS) and the HTTP address.
-pub struct Proc {
-    pub name: String,
-    bin: PathBuf,
-    env: Vec<(String, String)>,
-    log: PathBuf,
-    child: Option<Child>,
-    pub starts: u32,
-}
-
-impl Proc {
-    /// `name` is the workspace binary (built like the e2e tests build it, same profile).
-    pub fn new(name: &str, env: Vec<(String, String)>, log: PathBuf) -> Result<Self> {
-        Ok(Self { name: name.to_owned(), bin: bin_path(name)?, env, log, child: None, starts: 0 })
-    }
-
-    pub fn start(&mut self) -> Result<()> {
-        anyhow::ensure!(self.child.is_none(), "{} already running", self.name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(&self.bin)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .current_dir(workspace_root())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin.display()))?;
-        self.child = Some(child);
-        self.starts += 1;
-        Ok(())
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    pub fn running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// SIGKILL: no flush, no checkpoint, no goodbye.
-    pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM and wait up to 40 s (a graceful stop flushes and checkpoints).
-    pub fn terminate(&mut self) -> Result<()> {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-            let deadline = Instant::now() + Duration::from_secs(40);
-            while c.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    c.kill()?;
-                    c.wait()?;
-                    anyhow::bail!("{} did not stop within 40 s of SIGTERM", self.name);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
-    }
-
-    /// Fails if the process died on its own.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(c) = self.child.as_mut() {
-            if let Some(status) = c.try_wait()? {
-                self.child = None;
-                anyhow::bail!("{} exited by itself with {status}; see {}", self.name, self.log.display());
-            }
-        }
-        Ok(())
-    }
-
-    /// Resident set size of the process (VmRSS), bytes.
-    pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.kill9();
-    }
-}
-
 /// CPU seconds (user + system) process `pid` has used so far (`/proc/<pid>/stat`, clock
 /// ticks of 1/100 s).
 pub fn cpu_secs(pid: u32) -> Option<f64> {
@@ -293,31 +192,9 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// `GET http://addr/path` over HTTP/1.0 (enough for a local /metrics); the body.
-pub async fn http_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        anyhow::Ok(text)
-    };
-    let text = tokio::time::timeout(Duration::from_secs(5), fut).await.context("HTTP GET timed out")??;
-    Ok(text.split_once("\r\n\r\n").map_or(text.clone(), |(_, b)| b.to_owned()))
-}
-
-/// Sum of every series of metric `name` in a Prometheus text exposition.
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Directory for logs of one run (`target/<what>/logs`).
 pub fn log_dir(what: &str) -> Result<PathBuf> {
-    let dir = workspace_root().join("target").join(what).join("logs");
+    let dir = repo_root().join("target").join(what).join("logs");
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::engine::{EngineConfig, PartitionEngine};
 use meterflow_core::UsageEvent;
-use meterflow_e2e::procs::{parse_with_env, service_env};
+use meterflow_testkit::procs::{parse_with_env, service_env};
 use meterflow_e2e::scenario::{meters, now_ms};
 use meterflow_producer::EventProducer;
 use meterflow_runtime::checkpoint::{CheckpointKey, CheckpointStore};
@@ -113,7 +113,7 @@ async fn totals(ch: &clickhouse::Client) -> anyhow::Result<BTreeMap<(String, Str
 
 fn aggregator_env(env: &TestEnv, group: &str, hot_max_ids: &str) -> Vec<(String, String)> {
     let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
-    let meters_path = meterflow_e2e::procs::workspace_root().join("config/meters.toml").display().to_string();
+    let meters_path = meterflow_testkit::procs::repo_root().join("config/meters.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use meterflow_core::decimal::to_ch_i128;
 use meterflow_core::records::dimensions_key;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_testkit::TestEnv;
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -69,7 +69,7 @@ fn python() -> PathBuf {
 
 /// fastavro's single-object encoding of each JSON record (usage_event.v2.avsc).
 fn fastavro_encode(records: &[serde_json::Value]) -> anyhow::Result<Vec<Vec<u8>>> {
-    let root = workspace_root();
+    let root = repo_root();
     let mut child = Command::new(python())
         .arg(root.join("tests/python/fastavro_codec.py"))
         .arg("encode")
@@ -198,7 +198,7 @@ async fn fastavro_events_big_quantities_and_a_window_flood() -> anyhow::Result<(
         producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e)?;
     }
 
-    let meters_path = workspace_root().join(format!("target/e2e-logs/{}-meters.toml", env.name()));
+    let meters_path = repo_root().join(format!("target/e2e-logs/{}-meters.toml", env.name()));
     std::fs::create_dir_all(meters_path.parent().expect("parent"))?;
     std::fs::write(&meters_path, METERS)?;
     let mut vars = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());

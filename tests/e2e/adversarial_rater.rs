@@ -23,7 +23,8 @@ use meterflow_core::auth::{self, RecordKey};
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::records::{AvroRecord, MeterAggregate};
 use meterflow_core::UsageEvent;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::http::{free_port, get_ok, metric_sum};
+use meterflow_testkit::procs::{parse_with_env, repo_root, service_env};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_producer::EventProducer;
 use meterflow_testkit::TestEnv;
@@ -71,7 +72,7 @@ struct Files {
 
 impl Files {
     fn new(env: &TestEnv) -> anyhow::Result<Self> {
-        let dir = workspace_root().join("target/e2e-adversarial").join(env.name());
+        let dir = repo_root().join("target/e2e-adversarial").join(env.name());
         std::fs::create_dir_all(&dir)?;
         Ok(Self { dir })
     }
@@ -108,10 +109,6 @@ fn rater_env(env: &TestEnv, meters: &str, catalog: &str, http: &str) -> Vec<(Str
         e.push((k.into(), v.into()));
     }
     e
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A running in-process service.
@@ -206,22 +203,6 @@ where
     }
 }
 
-async fn scrape(http: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(http).await?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Expected usage amount and rate-card cost of plan p, model m1: per-unit prices telescope to
 /// price x total, and these quantities are integers, so every value is exact.
 fn m1_money(quantity: Decimal) -> (Decimal, Decimal) {
@@ -285,11 +266,11 @@ async fn poison_and_unpriced_are_parked_others_billed_and_rerate_bills_once() ->
     assert_eq!(dl, 2, "one dead letter per parked aggregate");
     // Counters count processing: a replay after a rebalance counts again, hence >= 1.
     eventually(Duration::from_secs(10), &[&agg, &rater], || async {
-        let text = scrape(&http).await?;
+        let text = get_ok(&format!("http://{http}/metrics")).await?;
         let (o, u, now) = (
-            metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"overflow\"}"),
-            metric(&text, "meterflow_rater_aggregates_parked_total{reason=\"unpriced\"}"),
-            metric(&text, "meterflow_rater_parked_aggregates"),
+            metric_sum(&text, "meterflow_rater_aggregates_parked_total{reason=\"overflow\"}"),
+            metric_sum(&text, "meterflow_rater_aggregates_parked_total{reason=\"unpriced\"}"),
+            metric_sum(&text, "meterflow_rater_parked_aggregates"),
         );
         Ok((o < 1.0 || u < 1.0 || now != 2.0).then(|| format!("parked overflow {o} unpriced {u}, parked now {now}")))
     })
@@ -345,8 +326,8 @@ async fn poison_and_unpriced_are_parked_others_billed_and_rerate_bills_once() ->
     assert_eq!(replay::rerate(env.kafka_args(), &env.topics().aggregates_topic, &env.clickhouse(), &key, &all).await?, 0);
     // The rater read both duplicate requests (counted as not parked), and nothing changed.
     eventually(Duration::from_secs(30), &[&agg, &rater], || async {
-        let text = scrape(&http).await?;
-        let n = metric(&text, "meterflow_rater_rerates_total{outcome=\"not_parked\"}");
+        let text = get_ok(&format!("http://{http}/metrics")).await?;
+        let n = metric_sum(&text, "meterflow_rater_rerates_total{outcome=\"not_parked\"}");
         Ok((n < 2.0).then(|| format!("{n} not_parked rerates")))
     })
     .await?;

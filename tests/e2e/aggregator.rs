@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use meterflow_e2e::procs::{parse_with_env, service_env, ServiceProc};
+use meterflow_testkit::procs::{parse_with_env, service_env, ServiceProc};
 use meterflow_e2e::scenario::{produce, wait_until_exact, workload};
 use meterflow_testkit::TestEnv;
 use rand::Rng;
@@ -19,7 +19,7 @@ const PARTITIONS: i32 = 4;
 
 fn aggregator_env(env: &TestEnv, group: &str) -> Vec<(String, String)> {
     let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
-    let meters_path = meterflow_e2e::procs::workspace_root().join("config/meters.toml").display().to_string();
+    let meters_path = meterflow_testkit::procs::repo_root().join("config/meters.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
@@ -34,7 +34,7 @@ fn aggregator_env(env: &TestEnv, group: &str) -> Vec<(String, String)> {
 }
 
 fn log_path(env: &TestEnv, name: &str) -> std::path::PathBuf {
-    let dir = meterflow_e2e::procs::workspace_root().join("target/e2e-logs");
+    let dir = meterflow_testkit::procs::repo_root().join("target/e2e-logs");
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{}-{name}.log", env.name()))
 }
@@ -96,7 +96,7 @@ async fn identical_after_three_sigkills() -> anyhow::Result<()> {
     let gt = producing.await??;
     let ch = env.clickhouse();
     wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(240), || agg.check_alive()).await?;
-    agg.terminate()?;
+    agg.stop()?;
     assert_eq!(agg.starts, 4);
     Ok(())
 }
@@ -119,12 +119,12 @@ async fn identical_across_rebalances() -> anyhow::Result<()> {
     b.start()?;
     eprintln!("second aggregator joined the group");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    a.terminate()?;
+    a.stop()?;
     eprintln!("first aggregator left the group");
     let gt = producing.await??;
     let ch = env.clickhouse();
     wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(240), || b.check_alive()).await?;
-    b.terminate()?;
+    b.stop()?;
     Ok(())
 }
 

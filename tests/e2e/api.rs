@@ -15,7 +15,7 @@ use meterflow_api::keys::Scope;
 use meterflow_core::codec::UsageEventCodec;
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_e2e::verify;
 use meterflow_producer::truth::{Counters, GroundTruth, RunInfo, WindowKey, WindowTotal};
@@ -34,11 +34,11 @@ fn env_with(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn meters_path() -> String {
-    workspace_root().join("config/meters.toml").display().to_string()
+    repo_root().join("config/meters.toml").display().to_string()
 }
 
 async fn start_api(env: &TestEnv, extra: &[(&str, &str)], shutdown: &CancellationToken) -> anyhow::Result<String> {
-    let (meters, catalog) = (meters_path(), workspace_root().join("config/catalog.toml").display().to_string());
+    let (meters, catalog) = (meters_path(), repo_root().join("config/catalog.toml").display().to_string());
     let mut vars = vec![
         ("METERFLOW_API_HTTP_ADDR", "127.0.0.1:0"),
         ("METERFLOW_METERS", meters.as_str()),
@@ -263,7 +263,7 @@ async fn ingest_through_the_api_gives_exact_totals_charges_and_wallets() -> anyh
         ("METERFLOW_METERS", &meters_path()),
         ("METERFLOW_IDLE_TIMEOUT", "1s"),
     ]);
-    let catalog_path = workspace_root().join("config/catalog.toml").display().to_string();
+    let catalog_path = repo_root().join("config/catalog.toml").display().to_string();
     let rater_env = env_with(&env, &[
         ("METERFLOW_RATER_GROUP", "rater"),
         ("METERFLOW_RATER_HTTP_ADDR", "127.0.0.1:0"),

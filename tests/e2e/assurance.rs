@@ -17,7 +17,7 @@ use meterflow_admin::reconcile::{self, Finding as ReconFinding, ReconcileCmd, St
 use meterflow_core::decimal::{from_ch_i128, round_amount};
 use meterflow_core::pricing::{self, Catalog};
 use meterflow_core::records::{AvroRecord, WalletAdjustment};
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::{now_ms, produce, publish_top_ups, wait_until_exact, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
@@ -31,7 +31,7 @@ const PARTITIONS: i32 = 2;
 const EXPIRING: &str = "tenant-002";
 
 fn catalog_path() -> std::path::PathBuf {
-    workspace_root().join("config/catalog.toml")
+    repo_root().join("config/catalog.toml")
 }
 
 fn catalog() -> anyhow::Result<Catalog> {
@@ -158,7 +158,7 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // An early error return must stop the services, or the runtime waits for them forever.
     let _stop_on_return = shutdown.clone().drop_guard();
-    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let meters = repo_root().join("config/meters.toml").display().to_string();
     let catalog_s = catalog_path().display().to_string();
     let agg_env = env_with(&env, &[
         ("METERFLOW_AGGREGATOR_GROUP", "agg"),

@@ -5,26 +5,24 @@
 //! `meterflow_writer` can do what the services need. A private server, because the shared one
 //! may predate the users and must not be restarted by a test.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
-use meterflow_e2e::procs::workspace_root;
+use meterflow_testkit::http::free_port;
+use meterflow_testkit::procs::{repo_root, ServiceProc};
 
+/// The private server; its directory goes with it.
 struct Server {
-    child: Child,
-    dir: std::path::PathBuf,
+    proc: ServiceProc,
+    dir: PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.kill9();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// (status, body) of `sql` as `user`.
@@ -37,8 +35,8 @@ async fn run(c: &reqwest::Client, port: u16, user: &str, password: &str, sql: &s
 async fn analyst_is_read_only_and_writer_can_write() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("meterflow-ch-users-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (http, tcp) = (free_port(), free_port());
-    let status = Command::new(workspace_root().join("deploy/local/services.sh"))
+    let (http, tcp) = (free_port()?, free_port()?);
+    let status = Command::new(repo_root().join("deploy/local/services.sh"))
         .args(["clickhouse-config", dir.to_str().expect("utf-8 temp dir")])
         .env("METERFLOW_CLICKHOUSE_HTTP_PORT", http.to_string())
         .env("METERFLOW_CLICKHOUSE_TCP_PORT", tcp.to_string())
@@ -48,18 +46,12 @@ async fn analyst_is_read_only_and_writer_can_write() -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "services.sh clickhouse-config failed");
     let users = std::fs::read_to_string(dir.join("users.xml"))?;
     assert!(!users.contains("a-secret") && !users.contains("w-secret"), "passwords are stored hashed");
-    let child = Command::new("clickhouse-server")
-        .arg(format!("--config-file={}", dir.join("config.xml").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let _server = Server { child, dir: dir.clone() };
+    let args = vec![format!("--config-file={}", dir.join("config.xml").display())];
+    let proc = ServiceProc::program("clickhouse-server", "clickhouse-server".into(), args, dir.clone(), dir.join("server.log"));
+    let mut server = Server { proc, dir: dir.clone() };
+    server.proc.start()?;
+    server.proc.wait_ready(&format!("http://127.0.0.1:{http}/ping"), Duration::from_secs(60)).await?;
     let c = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while run(&c, http, "default", "", "SELECT 1").await.map(|r| r.0).unwrap_or(0) != 200 {
-        anyhow::ensure!(Instant::now() < deadline, "private clickhouse-server did not start");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 
     // The writer: what the services and migrations do.
     for sql in [

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::{produce, publish_top_ups, wait_until_exact, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
@@ -57,7 +57,7 @@ fn ch_at(node: &str, database: &str) -> clickhouse::Client {
 }
 
 fn cluster_sh(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(workspace_root().join("deploy/local/cluster.sh")).args(args).status()?;
+    let status = Command::new(repo_root().join("deploy/local/cluster.sh")).args(args).status()?;
     anyhow::ensure!(status.success(), "deploy/local/cluster.sh {} failed", args.join(" "));
     Ok(())
 }
@@ -73,7 +73,7 @@ async fn require_cluster() -> anyhow::Result<()> {
 }
 
 fn catalog() -> anyhow::Result<Catalog> {
-    Ok(Catalog::from_toml_str(&std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?)?)
+    Ok(Catalog::from_toml_str(&std::fs::read_to_string(repo_root().join("config/catalog.toml"))?)?)
 }
 
 fn services(env: &TestEnv) -> anyhow::Result<(meterflow_aggregator::Config, meterflow_rater::Config)> {
@@ -83,7 +83,7 @@ fn services(env: &TestEnv) -> anyhow::Result<(meterflow_aggregator::Config, mete
         e.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
         e
     };
-    let root = workspace_root();
+    let root = repo_root();
     let agg = with(&[
         ("METERFLOW_AGGREGATOR_GROUP", "agg".into()),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0".into()),

@@ -10,12 +10,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use meterflow_core::records::{AvroRecord, WalletAdjustment};
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::http::{free_port, get, get_ok};
+use meterflow_testkit::procs::{parse_with_env, repo_root, service_env, ServiceProc};
 use meterflow_e2e::scenario::{meters, now_ms, produce};
 use meterflow_producer::{EventTimeMode, GenerateConfig};
 use meterflow_testkit::TestEnv;
@@ -32,10 +32,6 @@ const SPAN_MS: i64 = 30 * 60_000;
 const SCRAPE_S: u64 = 1;
 const CH_TYPE: &str = "grafana-clickhouse-datasource";
 const PROM_TYPE: &str = "prometheus";
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 fn now_s() -> i64 {
     now_ms() / 1000
@@ -81,7 +77,7 @@ fn parse_interval(s: &str) -> anyhow::Result<i64> {
 }
 
 fn dashboards_dir() -> PathBuf {
-    workspace_root().join("deploy/grafana/dashboards")
+    repo_root().join("deploy/grafana/dashboards")
 }
 
 /// Every query target of every panel of every dashboard.
@@ -138,7 +134,7 @@ fn load_targets() -> anyhow::Result<(Vec<Target>, usize)> {
 /// otherwise hide behind `or on() vector(0)`.
 fn declared_metrics() -> anyhow::Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
-    for svc in std::fs::read_dir(workspace_root().join("services"))? {
+    for svc in std::fs::read_dir(repo_root().join("services"))? {
         let path = svc?.path().join("src/metrics.rs");
         if let Ok(text) = std::fs::read_to_string(&path) {
             for part in text.split('"').skip(1).step_by(2) {
@@ -284,7 +280,7 @@ fn expand_promql(expr: &str, interval_s: i64) -> anyhow::Result<String> {
 
 /// Debian's Prometheus in a temporary directory, killed on drop.
 struct Prometheus {
-    child: Child,
+    proc: ServiceProc,
     dir: PathBuf,
     port: u16,
 }
@@ -304,54 +300,31 @@ impl Prometheus {
             cfg.push_str(&format!("  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{p}']\n"));
         }
         std::fs::write(dir.join("prometheus.yml"), cfg)?;
-        let log = std::fs::File::create(dir.join("prometheus.log"))?;
-        let child = Command::new(&bin)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--storage.tsdb.retention.time=1h")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        Ok(Self { child, dir, port })
+        let args = vec![
+            format!("--config.file={}", dir.join("prometheus.yml").display()),
+            format!("--storage.tsdb.path={}", dir.join("data").display()),
+            format!("--web.listen-address=127.0.0.1:{port}"),
+            "--storage.tsdb.retention.time=1h".to_owned(),
+        ];
+        let mut proc = ServiceProc::program("prometheus", bin, args, dir.clone(), dir.join("prometheus.log"));
+        proc.start()?;
+        Ok(Self { proc, dir, port })
     }
 
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<String> {
+        Ok(reqwest::Url::parse_with_params(&format!("http://127.0.0.1:{}{path}", self.port), query)?.into())
     }
 
     async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("prometheus exited ({status}) during start-up:\n{}", self.log_tail());
-            }
-            if let Ok((200, _)) = http_get(&self.addr(), "/-/ready").await {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "prometheus not ready after {timeout:?}:\n{}", self.log_tail());
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let url = self.url("/-/ready", &[])?;
+        self.proc.wait_ready(&url, timeout).await
     }
 
     /// `/api/v1/query_range`; returns the `data.result` array.
     async fn query_range(&self, expr: &str, range: Range, step_s: i64) -> anyhow::Result<Vec<Value>> {
-        let path = format!(
-            "/api/v1/query_range?query={}&start={}&end={}&step={step_s}",
-            url_encode(expr),
-            range.from_s,
-            range.to_s
-        );
-        let (status, body) = http_get(&self.addr(), &path).await?;
+        let (from, to, step) = (range.from_s.to_string(), range.to_s.to_string(), step_s.to_string());
+        let url = self.url("/api/v1/query_range", &[("query", expr), ("start", &from), ("end", &to), ("step", &step)])?;
+        let (status, body) = get(&url).await?;
         let v: Value = serde_json::from_str(&body).with_context(|| format!("HTTP {status}, not JSON: {body}"))?;
         ensure!(v["status"] == "success", "HTTP {status}: {} {}", v["errorType"], v["error"]);
         Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
@@ -359,47 +332,19 @@ impl Prometheus {
 
     /// Completed scrapes of `job` so far.
     async fn scrapes(&self, job: &str) -> anyhow::Result<usize> {
-        let path = format!("/api/v1/query?query={}", url_encode(&format!("count_over_time(up{{job=\"{job}\"}}[1h])")));
-        let (_, body) = http_get(&self.addr(), &path).await?;
-        let v: Value = serde_json::from_str(&body)?;
+        let url = self.url("/api/v1/query", &[("query", &format!("count_over_time(up{{job=\"{job}\"}}[1h])"))])?;
+        let v: Value = serde_json::from_str(&get_ok(&url).await?)?;
         Ok(v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0) as usize)
     }
 }
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.kill9();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A minimal HTTP/1.0 GET (no client crate needed for loopback services).
-async fn http_get(host: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let io = async {
-        let mut s = tokio::net::TcpStream::connect(host).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(30), io).await.context("HTTP timeout")??;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("no HTTP status")?;
-    Ok((status, body.to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -556,7 +501,7 @@ async fn every_dashboard_panel_returns_data() -> anyhow::Result<()> {
     }
 
     let env = TestEnv::with_partitions("dashboards", 2).await?;
-    let root = workspace_root();
+    let root = repo_root();
     let (agg_port, rater_port) = (free_port()?, free_port()?);
     let mut prom = Prometheus::start(&[("aggregator", agg_port), ("rater", rater_port)])?;
     prom.wait_ready(Duration::from_secs(60)).await?;
@@ -599,8 +544,8 @@ async fn every_dashboard_panel_returns_data() -> anyhow::Result<()> {
     // /metrics answers: the process-wide recorder exists before the producer registers its
     // metrics (they then show up on the services' /metrics, which Prometheus scrapes).
     wait_for("the services' /metrics", Duration::from_secs(30), || alive(&agg, &rater), async || {
-        let a = http_get(&format!("127.0.0.1:{agg_port}"), "/metrics").await;
-        let r = http_get(&format!("127.0.0.1:{rater_port}"), "/metrics").await;
+        let a = get(&format!("http://127.0.0.1:{agg_port}/metrics")).await;
+        let r = get(&format!("http://127.0.0.1:{rater_port}/metrics")).await;
         Ok(matches!((a, r), (Ok((200, _)), Ok((200, _)))))
     })
     .await?;

@@ -13,7 +13,7 @@ use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::partitioning::partition_for;
 use meterflow_core::UsageEvent;
 use meterflow_e2e::faults::TcpProxy;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root, ServiceProc};
+use meterflow_testkit::procs::{parse_with_env, repo_root, service_env, ServiceProc, Signal};
 use meterflow_e2e::scenario::{init_test_logging, now_ms, produce, wait_until_exact, workload};
 use meterflow_producer::EventProducer;
 use meterflow_testkit::{wait_for, TestEnv};
@@ -28,7 +28,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn aggregator_env(env: &TestEnv, group: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
-    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let meters = repo_root().join("config/meters.toml").display().to_string();
     for (k, v) in [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
@@ -47,7 +47,7 @@ fn aggregator_env(env: &TestEnv, group: &str, extra: &[(&str, &str)]) -> Vec<(St
 }
 
 fn log_path(env: &TestEnv, name: &str) -> std::path::PathBuf {
-    let dir = workspace_root().join("target/e2e-logs");
+    let dir = repo_root().join("target/e2e-logs");
     let _ = std::fs::create_dir_all(&dir);
     dir.join(format!("{}-{name}.log", env.name()))
 }
@@ -523,7 +523,7 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
     let past_claims = move |env: TestEnv| async move { Ok(newest(env).await?.values().filter(|(_, n)| *n >= 1).count() == 2) };
     wait_for(|| past_claims(env.clone()), Duration::from_secs(60)).await?;
     let before = epochs(env.clone()).await?;
-    assert!(a.signal("STOP")?, "SIGSTOP reached the first instance");
+    assert!(a.signal(Signal::STOP)?, "SIGSTOP reached the first instance");
     eprintln!("aggregator A stopped; epochs {before:?}");
     proxy.cut();
     b.start()?;
@@ -565,7 +565,7 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
         Duration::from_secs(60),
     )
     .await?;
-    assert!(a.signal("CONT")?, "SIGCONT reached the first instance");
+    assert!(a.signal(Signal::CONT)?, "SIGCONT reached the first instance");
     let gt = producing.await??;
     let ch = env.clickhouse();
     wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(180), || {
@@ -622,12 +622,12 @@ async fn price_change_after_a_crash_never_rewrites_a_charge() -> anyhow::Result<
     let _serial = SERIAL.lock().await;
     init_test_logging();
     let env = TestEnv::with_partitions("ops_price", 1).await?;
-    let old_text = std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?;
+    let old_text = std::fs::read_to_string(repo_root().join("config/catalog.toml"))?;
     let needle = "free_units = \"100000\"\nunit_price = \"0.000003\"";
     anyhow::ensure!(old_text.matches(needle).count() == 1, "the gpt-4o input price is unique in the catalog");
     let new_catalog = log_path(&env, "catalog-b.toml");
     std::fs::write(&new_catalog, old_text.replace(needle, "free_units = \"100000\"\nunit_price = \"0.000004\""))?;
-    let old_catalog = workspace_root().join("config/catalog.toml");
+    let old_catalog = repo_root().join("config/catalog.toml");
 
     let base = (now_ms() - 40 * 60_000).div_euclid(60_000) * 60_000;
     let window = |w: i64| -> Vec<UsageEvent> {
@@ -737,7 +737,7 @@ async fn lateness_change_after_a_crash_never_rewrites_a_seq() -> anyhow::Result<
     let _serial = SERIAL.lock().await;
     init_test_logging();
     let env = TestEnv::with_partitions("ops_lateness", 1).await?;
-    let meters_a = std::fs::read_to_string(workspace_root().join("config/meters.toml"))?;
+    let meters_a = std::fs::read_to_string(repo_root().join("config/meters.toml"))?;
     let needle = "allowed_lateness = \"10s\"";
     anyhow::ensure!(meters_a.contains(needle), "input_tokens has 10 s lateness");
     let meters_b_path = log_path(&env, "meters-b.toml");

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::Catalog;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root, ServiceProc};
+use meterflow_testkit::http::{free_port, get_ok, metric_sum};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root, ServiceProc};
 use meterflow_e2e::scenario::{produce, wait_until_exact, workload};
 use meterflow_e2e::verify;
 use meterflow_producer::GroundTruth;
@@ -22,11 +23,7 @@ const EVENTS: u64 = 60_000;
 const PARTITIONS: i32 = 4;
 
 fn catalog() -> anyhow::Result<Catalog> {
-    Ok(Catalog::from_toml_str(&std::fs::read_to_string(workspace_root().join("config/catalog.toml"))?)?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(Catalog::from_toml_str(&std::fs::read_to_string(repo_root().join("config/catalog.toml"))?)?)
 }
 
 fn env_with(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -36,7 +33,7 @@ fn env_with(env: &TestEnv, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn aggregator_env(env: &TestEnv) -> Vec<(String, String)> {
-    let meters_path = workspace_root().join("config/meters.toml").display().to_string();
+    let meters_path = repo_root().join("config/meters.toml").display().to_string();
     env_with(env, &[
         ("METERFLOW_AGGREGATOR_GROUP", "agg"),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", "127.0.0.1:0"),
@@ -47,7 +44,7 @@ fn aggregator_env(env: &TestEnv) -> Vec<(String, String)> {
 }
 
 fn rater_env(env: &TestEnv, http: &str) -> Vec<(String, String)> {
-    let catalog_path = workspace_root().join("config/catalog.toml").display().to_string();
+    let catalog_path = repo_root().join("config/catalog.toml").display().to_string();
     env_with(env, &[
         ("METERFLOW_RATER_GROUP", "rater"),
         ("METERFLOW_RATER_HTTP_ADDR", http),
@@ -97,25 +94,6 @@ async fn wait_for_charges(env: &TestEnv, gt: &GroundTruth, timeout: Duration, mu
     }
 }
 
-async fn scrape(url: &str) -> anyhow::Result<String> {
-    // A tiny HTTP/1.0 GET: no client crate needed for a local /metrics.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(body)
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn charges_wallets_and_metrics_match_ground_truth() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
@@ -145,7 +123,7 @@ async fn charges_wallets_and_metrics_match_ground_truth() -> anyhow::Result<()> 
     assert_eq!(revenue - cost, margin, "margin = revenue - cost, exactly");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let text = scrape(&format!("http://{http}/metrics")).await?;
+        let text = get_ok(&format!("http://{http}/metrics")).await?;
         let close = |got: f64, want: Decimal| {
             let want: f64 = want.to_string().parse().unwrap_or(f64::NAN);
             (got - want).abs() <= 1e-6 * want.abs().max(1.0)
@@ -172,7 +150,7 @@ async fn identical_charges_after_three_rater_sigkills() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     let env = TestEnv::with_partitions("rater_kill", PARTITIONS).await?;
     let credits = meterflow_e2e::scenario::publish_top_ups(env.kafka_args(), &env.topics().wallet_topic).await?;
-    let log = workspace_root().join("target/e2e-logs");
+    let log = repo_root().join("target/e2e-logs");
     std::fs::create_dir_all(&log)?;
     let mut agg = ServiceProc::new("meterflow-aggregator", aggregator_env(&env), log.join(format!("{}-aggregator.log", env.name())))?;
     let mut rater = ServiceProc::new("meterflow-rater", rater_env(&env, "127.0.0.1:0"), log.join(format!("{}-rater.log", env.name())))?;
@@ -201,7 +179,7 @@ async fn identical_charges_after_three_rater_sigkills() -> anyhow::Result<()> {
     let usage_aggregates: u64 = ch.query("SELECT sum(last_revision + 1) FROM meter_totals").fetch_one().await?; // revisions 0..=last; survives merges
     let usage_charges: u64 = ch.query("SELECT count() FROM charges_dedup WHERE kind = 'usage'").fetch_one().await?;
     assert_eq!(usage_charges, usage_aggregates, "one usage charge per aggregate revision, none twice");
-    rater.terminate()?;
-    agg.terminate()?;
+    rater.stop()?;
+    agg.stop()?;
     Ok(())
 }

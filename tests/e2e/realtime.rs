@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use meterflow_api::keys::Scope;
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_testkit::TestEnv;
 use rust_decimal::Decimal;
@@ -132,7 +132,7 @@ async fn pending_within_seconds_settles_exactly_and_checks_deny() -> anyhow::Res
     let catalog_path = std::env::temp_dir().join(format!("meterflow-realtime-{}.toml", env.topic_prefix().trim_end_matches('.')));
     std::fs::write(&catalog_path, CATALOG)?;
     let catalog = catalog_path.display().to_string();
-    let meters = workspace_root().join("config/meters.toml").display().to_string();
+    let meters = repo_root().join("config/meters.toml").display().to_string();
     let env_with = |extra: &[(&str, &str)]| {
         let mut e = service_env(env.kafka_args(), env.topics(), env.clickhouse_args());
         e.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use meterflow_api::keys::Scope;
 use meterflow_core::decimal::from_ch_i128;
 use meterflow_core::pricing::{self, Catalog};
-use meterflow_e2e::procs::{parse_with_env, service_env, workspace_root};
+use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_e2e::verify;
 use meterflow_producer::truth::{Counters, GroundTruth, RunInfo, WindowKey, WindowTotal};
@@ -182,7 +182,7 @@ struct World {
 impl World {
     async fn start(shutdown: CancellationToken) -> anyhow::Result<Self> {
         let env = TestEnv::new("usage_api").await?;
-        let root = workspace_root();
+        let root = repo_root();
         let meters = root.join("config/meters.toml").display().to_string();
         let catalog = root.join("config/catalog.toml").display().to_string();
         let (mut ingest, mut read) = (BTreeMap::new(), BTreeMap::new());
@@ -265,7 +265,7 @@ async fn usage_invoice_and_customer_page_are_exact_and_isolated() -> anyhow::Res
     check_usage(&w, &sent, t0, from, to).await?;
 
     // Invoice preview = the charges table, once the rater priced every window.
-    let catalog_path = workspace_root().join("config/catalog.toml");
+    let catalog_path = repo_root().join("config/catalog.toml");
     let catalog = Catalog::from_toml_str(&std::fs::read_to_string(&catalog_path)?)?;
     let gt = sent.ground_truth(&w.env.topics().usage_topic);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -391,7 +391,7 @@ async fn check_page(w: &World, balance: &Value, invoice_total: Option<Value>) ->
     }
     assert!(dom.contains("<svg") && dom.contains("class=\"bar\""), "the chart is rendered");
     assert!(!dom.contains("tenant-001"), "nothing of another tenant on the page");
-    let png = workspace_root().join("target/portal/portal.png");
+    let png = repo_root().join("target/portal/portal.png");
     std::fs::create_dir_all(png.parent().unwrap())?;
     let _ = std::fs::remove_file(&png);
     chromium(&[&format!("--screenshot={}", png.display()), "--window-size=1000,1600", "--hide-scrollbars", &url]).await?;

@@ -23,7 +23,7 @@ use meterflow_admin::checkpoints::{self, Service};
 use meterflow_admin::migrations::{self, MigrationSource};
 use meterflow_admin::replay::{self, RedriveFilter, RerateFilter};
 use meterflow_admin::{create_topics, list_topics, Partitions, TopicReport};
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, Connections, KafkaArgs, LogArgs, TopicArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "meterflow-admin", version, about = "Creates meterflow's Kafka topics and applies its ClickHouse migrations.")]
@@ -73,11 +73,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct RerateCmd {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
+    conn: Connections,
     #[command(flatten)]
     auth: AuthArgs,
     /// Only this tenant's parked aggregates.
@@ -91,11 +87,7 @@ struct RerateCmd {
 #[derive(Debug, Args)]
 struct RedriveCmd {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
+    conn: Connections,
     /// Dead-letter reason to redrive (e.g. `unknown_meter`).
     #[arg(long, env = "METERFLOW_REDRIVE_REASON")]
     reason: String,
@@ -112,19 +104,21 @@ fn parse_time_s(s: &str) -> Result<i64, String> {
 }
 
 async fn run_rerate(c: &RerateCmd) -> Result<()> {
-    let client = meterflow_runtime::clickhouse::client(&c.clickhouse);
+    let client = meterflow_runtime::clickhouse::client(&c.conn.clickhouse);
     let key = meterflow_runtime::record_key::resolve(&c.auth, &client).await?;
     let filter = RerateFilter { tenant: c.tenant.clone(), reason: c.reason.clone() };
-    let n = replay::rerate(&c.kafka, &c.topics.aggregates_topic, &client, &key, &filter).await?;
-    println!("published {n} rerate requests to {}", c.topics.aggregates_topic);
+    let topic = &c.conn.topics.aggregates_topic;
+    let n = replay::rerate(&c.conn.kafka, topic, &client, &key, &filter).await?;
+    println!("published {n} rerate requests to {topic}");
     Ok(())
 }
 
 async fn run_redrive(c: &RedriveCmd) -> Result<()> {
-    let client = meterflow_runtime::clickhouse::client(&c.clickhouse);
+    let client = meterflow_runtime::clickhouse::client(&c.conn.clickhouse);
     let filter = RedriveFilter { reason: c.reason.clone(), from_s: c.from, to_s: c.to };
-    let n = replay::redrive(&c.kafka, &c.topics.usage_topic, &client, &filter).await?;
-    println!("redrove {n} dead-lettered events ({}) to {}", c.reason, c.topics.usage_topic);
+    let topic = &c.conn.topics.usage_topic;
+    let n = replay::redrive(&c.conn.kafka, topic, &client, &filter).await?;
+    println!("redrove {n} dead-lettered events ({}) to {topic}", c.reason);
     Ok(())
 }
 
@@ -142,11 +136,7 @@ enum CheckpointCmd {
 #[derive(Debug, Args)]
 struct CheckpointTarget {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
+    conn: Connections,
     /// Which service's checkpoints.
     #[arg(long, env = "METERFLOW_SERVICE", value_enum)]
     service: Service,
@@ -186,8 +176,8 @@ async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
     let (one, action, offsets) = match cmd {
         CheckpointCmd::Show(t) => {
             let group = group_of(t);
-            let shown = checkpoints::show(&t.clickhouse, &t.kafka, &t.topics, t.service, &group).await?;
-            println!("{} checkpoints of group {group} (database {}):", t.service.name(), t.clickhouse.database);
+            let shown = checkpoints::show(&t.conn.clickhouse, &t.conn.kafka, &t.conn.topics, t.service, &group).await?;
+            println!("{} checkpoints of group {group} (database {}):", t.service.name(), t.conn.clickhouse.database);
             if shown.is_empty() {
                 println!("  none");
             }
@@ -207,11 +197,11 @@ async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
             return Ok(true);
         }
         CheckpointCmd::Reset(one) => {
-            let offsets = one.target.service.topics(&one.target.topics).into_iter().map(|t| (t, 0)).collect();
+            let offsets = one.target.service.topics(&one.target.conn.topics).into_iter().map(|t| (t, 0)).collect();
             (one, "reset", offsets)
         }
         CheckpointCmd::Replay(r) => {
-            let names = r.one.target.service.topics(&r.one.target.topics);
+            let names = r.one.target.service.topics(&r.one.target.conn.topics);
             let mut offsets = std::collections::BTreeMap::new();
             offsets.insert(names[0].clone(), r.from_offset);
             if let Some(w) = names.get(1) {
@@ -229,7 +219,7 @@ async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
         action,
         note: one.note.clone(),
     };
-    let v = checkpoints::decide(&t.clickhouse, &t.topics, &d).await?;
+    let v = checkpoints::decide(&t.conn.clickhouse, &t.conn.topics, &d).await?;
     println!(
         "{} partition {} of group {}: {action} from {:?} recorded (checkpoint epoch {}); start the service to apply it",
         t.service.name(),
@@ -302,30 +292,19 @@ struct MigrateCmd {
     cluster: ClusterArg,
 }
 
+/// Exactly the flags of `topics` and of `migrate`.
 #[derive(Debug, Args)]
 struct InitCmd {
     #[command(flatten)]
-    kafka: KafkaArgs,
+    topics: TopicsCmd,
     #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    partitions: Partitions,
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
-    #[command(flatten)]
-    migrations: MigrationsDir,
-    #[command(flatten)]
-    cluster: ClusterArg,
+    migrate: MigrateCmd,
 }
 
 #[derive(Debug, Args)]
 struct StatusCmd {
     #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
+    conn: Connections,
     #[command(flatten)]
     migrations: MigrationsDir,
 }
@@ -343,14 +322,15 @@ fn print_topics(kafka: &KafkaArgs, reports: &[TopicReport]) {
     }
 }
 
-async fn run_topics(kafka: &KafkaArgs, topics: &TopicArgs, partitions: Partitions) -> Result<()> {
-    let reports = create_topics(kafka, topics, partitions).await?;
-    print_topics(kafka, &reports);
+async fn run_topics(c: &TopicsCmd) -> Result<()> {
+    let reports = create_topics(&c.kafka, &c.topics, c.partitions).await?;
+    print_topics(&c.kafka, &reports);
     Ok(())
 }
 
-async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir, cluster: &ClusterArg) -> Result<()> {
-    let source = MigrationSource::resolve(dir.dir.as_deref());
+async fn run_migrate(c: &MigrateCmd) -> Result<()> {
+    let (clickhouse, cluster) = (&c.clickhouse, &c.cluster);
+    let source = MigrationSource::resolve(c.migrations.dir.as_deref());
     let all = source.load()?;
     let n = migrations::migrate_to(clickhouse, &all, cluster.cluster.as_deref()).await?;
     let source = match &cluster.cluster {
@@ -377,10 +357,11 @@ async fn run_migrate(clickhouse: &ClickHouseArgs, dir: &MigrationsDir, cluster: 
 
 async fn run_status(cmd: &StatusCmd) -> Result<bool> {
     let mut ok = true;
-    match list_topics(&cmd.kafka).await {
+    let Connections { kafka, topics, clickhouse } = &cmd.conn;
+    match list_topics(kafka).await {
         Ok(existing) => {
-            println!("kafka {}: reachable ({} topics)", cmd.kafka.brokers, existing.len());
-            for t in cmd.topics.all() {
+            println!("kafka {}: reachable ({} topics)", kafka.brokers, existing.len());
+            for t in topics.all() {
                 match existing.get(t) {
                     Some(p) => println!("  {t:<40} {p:>3} partitions"),
                     None => {
@@ -392,18 +373,18 @@ async fn run_status(cmd: &StatusCmd) -> Result<bool> {
         }
         Err(e) => {
             ok = false;
-            println!("kafka {}: UNREACHABLE: {e:#}", cmd.kafka.brokers);
+            println!("kafka {}: UNREACHABLE: {e:#}", kafka.brokers);
         }
     }
 
     let source = MigrationSource::resolve(cmd.migrations.dir.as_deref());
     let all = source.load()?;
-    match migrations::applied(&cmd.clickhouse).await {
+    match migrations::applied(clickhouse).await {
         Ok(done) => {
             println!(
                 "clickhouse {}: reachable, database {} ({} of {} migrations applied; files: {source})",
-                cmd.clickhouse.url,
-                cmd.clickhouse.database,
+                clickhouse.url,
+                clickhouse.database,
                 done.len(),
                 all.len()
             );
@@ -425,7 +406,7 @@ async fn run_status(cmd: &StatusCmd) -> Result<bool> {
         }
         Err(e) => {
             ok = false;
-            println!("clickhouse {}: UNREACHABLE: {e:#}", cmd.clickhouse.url);
+            println!("clickhouse {}: UNREACHABLE: {e:#}", clickhouse.url);
         }
     }
     Ok(ok)
@@ -436,11 +417,11 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     meterflow_runtime::telemetry::init_logging(&cli.log);
     let result = match &cli.command {
-        Command::Topics(c) => run_topics(&c.kafka, &c.topics, c.partitions).await.map(|()| true),
-        Command::Migrate(c) => run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await.map(|()| true),
+        Command::Topics(c) => run_topics(c).await.map(|()| true),
+        Command::Migrate(c) => run_migrate(c).await.map(|()| true),
         Command::Init(c) => async {
-            run_topics(&c.kafka, &c.topics, c.partitions).await?;
-            run_migrate(&c.clickhouse, &c.migrations, &c.cluster).await?;
+            run_topics(&c.topics).await?;
+            run_migrate(&c.migrate).await?;
             Ok(true)
         }
         .await,

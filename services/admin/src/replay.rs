@@ -54,21 +54,18 @@ pub async fn rerate(kafka: &KafkaArgs, aggregates_topic: &str, client: &Client, 
         .fetch_all()
         .await
         .context("reading parked_current")?;
-    let producer: FutureProducer = meterflow_runtime::kafka::producer_config(kafka)?.create()?;
-    let mut pending = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let tag = auth::sign(key, &[auth::PURPOSE_RERATE, &r.original_payload]);
-        let rec = FutureRecord::to(aggregates_topic)
-            .partition(r.aggregates_partition)
-            .key(r.tenant_id.as_str())
-            .payload(r.original_payload.as_slice())
-            .headers(OwnedHeaders::new().insert(Header { key: auth::RERATE_HEADER, value: Some(&tag[..]) }));
-        pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
-    }
-    for p in pending {
-        p.await.context("delivery cancelled")?.map_err(|(e, _)| e)?;
-    }
-    Ok(rows.len())
+    send_all(
+        kafka,
+        rows.iter().map(|r| {
+            let tag = auth::sign(key, &[auth::PURPOSE_RERATE, &r.original_payload]);
+            FutureRecord::to(aggregates_topic)
+                .partition(r.aggregates_partition)
+                .key(r.tenant_id.as_str())
+                .payload(r.original_payload.as_slice())
+                .headers(OwnedHeaders::new().insert(Header { key: auth::RERATE_HEADER, value: Some(&tag[..]) }))
+        }),
+    )
+    .await
 }
 
 /// Which dead letters to redrive.
@@ -100,14 +97,21 @@ pub async fn redrive(kafka: &KafkaArgs, usage_topic: &str, client: &Client, filt
         .fetch_all()
         .await
         .context("reading dead_letters")?;
+    send_all(kafka, rows.iter().map(|r| FutureRecord::to(usage_topic).key(r.tenant.as_str()).payload(r.payload.as_slice()))).await
+}
+
+/// Sends every record with one producer, all in flight before the first acknowledgement is
+/// awaited, and fails on the first the broker refuses (running the command again is safe).
+/// Returns how many were acknowledged.
+async fn send_all<'a>(kafka: &KafkaArgs, records: impl Iterator<Item = FutureRecord<'a, str, [u8]>>) -> Result<usize> {
     let producer: FutureProducer = meterflow_runtime::kafka::producer_config(kafka)?.create()?;
-    let mut pending = Vec::with_capacity(rows.len());
-    for r in &rows {
-        let rec = FutureRecord::to(usage_topic).key(r.tenant.as_str()).payload(r.payload.as_slice());
+    let mut pending = Vec::new();
+    for rec in records {
         pending.push(producer.send_result(rec).map_err(|(e, _)| e)?);
     }
+    let n = pending.len();
     for p in pending {
         p.await.context("delivery cancelled")?.map_err(|(e, _)| e)?;
     }
-    Ok(rows.len())
+    Ok(n)
 }

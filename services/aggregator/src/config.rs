@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
+use meterflow_runtime::args::{duration_ms, LogArgs, ServiceArgs, MembershipArgs};
+use meterflow_runtime::service::ServiceConfig;
 
 /// Consumes usage events, drops duplicates, totals them in event-time windows and writes the
 /// totals (and restatements of late windows) to ClickHouse and the aggregates topic. Bad
@@ -13,15 +14,7 @@ use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, Memb
 #[command(name = "meterflow-aggregator", version)]
 pub struct Config {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
-    pub topics: TopicArgs,
-    #[command(flatten)]
-    pub clickhouse: ClickHouseArgs,
-    #[command(flatten)]
-    pub log: LogArgs,
-    #[command(flatten)]
-    pub auth: AuthArgs,
+    pub service: ServiceArgs,
     #[command(flatten)]
     pub membership: MembershipArgs,
 
@@ -39,7 +32,7 @@ pub struct Config {
 
     /// How far back (event time) a duplicate is still recognised, and the oldest event
     /// accepted; older events are dead-lettered as too_late.
-    #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
+    #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = duration_ms)]
     pub dedup_horizon_ms: i64,
 
     /// Upper bound of event ids kept in memory per partition (18-22 bytes each); the oldest
@@ -50,7 +43,7 @@ pub struct Config {
 
     /// How long (event time) closed windows stay in memory for cheap restatements; older
     /// ones are rebuilt from usage_events when a late event arrives.
-    #[arg(long = "retain-closed", env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = parse_ms)]
+    #[arg(long = "retain-closed", env = "METERFLOW_RETAIN_CLOSED", default_value = "2h", value_parser = duration_ms)]
     pub retain_closed_ms: i64,
 
     /// Most windows (open and retained closed) one partition keeps in memory; an event that
@@ -71,18 +64,18 @@ pub struct Config {
     pub max_open_windows_per_tenant: usize,
 
     /// Outputs are flushed at least this often.
-    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = duration_ms)]
     pub flush_interval_ms: i64,
 
     /// How often the running totals of the open windows that changed are published to the
     /// provisional topic, for real-time balances: the most it adds to "usage acknowledged ->
     /// pending spend visible", against one record per active window per interval.
-    #[arg(long = "provisional-interval", env = "METERFLOW_PROVISIONAL_INTERVAL", default_value = "500ms", value_parser = parse_ms)]
+    #[arg(long = "provisional-interval", env = "METERFLOW_PROVISIONAL_INTERVAL", default_value = "500ms", value_parser = duration_ms)]
     pub provisional_interval_ms: i64,
 
     /// State is checkpointed (and offsets committed) at least this often: the most input a
     /// restart re-reads.
-    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = duration_ms)]
     pub checkpoint_interval_ms: i64,
 
     /// Buffered output rows that start a write at once. One batch is written while the next
@@ -101,10 +94,12 @@ pub struct Config {
 
     /// A partition with no input for this long gets a tick record, so its windows close
     /// without new events.
-    #[arg(long = "idle-timeout", env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "idle-timeout", env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = duration_ms)]
     pub idle_timeout_ms: i64,
 }
 
-fn parse_ms(s: &str) -> Result<i64, String> {
-    meterflow_core::meter::parse_duration(s)
+impl ServiceConfig for Config {
+    fn log(&self) -> &LogArgs {
+        &self.service.log
+    }
 }

@@ -1,7 +1,8 @@
 //! Every metric the aggregator exports, in one place. Labels are bounded: reason (a fixed
 //! enum), partition (the topic's partition count), table and sink (fixed sets).
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit};
+use meterflow_runtime::telemetry::RuntimeMetrics;
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Unit};
 use meterflow_core::RejectReason;
 
 pub const EVENTS_IN: &str = "meterflow_aggregator_events_in_total";
@@ -12,10 +13,6 @@ pub const WINDOWS_CLOSED: &str = "meterflow_aggregator_windows_closed_total";
 pub const RESTATEMENTS: &str = "meterflow_aggregator_restatements_total";
 pub const WATERMARK_LAG: &str = "meterflow_aggregator_watermark_lag_seconds";
 pub const CONSUMER_LAG: &str = "meterflow_aggregator_consumer_lag_messages";
-pub const INSERT_SECONDS: &str = "meterflow_aggregator_clickhouse_insert_seconds";
-pub const CHECKPOINT_SECONDS: &str = "meterflow_aggregator_checkpoint_seconds";
-pub const FENCED: &str = "meterflow_aggregator_partitions_fenced_total";
-pub const FLUSH_ERRORS: &str = "meterflow_aggregator_flush_errors_total";
 pub const BUFFERED_ROWS: &str = "meterflow_aggregator_buffered_rows";
 pub const DEDUP_HOT_IDS: &str = "meterflow_aggregator_dedup_hot_ids";
 pub const DEDUP_COLD_IDS: &str = "meterflow_aggregator_dedup_cold_ids";
@@ -24,6 +21,14 @@ pub const PARTITIONS_OWNED: &str = "meterflow_aggregator_partitions_owned";
 pub const OPEN_WINDOWS: &str = "meterflow_aggregator_open_windows";
 pub const WINDOWS_IN_MEMORY: &str = "meterflow_aggregator_windows_in_memory";
 pub const PROVISIONAL: &str = "meterflow_aggregator_provisional_totals_total";
+
+/// What the runtime's loop and writers report for the aggregator.
+pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
+    insert_seconds: "meterflow_aggregator_clickhouse_insert_seconds",
+    checkpoint_seconds: "meterflow_aggregator_checkpoint_seconds",
+    flush_errors: "meterflow_aggregator_flush_errors_total",
+    fenced: "meterflow_aggregator_partitions_fenced_total",
+};
 
 pub fn describe() {
     describe_counter!(EVENTS_IN, "Records read from the usage-events topic (ticks excluded).");
@@ -34,11 +39,7 @@ pub fn describe() {
     describe_counter!(RESTATEMENTS, "Window restatements emitted (revision > 0).");
     describe_gauge!(WATERMARK_LAG, Unit::Seconds, "Wall clock minus the partition's watermark.");
     describe_gauge!(CONSUMER_LAG, "Messages between the committed position and the partition end.");
-    describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
-    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
-    describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
-    counter!(FENCED).increment(0);
-    describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
+    RUNTIME.describe();
     describe_gauge!(BUFFERED_ROWS, "Output rows waiting to be flushed.");
     describe_gauge!(DEDUP_HOT_IDS, "Event ids remembered in memory.");
     describe_gauge!(DEDUP_COLD_IDS, "Evicted event ids remembered by a 4-byte fingerprint (a match asks ClickHouse).");
@@ -58,7 +59,6 @@ pub fn describe() {
         counter!(c).increment(0);
     }
     gauge!(BUFFERED_ROWS).set(0.0);
-    let _ = histogram!(CHECKPOINT_SECONDS);
 }
 
 /// The per-record counters, registered once: looking a metric up by name for every record

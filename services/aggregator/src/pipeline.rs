@@ -16,6 +16,7 @@ use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::kafka::{self, CONTROL_HEADER};
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
+use meterflow_runtime::resume::Resume;
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
 use rdkafka::consumer::Consumer as _;
@@ -43,17 +44,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
     let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
     let io = ServiceIo::connect(
-        &config.kafka,
-        &config.clickhouse,
+        &config.service.conn.kafka,
+        &config.service.conn.clickhouse,
         &config.group,
         &config.membership,
-        &[&config.topics.usage_topic],
+        &[&config.service.conn.topics.usage_topic],
         config.http_addr,
         &shutdown,
     )
     .await?;
     let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.auth, &client).await?;
+    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -68,14 +69,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sink: Arc::new(Sink {
             client: client.clone(),
             producer: producer.clone(),
-            aggregates_topic: config.topics.aggregates_topic.clone(),
-            dead_letter_topic: config.topics.dead_letter_topic.clone(),
+            aggregates_topic: config.service.conn.topics.aggregates_topic.clone(),
+            dead_letter_topic: config.service.conn.topics.dead_letter_topic.clone(),
             backoff: Backoff::default(),
             record_key: record_key.clone(),
         }),
         provisional: Publisher {
             producer: producer.clone(),
-            topic: config.topics.provisional_topic.clone(),
+            topic: config.service.conn.topics.provisional_topic.clone(),
             record_key,
             interval: Duration::from_millis(config.provisional_interval_ms.max(0) as u64),
             last: Instant::now(),
@@ -107,9 +108,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
         max_buffered_bytes: agg.config.max_buffered_bytes,
-        checkpoint_seconds: m::CHECKPOINT_SECONDS,
-        errors: m::FLUSH_ERRORS,
-        fenced: m::FENCED,
+        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
+        errors: m::RUNTIME.flush_errors,
+        fenced: m::RUNTIME.fenced,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
@@ -138,6 +139,23 @@ struct Part {
     input_since_tick: bool,
     /// `next_offset` of the last ingest-ledger entry buffered for this partition.
     ledger_at: i64,
+}
+
+/// What ClickHouse already holds of one source partition's outputs: the checks at assignment.
+struct Stored<'a> {
+    client: &'a Client,
+    partition: i32,
+    topic: &'a str,
+}
+
+impl Stored<'_> {
+    /// `sql` selects one number; its first `?` is the partition and a second, if any, the
+    /// usage topic (dead letters of other topics are not this partition's).
+    async fn number<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, sql: &'static str) -> clickhouse::error::Result<T> {
+        let q = self.client.query(sql).bind(self.partition);
+        let q = if sql.matches('?').count() > 1 { q.bind(self.topic) } else { q };
+        q.fetch_one().await
+    }
 }
 
 struct Aggregator {
@@ -188,7 +206,7 @@ impl Partitioned for Aggregator {
     }
 
     fn topics(&self) -> Vec<String> {
-        vec![self.config.topics.usage_topic.clone()]
+        vec![self.config.service.conn.topics.usage_topic.clone()]
     }
 
     fn config_text(&self, partition: i32) -> String {
@@ -205,45 +223,44 @@ impl Partitioned for Aggregator {
         from: Option<&Envelope>,
         partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
-        let partitions = partition_counts.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
+        let topic = &self.config.service.conn.topics.usage_topic;
+        let partitions = partition_counts.get(topic).copied().unwrap_or(0);
         let mut switch = None;
         let mut meters_text = self.meters_text.clone();
-        let engine = match from {
-            Some(env) if env.meta.operator.is_none() => {
-                let changed = !env.meta.config_text.is_empty() && env.meta.config_text != self.meters_text;
-                let catalog = if changed {
-                    let old = MeterCatalog::from_toml_str(&env.meta.config_text)
-                        .context("the meter definitions recorded in the checkpoint")?;
-                    tracing::warn!(
-                        partition,
-                        "meter definitions changed since the checkpoint: replaying what was already output with the \
-                         recorded ones, then switching"
-                    );
-                    switch = Some(Switch {
-                        catalog: self.catalog.clone(),
-                        text: self.meters_text.clone(),
-                        max_seq: i64::MAX,
-                        max_offset: i64::MAX,
-                    });
-                    meters_text = env.meta.config_text.clone();
-                    Arc::new(old)
-                } else {
-                    self.catalog.clone()
+        let engine = match Resume::of(from, &self.meters_text) {
+            Resume::Checkpoint { state, recorded_config } => {
+                let catalog = match recorded_config {
+                    Some(recorded) => {
+                        let old = MeterCatalog::from_toml_str(recorded).context("the meter definitions recorded in the checkpoint")?;
+                        tracing::warn!(
+                            partition,
+                            "meter definitions changed since the checkpoint: replaying what was already output with the \
+                             recorded ones, then switching"
+                        );
+                        switch = Some(Switch {
+                            catalog: self.catalog.clone(),
+                            text: self.meters_text.clone(),
+                            max_seq: i64::MAX,
+                            max_offset: i64::MAX,
+                        });
+                        meters_text = recorded.to_owned();
+                        Arc::new(old)
+                    }
+                    None => self.catalog.clone(),
                 };
-                let engine = PartitionEngine::restore(&env.state, catalog, self.engine_config.clone())?;
+                let engine = PartitionEngine::restore(state, catalog, self.engine_config.clone())?;
                 tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
                 engine
             }
-            Some(env) => {
-                let op = env.meta.operator.as_ref().expect("matched above");
+            Resume::Operator { offsets, decision } => {
                 let mut engine = PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?;
-                let offset = env.meta.offsets.get(&self.config.topics.usage_topic).copied().unwrap_or(0);
-                let seq = op.next_seq.unwrap_or(1);
+                let offset = offsets.get(topic).copied().unwrap_or(0);
+                let seq = decision.next_seq.unwrap_or(1);
                 engine.start_at(offset, seq)?;
-                tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %op.action, "fresh state by operator decision");
+                tracing::warn!(partition, next_offset = offset, next_seq = seq, action = %decision.action, "fresh state by operator decision");
                 engine
             }
-            None => {
+            Resume::Fresh => {
                 tracing::info!(partition, "no checkpoint: fresh state");
                 PartitionEngine::new(self.catalog.clone(), self.engine_config.clone(), partition)?
             }
@@ -257,20 +274,11 @@ impl Partitioned for Aggregator {
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
-        let topic = &self.config.topics.usage_topic;
-        let count = |sql: &'static str| {
-            let client = self.client.clone();
-            let topic = topic.clone();
-            async move {
-                let q = client.query(sql).bind(partition);
-                let q = if sql.contains("source_topic") { q.bind(topic) } else { q };
-                q.fetch_one::<u64>().await
-            }
-        };
+        let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
         if from.is_none() {
-            let usage = count("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
-            let aggs = count("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
-            let dls = count("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
+            let usage: u64 = stored.number("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
+            let aggs: u64 = stored.number("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
+            let dls: u64 = stored.number("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
             anyhow::ensure!(
                 usage + aggs + dls == 0,
                 "no checkpoint, but ClickHouse already holds output of this partition ({usage} raw events, \
@@ -279,24 +287,12 @@ impl Partitioned for Aggregator {
             return Ok(());
         }
         if part.switch.is_some() {
-            let max_seq: i64 = self
-                .client
-                .query("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
+            let max_seq: i64 = stored.number("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?").await?;
+            let raw: i64 = stored
+                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
                 .await?;
-            let raw: i64 = self
-                .client
-                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
-                .await?;
-            let dead: i64 = self
-                .client
-                .query("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
-                .bind(partition)
-                .bind(topic)
-                .fetch_one()
+            let dead: i64 = stored
+                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
                 .await?;
             if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
                 sw.max_seq = max_seq;
@@ -308,12 +304,8 @@ impl Partitioned for Aggregator {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
         let next_seq = part.engine.next_seq();
         if next_seq > 1 {
-            let max: i64 = self
-                .client
-                .query("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?")
-                .bind(partition)
-                .fetch_one()
-                .await?;
+            let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
+            let max: i64 = stored.number("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?").await?;
             anyhow::ensure!(
                 max >= next_seq - 1,
                 "the checkpoint has emitted aggregates up to seq {}, but meter_aggregates only holds up to seq {max}: \
@@ -384,7 +376,7 @@ impl Partitioned for Aggregator {
             self.provisional.publish(self.partitions.values_mut().map(|p| &mut p.engine), wall_ms());
         }
         self.now = Instant::now();
-        self.send_ticks().await;
+        self.send_ticks();
         if self.last_progress.elapsed() >= Duration::from_secs(10) {
             self.log_progress();
         }
@@ -461,7 +453,7 @@ impl Aggregator {
     /// One cumulative ledger entry per partition that moved, written with this flush and so
     /// before the checkpoint that covers the same offsets (see `meterflow_core::ledger`).
     fn buffer_ledger(&mut self) {
-        let topic = &self.config.topics.usage_topic;
+        let topic = &self.config.service.conn.topics.usage_topic;
         for (&p, part) in &mut self.partitions {
             let next = part.engine.next_offset();
             if next == part.ledger_at {
@@ -495,7 +487,7 @@ impl Aggregator {
         }
         let payload = msg.payload().unwrap_or_default();
         if is_tick(msg) {
-            let topic = config.topics.usage_topic.as_bytes();
+            let topic = config.service.conn.topics.usage_topic.as_bytes();
             let authentic = tick_tag(msg).is_some_and(|t| {
                 auth::verify(&sink.record_key, &[auth::PURPOSE_TICK, topic, &partition.to_le_bytes(), payload], t)
             });
@@ -544,7 +536,7 @@ impl Aggregator {
                             if !*warned_create_time {
                                 *warned_create_time = true;
                                 tracing::warn!(
-                                    topic = %config.topics.usage_topic,
+                                    topic = %config.service.conn.topics.usage_topic,
                                     "records carry producer CreateTime: a producer with a wrong or hostile clock can move \
                                      event time. Create the usage topic with message.timestamp.type=LogAppendTime \
                                      (meterflow-admin topics does)"
@@ -588,7 +580,7 @@ impl Aggregator {
 
     /// Writes a tick into each partition that has been idle for `idle_timeout` and may still
     /// hold windows to close or restatements to emit.
-    async fn send_ticks(&mut self) {
+    fn send_ticks(&mut self) {
         let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
         let now_ms = wall_ms();
         let mut due = Vec::new();
@@ -609,18 +601,28 @@ impl Aggregator {
             due.push(*p);
         }
         let payload = now_ms.to_be_bytes();
-        let topic = self.config.topics.usage_topic.as_bytes();
+        let topic = self.config.service.conn.topics.usage_topic.as_bytes();
         for p in due {
             let tag = auth::sign(&self.sink.record_key, &[auth::PURPOSE_TICK, topic, &p.to_le_bytes(), &payload]);
             let headers = OwnedHeaders::new()
                 .insert(Header { key: CONTROL_HEADER, value: Some(TICK) })
                 .insert(Header { key: auth::HEADER, value: Some(&tag[..]) });
-            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.topics.usage_topic)
+            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.service.conn.topics.usage_topic)
                 .partition(p)
                 .payload(&payload[..])
                 .headers(headers);
-            if let Err((e, _)) = self.producer.send(rec, Duration::from_secs(5)).await {
-                tracing::warn!(error = %e, partition = p, "could not write idle tick");
+            // Not awaited here: a slow ack would stall the consume loop (and with it the
+            // provisional totals of real-time balances). librdkafka keeps the partition's
+            // order; a lost tick only delays a close until the next one.
+            match self.producer.send_result(rec) {
+                Ok(delivery) => {
+                    tokio::spawn(async move {
+                        if !matches!(delivery.await, Ok(Ok(_))) {
+                            tracing::warn!(partition = p, "could not write idle tick");
+                        }
+                    });
+                }
+                Err((e, _)) => tracing::warn!(error = %e, partition = p, "could not queue idle tick"),
             }
         }
     }
@@ -633,8 +635,8 @@ fn spawn_lag_reporter(
     positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.kafka)?.create()?;
-    let topic = config.topics.usage_topic.clone();
+    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.service.conn.kafka)?.create()?;
+    let topic = config.service.conn.topics.usage_topic.clone();
     tokio::task::spawn_blocking(move || {
         while !shutdown.is_cancelled() {
             let owned = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -41,7 +41,7 @@ pub(crate) async fn retry_sync<T>(
         match f() {
             Ok(v) => return Ok(v),
             Err(meterflow_core::Error::Store(e)) => {
-                counter!(m::FLUSH_ERRORS, "sink" => "cold_store").increment(1);
+                counter!(m::RUNTIME.flush_errors, "sink" => "cold_store").increment(1);
                 tracing::warn!(error = %e, "cold store look-up failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -101,7 +101,7 @@ pub(crate) fn dead_letter(
 ) -> DeadLetter {
     let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     DeadLetter {
-        source_topic: config.topics.usage_topic.clone(),
+        source_topic: config.service.conn.topics.usage_topic.clone(),
         source_partition: partition,
         source_offset: offset,
         reason: reason.as_str().to_owned(),

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics as m;
 use crate::rows::{AggregateRow, DeadLetterRow, LedgerRow, UncostedRow, UsageRow};
 
-const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
+const WRITE_METRICS: WriteMetrics = m::RUNTIME.write();
 
 /// Bytes of a row beyond its strings (numbers, vector headers, allocator overhead): the byte
 /// bound is an estimate of memory, it only has to be proportionate.

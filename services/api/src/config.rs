@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, TopicArgs};
+use meterflow_runtime::args::{duration_ms, LogArgs, ServiceArgs};
+use meterflow_runtime::service::ServiceConfig;
 
 /// HTTP front door: usage events (meterflow JSON and CloudEvents, OpenMeter-compatible) go to
 /// the usage topic, wallet top-ups to the wallet topic, each acknowledged only after the
@@ -13,16 +14,7 @@ use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, Topi
 #[command(name = "meterflow-api", version)]
 pub struct Config {
     #[command(flatten)]
-    pub kafka: KafkaArgs,
-    #[command(flatten)]
-    pub topics: TopicArgs,
-    #[command(flatten)]
-    pub clickhouse: ClickHouseArgs,
-    #[command(flatten)]
-    pub log: LogArgs,
-    /// Signs customer-page links (`POST /v1/portal/tokens`).
-    #[command(flatten)]
-    pub auth: AuthArgs,
+    pub service: ServiceArgs,
 
     /// Listen address (port 0 picks a free one).
     #[arg(long, env = "METERFLOW_API_HTTP_ADDR", default_value = "127.0.0.1:9104")]
@@ -60,18 +52,20 @@ pub struct Config {
     pub max_in_flight: usize,
 
     /// How often API keys are re-read from ClickHouse: the most a revocation takes.
-    #[arg(long = "key-refresh", env = "METERFLOW_API_KEY_REFRESH", default_value = "2s", value_parser = parse_ms)]
+    #[arg(long = "key-refresh", env = "METERFLOW_API_KEY_REFRESH", default_value = "2s", value_parser = duration_ms)]
     pub key_refresh_ms: i64,
 
     /// The aggregator's dedup horizon: older events are rejected as too_late, as it would.
-    #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = parse_ms)]
+    #[arg(long = "dedup-horizon", env = "METERFLOW_DEDUP_HORIZON", default_value = "35d", value_parser = duration_ms)]
     pub dedup_horizon_ms: i64,
 
     /// How long a request waits for the broker's acknowledgement before answering 503.
-    #[arg(long = "produce-timeout", env = "METERFLOW_API_PRODUCE_TIMEOUT", default_value = "30s", value_parser = parse_ms)]
+    #[arg(long = "produce-timeout", env = "METERFLOW_API_PRODUCE_TIMEOUT", default_value = "30s", value_parser = duration_ms)]
     pub produce_timeout_ms: i64,
 }
 
-fn parse_ms(s: &str) -> Result<i64, String> {
-    meterflow_core::meter::parse_duration(s)
+impl ServiceConfig for Config {
+    fn log(&self) -> &LogArgs {
+        &self.service.log
+    }
 }

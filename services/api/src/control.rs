@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
 use axum::Json;
 use meterflow_core::rating::balance::{self, Balance};
 use meterflow_runtime::args::KafkaArgs;
@@ -31,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::events::now_ms;
-use crate::http::{authenticate, authorize_tenant, ApiError, ErrorBody};
-use crate::keys::{KeyInfo, Scope};
+use crate::access::{named_tenant, AnyScope, Key, Read, TenantPath};
+use crate::http::{ApiError, ErrorBody};
 use crate::AppState;
 
 /// The newest balance per tenant, from the balances topic.
@@ -221,18 +220,14 @@ fn loaded(state: &AppState) -> Result<(), ApiError> {
     params(("tenant" = String, Path, description = "the customer (tenant)")),
     responses(
         (status = 200, description = "the balance (zeros and a null updated_at for a tenant nothing is known about)", body = CustomerBalance),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "key of another tenant or without read scope", body = ErrorBody),
+        TenantPath<Read>,
         (status = 503, description = "balances still loading after a start", body = ErrorBody),
     )
 )]
 pub async fn customer_balance(
     State(state): State<AppState>,
-    Path(tenant): Path<String>,
-    headers: HeaderMap,
+    TenantPath { tenant, .. }: TenantPath<Read>,
 ) -> Result<Json<CustomerBalance>, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Read)?;
-    authorize_tenant(&key, &tenant)?;
     loaded(&state)?;
     let b = state.balances.get(&tenant);
     Ok(Json(CustomerBalance::of(&state, &tenant, b.as_deref())))
@@ -272,16 +267,6 @@ pub struct EntitlementResponse {
     pub currency: String,
 }
 
-/// The tenant a check is about: the key's own, or (admin keys) the body's.
-fn check_tenant(key: &KeyInfo, asked: Option<&str>) -> Result<String, ApiError> {
-    match (key.scope, asked) {
-        (Scope::Admin, Some(t)) if !t.is_empty() => Ok(t.to_owned()),
-        (Scope::Admin, _) => Err(ApiError::bad_request("an admin key must name the tenant")),
-        (_, Some(t)) => authorize_tenant(key, t).map(|()| t.to_owned()),
-        (_, None) => Ok(key.tenant.clone()),
-    }
-}
-
 /// May the tenant use `quantity` of `meter` now? Answered from memory.
 #[utoipa::path(
     post,
@@ -292,20 +277,18 @@ fn check_tenant(key: &KeyInfo, asked: Option<&str>) -> Result<String, ApiError> 
     responses(
         (status = 200, description = "allowed or not, with the reason and what is left", body = EntitlementResponse),
         (status = 400, description = "invalid body, unknown meter, negative quantity", body = ErrorBody),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "key of another tenant, or of a scope other than read, ingest or admin", body = ErrorBody),
+        (status = 403, description = "a key of another tenant (without admin scope)", body = ErrorBody),
+        Key<AnyScope>,
         (status = 503, description = "balances still loading after a start", body = ErrorBody),
     )
 )]
-pub async fn check(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Json<EntitlementResponse>, ApiError> {
-    // The service about to serve the usage holds an ingest key (tried first); dashboards a
-    // read key.
-    let key = match authenticate(&state, &headers, Scope::Ingest) {
-        Err(e) if e.status == StatusCode::FORBIDDEN => authenticate(&state, &headers, Scope::Read)?,
-        other => other?,
-    };
+pub async fn check(
+    State(state): State<AppState>,
+    Key(key, _): Key<AnyScope>,
+    body: axum::body::Bytes,
+) -> Result<Json<EntitlementResponse>, ApiError> {
     let req: EntitlementRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let tenant = check_tenant(&key, req.tenant.as_deref())?;
+    let tenant = named_tenant(&key, req.tenant.as_deref())?;
     if state.meters.get(&req.meter).is_none() {
         return Err(ApiError::bad_request(format!("unknown meter {:?}", req.meter)));
     }
@@ -331,19 +314,6 @@ pub async fn check(State(state): State<AppState>, headers: HeaderMap, body: axum
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(tenant: &str, scope: Scope) -> KeyInfo {
-        KeyInfo { key_id: "k".into(), tenant: tenant.into(), scope }
-    }
-
-    #[test]
-    fn tenant_of_a_check() {
-        assert_eq!(check_tenant(&key("a", Scope::Read), None).unwrap(), "a");
-        assert_eq!(check_tenant(&key("a", Scope::Ingest), Some("a")).unwrap(), "a");
-        assert_eq!(check_tenant(&key("a", Scope::Read), Some("b")).unwrap_err().status, StatusCode::FORBIDDEN);
-        assert_eq!(check_tenant(&key("", Scope::Admin), Some("b")).unwrap(), "b");
-        assert_eq!(check_tenant(&key("", Scope::Admin), None).unwrap_err().status, StatusCode::BAD_REQUEST);
-    }
 
     #[test]
     fn decimals_in_json() {

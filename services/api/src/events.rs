@@ -19,7 +19,8 @@ use rdkafka::util::Timeout;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::http::{authenticate, ApiError, ErrorBody};
+use crate::access::{Ingest, Key};
+use crate::http::{ApiError, ErrorBody};
 use crate::keys::Scope;
 use crate::AppState;
 
@@ -72,16 +73,14 @@ pub struct ItemResult {
     responses(
         (status = 202, description = "accepted items written and acknowledged (rejected ones listed)", body = IngestResponse),
         (status = 400, description = "malformed body, or every item rejected", body = IngestResponse),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "key without ingest scope", body = ErrorBody),
+        Key<Ingest>,
         (status = 413, description = "body or batch too large", body = ErrorBody),
         (status = 415, description = "unsupported Content-Type", body = ErrorBody),
         (status = 429, description = "tenant rate limit or backpressure; see Retry-After", body = ErrorBody),
         (status = 503, description = "the broker did not acknowledge; retry (events are deduplicated by id)", body = ErrorBody),
     )
 )]
-pub async fn ingest(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Ingest)?;
+pub async fn ingest(State(state): State<AppState>, Key(key, _): Key<Ingest>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let format = Format::from_content_type(content_type).ok_or_else(|| {
         ApiError::new(

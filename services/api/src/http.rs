@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -13,7 +13,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::keys::{KeyInfo, Scope};
+use crate::keys::Scope;
 use crate::{control, events, invoice, portal, usage, wallets, AppState};
 
 /// The JSON body of every error: a stable machine-readable `code` and a message for humans.
@@ -74,39 +74,6 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
-    }
-}
-
-/// The key behind `Authorization: Bearer <key>`, if it may act with `needed`: 401 without a
-/// (known, unrevoked) key, 403 with a key of another scope.
-pub fn authenticate(state: &AppState, headers: &HeaderMap, needed: Scope) -> Result<KeyInfo, ApiError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <API key>"))?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <API key>"))?;
-    let key = state.keys.lookup(token).ok_or_else(|| ApiError::unauthorized("unknown or revoked API key"))?;
-    if !key.scope.allows(needed) {
-        return Err(ApiError::forbidden(format!(
-            "this key has scope {}; this endpoint needs {}",
-            key.scope.as_str(),
-            needed.as_str()
-        )));
-    }
-    Ok(key)
-}
-
-/// `tenant` is the key's own, or the key is an admin key: 403 otherwise.
-pub fn authorize_tenant(key: &KeyInfo, tenant: &str) -> Result<(), ApiError> {
-    if key.scope == Scope::Admin || key.tenant == tenant {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(format!("this key belongs to tenant {:?}, not {tenant:?}", key.tenant)))
     }
 }
 

@@ -2,8 +2,7 @@
 //! charges the rater booked (each charge once, whatever replays inserted), explained with the
 //! catalog. Building and rounding are [`meterflow_core::invoice`].
 
-use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::extract::{Query, State};
 use axum::Json;
 use meterflow_core::decimal;
 use meterflow_core::invoice::{self, ChargeGroup, Invoice};
@@ -13,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::events::now_ms;
-use crate::http::{authenticate, authorize_tenant, ApiError, ErrorBody};
-use crate::keys::Scope;
+use crate::access::{Read, TenantPath};
+use crate::http::{ApiError, ErrorBody};
 use crate::usage::rfc3339;
 use crate::AppState;
 
@@ -152,19 +151,15 @@ pub fn period_name(ms: i64) -> String {
     responses(
         (status = 200, description = "the invoice preview", body = InvoiceResponse),
         (status = 400, description = "malformed period", body = ErrorBody),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "another tenant's invoice, or a key without read scope", body = ErrorBody),
+        TenantPath<Read>,
         (status = 503, description = "ClickHouse unavailable", body = ErrorBody),
     )
 )]
 pub async fn get_invoice(
     State(state): State<AppState>,
-    Path(tenant): Path<String>,
-    headers: HeaderMap,
+    TenantPath { tenant, .. }: TenantPath<Read>,
     params: Result<Query<InvoiceParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<InvoiceResponse>, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Read)?;
-    authorize_tenant(&key, &tenant)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let period = match p.period.as_deref() {
         Some(s) => parse_period(s)?,

@@ -20,6 +20,7 @@
 //! The tenant always comes from the API key: an item naming another tenant is rejected
 //! (`tenant_mismatch`) unless the key is an admin key.
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod events;
@@ -102,13 +103,13 @@ impl AppState {
         let text = std::fs::read_to_string(&config.meters).with_context(|| format!("reading {}", config.meters.display()))?;
         let meters = Arc::new(MeterCatalog::from_toml_str(&text)?);
         let catalog = Arc::new(load_catalog(&config.catalog, &meters)?);
-        let producer: FutureProducer = meterflow_runtime::kafka::producer_config(&config.kafka)?.create()?;
+        let producer: FutureProducer = meterflow_runtime::kafka::producer_config(&config.service.conn.kafka)?.create()?;
         let limiter = NonZeroU32::new(config.tenant_rate).map(|rate| {
             let burst = config.tenant_burst.and_then(NonZeroU32::new).unwrap_or(rate);
             Arc::new(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
         });
         let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
-        let portal_key = match &config.auth.record_key {
+        let portal_key = match &config.service.auth.record_key {
             Some(hex) => Some(meterflow_core::auth::RecordKey::from_hex(hex).context("--record-key / METERFLOW_RECORD_KEY")?),
             None => None,
         };
@@ -119,19 +120,19 @@ impl AppState {
             keys: keys::KeyCache::default(),
             producer,
             codec: Arc::new(UsageEventCodec::new()),
-            clickhouse: meterflow_runtime::clickhouse::client(&config.clickhouse),
+            clickhouse: meterflow_runtime::clickhouse::client(&config.service.conn.clickhouse),
             limiter,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             adjust_lock: Arc::default(),
             health: Health::default(),
-            usage_topic: config.topics.usage_topic.clone(),
-            wallet_topic: config.topics.wallet_topic.clone(),
+            usage_topic: config.service.conn.topics.usage_topic.clone(),
+            wallet_topic: config.service.conn.topics.wallet_topic.clone(),
             max_body_bytes: config.max_body_bytes,
             max_batch: config.max_batch.max(1),
             dedup_horizon_ms: config.dedup_horizon_ms,
             produce_timeout: Duration::from_millis(config.produce_timeout_ms.max(1) as u64),
-            auth: config.auth.clone(),
+            auth: config.service.auth.clone(),
             portal_key: Arc::new(tokio::sync::OnceCell::new_with(portal_key)),
         })
     }
@@ -184,7 +185,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         });
     }
     state.keys.spawn_refresh(state.clickhouse.clone(), refresh, shutdown.clone());
-    state.balances.spawn_reader(config.kafka.clone(), config.topics.balances_topic.clone(), shutdown.clone());
+    state.balances.spawn_reader(config.service.conn.kafka.clone(), config.service.conn.topics.balances_topic.clone(), shutdown.clone());
     portal::spawn_key_load(&state, shutdown.clone());
     let app = router(state.clone());
     tracing::info!(%addr, "meterflow-api listening");

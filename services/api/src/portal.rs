@@ -7,7 +7,7 @@
 mod page;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use meterflow_core::auth::RecordKey;
@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::events::now_ms;
-use crate::http::{authenticate, ApiError, ErrorBody};
-use crate::keys::Scope;
+use crate::access::{Admin, Key};
+use crate::http::{ApiError, ErrorBody};
 use crate::usage::rfc3339;
 use crate::AppState;
 
@@ -91,13 +91,11 @@ pub fn spawn_key_load(state: &AppState, shutdown: CancellationToken) {
     responses(
         (status = 201, description = "the link", body = TokenResponse),
         (status = 400, description = "invalid body or lifetime", body = ErrorBody),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "not an admin key", body = ErrorBody),
+        Key<Admin>,
         (status = 503, description = "no record key (ClickHouse unavailable)", body = ErrorBody),
     )
 )]
-pub async fn create_token(State(state): State<AppState>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    authenticate(&state, &headers, Scope::Admin)?;
+pub async fn create_token(State(state): State<AppState>, _: Key<Admin>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: TokenRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     if req.tenant.is_empty() || req.tenant.len() > 255 {
         return Err(ApiError::bad_request("tenant must be 1-255 bytes"));

@@ -3,7 +3,6 @@
 //! the request, enforces the key's tenant, runs the SQL and shapes the answer.
 
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use axum::Json;
 use meterflow_core::decimal;
 use meterflow_core::pricing::parse_rfc3339_ms;
@@ -11,8 +10,8 @@ use meterflow_core::usage::{self, Bind, SourceRow, UsagePlan, UsageRequest, Wind
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::http::{authenticate, ApiError, ErrorBody};
-use crate::keys::{KeyInfo, Scope};
+use crate::access::{named_tenant, Key, Read};
+use crate::http::{ApiError, ErrorBody};
 use crate::AppState;
 
 /// Query parameters of `GET /v1/usage`.
@@ -82,18 +81,6 @@ pub fn rfc3339(ms: i64) -> String {
         .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
-/// The tenant a request may see: the key's own, or (admin keys) the one named.
-pub fn tenant_of(key: &KeyInfo, named: Option<&str>) -> Result<String, ApiError> {
-    match (key.scope, named) {
-        (Scope::Admin, Some(t)) if !t.is_empty() => Ok(t.to_owned()),
-        (Scope::Admin, _) => Err(ApiError::bad_request("an admin key must name the tenant")),
-        (_, Some(t)) if t != key.tenant => {
-            Err(ApiError::forbidden(format!("this key belongs to tenant {:?}, not {t:?}", key.tenant)))
-        }
-        _ => Ok(key.tenant.clone()),
-    }
-}
-
 /// Usage of one meter over time, exact.
 ///
 /// Sum and count meters are answered from hourly and daily rollups when the range and the
@@ -109,19 +96,18 @@ pub fn tenant_of(key: &KeyInfo, named: Option<&str>) -> Result<String, ApiError>
     responses(
         (status = 200, description = "usage per bucket", body = UsageResponse),
         (status = 400, description = "unknown meter or dimension, misaligned range, too many buckets, a combination the aggregation does not allow", body = ErrorBody),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "another tenant's usage, or a key without read scope", body = ErrorBody),
+        (status = 403, description = "another tenant named (without admin scope)", body = ErrorBody),
+        Key<Read>,
         (status = 503, description = "ClickHouse unavailable", body = ErrorBody),
     )
 )]
 pub async fn get_usage(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Key(key, _): Key<Read>,
     params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<UsageResponse>, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Read)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let tenant = tenant_of(&key, p.tenant.as_deref())?;
+    let tenant = named_tenant(&key, p.tenant.as_deref())?;
     let window_size = match p.window_size.as_deref() {
         None => WindowSize::Hour,
         Some(s) => WindowSize::parse(s).ok_or_else(|| ApiError::bad_request("window_size must be minute, hour, day or month"))?,

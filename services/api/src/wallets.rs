@@ -14,7 +14,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -28,8 +28,8 @@ use sha2::{Digest as _, Sha256};
 use utoipa::ToSchema;
 
 use crate::events::now_ms;
-use crate::http::{authenticate, authorize_tenant, ApiError, ErrorBody};
-use crate::keys::Scope;
+use crate::access::{Admin, Read, TenantPath};
+use crate::http::{ApiError, ErrorBody};
 use crate::AppState;
 
 /// A balance adjustment, typically a top-up after a payment succeeded.
@@ -143,8 +143,7 @@ const MAX_KEY_LEN: usize = 255;
     responses(
         (status = 201, description = "published to the wallet topic (or replayed)", body = AdjustmentResponse),
         (status = 400, description = "invalid body or missing Idempotency-Key", body = ErrorBody),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "not an admin key", body = ErrorBody),
+        TenantPath<Admin>,
         (status = 409, description = "Idempotency-Key already used with another body", body = ErrorBody),
         (status = 415, description = "not application/json", body = ErrorBody),
         (status = 503, description = "ClickHouse or the broker unavailable; retry with the same key", body = ErrorBody),
@@ -152,12 +151,10 @@ const MAX_KEY_LEN: usize = 255;
 )]
 pub async fn adjust(
     State(state): State<AppState>,
-    Path(tenant): Path<String>,
+    TenantPath { tenant, .. }: TenantPath<Admin>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Admin)?;
-    authorize_tenant(&key, &tenant)?;
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if meterflow_core::ingest::Format::from_content_type(ct) != Some(meterflow_core::ingest::Format::Json) {
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "Content-Type must be application/json"));
@@ -296,14 +293,11 @@ struct BalanceRow {
     params(("tenant" = String, Path, description = "the wallet's tenant")),
     responses(
         (status = 200, description = "balances per currency", body = [Balance]),
-        (status = 401, description = "no or unknown API key", body = ErrorBody),
-        (status = 403, description = "key of another tenant or without read scope", body = ErrorBody),
+        TenantPath<Read>,
         (status = 503, description = "ClickHouse unavailable", body = ErrorBody),
     )
 )]
-pub async fn balance(State(state): State<AppState>, Path(tenant): Path<String>, headers: HeaderMap) -> Result<Json<Vec<Balance>>, ApiError> {
-    let key = authenticate(&state, &headers, Scope::Read)?;
-    authorize_tenant(&key, &tenant)?;
+pub async fn balance(State(state): State<AppState>, TenantPath { tenant, .. }: TenantPath<Read>) -> Result<Json<Vec<Balance>>, ApiError> {
     let rows = state
         .clickhouse
         .query("SELECT currency, credited, charged, balance FROM wallet_balances WHERE tenant = ? ORDER BY currency")

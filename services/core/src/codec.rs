@@ -8,11 +8,9 @@
 //! generic apache-avro path costs ~400 ns per record and re-resolves the schema every call,
 //! which alone would use up the per-event budget. Tests check it against apache-avro.
 
+use crate::avro_wire::{write_long, write_str, Header, Reader};
 use crate::event::{UsageEvent, UsageEventRef};
 use crate::{schema, Error};
-
-const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
-const CONFLUENT_MAGIC: u8 = 0x00;
 
 /// How a payload is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,16 +107,11 @@ impl UsageEventCodec {
         framing: Framing,
         out: &mut Vec<u8>,
     ) {
-        match framing {
-            Framing::SingleObject => {
-                out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
-                out.extend_from_slice(&self.fingerprint(version).to_le_bytes());
-            }
-            Framing::Confluent { schema_id } => {
-                out.push(CONFLUENT_MAGIC);
-                out.extend_from_slice(&schema_id.to_be_bytes());
-            }
-        }
+        let header = match framing {
+            Framing::SingleObject => Header::SingleObject { fingerprint: self.fingerprint(version) },
+            Framing::Confluent { schema_id } => Header::Confluent { schema_id },
+        };
+        header.write(out);
         write_str(out, ev.event_id);
         write_str(out, ev.tenant);
         write_str(out, ev.meter);
@@ -153,15 +146,8 @@ impl UsageEventCodec {
 
     /// Splits the framing off and identifies the writer schema.
     pub fn unframe<'a>(&self, bytes: &'a [u8]) -> Result<(WriterVersion, &'a [u8]), Error> {
-        match bytes {
-            [] => Err(Error::Empty),
-            [0xC3, 0x01, rest @ ..] => {
-                if rest.len() < 8 {
-                    return Err(Error::Truncated("fingerprint"));
-                }
-                let mut fp = [0u8; 8];
-                fp.copy_from_slice(&rest[..8]);
-                let fp = u64::from_le_bytes(fp);
+        let (version, body) = match Header::split(bytes)? {
+            (Header::SingleObject { fingerprint: fp }, body) => {
                 let version = if fp == self.v2_fingerprint || fp == self.v2_legacy_fingerprint {
                     WriterVersion::V2
                 } else if fp == self.v1_fingerprint || fp == self.v1_legacy_fingerprint {
@@ -169,28 +155,24 @@ impl UsageEventCodec {
                 } else {
                     return Err(Error::UnknownFingerprint(fp));
                 };
-                Ok((version, &rest[8..]))
+                (version, body)
             }
-            [CONFLUENT_MAGIC, rest @ ..] => {
-                if rest.len() < 4 {
-                    return Err(Error::Truncated("schema id"));
-                }
-                let id = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            (Header::Confluent { schema_id }, body) => {
                 let version = self
                     .confluent_ids
                     .iter()
-                    .find(|(i, _)| *i == id)
+                    .find(|(i, _)| *i == schema_id)
                     .map(|(_, v)| *v)
-                    .ok_or(Error::UnknownSchemaId(id))?;
-                Ok((version, &rest[4..]))
+                    .ok_or(Error::UnknownSchemaId(schema_id))?;
+                (version, body)
             }
-            [b, ..] => Err(Error::UnknownFraming(*b)),
-        }
+        };
+        Ok((version, body))
     }
 }
 
 fn decode_body(version: WriterVersion, body: &[u8]) -> Result<UsageEventRef<'_>, Error> {
-    let mut r = Reader { buf: body, pos: 0 };
+    let mut r = Reader::new(body);
     let event_id = r.string("event_id")?;
     let tenant = r.string("tenant")?;
     let meter = r.string("meter")?;
@@ -198,19 +180,15 @@ fn decode_body(version: WriterVersion, body: &[u8]) -> Result<UsageEventRef<'_>,
     let event_time_ms = r.long("event_time")?;
     let mut dimensions = Vec::new();
     loop {
-        let mut count = r.long("dimensions")?;
+        let count = r.block("dimensions")?;
         if count == 0 {
             break;
         }
-        if count < 0 {
-            count = count.checked_neg().ok_or(Error::BadVarint("dimensions"))?;
-            let _block_bytes = r.long("dimensions")?;
-        }
         // Each entry takes at least two bytes: a claim of more entries than bytes is a lie.
-        if count as usize > r.remaining() / 2 {
+        if count > r.remaining() / 2 {
             return Err(Error::Truncated("dimensions"));
         }
-        dimensions.reserve(count as usize);
+        dimensions.reserve(count);
         for _ in 0..count {
             let k = r.string("dimensions key")?;
             let v = r.string("dimensions value")?;
@@ -246,72 +224,6 @@ fn decode_body(version: WriterVersion, body: &[u8]) -> Result<UsageEventRef<'_>,
         provider_cost,
         source,
     })
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    #[inline]
-    fn long(&mut self, field: &'static str) -> Result<i64, Error> {
-        let mut value: u64 = 0;
-        let mut shift = 0u32;
-        loop {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return Err(Error::Truncated(field));
-            };
-            self.pos += 1;
-            if shift == 63 && b > 1 {
-                return Err(Error::BadVarint(field));
-            }
-            value |= u64::from(b & 0x7F) << shift;
-            if b & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
-            if shift > 63 {
-                return Err(Error::BadVarint(field));
-            }
-        }
-        Ok(((value >> 1) as i64) ^ -((value & 1) as i64))
-    }
-
-    #[inline]
-    fn string(&mut self, field: &'static str) -> Result<&'a str, Error> {
-        let len = self.long(field)?;
-        if len < 0 {
-            return Err(Error::NegativeLength(field));
-        }
-        let len = len as usize;
-        if len > self.remaining() {
-            return Err(Error::Truncated(field));
-        }
-        let bytes = &self.buf[self.pos..self.pos + len];
-        self.pos += len;
-        std::str::from_utf8(bytes).map_err(|_| Error::BadUtf8(field))
-    }
-}
-
-#[inline]
-pub(crate) fn write_long(out: &mut Vec<u8>, v: i64) {
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        out.push((z as u8) | 0x80);
-        z >>= 7;
-    }
-    out.push(z as u8);
-}
-
-#[inline]
-pub(crate) fn write_str(out: &mut Vec<u8>, s: &str) {
-    write_long(out, s.len() as i64);
-    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]

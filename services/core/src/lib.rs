@@ -5,6 +5,7 @@
 //! windows and pricing be property-tested in isolation and benchmarked on one core.
 
 pub mod auth;
+pub mod avro_wire;
 pub mod checkpoint;
 pub mod codec;
 pub mod decimal;

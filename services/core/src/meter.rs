@@ -283,21 +283,24 @@ fn parse_duration_value(v: &toml::Value) -> Result<i64, String> {
     }
 }
 
-/// Parses `"500ms"`, `"90s"`, `"5m"`, `"2h"`, `"35d"` or a bare number of seconds into ms.
+/// Parses a duration into milliseconds: humantime's forms (`"500ms"`, `"90s"`, `"5m"`,
+/// `"2h"`, `"35d"`, `"1h 30m"`, `"2days"`) or a bare number of seconds, the form the meters
+/// file and the flags took before humantime. Whole milliseconds only: every consumer does
+/// event-time arithmetic in ms, and silently dropping a `"1500us"` remainder would surprise.
 pub fn parse_duration(s: &str) -> Result<i64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: i64 = num.parse().map_err(|_| format!("{s:?} is not a duration like \"90s\", \"5m\", \"2h\", \"35d\""))?;
-    let factor = match unit {
-        "" | "s" => 1000,
-        "ms" => 1,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    let ms = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = s.parse().map_err(|_| format!("{s:?} is too large"))?;
+        u128::from(secs) * 1000
+    } else {
+        let d = humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration like \"90s\", \"5m\", \"2h\", \"35d\", \"1h 30m\" ({e})"))?;
+        if d.subsec_nanos() % 1_000_000 != 0 {
+            return Err(format!("{s:?} is not a whole number of milliseconds"));
+        }
+        d.as_millis()
     };
-    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
+    i64::try_from(ms).map_err(|_| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -329,6 +332,20 @@ mod tests {
         assert_eq!(c.get("active_users").unwrap().window_ms, 3_600_000);
         assert_eq!(m.window_start(-1), -60_000);
         assert_eq!(m.max_quantity, None);
+    }
+
+    #[test]
+    fn durations_take_humantime_forms_and_bare_seconds() {
+        let cases = [("500ms", 500), ("90s", 90_000), ("5m", 300_000), ("2h", 7_200_000), ("35d", 3_024_000_000)];
+        for (text, ms) in cases {
+            assert_eq!(parse_duration(text), Ok(ms), "{text}");
+        }
+        assert_eq!(parse_duration("1h 30m"), Ok(5_400_000));
+        assert_eq!(parse_duration("2days"), Ok(172_800_000));
+        assert_eq!(parse_duration(" 45 "), Ok(45_000), "a bare number is seconds, as before humantime");
+        for bad in ["", "ten", "5 parsecs", "1500us", "-5s", "99999999999999999999"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -42,8 +42,8 @@
 //! price before it is read. Prices carry up to 12 fractional digits (what Stripe allows);
 //! quantities (`up_to`, `free_units`, `package_size`) and the minimum commitment carry up to
 //! 9, the pipeline's scale. Validation rejects anything else with an
-//! [`Error::InvalidCatalog`] naming the plan, the price and the field, because the person
-//! reading it is editing that file; unknown keys are rejected at every level.
+//! [`Error::InvalidCatalog`] naming the plan, the price and the field (and the line of a value
+//! that cannot be read), because the person reading it is editing that file; unknown keys are rejected at every level.
 //!
 //! # Rounding (the only rounding point)
 //!
@@ -92,13 +92,14 @@ use crate::meter::MeterCatalog;
 use crate::Error;
 
 mod calendar;
+mod fields;
 pub mod limits;
 mod load;
 pub use calendar::{
     civil_from_days, days_from_civil, days_in_month, parse_rfc3339_ms, period_end, period_start, MAX_TIME_MS, MIN_TIME_MS,
 };
 pub use limits::{LimitKind, LimitStatus, SpendLimit};
-use load::{as_string, invalid, parse_assignment, parse_cost, parse_plan, serde_error, RawFile};
+use load::{invalid, parse_file};
 
 /// Fractional digits a price (unit price, flat fee, package price, cost rate) may carry.
 pub const PRICE_SCALE: u32 = 12;
@@ -320,28 +321,22 @@ pub struct Catalog {
 impl Catalog {
     /// Parses and validates a catalog; see the module docs for the format.
     pub fn from_toml_str(text: &str) -> Result<Self, Error> {
-        let raw: RawFile = toml::from_str(text).map_err(|e| serde_error("", "", "catalog", &e))?;
+        let file = parse_file(text)?;
         let mut plans = BTreeMap::new();
-        for (i, v) in raw.plan.into_iter().enumerate() {
-            let plan = parse_plan(i, v)?;
+        for entry in file.plan {
+            let plan = entry.into_plan()?;
             if plans.contains_key(&plan.id) {
                 return Err(invalid(&plan.id, "", "id", "plan defined twice"));
             }
             plans.insert(plan.id.clone(), plan);
         }
-        let default_plan = match raw.default_plan {
-            None => None,
-            Some(v) => {
-                let id = as_string(&v).ok_or_else(|| invalid("", "", "default_plan", "must be a string"))?;
-                if !plans.contains_key(&id) {
-                    return Err(invalid(&id, "", "default_plan", "no such plan"));
-                }
-                Some(id)
-            }
-        };
+        let default_plan = file.default_plan.map(|t| t.0);
+        if let Some(id) = default_plan.as_ref().filter(|id| !plans.contains_key(*id)) {
+            return Err(invalid(id, "", "default_plan", "no such plan"));
+        }
         let mut assignments: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
-        for (i, v) in raw.assignment.into_iter().enumerate() {
-            let a = parse_assignment(i, v, &plans)?;
+        for (i, entry) in file.assignment.into_iter().enumerate() {
+            let a = entry.into_assignment(i, &plans)?;
             let list = assignments.entry(a.tenant.clone()).or_default();
             if list.iter().any(|b| b.from_ms == a.from_ms) {
                 return Err(invalid(
@@ -357,8 +352,8 @@ impl Catalog {
             list.sort_by_key(|a| a.from_ms);
         }
         let mut costs: BTreeMap<String, Vec<CostRule>> = BTreeMap::new();
-        for (i, v) in raw.cost.into_iter().enumerate() {
-            let c = parse_cost(i, v)?;
+        for (i, entry) in file.cost.into_iter().enumerate() {
+            let c = entry.into_rule(i)?;
             let rules = costs.entry(c.meter.clone()).or_default();
             let field = format!("cost[{i}].dimension");
             if let Some(other) = rules.iter().find(|r| r.dimension == c.dimension) {
@@ -377,8 +372,8 @@ impl Catalog {
             rules.push(c);
         }
         let mut limits: BTreeMap<String, Vec<SpendLimit>> = BTreeMap::new();
-        for (i, v) in raw.spend_limit.into_iter().enumerate() {
-            let l = limits::parse_spend_limit(i, v)?;
+        for entry in file.spend_limit {
+            let l = SpendLimit::from(entry);
             limits.entry(l.tenant.clone()).or_default().push(l);
         }
         Ok(Self { plans, assignments, default_plan, costs, limits })

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::avro_wire::{Header, CONFLUENT_MAGIC};
 use crate::decimal::check_storable;
 use crate::schema::{self, Known};
 use crate::Error;
@@ -158,8 +159,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         let known = Self::known();
         let value = apache_avro::to_value(self)?.resolve(&known.schema)?;
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(&[0xC3, 0x01]);
-        out.extend_from_slice(&known.fingerprint.to_le_bytes());
+        Header::SingleObject { fingerprint: known.fingerprint }.write(&mut out);
         write_value(&value, &mut out)?;
         Ok(out)
     }
@@ -167,20 +167,18 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     fn from_avro(bytes: &[u8]) -> Result<Self, Error> {
         let known = Self::known();
         let mut writer = known;
-        let body = match bytes {
-            [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
-                let fp = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        let body = match Header::split(bytes)? {
+            (Header::SingleObject { fingerprint: fp }, body) => {
                 if !known.matches(fp) {
                     writer = Self::older()
                         .into_iter()
                         .find(|k| k.matches(fp))
                         .ok_or(Error::UnknownFingerprint(fp))?;
                 }
-                &rest[8..]
+                body
             }
-            [0xC3, 0x01, ..] => return Err(Error::Truncated("fingerprint")),
-            [] => return Err(Error::Empty),
-            [b, ..] => return Err(Error::UnknownFraming(*b)),
+            // Internal records are always single-object encoded.
+            (Header::Confluent { .. }, _) => return Err(Error::UnknownFraming(CONFLUENT_MAGIC)),
         };
         // apache-avro believes the lengths and counts it reads: check them against the input first.
         check_body(&writer.schema, body)?;

@@ -236,7 +236,7 @@ fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// What the rating loop learned since its last flush, handed to the [`Desk`] once written.
+/// What the rating loop learned since the last batch was taken for writing.
 #[derive(Debug, Default)]
 pub struct DeskFeed {
     /// Aggregates rated (their windows settled).
@@ -245,21 +245,36 @@ pub struct DeskFeed {
     pub touched: BTreeSet<String>,
 }
 
+/// A [`DeskFeed`] frozen with the batch it belongs to: the settled states are read when the
+/// batch is taken, because records handled while it is written change the state again and
+/// their charges are not written yet (a balance never shows a charge before ClickHouse has it).
+#[derive(Debug, Default)]
+pub struct SealedFeed {
+    settled: Vec<MeterAggregate>,
+    tenants: Vec<(String, TenantSettled)>,
+}
+
 impl DeskFeed {
-    /// Moves everything into `desk`; `settled_of` gives a touched tenant's settled state
-    /// (`None`: not held here any more).
-    pub fn hand_over(&mut self, desk: &SharedDesk, settled_of: impl Fn(&str) -> Option<TenantSettled>) {
-        if self.settled.is_empty() && self.touched.is_empty() {
+    /// Freezes what was learned so far; `settled_of` gives a touched tenant's settled state
+    /// now (`None`: not held here any more).
+    pub fn seal(&mut self, settled_of: impl Fn(&str) -> Option<TenantSettled>) -> SealedFeed {
+        let tenants = std::mem::take(&mut self.touched).into_iter().filter_map(|t| settled_of(&t).map(|s| (t, s))).collect();
+        SealedFeed { settled: std::mem::take(&mut self.settled), tenants }
+    }
+}
+
+impl SealedFeed {
+    /// Moves everything into `desk`, once its batch is written.
+    pub fn hand_over(self, desk: &SharedDesk) {
+        if self.settled.is_empty() && self.tenants.is_empty() {
             return;
         }
         let mut d = desk.lock().expect("desk lock");
-        for agg in self.settled.drain(..) {
-            d.on_settled(&agg);
+        for agg in &self.settled {
+            d.on_settled(agg);
         }
-        for t in std::mem::take(&mut self.touched) {
-            if let Some(s) = settled_of(&t) {
-                d.update(t, s);
-            }
+        for (t, s) in self.tenants {
+            d.update(t, s);
         }
     }
 }
@@ -318,5 +333,25 @@ mod tests {
         desk.disown(p);
         desk.on_provisional(&total(9, 4));
         assert!(desk.take_changes(&catalog, NOW + 3).0.is_empty(), "disowned: its new owner publishes");
+    }
+
+    #[test]
+    fn a_sealed_feed_carries_the_state_of_its_batch_not_later_records() {
+        let catalog = Catalog::from_toml_str(CATALOG).unwrap();
+        let desk: SharedDesk = Arc::default();
+        desk.lock().unwrap().own(partition_for(b"t", 4), 4);
+        let wallet = |v: i64| TenantSettled { wallet: [("USD".to_owned(), Decimal::from(v))].into(), prepaid: true, ..Default::default() };
+        let mut feed = DeskFeed::default();
+        feed.touched.insert("t".into());
+        // The batch is taken while the wallet holds 10; records handled during its write
+        // move it to 4 before the write completes.
+        let sealed = feed.seal(|_| Some(wallet(10)));
+        feed.touched.insert("t".into());
+        assert!(desk.lock().unwrap().take_changes(&catalog, NOW).0.is_empty(), "nothing before the write completes");
+        sealed.hand_over(&desk);
+        let (b, _) = desk.lock().unwrap().take_changes(&catalog, NOW);
+        assert_eq!(b[0].settled, Decimal::from(10), "the written batch's state, not the one still being written");
+        feed.seal(|_| Some(wallet(4))).hand_over(&desk);
+        assert_eq!(desk.lock().unwrap().take_changes(&catalog, NOW + 1).0[0].settled, Decimal::from(4));
     }
 }

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
+use meterflow_runtime::args::{duration_ms, AuthArgs, ClickHouseArgs, KafkaArgs, LogArgs, MembershipArgs, TopicArgs};
+use meterflow_runtime::service::ServiceConfig;
 
 /// Prices meter aggregates (per-unit, graduated, volume, package, free allowances, minimum
 /// commitments), computes provider cost and margin, draws prepaid wallets down, and writes
@@ -48,13 +49,13 @@ pub struct Config {
     pub low_balance: Vec<String>,
 
     /// How long after a billing period ends late usage is awaited before its true-up.
-    #[arg(long = "period-grace", env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = parse_ms)]
+    #[arg(long = "period-grace", env = "METERFLOW_PERIOD_GRACE", default_value = "1h", value_parser = duration_ms)]
     pub period_grace_ms: i64,
 
     /// How far ahead of the rater's watermark (or of the record's broker timestamp, if
     /// later) an aggregate's window or watermark may lie; further is dead-lettered as
     /// `future_window` (forged or corrupt: trusting it would close billing periods early).
-    #[arg(long = "max-future", env = "METERFLOW_MAX_FUTURE", default_value = "1d", value_parser = parse_ms)]
+    #[arg(long = "max-future", env = "METERFLOW_MAX_FUTURE", default_value = "1d", value_parser = duration_ms)]
     pub max_future_ms: i64,
 
     /// How far an aggregate's `seq` may jump past the highest rated for its source partition
@@ -65,10 +66,10 @@ pub struct Config {
     #[arg(long, env = "METERFLOW_MAX_SEQ_GAP", default_value_t = 1_000_000)]
     pub max_seq_gap: i64,
 
-    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_ms)]
+    #[arg(long = "flush-interval", env = "METERFLOW_FLUSH_INTERVAL", default_value = "1s", value_parser = duration_ms)]
     pub flush_interval_ms: i64,
 
-    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = parse_ms)]
+    #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = duration_ms)]
     pub checkpoint_interval_ms: i64,
 
     /// Buffered output rows that start a write at once; consumption pauses while one batch is
@@ -86,6 +87,8 @@ pub struct Config {
     pub wallet_gauges: bool,
 }
 
-fn parse_ms(s: &str) -> Result<i64, String> {
-    meterflow_core::meter::parse_duration(s)
+impl ServiceConfig for Config {
+    fn log(&self) -> &LogArgs {
+        &self.log
+    }
 }

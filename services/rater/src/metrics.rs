@@ -2,6 +2,7 @@
 //! point only here. Labels: currency, meter and plan come from the catalog (bounded); the
 //! per-tenant wallet gauge is bounded by the number of prepaid tenants and can be disabled.
 
+use meterflow_runtime::telemetry::RuntimeMetrics;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 
 pub const AGGREGATES_IN: &str = "meterflow_rater_aggregates_in_total";
@@ -28,6 +29,14 @@ pub const PROVISIONAL_LAG: &str = "meterflow_rater_provisional_lag_seconds";
 pub const PENDING_WINDOWS: &str = "meterflow_rater_pending_windows";
 pub const BALANCES: &str = "meterflow_rater_balances_total";
 
+/// What the runtime reports for this service, under the names above.
+pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
+    insert_seconds: INSERT_SECONDS,
+    checkpoint_seconds: CHECKPOINT_SECONDS,
+    flush_errors: FLUSH_ERRORS,
+    fenced: FENCED,
+};
+
 pub fn describe() {
     describe_counter!(AGGREGATES_IN, "Aggregates read.");
     describe_counter!(SKIPPED, "Aggregates skipped as re-deliveries (seq already rated).");
@@ -44,11 +53,7 @@ pub fn describe() {
     describe_counter!(WALLET_ADJUSTMENTS, "Wallet adjustments by outcome (applied, duplicate).");
     describe_counter!(ALERTS, "Wallet alerts by kind.");
     describe_gauge!(RATING_LAG, Unit::Seconds, "Wall clock minus the time the last rated aggregate was produced.");
-    describe_histogram!(INSERT_SECONDS, Unit::Seconds, "ClickHouse insert latency by table.");
-    describe_histogram!(CHECKPOINT_SECONDS, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
-    describe_counter!(FENCED, "Partitions given up because another instance claimed them in a newer epoch.");
-    counter!(FENCED).increment(0);
-    describe_counter!(FLUSH_ERRORS, "Failed flush attempts by sink (retried).");
+    RUNTIME.describe();
     describe_counter!(PROVISIONAL_IN, "Provisional totals read, by outcome (accepted, unauthenticated, undecodable).");
     describe_histogram!(PROVISIONAL_LAG, Unit::Seconds, "Wall clock minus the aggregator's publication time of a provisional total.");
     describe_gauge!(PENDING_WINDOWS, "Open windows counted as pending spend (all tenants seen).");

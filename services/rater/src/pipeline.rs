@@ -21,7 +21,7 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::balances::{self, DeskFeed, SharedDesk};
+use crate::balances::{self, DeskFeed, SealedFeed, SharedDesk};
 use crate::config::Config;
 use crate::metrics as m;
 use crate::sink::{Outputs, RaterSink};
@@ -100,6 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         gauge_labels: BTreeMap::new(),
         desk: SharedDesk::default(),
         desk_feed: DeskFeed::default(),
+        writing_feed: None,
     };
     // Stops with the service, and also when `run` is dropped without a shutdown.
     let balances_stop = shutdown.child_token();
@@ -145,6 +146,8 @@ struct Rater {
     /// Pending spend and settled state for real-time balances (see `balances`).
     desk: SharedDesk,
     desk_feed: DeskFeed,
+    /// The feed of the batch being written, handed to the desk when it is.
+    writing_feed: Option<SealedFeed>,
 }
 
 impl Rater {
@@ -236,14 +239,14 @@ impl Rater {
         Ok(())
     }
 
-    /// Hands the settled balances to the balances desk after a batch was written.
-    fn feed_desk(&mut self) {
+    /// Freezes the balances desk's feed with the batch being taken (see [`SealedFeed`]).
+    fn seal_feed(&mut self) {
         let shards = &self.shards;
-        self.desk_feed.hand_over(&self.desk, |tenant| {
+        self.writing_feed = Some(self.desk_feed.seal(|tenant| {
             let n = shards.values().next()?.partitions;
             let o = shards.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
             Some(balances::settled_of(o.part.rating(), o.part.wallets(), tenant))
-        });
+        }));
     }
 
     fn export_gauges(&mut self) {
@@ -408,6 +411,7 @@ impl Partitioned for Rater {
     }
 
     fn take_batch(&mut self) -> Outputs {
+        self.seal_feed();
         std::mem::take(&mut self.outputs)
     }
 
@@ -417,7 +421,9 @@ impl Partitioned for Rater {
 
     fn batch_written(&mut self) {
         self.export_gauges();
-        self.feed_desk();
+        if let Some(feed) = self.writing_feed.take() {
+            feed.hand_over(&self.desk);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics as m;
 use crate::rows::{AdjustmentRow, AlertRow, ChargeRow, DeadLetterRow, LedgerRow, ParkedRow};
 
-const WRITE_METRICS: WriteMetrics = WriteMetrics { insert_seconds: m::INSERT_SECONDS, errors: m::FLUSH_ERRORS };
+const WRITE_METRICS: WriteMetrics = m::RUNTIME.write();
 
 #[derive(Default)]
 pub(crate) struct Outputs {

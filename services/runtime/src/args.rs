@@ -3,6 +3,36 @@
 
 use clap::Args;
 
+/// What a long-running service connects to and how it logs: each service's `Config` flattens
+/// it, so the flags and their environment variables are the same everywhere.
+#[derive(Debug, Clone, Args)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub conn: Connections,
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// The broker, the topic names and ClickHouse: what the services and most `meterflow-admin`
+/// commands reach.
+#[derive(Debug, Clone, Args)]
+pub struct Connections {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseArgs,
+}
+
+/// clap value parser of duration flags, in milliseconds: `500ms`, `90s`, `5m`, `2h`, `35d`,
+/// `1h 30m` (humantime) or a bare number of seconds.
+pub fn duration_ms(s: &str) -> Result<i64, String> {
+    meterflow_core::meter::parse_duration(s)
+}
+
 /// Where the Kafka-API broker is.
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
@@ -110,7 +140,8 @@ pub struct LogArgs {
     pub level: String,
 }
 
-/// The deployment's record key (see `meterflow_core::auth`).
+/// The deployment's record key (see `meterflow_core::auth`); the API also signs customer-page
+/// links (`POST /v1/portal/tokens`) with it.
 #[derive(Debug, Clone, Args)]
 pub struct AuthArgs {
     /// Hex key (at least 16 bytes) that authenticates meterflow's own records (aggregates,

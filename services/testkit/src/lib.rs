@@ -30,6 +30,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
+pub mod http;
+pub mod procs;
+
 pub use meterflow_admin::Partitions;
 
 /// `(partition, offset, key, payload)` of one consumed message; an absent payload (tombstone)

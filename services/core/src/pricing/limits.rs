@@ -17,18 +17,16 @@
 //! not count.
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::load::{serde_error, Ctx, RawSpendLimit};
-use crate::decimal::MAX_SCALE;
-use crate::Error;
+use super::fields::{Currency, Period, Quantity, Text};
 
 /// Alert kinds of a crossed limit.
 pub const ALERT_SOFT_LIMIT: &str = "spend_limit_soft";
 pub const ALERT_HARD_LIMIT: &str = "spend_limit_hard";
 
 /// What crossing the limit does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LimitKind {
     /// Entitlement checks deny; an alert is published when crossed.
@@ -108,27 +106,23 @@ impl SpendLimit {
     }
 }
 
-pub(super) fn parse_spend_limit(index: usize, v: toml::Value) -> Result<SpendLimit, Error> {
-    let field = format!("spend_limit[{index}]");
-    let raw: RawSpendLimit = v.try_into().map_err(|e| serde_error("", "", &field, &e))?;
-    let ctx = Ctx { plan: "", price: "", prefix: format!("{field}.") };
-    let tenant = ctx.required_string("tenant", raw.tenant)?;
-    let currency = ctx.required_string("currency", raw.currency)?;
-    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(ctx.err("currency", format!("{currency:?} is not an ISO 4217 code like \"USD\"")));
+/// `[[spend_limit]]` as written in the catalog.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SpendLimitEntry {
+    tenant: Text,
+    currency: Currency,
+    amount: Quantity,
+    kind: LimitKind,
+    /// Checked, not kept: the billing period is the only period.
+    #[serde(rename = "period")]
+    _period: Option<Period>,
+}
+
+impl From<SpendLimitEntry> for SpendLimit {
+    fn from(e: SpendLimitEntry) -> Self {
+        Self { tenant: e.tenant.0, currency: e.currency.0, amount: e.amount.0, kind: e.kind }
     }
-    let amount = ctx.required_decimal("amount", raw.amount, MAX_SCALE)?;
-    let kind = match ctx.required_string("kind", raw.kind)?.as_str() {
-        "hard" => LimitKind::Hard,
-        "soft" => LimitKind::Soft,
-        other => return Err(ctx.err("kind", format!("{other:?}: expected \"hard\" or \"soft\""))),
-    };
-    if let Some(p) = ctx.string("period", raw.period)? {
-        if p != "month" {
-            return Err(ctx.err("period", format!("{p:?}: only \"month\" (the billing period) is supported")));
-        }
-    }
-    Ok(SpendLimit { tenant, currency, amount, kind })
 }
 
 #[cfg(test)]

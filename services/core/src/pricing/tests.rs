@@ -45,3 +45,28 @@ fn margin_percent_rounds() {
     assert_eq!(margin_percent(d("3"), d("1")), Some(d("33.33")));
     assert_eq!(margin_percent(d("0"), d("1")), None);
 }
+
+/// A bad leaf is reported where the file has it: plan id, price name, the path inside the
+/// price, what is wrong, and the line.
+#[test]
+fn leaf_errors_carry_path_and_line() {
+    let text = "[[plan]]\nid = \"gold\"\ncurrency = \"USD\"\n[[plan.price]]\nmeter = \"m\"\nmodel = \"graduated\"\n\
+                tiers = [\n  { up_to = \"10\", unit_price = \"1\" },\n  { up_to = \"2e3\", unit_price = \"1\" },\n  { unit_price = \"1\" },\n]\n";
+    let err = Catalog::from_toml_str(text).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "invalid catalog: plan \"gold\", price \"m\", field tiers[1].up_to: \"2e3\" is not a decimal like \"0.0025\" (line 9, column 13)"
+    );
+    let text = "[[plan]]\nid = \"gold\"\ncurrency = \"USD\"\n[[plan.price]]\nmeter = \"m\"\nname = \"n\"\nmodel = \"median\"\n";
+    let err = Catalog::from_toml_str(text).unwrap_err().to_string();
+    assert!(err.starts_with("invalid catalog: plan \"gold\", price \"n\", field model: unknown variant `median`"), "{err}");
+    assert!(err.ends_with("(line 7, column 9)"), "{err}");
+    // A missing key is named at the table that lacks it.
+    let text = "[[plan]]\ncurrency = \"USD\"\n";
+    let err = Catalog::from_toml_str(text).unwrap_err().to_string();
+    assert!(err.starts_with("invalid catalog: plan \"plan[0]\", price \"\", field id: missing field `id`"), "{err}");
+    // A bare TOML datetime is an RFC 3339 instant too.
+    let text = "[[plan]]\nid = \"p\"\ncurrency = \"USD\"\n[[assignment]]\ntenant = \"t\"\nplan = \"p\"\nfrom = 2026-11-15T00:00:00Z\n";
+    let c = Catalog::from_toml_str(text).unwrap();
+    assert_eq!(c.assignments("t")[0].from_ms, parse_rfc3339_ms("2026-11-15T00:00:00Z").unwrap());
+}

@@ -3,78 +3,12 @@
 
 use apache_avro::types::Value;
 
+use crate::avro_wire::{write_bytes, write_long, write_str, Reader};
 use crate::Error;
 
 /// Checks, before apache-avro reads `body`, that the lengths and counts of a `schema` datum fit in it.
 pub(super) fn check_body(schema: &apache_avro::Schema, body: &[u8]) -> Result<(), Error> {
-    check_datum(schema, &mut Cursor { buf: body, pos: 0 })
-}
-
-/// Position in a datum being checked.
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl Cursor<'_> {
-    fn remaining(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn skip(&mut self, n: usize, what: &'static str) -> Result<(), Error> {
-        if n > self.remaining() {
-            return Err(Error::Truncated(what));
-        }
-        self.pos += n;
-        Ok(())
-    }
-
-    fn long(&mut self, what: &'static str) -> Result<i64, Error> {
-        let mut value: u64 = 0;
-        let mut shift = 0u32;
-        loop {
-            let Some(&b) = self.buf.get(self.pos) else {
-                return Err(Error::Truncated(what));
-            };
-            self.pos += 1;
-            if shift == 63 && b > 1 {
-                return Err(Error::BadVarint(what));
-            }
-            value |= u64::from(b & 0x7F) << shift;
-            if b & 0x80 == 0 {
-                return Ok(((value >> 1) as i64) ^ -((value & 1) as i64));
-            }
-            shift += 7;
-            if shift > 63 {
-                return Err(Error::BadVarint(what));
-            }
-        }
-    }
-
-    /// A length or block count: non-negative and at most the bytes left (every string byte,
-    /// and every map entry or array item of these schemas, takes at least one byte).
-    fn bounded(&mut self, v: i64, what: &'static str) -> Result<usize, Error> {
-        if v < 0 {
-            return Err(Error::NegativeLength(what));
-        }
-        if v as u64 > self.remaining() as u64 {
-            return Err(Error::Truncated(what));
-        }
-        Ok(v as usize)
-    }
-
-    /// The next block count of an array or map (a negative count is followed by the block's
-    /// size in bytes).
-    fn block(&mut self, what: &'static str) -> Result<usize, Error> {
-        let count = self.long(what)?;
-        if count < 0 {
-            let count = count.checked_neg().ok_or(Error::BadVarint(what))?;
-            let size = self.long(what)?;
-            self.bounded(size, what)?;
-            return self.bounded(count, what);
-        }
-        self.bounded(count, what)
-    }
+    check_datum(schema, &mut Reader::new(body))
 }
 
 /// Walks a datum of `schema` without allocating and fails if any length or count in it claims
@@ -82,21 +16,18 @@ impl Cursor<'_> {
 /// reserve tens of GB before reading the first (an abort, found by fuzzing; see
 /// `services/core/fuzz`), a string length of 500 MB allocates 500 MB. After this check its
 /// allocations are bounded by a small multiple of the input's size.
-fn check_datum(schema: &apache_avro::Schema, c: &mut Cursor<'_>) -> Result<(), Error> {
+fn check_datum(schema: &apache_avro::Schema, c: &mut Reader<'_>) -> Result<(), Error> {
     use apache_avro::Schema as S;
+    let skip = |c: &mut Reader<'_>, n: usize, what: &'static str| c.take(n, what).map(|_| ());
     match schema {
         S::Null => Ok(()),
-        S::Boolean => c.skip(1, "boolean"),
+        S::Boolean => skip(c, 1, "boolean"),
         S::Int | S::Long | S::Date | S::TimeMillis | S::TimeMicros | S::TimestampMillis | S::TimestampMicros
         | S::LocalTimestampMillis | S::LocalTimestampMicros | S::Enum(_) => c.long("integer").map(|_| ()),
-        S::Float => c.skip(4, "float"),
-        S::Double => c.skip(8, "double"),
-        S::String | S::Bytes => {
-            let len = c.long("string")?;
-            let len = c.bounded(len, "string")?;
-            c.skip(len, "string")
-        }
-        S::Fixed(f) => c.skip(f.size, "fixed"),
+        S::Float => skip(c, 4, "float"),
+        S::Double => skip(c, 8, "double"),
+        S::String | S::Bytes => c.bytes("string").map(|_| ()),
+        S::Fixed(f) => skip(c, f.size, "fixed"),
         S::Array(a) => loop {
             let n = c.block("array")?;
             if n == 0 {
@@ -133,17 +64,13 @@ fn check_datum(schema: &apache_avro::Schema, c: &mut Cursor<'_>) -> Result<(), E
 /// key order. apache-avro writes maps in `HashMap` order, so the same record could encode to
 /// different bytes; meterflow promises byte-identical outputs for identical inputs.
 pub(super) fn write_value(v: &Value, out: &mut Vec<u8>) -> Result<(), Error> {
-    use crate::codec::{write_long, write_str};
     match v {
         Value::Null => {}
         Value::Boolean(b) => out.push(u8::from(*b)),
         Value::Int(i) => write_long(out, i64::from(*i)),
         Value::Long(l) | Value::TimestampMillis(l) => write_long(out, *l),
         Value::String(s) | Value::Enum(_, s) => write_str(out, s),
-        Value::Bytes(b) => {
-            write_long(out, b.len() as i64);
-            out.extend_from_slice(b);
-        }
+        Value::Bytes(b) => write_bytes(out, b),
         Value::Union(i, inner) => {
             write_long(out, i64::from(*i));
             write_value(inner, out)?;

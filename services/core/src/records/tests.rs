@@ -215,7 +215,7 @@ fn lengths_beyond_the_input_are_rejected_before_allocating() {
     // A string claiming 500 MB in a 20-byte message.
     let mut big = vec![0xC3, 0x01];
     big.extend_from_slice(&WalletAdjustment::known().fingerprint.to_le_bytes());
-    crate::codec::write_long(&mut big, 500 << 20);
+    crate::avro_wire::write_long(&mut big, 500 << 20);
     big.extend_from_slice(b"pay_1");
     assert_eq!(WalletAdjustment::from_avro(&big), Err(Error::Truncated("string")));
     // Valid records still read.
