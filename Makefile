@@ -126,8 +126,11 @@ clippy:
 # Installed once into the cache, pinned.
 MACHETE_VERSION := 0.9.2
 MACHETE_ROOT := $(or $(METERFLOW_CACHE),$(HOME)/.cache/meterflow)/cargo-machete-$(MACHETE_VERSION)
-machete:
+.PHONY: machete-install
+machete-install:
 	@test -x "$(MACHETE_ROOT)/bin/cargo-machete" || cargo install cargo-machete --locked --version $(MACHETE_VERSION) --root "$(MACHETE_ROOT)"
+
+machete: machete-install
 	"$(MACHETE_ROOT)/bin/cargo-machete"
 
 # Topics and tables for the default names, as the services use them outside tests.

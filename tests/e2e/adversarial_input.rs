@@ -12,6 +12,7 @@
 //!   other tenants' events, interleaved with the flood, are all counted.
 //!
 //! Fails (never skips) without `make up` or without the fastavro venv.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -11,6 +11,7 @@
 //! * provider cost is exact per event whatever the window alignment.
 //!
 //! Expected amounts are computed here from the events sent, independently of the rater.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

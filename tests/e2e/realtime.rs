@@ -10,6 +10,7 @@
 //!   and above a hard spend limit, and allows below them with the exact remaining amount;
 //!   crossing a soft limit publishes a `spend_limit_soft` alert.
 //! * Key isolation: a tenant's key never reads another tenant's balance or checks for it.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::time::{Duration, Instant};
 

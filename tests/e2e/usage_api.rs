@@ -10,6 +10,7 @@
 //! * the customer page, loaded by headless Chromium, shows the numbers the API returns (usage,
 //!   invoice total, settled / pending / available balance), and a
 //!   screenshot is saved to target/portal/portal.png.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -92,15 +92,11 @@ struct RedriveCmd {
     #[arg(long, env = "METERFLOW_REDRIVE_REASON")]
     reason: String,
     /// Only dead letters written at or after this time (RFC 3339).
-    #[arg(long, env = "METERFLOW_REDRIVE_FROM", value_parser = parse_time_s)]
+    #[arg(long, env = "METERFLOW_REDRIVE_FROM", value_parser = meterflow_core::time::parse_rfc3339_ms)]
     from: Option<i64>,
     /// Only dead letters written before this time (RFC 3339).
-    #[arg(long, env = "METERFLOW_REDRIVE_TO", value_parser = parse_time_s)]
+    #[arg(long, env = "METERFLOW_REDRIVE_TO", value_parser = meterflow_core::time::parse_rfc3339_ms)]
     to: Option<i64>,
-}
-
-fn parse_time_s(s: &str) -> Result<i64, String> {
-    meterflow_core::pricing::parse_rfc3339_ms(s).map(|ms| ms.div_euclid(1000))
 }
 
 async fn run_rerate(c: &RerateCmd) -> Result<()> {
@@ -115,7 +111,11 @@ async fn run_rerate(c: &RerateCmd) -> Result<()> {
 
 async fn run_redrive(c: &RedriveCmd) -> Result<()> {
     let client = meterflow_runtime::clickhouse::client(&c.conn.clickhouse);
-    let filter = RedriveFilter { reason: c.reason.clone(), from_s: c.from, to_s: c.to };
+    let filter = RedriveFilter {
+        reason: c.reason.clone(),
+        from_s: c.from.map(|ms| ms.div_euclid(1000)),
+        to_s: c.to.map(|ms| ms.div_euclid(1000)),
+    };
     let topic = &c.conn.topics.usage_topic;
     let n = replay::redrive(&c.conn.kafka, topic, &client, &filter).await?;
     println!("redrove {n} dead-lettered events ({}) to {topic}", c.reason);

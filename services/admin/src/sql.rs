@@ -21,10 +21,9 @@ pub fn split_statements(sql: &str) -> Vec<String> {
                             current.push(escaped);
                         }
                     } else if q == c {
-                        if chars.peek() == Some(&c) {
-                            current.push(chars.next().expect("peeked"));
-                        } else {
-                            break;
+                        match chars.next_if_eq(&c) {
+                            Some(doubled) => current.push(doubled),
+                            None => break,
                         }
                     }
                 }

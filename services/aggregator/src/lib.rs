@@ -31,8 +31,10 @@ pub mod provisional;
 pub mod rows;
 pub mod sink;
 
+mod lag;
 mod pipeline;
 mod record;
+mod stored;
 
 pub use config::Config;
 pub use pipeline::run;

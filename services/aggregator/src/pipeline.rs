@@ -14,12 +14,11 @@ use meterflow_core::partitioning::partition_for;
 use meterflow_core::RejectReason;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::kafka::{self, CONTROL_HEADER};
+use meterflow_runtime::kafka::CONTROL_HEADER;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::resume::Resume;
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
-use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Timestamp};
@@ -28,11 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cold::ChStores;
 use crate::config::Config;
+use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
 use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, usage_row, wall_ms, TICK};
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
+use crate::stored::Stored;
 
 const SERVICE: &str = "aggregator";
 
@@ -139,23 +140,6 @@ struct Part {
     input_since_tick: bool,
     /// `next_offset` of the last ingest-ledger entry buffered for this partition.
     ledger_at: i64,
-}
-
-/// What ClickHouse already holds of one source partition's outputs: the checks at assignment.
-struct Stored<'a> {
-    client: &'a Client,
-    partition: i32,
-    topic: &'a str,
-}
-
-impl Stored<'_> {
-    /// `sql` selects one number; its first `?` is the partition and a second, if any, the
-    /// usage topic (dead letters of other topics are not this partition's).
-    async fn number<T: clickhouse::RowOwned + clickhouse::RowRead>(&self, sql: &'static str) -> clickhouse::error::Result<T> {
-        let q = self.client.query(sql).bind(self.partition);
-        let q = if sql.matches('?').count() > 1 { q.bind(self.topic) } else { q };
-        q.fetch_one().await
-    }
 }
 
 struct Aggregator {
@@ -276,44 +260,19 @@ impl Partitioned for Aggregator {
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
         let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
         if from.is_none() {
-            let usage: u64 = stored.number("SELECT count() FROM usage_events WHERE source_partition = ?").await?;
-            let aggs: u64 = stored.number("SELECT count() FROM meter_aggregates WHERE source_partition = ?").await?;
-            let dls: u64 = stored.number("SELECT count() FROM dead_letters WHERE source_partition = ? AND source_topic = ?").await?;
-            anyhow::ensure!(
-                usage + aggs + dls == 0,
-                "no checkpoint, but ClickHouse already holds output of this partition ({usage} raw events, \
-                 {aggs} aggregates, {dls} dead letters): starting fresh would count them again and restart seq at 1"
-            );
-            return Ok(());
+            return stored.ensure_empty().await;
         }
         if part.switch.is_some() {
-            let max_seq: i64 = stored.number("SELECT max(seq) FROM meter_revisions WHERE source_partition = ?").await?;
-            let raw: i64 = stored
-                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM usage_events WHERE source_partition = ?")
-                .await?;
-            let dead: i64 = stored
-                .number("SELECT if(count() = 0, -1, max(source_offset)) FROM dead_letters WHERE source_partition = ? AND source_topic = ?")
-                .await?;
+            let (max_seq, max_offset) = stored.last_outputs().await?;
             if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
-                sw.max_seq = max_seq;
-                sw.max_offset = raw.max(dead);
-                tracing::info!(partition, max_seq, max_offset = sw.max_offset, "configuration switch after these outputs");
+                (sw.max_seq, sw.max_offset) = (max_seq, max_offset);
+                tracing::info!(partition, max_seq, max_offset, "configuration switch after these outputs");
             }
             self.try_switch(partition)?;
         }
         let Some(part) = self.partitions.get(&partition) else { return Ok(()) };
-        let next_seq = part.engine.next_seq();
-        if next_seq > 1 {
-            let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
-            let max: i64 = stored.number("SELECT max(seq) FROM meter_aggregates WHERE source_partition = ?").await?;
-            anyhow::ensure!(
-                max >= next_seq - 1,
-                "the checkpoint has emitted aggregates up to seq {}, but meter_aggregates only holds up to seq {max}: \
-                 outputs the checkpoint covers are missing (ClickHouse restored from an older backup?)",
-                next_seq - 1
-            );
-        }
-        Ok(())
+        let stored = Stored { client: &self.client, partition, topic: &self.config.service.conn.topics.usage_topic };
+        stored.ensure_covers(part.engine.next_seq()).await
     }
 
     fn position(&self, _topic: &str, partition: i32) -> Option<i64> {
@@ -427,11 +386,10 @@ impl Aggregator {
     /// every output already written under the checkpoint's (see [`Switch`]).
     fn try_switch(&mut self, partition: i32) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get_mut(&partition) else { return Ok(()) };
-        let Some(sw) = &part.switch else { return Ok(()) };
-        if part.engine.next_seq() <= sw.max_seq || part.engine.next_offset() <= sw.max_offset {
+        let engine = &part.engine;
+        let Some(sw) = part.switch.take_if(|sw| engine.next_seq() > sw.max_seq && engine.next_offset() > sw.max_offset) else {
             return Ok(());
-        }
-        let sw = part.switch.take().expect("checked above");
+        };
         let bytes = part.engine.snapshot();
         part.engine = PartitionEngine::restore(&bytes, sw.catalog, self.engine_config.clone()).with_context(|| {
             format!(
@@ -626,32 +584,4 @@ impl Aggregator {
             }
         }
     }
-}
-
-/// Every 5 s, the end offset of each owned partition minus what the aggregator covers, from
-/// a separate client on a blocking thread.
-fn spawn_lag_reporter(
-    config: &Config,
-    positions: Arc<std::sync::Mutex<BTreeMap<i32, i64>>>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let client: rdkafka::consumer::BaseConsumer = kafka::base_config(&config.service.conn.kafka)?.create()?;
-    let topic = config.service.conn.topics.usage_topic.clone();
-    tokio::task::spawn_blocking(move || {
-        while !shutdown.is_cancelled() {
-            let owned = positions.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for (p, next) in owned {
-                if let Ok((_, high)) = client.fetch_watermarks(&topic, p, Duration::from_secs(2)) {
-                    gauge!(m::CONSUMER_LAG, "partition" => p.to_string()).set((high - next).max(0) as f64);
-                }
-            }
-            for _ in 0..50 {
-                if shutdown.is_cancelled() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    });
-    Ok(())
 }

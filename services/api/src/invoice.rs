@@ -14,7 +14,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::events::now_ms;
 use crate::access::{Read, TenantPath};
 use crate::http::{ApiError, ErrorBody};
-use crate::usage::rfc3339;
+use meterflow_core::time::format_rfc3339_s;
 use crate::AppState;
 
 /// The rounding rule, stated in every answer.
@@ -126,13 +126,13 @@ const SQL: &str = "SELECT kind, plan, currency, meter, any(dim_keys) AS keys, an
 /// Start (Unix ms) of the period `YYYY-MM`.
 pub fn parse_period(s: &str) -> Result<i64, ApiError> {
     let ok = s.len() == 7 && s.as_bytes()[4] == b'-' && s.bytes().enumerate().all(|(i, b)| i == 4 || b.is_ascii_digit());
-    let start = ok.then(|| pricing::parse_rfc3339_ms(&format!("{s}-01T00:00:00Z")).ok()).flatten();
+    let start = ok.then(|| meterflow_core::time::parse_rfc3339_ms(&format!("{s}-01T00:00:00Z")).ok()).flatten();
     start.ok_or_else(|| ApiError::bad_request(format!("period {s:?} is not a month like 2026-11")))
 }
 
 /// `YYYY-MM` of the period starting at `ms`.
 pub fn period_name(ms: i64) -> String {
-    rfc3339(ms).chars().take(7).collect()
+    format_rfc3339_s(ms).chars().take(7).collect()
 }
 
 /// The invoice of a billing period so far.
@@ -242,8 +242,8 @@ pub fn to_json(inv: &Invoice) -> InvoiceResponse {
     InvoiceResponse {
         tenant: inv.tenant.clone(),
         period: period_name(inv.period_start_ms),
-        period_start: rfc3339(inv.period_start_ms),
-        period_end: rfc3339(inv.period_end_ms),
+        period_start: format_rfc3339_s(inv.period_start_ms),
+        period_end: format_rfc3339_s(inv.period_end_ms),
         rounding: ROUNDING.to_owned(),
         lines,
         true_ups: inv

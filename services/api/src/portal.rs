@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use crate::events::now_ms;
 use crate::access::{Admin, Key};
 use crate::http::{ApiError, ErrorBody};
-use crate::usage::rfc3339;
+use meterflow_core::time::format_rfc3339_s;
 use crate::AppState;
 
 pub use page::{render_error, render_page, Balance, MeterUsage, PageData};
@@ -109,7 +109,7 @@ pub async fn create_token(State(state): State<AppState>, _: Key<Admin>, body: ax
     }
     let expires = now_ms() + ttl;
     let token = portal::issue(signing_key(&state)?, &req.tenant, expires);
-    let resp = TokenResponse { tenant: req.tenant, url: format!("/portal/{token}"), token, expires_at: rfc3339(expires) };
+    let resp = TokenResponse { tenant: req.tenant, url: format!("/portal/{token}"), token, expires_at: format_rfc3339_s(expires) };
     Ok((StatusCode::CREATED, Json(resp)).into_response())
 }
 
@@ -182,7 +182,7 @@ async fn gather(state: &AppState, tenant: &str, expires_at_ms: i64, now: i64) ->
         let days = usage
             .data
             .iter()
-            .map(|v| Ok((pricing::parse_rfc3339_ms(&v.window_start)?, decimal::parse("value", &v.value).map_err(|e| e.to_string())?)))
+            .map(|v| Ok((meterflow_core::time::parse_rfc3339_ms(&v.window_start)?, decimal::parse("value", &v.value).map_err(|e| e.to_string())?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(ApiError::unavailable)?;
         meters.push(MeterUsage { meter: m.name.clone(), aggregation: m.aggregation.as_str(), days });

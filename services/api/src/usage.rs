@@ -5,7 +5,8 @@
 use axum::extract::{Query, State};
 use axum::Json;
 use meterflow_core::decimal;
-use meterflow_core::pricing::parse_rfc3339_ms;
+pub use meterflow_core::time::format_rfc3339_s as rfc3339;
+use meterflow_core::time::{format_rfc3339_s, parse_rfc3339_ms};
 use meterflow_core::usage::{self, Bind, SourceRow, UsagePlan, UsageRequest, WindowSize};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -75,12 +76,6 @@ struct Row {
     last_ms: i64,
 }
 
-/// RFC 3339 (UTC, seconds, `Z`) of Unix ms.
-pub fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-}
-
 /// Usage of one meter over time, exact.
 ///
 /// Sum and count meters are answered from hourly and daily rollups when the range and the
@@ -128,8 +123,8 @@ pub async fn query(state: &AppState, req: &UsageRequest) -> Result<UsageResponse
         .fold(rows)
         .into_iter()
         .map(|p| UsageValue {
-            window_start: rfc3339(p.window_start_ms),
-            window_end: rfc3339(p.window_end_ms),
+            window_start: format_rfc3339_s(p.window_start_ms),
+            window_end: format_rfc3339_s(p.window_end_ms),
             dimensions: p.dimensions,
             value: decimal::format(&p.value),
         })
@@ -139,8 +134,8 @@ pub async fn query(state: &AppState, req: &UsageRequest) -> Result<UsageResponse
         meter: req.meter.clone(),
         aggregation: plan.aggregation.as_str().to_owned(),
         window_size: req.window_size.as_str().to_owned(),
-        from: rfc3339(req.from_ms),
-        to: rfc3339(req.to_ms),
+        from: format_rfc3339_s(req.from_ms),
+        to: format_rfc3339_s(req.to_ms),
         group_by: req.group_by.clone(),
         source: plan.source.table().to_owned(),
         data,

@@ -2,6 +2,7 @@
 //! nor 405), nothing else is, `/openapi.json` serves the same document, and every secured
 //! operation refuses a request without a key with a JSON 401. Needs no broker or ClickHouse
 //! (librdkafka connects lazily; no handler here gets past authentication).
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeSet;
 

@@ -22,6 +22,7 @@
 //! Times are reported as wall clock and as the thread's CPU time (`/proc/thread-self/schedstat`):
 //! on a shared machine the wall clock includes time spent waiting for a core, while
 //! "events/s/core" is about CPU time.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -105,6 +105,8 @@ impl UsageEventRef<'_> {
 /// Why an input record was not counted. The string form is the `reason` column of
 /// `dead_letters` and the label of the dead-letter metric, so it is stable and bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::Display)]
+#[strum(serialize_all = "snake_case")]
 pub enum RejectReason {
     /// The bytes are not a usage event in any known schema.
     Undecodable,
@@ -153,30 +155,37 @@ impl RejectReason {
     ];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Undecodable => "undecodable",
-            RejectReason::UnknownMeter => "unknown_meter",
-            RejectReason::MissingTenant => "missing_tenant",
-            RejectReason::MissingEventId => "missing_event_id",
-            RejectReason::BadQuantity => "bad_quantity",
-            RejectReason::NegativeQuantity => "negative_quantity",
-            RejectReason::BadProviderCost => "bad_provider_cost",
-            RejectReason::TooLate => "too_late",
-            RejectReason::TooEarly => "too_early",
-            RejectReason::QuantityOutOfRange => "quantity_out_of_range",
-            RejectReason::WindowLimit => "window_limit",
-            RejectReason::WrongPartition => "wrong_partition",
-            RejectReason::Unauthenticated => "unauthenticated",
-        }
+        self.into()
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
+        s.parse().ok()
     }
 }
 
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+#[cfg(test)]
+mod tests {
+    use super::RejectReason;
+    use crate::meter::Aggregation;
+    use strum::VariantArray;
+
+    /// The names are stored (dead_letters.reason, meter definitions) and are metric labels:
+    /// pinned here against a rename of a variant.
+    #[test]
+    fn wire_names_are_stable() {
+        let names: Vec<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "undecodable", "unknown_meter", "missing_tenant", "missing_event_id", "bad_quantity", "negative_quantity",
+                "bad_provider_cost", "too_late", "too_early", "quantity_out_of_range", "window_limit", "wrong_partition",
+                "unauthenticated",
+            ]
+        );
+        assert!(RejectReason::ALL.iter().all(|r| RejectReason::parse(r.as_str()) == Some(*r) && r.to_string() == r.as_str()));
+        assert_eq!(RejectReason::parse("Undecodable"), None);
+        let names: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names, ["sum", "count", "min", "max", "avg", "unique_count", "latest"]);
+        assert!(Aggregation::VARIANTS.iter().all(|a| Aggregation::parse(a.as_str()) == Some(*a)));
     }
 }

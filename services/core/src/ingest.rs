@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 
 use crate::event::{RejectReason, UsageEventRef};
 use crate::meter::{MeterCatalog, MeterDef};
+use crate::time::SubMillis;
 use crate::UsageEvent;
 
 mod mapping;
@@ -465,17 +466,11 @@ fn parse_time_value(v: &RawValue) -> Result<i64, ItemError> {
     let s = v.get().trim();
     if s.starts_with('"') {
         let text: String = serde_json::from_str(s).map_err(|e| ItemError::undecodable(format!("time: {e}")))?;
-        return parse_rfc3339_ms(&text).ok_or_else(|| ItemError::undecodable(format!("time {:?} is not RFC 3339", truncate(&text, 40))));
+        return crate::time::parse_rfc3339(&text, SubMillis::Truncate)
+            .map_err(|_| ItemError::undecodable(format!("time {:?} is not RFC 3339", truncate(&text, 40))));
     }
     s.parse::<i64>()
         .map_err(|_| ItemError::undecodable(format!("time {} is neither RFC 3339 nor whole Unix milliseconds", truncate(s, 40))))
-}
-
-/// RFC 3339 (`2026-12-02T14:00:00.123Z`, any offset) to Unix ms; sub-millisecond digits
-/// are truncated toward the past (a window boundary is a whole millisecond).
-pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
-    Some(t.timestamp_millis())
 }
 
 fn truncate(s: &str, max: usize) -> String {

@@ -75,7 +75,8 @@ pub struct InvoiceLine {
 }
 
 /// Whether a true-up was charged by the rater or is what the catalog projects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum TrueUpStatus {
     Charged,
     Projected,
@@ -83,10 +84,7 @@ pub enum TrueUpStatus {
 
 impl TrueUpStatus {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Charged => "charged",
-            Self::Projected => "projected",
-        }
+        self.into()
     }
 }
 

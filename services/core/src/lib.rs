@@ -23,6 +23,7 @@ pub mod pricing;
 pub mod rating;
 pub mod records;
 pub mod schema;
+pub mod time;
 pub mod usage;
 pub mod window;
 

@@ -11,6 +11,8 @@ use crate::Error;
 
 /// How the events of one window combine into its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Aggregation {
     Sum,
     Count,
@@ -26,28 +28,11 @@ pub enum Aggregation {
 
 impl Aggregation {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Aggregation::Sum => "sum",
-            Aggregation::Count => "count",
-            Aggregation::Min => "min",
-            Aggregation::Max => "max",
-            Aggregation::Avg => "avg",
-            Aggregation::UniqueCount => "unique_count",
-            Aggregation::Latest => "latest",
-        }
+        self.into()
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "sum" => Aggregation::Sum,
-            "count" => Aggregation::Count,
-            "min" => Aggregation::Min,
-            "max" => Aggregation::Max,
-            "avg" => Aggregation::Avg,
-            "unique_count" => Aggregation::UniqueCount,
-            "latest" => Aggregation::Latest,
-            _ => return None,
-        })
+        s.parse().ok()
     }
 }
 

@@ -43,6 +43,8 @@ pub const MAX_BUCKETS: i64 = 50_000;
 
 /// The buckets of the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(strum::IntoStaticStr, strum::EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum WindowSize {
     Minute,
     Hour,
@@ -52,22 +54,11 @@ pub enum WindowSize {
 
 impl WindowSize {
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "minute" => Self::Minute,
-            "hour" => Self::Hour,
-            "day" => Self::Day,
-            "month" => Self::Month,
-            _ => return None,
-        })
+        s.parse().ok()
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Minute => "minute",
-            Self::Hour => "hour",
-            Self::Day => "day",
-            Self::Month => "month",
-        }
+        self.into()
     }
 
     /// Length of a bucket; `None` for calendar months.

@@ -3,6 +3,7 @@
 //! sum of the charges' provider cost equals an independent computation over the events:
 //! the costs they carry plus the rate card times the quantity of those that carry none,
 //! whatever the window alignment.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::str::FromStr;
 use std::sync::Arc;

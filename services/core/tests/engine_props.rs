@@ -19,6 +19,7 @@
 //! * snapshot → restore → continue is byte-identical to an uninterrupted run, also when the
 //!   restore replays records that a crashed run already wrote to the stores;
 //! * events older than the dedup horizon are rejected `TooLate`.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;

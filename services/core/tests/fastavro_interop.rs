@@ -3,6 +3,7 @@
 //! single-object encoding (header = its own CRC-64-AVRO of the Parsing Canonical Form) must
 //! decode with our codec and records, and ours must decode with fastavro, which checks our
 //! header against its fingerprint. Fails, never skips, when the venv is missing.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@
 //!
 //! rewrites the files; the diff is then part of the change under review. The stream is built
 //! by an inline SplitMix64, not `rand`, so a dependency upgrade cannot change it.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

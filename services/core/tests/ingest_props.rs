@@ -1,6 +1,7 @@
 //! The HTTP ingest's validation ([`meterflow_core::ingest::validate`]) gives the same verdict
 //! and reason as the aggregator's engine for every event that is not a duplicate: a fresh
 //! engine (nothing seen yet) is the reference, fed the same event with the record time `now`.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::sync::Arc;
 

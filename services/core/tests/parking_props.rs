@@ -2,6 +2,7 @@
 //! priced is parked without stopping anybody else's billing, a rerate after the catalog fix
 //! bills it exactly once and deterministically, and forged-looking aggregates are refused
 //! before they touch the state.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;

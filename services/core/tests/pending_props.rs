@@ -4,6 +4,7 @@
 //! the totals; settling a window moves its amount from pending to settled without changing
 //! the sum (provisional + settlement = final); restatements, re-delivered and stale
 //! provisional totals change nothing they should not; once everything settled, pending is 0.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,6 @@
 //! Pricing, rating and wallet tests: hand-computed examples for every price model, the demo
 //! catalog, and properties (256 cases each) for the invariants the bill depends on.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;

@@ -10,6 +10,7 @@
 //!   independently from the stream, and the prepaid tenant's wallet is top-ups − charges;
 //! * every record is accounted for: refused records are dead-lettered with their offset, and
 //!   charge `seq`s are 1, 2, 3, … in emission order.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::str::FromStr;

@@ -1,5 +1,6 @@
 //! Credit grants and the ASC 606 ledger: burn order, expiry, refunds, and the identities
 //! finance relies on, for any order of top-ups, charges, refunds, debits and expiries.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
 use std::str::FromStr;

@@ -164,35 +164,37 @@ impl Workload {
         anyhow::ensure!(tenants >= 1, "at least one tenant is needed");
         let width = tenants.saturating_sub(1).max(1).to_string().len().max(3);
         let tenants: Vec<Tenant> = (0..tenants)
-            .map(|i| {
+            .map(|i| -> anyhow::Result<Tenant> {
                 // Each tenant favours some models: platform weights times a random factor in
                 // [0.05, 2), so the per-(tenant, model) windows are unevenly populated.
                 let weights: Vec<f64> = MODELS.iter().map(|m| m.weight * rng.random_range(0.05..2.0)).collect();
-                Tenant {
+                Ok(Tenant {
                     name: format!("tenant-{i:0width$}"),
                     home_region: rng.random_range(0..REGIONS.len()),
-                    models: WeightedIndex::new(weights).expect("positive weights"),
-                }
+                    models: WeightedIndex::new(weights).context("model weights")?,
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let zipf = Zipf::new(tenants.len() as f64, zipf_exponent).context("Zipf exponent must be >= 0")?;
         let per_m = Decimal::from(1_000_000);
-        let price = |p: Option<&str>| p.map(|p| Decimal::from_str(p).expect("static price") / per_m);
+        let price = |p: Option<&str>| -> anyhow::Result<Option<Decimal>> {
+            p.map(|p| Ok(Decimal::from_str(p).with_context(|| format!("price {p:?}"))? / per_m)).transpose()
+        };
         let emit = [INPUT_TOKENS, OUTPUT_TOKENS, REQUESTS, GPU_SECONDS].map(|m| catalog.get(m).is_some());
         anyhow::ensure!(
             emit.iter().any(|&e| e),
             "the meters file defines none of the workload's meters ({INPUT_TOKENS}, {OUTPUT_TOKENS}, {REQUESTS}, {GPU_SECONDS})"
         );
-        let lognormal = |t: Tokens| LogNormal::new(t.median.ln(), t.sigma).expect("static parameters");
+        let lognormal = |t: Tokens| LogNormal::new(t.median.ln(), t.sigma).context("token distribution");
         Ok(Self {
             tenants,
             zipf,
-            gpus: WeightedIndex::new(GPUS.iter().map(|g| g.weight)).expect("positive weights"),
-            input_dist: MODELS.iter().map(|m| lognormal(m.input)).collect(),
-            output_dist: MODELS.iter().map(|m| m.output.map(lognormal)).collect(),
-            price_in: MODELS.iter().map(|m| price(m.price_in_per_m)).collect(),
-            price_out: MODELS.iter().map(|m| price(m.price_out_per_m)).collect(),
-            gpu_price: GPUS.iter().map(|g| Decimal::from_str(g.price_per_second).expect("static price")).collect(),
+            gpus: WeightedIndex::new(GPUS.iter().map(|g| g.weight)).context("GPU weights")?,
+            input_dist: MODELS.iter().map(|m| lognormal(m.input)).collect::<anyhow::Result<_>>()?,
+            output_dist: MODELS.iter().map(|m| m.output.map(lognormal).transpose()).collect::<anyhow::Result<_>>()?,
+            price_in: MODELS.iter().map(|m| price(m.price_in_per_m)).collect::<anyhow::Result<_>>()?,
+            price_out: MODELS.iter().map(|m| price(m.price_out_per_m)).collect::<anyhow::Result<_>>()?,
+            gpu_price: GPUS.iter().map(|g| Decimal::from_str(g.price_per_second).context("GPU price")).collect::<anyhow::Result<_>>()?,
             emit,
             source: source.to_owned(),
         })

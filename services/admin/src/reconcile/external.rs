@@ -46,7 +46,7 @@ pub fn parse_time(s: &str) -> Result<i64> {
         19 if s.as_bytes()[10] == b' ' => format!("{}T{}Z", &s[..10], &s[11..]),
         _ => s.to_owned(),
     };
-    pricing::parse_rfc3339_ms(&rfc).map_err(|e| anyhow::anyhow!("time {s:?}: {e}"))
+    meterflow_core::time::parse_rfc3339_ms(&rfc).map_err(|e| anyhow::anyhow!("time {s:?}: {e}"))
 }
 
 fn decimal(field: &'static str, s: &str) -> Result<Decimal> {

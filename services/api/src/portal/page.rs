@@ -10,7 +10,7 @@ use rust_decimal::prelude::ToPrimitive as _;
 use rust_decimal::Decimal;
 
 use crate::invoice::InvoiceResponse;
-use crate::usage::rfc3339;
+use meterflow_core::time::format_rfc3339_s;
 use meterflow_core::decimal;
 
 pub const DAY_MS: i64 = 86_400_000;
@@ -90,14 +90,14 @@ pub fn render_error(title: &str, message: &str) -> String {
 /// The customer page.
 pub fn render_page(d: &PageData) -> String {
     let mut h = head(&format!("Usage and billing: {}", d.tenant));
-    let month = &rfc3339(d.period_start_ms)[..7];
+    let month = &format_rfc3339_s(d.period_start_ms)[..7];
     let _ = write!(
         h,
         "<h1>Usage and billing</h1><p class=\"muted\">Customer <strong data-tenant>{}</strong> · billing period {month} (UTC) · \
          as of {} · this link expires {}</p>",
         esc(&d.tenant),
-        rfc3339(d.now_ms),
-        rfc3339(d.expires_at_ms)
+        format_rfc3339_s(d.now_ms),
+        format_rfc3339_s(d.expires_at_ms)
     );
     balances(&mut h, &d.balances);
     h.push_str("<h2>Usage this month</h2>");
@@ -170,7 +170,7 @@ pub fn chart(m: &MeterUsage, start_ms: i64, end_ms: i64) -> String {
             i * slot + 1,
             CHART_H - height,
             (slot - 2).max(1),
-            &rfc3339(*day_ms)[..10],
+            &format_rfc3339_s(*day_ms)[..10],
             decimal::format(v)
         );
     }

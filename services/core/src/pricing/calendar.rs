@@ -1,5 +1,7 @@
 //! Calendar arithmetic (UTC, proleptic Gregorian): billing periods are calendar months.
 
+pub use crate::time::parse_rfc3339_ms;
+
 pub(crate) const DAY_MS: i64 = 86_400_000;
 
 /// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
@@ -56,71 +58,3 @@ pub fn period_end(ms: i64) -> i64 {
     let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
     days_from_civil(y, m, 1) * DAY_MS
 }
-
-/// Parses an RFC 3339 timestamp (`2026-01-15T00:00:00Z`, optional fraction, `Z` or `±HH:MM`)
-/// into Unix milliseconds. Fractions beyond milliseconds must be zero: an effective date that
-/// cannot be represented is an error rather than silently moved.
-pub fn parse_rfc3339_ms(s: &str) -> Result<i64, String> {
-    let bad = || format!("{s:?} is not an RFC 3339 timestamp like \"2026-01-15T00:00:00Z\"");
-    let b = s.as_bytes();
-    if b.len() < 20 {
-        return Err(bad());
-    }
-    let num = |r: std::ops::Range<usize>| -> Result<i64, String> {
-        let part = &b[r];
-        if part.iter().all(u8::is_ascii_digit) {
-            Ok(part.iter().fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0')))
-        } else {
-            Err(bad())
-        }
-    };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
-        return Err(bad());
-    }
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || d < 1 || d > i64::from(days_in_month(y, mo as u32)) || h > 23 || mi > 59 || sec > 59 {
-        return Err(format!("{s:?}: date or time out of range"));
-    }
-    let mut i = 19;
-    let mut millis = 0i64;
-    if b[i] == b'.' {
-        let start = i + 1;
-        i = start;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = &b[start..i];
-        if frac.is_empty() {
-            return Err(bad());
-        }
-        for (k, digit) in frac.iter().enumerate() {
-            let v = i64::from(digit - b'0');
-            if k < 3 {
-                millis += v * 10i64.pow(2 - k as u32);
-            } else if v != 0 {
-                return Err(format!("{s:?}: sub-millisecond precision is not supported"));
-            }
-        }
-    }
-    let offset_ms = match &b[i..] {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), rest @ ..] if rest.len() == 5 && rest[2] == b':' => {
-            let oh = num(i + 1..i + 3)?;
-            let om = num(i + 4..i + 6)?;
-            if oh > 23 || om > 59 {
-                return Err(format!("{s:?}: offset out of range"));
-            }
-            let off = (oh * 60 + om) * 60_000;
-            if *sign == b'+' {
-                off
-            } else {
-                -off
-            }
-        }
-        _ => return Err(bad()),
-    };
-    let days = days_from_civil(y, mo as u32, d as u32);
-    Ok(days * DAY_MS + ((h * 60 + mi) * 60 + sec) * 1000 + millis - offset_ms)
-}
-

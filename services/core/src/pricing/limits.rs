@@ -26,8 +26,9 @@ pub const ALERT_SOFT_LIMIT: &str = "spend_limit_soft";
 pub const ALERT_HARD_LIMIT: &str = "spend_limit_hard";
 
 /// What crossing the limit does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum LimitKind {
     /// Entitlement checks deny; an alert is published when crossed.
     Hard,
@@ -37,10 +38,7 @@ pub enum LimitKind {
 
 impl LimitKind {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hard => "hard",
-            Self::Soft => "soft",
-        }
+        self.into()
     }
 
     /// The alert kind published when a limit of this kind is crossed.

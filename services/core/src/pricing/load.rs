@@ -42,8 +42,9 @@ pub(super) struct PlanEntry {
     price: Vec<PriceEntry>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, strum::IntoStaticStr)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 enum ModelKind {
     PerUnit,
     Graduated,
@@ -211,17 +212,6 @@ impl PlanEntry {
     }
 }
 
-impl ModelKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::PerUnit => "per_unit",
-            Self::Graduated => "graduated",
-            Self::Volume => "volume",
-            Self::Package => "package",
-        }
-    }
-}
-
 impl PriceEntry {
     fn into_price(self, plan: &str) -> Result<Price, Error> {
         let Text(meter) = self.meter;
@@ -231,7 +221,7 @@ impl PriceEntry {
         // Fields that belong to another model are errors, not silently ignored: a
         // `unit_price` on a package price is almost certainly a mistake in the file.
         let forbid = |field: &str, set: bool| match set {
-            true => Err(err(field, &format!("not used by model {:?}", kind.as_str()))),
+            true => Err(err(field, &format!("not used by model {:?}", <&str>::from(kind)))),
             false => Ok(()),
         };
         let model = match kind {
