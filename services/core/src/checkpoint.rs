@@ -166,7 +166,36 @@ impl StateHeader {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Any meta and state round-trip, and encoding is a function of the value (the golden
+        /// fixtures rely on it).
+        #[test]
+        fn any_envelope_round_trips(
+            offsets in prop::collection::btree_map("[a-z.]{0,12}", any::<i64>(), 0..4),
+            counts in prop::collection::btree_map("[a-z.]{0,12}", any::<i32>(), 0..4),
+            text in ".{0,200}",
+            operator in prop::option::of(("[a-z]{0,8}", prop::option::of(any::<i64>()), ".{0,20}")),
+            state in prop::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let e = Envelope {
+                meta: Meta {
+                    offsets,
+                    partition_counts: counts,
+                    config_hash: config_hash(&text),
+                    config_text: text,
+                    operator: operator.map(|(action, next_seq, note)| OperatorDecision { action, next_seq, note }),
+                },
+                state,
+            };
+            let bytes = e.encode();
+            prop_assert_eq!(Envelope::decode(&bytes).unwrap(), e.clone());
+            prop_assert_eq!(e.clone().encode(), bytes);
+        }
+    }
 
     fn sample() -> Envelope {
         Envelope {
