@@ -21,6 +21,9 @@ struct Point {
     rate: f64,
     /// CPU seconds per record in that interval: (aggregators, ClickHouse, broker).
     cpu: (f64, f64, f64),
+    /// Cores busy with everything else on the machine meanwhile (other processes, this
+    /// bench's own polling): what the pipeline could not use.
+    others: f64,
     /// Records read more than once (a rebalance moved a partition mid-run).
     reread: f64,
     /// Start of the instances -> totals exact.
@@ -50,15 +53,17 @@ pub(super) async fn scaling(args: &Args, pids: Pids, report: &mut Report) -> Res
     };
     let (r1, c1) = (one.rate, one.cpu_total());
     for p in &points {
-        let predicted = (p.instances as f64 * r1).min(cores / c1);
+        let free = (cores - p.others).max(0.1);
+        let predicted = (p.instances as f64 * r1).min(free / c1);
         report.row(
             "scaling",
             format!("{k} partition(s), {k} aggregator instance(s): records/s while all consume", k = p.instances),
             format!("{} rec/s", fmt_rate(p.rate)),
             format!(
-                "model min(k·r1, cores/c1) = {} rec/s ({:+.0}%); CPU per record: aggregators {:.2} µs, ClickHouse {:.2} µs, broker {:.2} µs, total {:.2} µs ({:.2} busy cores); {:.1} s consuming, exact {:.1} s after the start; {} records re-read",
+                "model min(k·r1, free cores/c1) = {} rec/s ({:+.0}%), free = {cores:.0} - {:.2} cores busy with other work; CPU per record: aggregators {:.2} µs, ClickHouse {:.2} µs, broker {:.2} µs, total {:.2} µs ({:.2} busy cores); {:.1} s consuming, exact {:.1} s after the start; {} records re-read",
                 fmt_rate(predicted),
                 (p.rate / predicted - 1.0) * 100.0,
+                p.others,
                 p.cpu.0 * 1e6,
                 p.cpu.1 * 1e6,
                 p.cpu.2 * 1e6,
@@ -106,10 +111,10 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
     }
     let ch = meterflow_runtime::clickhouse::client(env.clickhouse_args());
     let agg_cpu = |procs: &[ServiceProc]| procs.iter().filter_map(|p| p.pid().and_then(cpu_secs)).sum::<f64>();
-    // (instant, records read, CPU of aggregators / ClickHouse / broker) when all consume, and
-    // when the input is read.
-    let mut from: Option<(Instant, f64, (f64, f64, f64))> = None;
-    let mut to: Option<(Instant, f64, (f64, f64, f64))> = None;
+    // (instant, records read, CPU of aggregators / ClickHouse / broker, machine busy seconds)
+    // when all consume, and when the input is read.
+    let mut from: Option<(Instant, f64, (f64, f64, f64), f64)> = None;
+    let mut to: Option<(Instant, f64, (f64, f64, f64), f64)> = None;
     let mut last_verify = Instant::now() - Duration::from_secs(10);
     let deadline = started + Duration::from_secs(1800);
     let exact_secs = loop {
@@ -126,10 +131,10 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
             (agg_cpu(&procs), ch_cpu, broker_cpu)
         };
         if from.is_none() && read.iter().all(|r| *r > 0.0) {
-            from = Some((Instant::now(), total, cpu()));
+            from = Some((Instant::now(), total, cpu(), machine_busy_secs()));
         }
         if from.is_some() && to.is_none() && total >= sent {
-            to = Some((Instant::now(), total, cpu()));
+            to = Some((Instant::now(), total, cpu(), machine_busy_secs()));
         }
         if to.is_some() && last_verify.elapsed() >= Duration::from_secs(1) {
             last_verify = Instant::now();
@@ -147,15 +152,26 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
         reread += metric_sum(&text, "meterflow_aggregator_events_in_total");
         p.terminate()?;
     }
-    let ((t0, n0, c0), (t1, n1, c1)) = (from.context("never all consuming")?, to.context("input never read")?);
+    let ((t0, n0, c0, b0), (t1, n1, c1, b1)) = (from.context("never all consuming")?, to.context("input never read")?);
     let (secs, n) = (t1.duration_since(t0).as_secs_f64(), (n1 - n0).max(1.0));
+    let ours = (c1.0 - c0.0) + (c1.1 - c0.1) + (c1.2 - c0.2);
     anyhow::ensure!(secs > 0.5, "{group}: all instances consumed together for only {secs:.2} s; use more --scaling-events");
     Ok(Point {
         instances: k,
         rate: n / secs,
         cpu: ((c1.0 - c0.0) / n, (c1.1 - c0.1) / n, (c1.2 - c0.2) / n),
+        others: ((b1 - b0) - ours).max(0.0) / secs,
         reread: (reread - sent).max(0.0),
         exact_secs,
         secs,
     })
+}
+
+/// CPU seconds all cores spent busy since boot (`/proc/stat`, clock ticks of 1/100 s).
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+    let busy: f64 = ticks.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum();
+    busy / 100.0
 }
