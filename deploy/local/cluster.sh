@@ -270,7 +270,11 @@ comp_ready() {
     case "$comp" in
         zookeeper)
             pid_listens_on "$pid" "$ZK_PORT" || return 1
-            [[ "$(zk_ask ruok)" == imok ]]
+            # Not `ruok`: it answers imok while the server still loads its snapshot and
+            # transaction log and refuses sessions ("ZooKeeperServer not running"), and a
+            # ClickHouse node started then exits on the failed handshake. `srvr` reports a
+            # Mode only once the server serves requests.
+            [[ "$(zk_ask srvr)" == *"Mode: "* ]]
             ;;
         *)
             pid_listens_on "$pid" "$(http_port "$comp")" || return 1
