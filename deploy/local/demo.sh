@@ -225,7 +225,7 @@ cmd_run() {
     have "$CARGO" || die "cargo not found: install Rust (https://rustup.rs), then re-run"
     CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release \
         -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer -p meterflow-api
-    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-e2e --bin meterflow-demo-summary
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-tools --bin meterflow-demo-summary
 
     step "stop a previous demo's services"
     svc_stop api
