@@ -9,8 +9,9 @@
 #            3. stop the aggregator/rater a previous demo left running
 #            4. reset the default names: delete topics meterflow.* and the consumer groups,
 #               drop database meterflow; then `meterflow-admin init` recreates them empty
-#            5. start meterflow-aggregator and meterflow-rater in the background on their
-#               default metrics ports 9101/9102 (Prometheus scrapes them)
+#            5. start meterflow-aggregator, meterflow-rater and meterflow-api on their default
+#               ports 9101/9102/9104 (Prometheus scrapes them): meterflow-demo-summary start,
+#               the testkit supervisor, detached so that they outlive the demo
 #            6. publish prepaid wallet top-ups for ten tenants
 #            7. meterflow-producer generate: METERFLOW_DEMO_EVENTS messages (1,000,000) at
 #               METERFLOW_DEMO_RATE messages/s (16,667: one minute), real-time event time,
@@ -111,35 +112,6 @@ svc_stop() {
     log "demo $name: stopped"
 }
 
-svc_start() {
-    local name="$1" port pid log_file holders start
-    port="$(svc_port "$name")"
-    log_file="$(svc_log "$name")"
-    if port_in_use "$port"; then
-        holders="$(listeners_on "$port" | while read -r p; do describe_pid "$p"; echo; done)"
-        die "demo $name: 127.0.0.1:$port is in use by ${holders:-another process}; stop it (or run 'make demo-stop')"
-    fi
-    printf '\n[meterflow] ==== demo %s starting at %s\n' "$name" "$(date -u +%FT%TZ)" >>"$log_file"
-    # setsid: a Ctrl-C in the terminal that ran `make demo` does not reach it; it keeps running.
-    (cd "$MF_REPO" && exec setsid env METERFLOW_DEMO_STATE="$DEMO_DIR" NO_COLOR=1 "$BIN/meterflow-$name" >>"$log_file" 2>&1 </dev/null) &
-    pid=$!
-    echo "$pid" >"$(svc_pidfile "$name")"
-    start="$(now_s)"
-    while ! curl -fsS --max-time 2 "http://$MF_HOST:$port/readyz" >/dev/null 2>&1; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            rm -f "$(svc_pidfile "$name")"
-            tail -n 15 "$log_file" | sed 's/^/    /' >&2
-            die "demo $name exited during start-up; log: $log_file"
-        fi
-        if (($(now_s) - start >= 60)); then
-            tail -n 15 "$log_file" | sed 's/^/    /' >&2
-            die "demo $name not ready after 60 s (pid $pid still running; 'make demo-stop' stops it); log: $log_file"
-        fi
-        sleep 0.5
-    done
-    log "demo $name: ready in $(($(now_s) - start)) s (pid $pid, http://$MF_HOST:$port/metrics, log $log_file)"
-}
-
 # ---------------------------------------------------------------------------------------------
 
 # Real-time control through meterflow-api: tenant-000's balance (settled, pending, available)
@@ -223,8 +195,13 @@ cmd_run() {
 
     step "release build"
     have "$CARGO" || die "cargo not found: install Rust (https://rustup.rs), then re-run"
-    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release \
-        -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer -p meterflow-api
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-admin -p meterflow-producer
+    # One package at a time, as the testkit supervisor builds what it starts (procs::bin_path),
+    # so that its build is a no-op: a combined build may unify features differently and relink.
+    local svc
+    for svc in aggregator rater api; do
+        CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p "meterflow-$svc" --bin "meterflow-$svc"
+    done
     CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-tools --bin meterflow-demo-summary
 
     step "stop a previous demo's services"
@@ -238,9 +215,10 @@ cmd_run() {
     rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt" "$DEMO_DIR/api_truth.json"
 
     step "start aggregator + rater + api"
-    svc_start aggregator
-    svc_start rater
-    svc_start api
+    # Under the testkit supervisor (meterflow_testkit::procs), like the tests' and the bench's
+    # services, but detached: they keep running after the demo.
+    (cd "$MF_REPO" && CARGO="$CARGO" CARGO_TARGET_DIR="$TARGET_DIR" "$BIN/meterflow-demo-summary" start --state "$DEMO_DIR" \
+        "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT")
     pid_agg="$(svc_pid aggregator)"
     pid_rater="$(svc_pid rater)"
 

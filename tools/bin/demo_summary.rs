@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! meterflow-demo-summary reset    delete the six topics and both consumer groups, drop the database
+//! meterflow-demo-summary start --state DIR aggregator=9101 ...   the services, supervised, left running
 //! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups (--api: through meterflow-api), write them to --credits
 //! meterflow-demo-summary api-traffic  send CloudEvents through meterflow-api, write their ground truth
 //! meterflow-demo-summary wait     poll ClickHouse until it equals the ground truth (or time out)
@@ -15,6 +16,7 @@
 mod demo_api;
 mod demo_format;
 mod demo_report;
+mod demo_services;
 mod demo_setup;
 use demo_report::report;
 use demo_setup::{reset, top_up, top_up_api};
@@ -41,7 +43,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "meterflow-demo-summary", about = "The Rust half of `make demo`: reset, wallet top-ups, waiting for the pipeline, and the summary.")]
+#[command(name = "meterflow-demo-summary", about = "The Rust half of `make demo`: reset, starting the services, wallet top-ups, waiting for the pipeline, and the summary.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,6 +69,15 @@ enum Command {
         /// Consumer groups to delete (their committed offsets name the deleted topics).
         #[arg(long = "group", default_values_t = ["meterflow-aggregator".to_string(), "meterflow-rater".to_string()])]
         groups: Vec<String>,
+    },
+    /// Start meterflow-NAME for each NAME=PORT under the testkit supervisor, wait until each
+    /// answers /readyz on PORT, and leave them running (pid files and logs in --state).
+    Start {
+        /// The demo's state directory (pid files, logs; the marker demo.sh recognises them by).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true, value_parser = demo_services::parse_service)]
+        services: Vec<(String, u16)>,
     },
     /// Publish prepaid top-ups for some tenants (each sent twice, as a retried publish would:
     /// the idempotency key makes the second one a no-op) and write the credits as JSON.
@@ -177,6 +188,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Reset { conn, groups } => reset(&conn, &groups).await.map(|()| true),
+        Command::Start { state, services } => demo_services::start(&state, &services).await.map(|()| true),
         Command::TopUp { conn, credits, api: None } => top_up(&conn, &credits).await.map(|()| true),
         Command::TopUp { conn, credits, api: Some(api) } => top_up_api(&conn, &credits, &api).await.map(|()| true),
         Command::ApiTraffic { conn, api, events, meters, out } => async {
