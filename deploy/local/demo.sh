@@ -114,23 +114,6 @@ svc_stop() {
 
 # ---------------------------------------------------------------------------------------------
 
-# Real-time control through meterflow-api: tenant-000's balance (settled, pending, available)
-# and an entitlement check for 2,000 gpt-4o input tokens, both answered from the API's memory.
-balance_check() {
-    local key api="http://$MF_HOST:$API_PORT" start status
-    key="$(METERFLOW_LOG=warn "$BIN/meterflow-admin" keys create --tenant demo-ops --scope admin 2>/dev/null)" || return 1
-    start="$(now_s)"
-    # The API picks a new key up within its --key-refresh (2 s).
-    until status="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")" && [[ "$status" == 200 ]]; do
-        (($(now_s) - start < 30)) || { warn "balance check: meterflow-api answered $status for 30 s"; return 1; }
-        sleep 0.5
-    done
-    printf '  GET  /v1/customers/tenant-000/balance  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")"
-    printf '  POST /v1/entitlements/check (tenant-000, 2000 gpt-4o input tokens)  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" \
-        -H 'Content-Type: application/json' "$api/v1/entitlements/check" \
-        -d '{"tenant":"tenant-000","meter":"input_tokens","quantity":"2000","dimensions":{"model":"gpt-4o","region":"eu-west"}}')"
-}
-
 summary_args() {
     SUMMARY_ARGS=(--truth "$DEMO_DIR/truth.json" --credits "$DEMO_DIR/wallets.json"
         --catalog "$MF_REPO/config/catalog.toml")
@@ -139,24 +122,9 @@ summary_args() {
     fi
 }
 
-# A customer-page link (GET /portal/{token}) for one tenant: a fresh admin key, then
-# POST /v1/portal/tokens, retried while the API has not loaded the new key yet (--key-refresh).
-portal_link() {
-    local tenant="$1" key url="" _
-    key="$("$BIN/meterflow-admin" keys create --tenant demo-portal --scope admin 2>/dev/null)" || return 0
-    for _ in $(seq 1 20); do
-        url="$(curl -s -X POST "http://$MF_HOST:$API_PORT/v1/portal/tokens" -H "Authorization: Bearer $key" \
-            -H 'Content-Type: application/json' -d "{\"tenant\":\"$tenant\",\"ttl\":\"24h\"}" |
-            sed -n 's/.*"url":"\([^"]*\)".*/\1/p')"
-        [[ -n "$url" ]] && break
-        sleep 0.5
-    done
-    [[ -n "$url" ]] && echo "http://$MF_HOST:$API_PORT$url"
-}
-
 where_next() {
     local db="$DATABASE" portal
-    portal="$(portal_link tenant-000 || true)"
+    portal="$(cd "$MF_REPO" && "$BIN/meterflow-demo-summary" portal-link --api "http://$MF_HOST:$API_PORT" --tenant tenant-000 2>/dev/null || true)"
     cat <<EOF
 
 == Where to look next (the aggregator and the rater keep running)
@@ -250,7 +218,8 @@ cmd_run() {
     finish_step
 
     step "balance check (meterflow-api, from memory)"
-    balance_check || rc=1
+    # Real-time control: answered from meterflow-api's memory, with an admin key made for it.
+    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" balance --api "http://$MF_HOST:$API_PORT") || rc=1
     finish_step
 
     where_next

@@ -5,6 +5,8 @@
 //! meterflow-demo-summary start --state DIR aggregator=9101 ...   the services, supervised, left running
 //! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups (--api: through meterflow-api), write them to --credits
 //! meterflow-demo-summary api-traffic  send CloudEvents through meterflow-api, write their ground truth
+//! meterflow-demo-summary balance  tenant-000's balance and an entitlement check, from meterflow-api
+//! meterflow-demo-summary portal-link  a signed customer-page link for a tenant
 //! meterflow-demo-summary wait     poll ClickHouse until it equals the ground truth (or time out)
 //! meterflow-demo-summary report   print the summary read from ClickHouse, with OK/MISMATCH per check
 //! ```
@@ -14,6 +16,7 @@
 //! are `meterflow_e2e::verify`'s, the same code the end-to-end tests use.
 
 mod demo_api;
+mod demo_control;
 mod demo_format;
 mod demo_report;
 mod demo_services;
@@ -106,6 +109,23 @@ enum Command {
         meters: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print tenant-000's balance and an entitlement check as meterflow-api answers them
+    /// (from memory), with an admin key created for it.
+    Balance {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "http://127.0.0.1:9104")]
+        api: String,
+    },
+    /// Print a signed customer-page link (valid 24 h) for --tenant.
+    PortalLink {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "http://127.0.0.1:9104")]
+        api: String,
+        #[arg(long, default_value = "tenant-000")]
+        tenant: String,
     },
     /// Poll ClickHouse until window totals, dead letters, charges and wallets equal the
     /// ground truth; fail after --timeout with the first differences.
@@ -201,6 +221,10 @@ async fn main() -> std::process::ExitCode {
             anyhow::Ok(true)
         }
         .await,
+        Command::Balance { conn, api } => demo_control::balance(&api, &conn.clickhouse).await.map(|()| true),
+        Command::PortalLink { conn, api, tenant } => {
+            demo_control::portal_link(&api, &conn.clickhouse, &tenant).await.map(|url| println!("{url}")).map(|()| true)
+        }
         Command::Wait { conn, files, timeout, watch } => wait(&conn, &files, Duration::from_secs(timeout), &watch).await,
         Command::Report { conn, files, aggregator_metrics, rater_metrics, top } => {
             report(&conn, &files, &aggregator_metrics, &rater_metrics, top).await
