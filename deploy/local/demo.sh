@@ -73,43 +73,15 @@ finish_step() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# the demo's own processes: pid files in .state/demo, recognised by a marker in their environment
+# the demo's own processes: pid files in .state/demo, recognised by a marker in their
+# environment; meterflow-demo-summary start/stop/status manage them (tools/bin/demo_services.rs)
 
-svc_pidfile() { printf '%s/%s.pid' "$DEMO_DIR" "$1"; }
 svc_log() { printf '%s/%s.log' "$DEMO_DIR" "$1"; }
-svc_port() { case "$1" in aggregator) echo "$AGG_PORT" ;; rater) echo "$RATER_PORT" ;; api) echo "$API_PORT" ;; esac }
 
-# Is PID the demo's NAME? (Its binary, and our marker in its environment: tests run the same
-# binaries from the same directory, and a pid may have been reused.)
-svc_is_ours() {
-    local name="$1" pid="$2"
-    [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-    [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"meterflow-$name"* ]] || return 1
-    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "METERFLOW_DEMO_STATE=$DEMO_DIR" || return 1
-    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
-}
-
-svc_pid() {
-    local name="$1" pid
-    pid="$(cat "$(svc_pidfile "$name")" 2>/dev/null || true)"
-    if svc_is_ours "$name" "$pid"; then
-        printf '%s' "$pid"
-        return 0
-    fi
-    rm -f "$(svc_pidfile "$name")"
-    return 1
-}
-
-svc_stop() {
-    local name="$1" pid
-    if ! pid="$(svc_pid "$name")"; then
-        log "demo $name: not running"
-        return 0
-    fi
-    log "demo $name: stopping (pid $pid; it flushes and checkpoints first)"
-    signal_and_wait "$pid" TERM 40 "demo $name" svc_is_ours "$name" "$pid"
-    rm -f "$(svc_pidfile "$name")"
-    log "demo $name: stopped"
+demo_tool() {
+    [[ -x "$BIN/meterflow-demo-summary" ]] ||
+        die "$BIN/meterflow-demo-summary is not built (make demo builds it; or cargo build --release -p meterflow-tools --bin meterflow-demo-summary)"
+    (cd "$MF_REPO" && CARGO="$CARGO" CARGO_TARGET_DIR="$TARGET_DIR" "$BIN/meterflow-demo-summary" "$@")
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +96,7 @@ summary_args() {
 
 where_next() {
     local db="$DATABASE" portal
-    portal="$(cd "$MF_REPO" && "$BIN/meterflow-demo-summary" portal-link --api "http://$MF_HOST:$API_PORT" --tenant tenant-000 2>/dev/null || true)"
+    portal="$(demo_tool portal-link --api "http://$MF_HOST:$API_PORT" --tenant tenant-000 2>/dev/null || true)"
     cat <<EOF
 
 == Where to look next (the aggregator and the rater keep running)
@@ -173,28 +145,25 @@ cmd_run() {
     CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-tools --bin meterflow-demo-summary
 
     step "stop a previous demo's services"
-    svc_stop api
-    svc_stop rater
-    svc_stop aggregator
+    demo_tool stop --state "$DEMO_DIR" api rater aggregator
 
     step "reset topics + database, meterflow-admin init"
-    "$BIN/meterflow-demo-summary" reset
+    demo_tool reset
     METERFLOW_LOG=warn "$BIN/meterflow-admin" init
     rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt" "$DEMO_DIR/api_truth.json"
 
     step "start aggregator + rater + api"
     # Under the testkit supervisor (meterflow_testkit::procs), like the tests' and the bench's
     # services, but detached: they keep running after the demo.
-    (cd "$MF_REPO" && CARGO="$CARGO" CARGO_TARGET_DIR="$TARGET_DIR" "$BIN/meterflow-demo-summary" start --state "$DEMO_DIR" \
-        "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT")
-    pid_agg="$(svc_pid aggregator)"
-    pid_rater="$(svc_pid rater)"
+    demo_tool start --state "$DEMO_DIR" "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT"
+    pid_agg="$(cat "$DEMO_DIR/aggregator.pid")"
+    pid_rater="$(cat "$DEMO_DIR/rater.pid")"
 
     step "wallet top-ups (through meterflow-api), $API_EVENTS CloudEvents through meterflow-api"
-    "$BIN/meterflow-demo-summary" top-up --credits "$DEMO_DIR/wallets.json" --api "http://$MF_HOST:$API_PORT"
+    demo_tool top-up --credits "$DEMO_DIR/wallets.json" --api "http://$MF_HOST:$API_PORT"
     if ((API_EVENTS > 0)); then
-        (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" api-traffic --api "http://$MF_HOST:$API_PORT" \
-            --events "$API_EVENTS" --out "$DEMO_DIR/api_truth.json")
+        demo_tool api-traffic --api "http://$MF_HOST:$API_PORT" \
+            --events "$API_EVENTS" --out "$DEMO_DIR/api_truth.json"
     fi
 
     step "generate $EVENTS messages"
@@ -210,16 +179,16 @@ cmd_run() {
 
     step "wait for the pipeline to catch up"
     summary_args
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" wait "${SUMMARY_ARGS[@]}" --timeout "$TIMEOUT" \
-        --watch-pid "aggregator=$pid_agg" --watch-pid "rater=$pid_rater") || rc=$?
+    demo_tool wait "${SUMMARY_ARGS[@]}" --timeout "$TIMEOUT" \
+        --watch-pid "aggregator=$pid_agg" --watch-pid "rater=$pid_rater" || rc=$?
 
     step "summary"
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    demo_tool report "${SUMMARY_ARGS[@]}" | tee "$DEMO_DIR/summary.txt" || rc=1
     finish_step
 
     step "balance check (meterflow-api, from memory)"
     # Real-time control: answered from meterflow-api's memory, with an admin key made for it.
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" balance --api "http://$MF_HOST:$API_PORT") || rc=1
+    demo_tool balance --api "http://$MF_HOST:$API_PORT" || rc=1
     finish_step
 
     where_next
@@ -233,29 +202,18 @@ cmd_run() {
 }
 
 cmd_stop() {
-    svc_stop api
-    svc_stop rater
-    svc_stop aggregator
+    demo_tool stop --state "$DEMO_DIR" api rater aggregator
 }
 
 cmd_status() {
-    local name pid rc=0
-    for name in aggregator rater api; do
-        if pid="$(svc_pid "$name")"; then
-            printf 'demo %-11s running  pid %-7s http://%s:%s/metrics; log %s\n' "$name" "$pid" "$MF_HOST" "$(svc_port "$name")" "$(svc_log "$name")"
-        else
-            printf 'demo %-11s stopped\n' "$name"
-            rc=3
-        fi
-    done
-    return "$rc"
+    demo_tool status --state "$DEMO_DIR" "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT"
 }
 
 cmd_summary() {
     [[ -f "$DEMO_DIR/truth.json" && -f "$DEMO_DIR/wallets.json" ]] || die "no demo run to summarise (run 'make demo' first)"
     summary_args
     local rc=0
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    demo_tool report "${SUMMARY_ARGS[@]}" | tee "$DEMO_DIR/summary.txt" || rc=1
     where_next
     return "$rc"
 }

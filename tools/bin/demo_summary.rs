@@ -3,6 +3,7 @@
 //! ```text
 //! meterflow-demo-summary reset    delete the six topics and both consumer groups, drop the database
 //! meterflow-demo-summary start --state DIR aggregator=9101 ...   the services, supervised, left running
+//! meterflow-demo-summary stop|status --state DIR ...   SIGTERM them / are they running
 //! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups (--api: through meterflow-api), write them to --credits
 //! meterflow-demo-summary api-traffic  send CloudEvents through meterflow-api, write their ground truth
 //! meterflow-demo-summary balance  tenant-000's balance and an entitlement check, from meterflow-api
@@ -77,6 +78,21 @@ enum Command {
     /// answers /readyz on PORT, and leave them running (pid files and logs in --state).
     Start {
         /// The demo's state directory (pid files, logs; the marker demo.sh recognises them by).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true, value_parser = demo_services::parse_service)]
+        services: Vec<(String, u16)>,
+    },
+    /// SIGTERM the demo's services NAME... (found by their pid files and the marker in
+    /// their environment); SIGKILL after 40 s.
+    Stop {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Whether each NAME=PORT of the demo runs; exit 1 if one does not.
+    Status {
         #[arg(long)]
         state: PathBuf,
         #[arg(required = true, value_parser = demo_services::parse_service)]
@@ -209,6 +225,8 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Reset { conn, groups } => reset(&conn, &groups).await.map(|()| true),
         Command::Start { state, services } => demo_services::start(&state, &services).await.map(|()| true),
+        Command::Stop { state, names } => demo_services::stop(&state, &names).await.map(|()| true),
+        Command::Status { state, services } => Ok(demo_services::status(&state, &services)),
         Command::TopUp { conn, credits, api: None } => top_up(&conn, &credits).await.map(|()| true),
         Command::TopUp { conn, credits, api: Some(api) } => top_up_api(&conn, &credits, &api).await.map(|()| true),
         Command::ApiTraffic { conn, api, events, meters, out } => async {
