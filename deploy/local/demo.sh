@@ -24,6 +24,11 @@
 #   status   are they running; where are their logs
 #   summary  print the summary of the last run again (re-checked against ClickHouse)
 #
+# The work is meterflow-demo-summary's (tools/bin/demo_summary.rs: reset, start/stop/status of
+# the services under the testkit supervisor, top-ups, API traffic, wait, report, balance). What
+# stays here needs a shell or must run before that binary exists: `make up` (installs), the
+# cargo builds, the producer with its progress bar on the terminal, and the step timings.
+#
 # Every run starts from empty topics and an empty database, so its summary is about that run
 # only; the previous run's data is gone. State: .state/demo/ (pid files, logs, truth.json,
 # wallets.json, summary.txt). Other METERFLOW_* variables (topics, database, brokers, ...)
