@@ -168,15 +168,15 @@ demo-summary:
 BENCH_ARGS ?=
 CHAOS_ARGS ?=
 bench:
-	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-bench -- $(BENCH_ARGS)
+	$(CARGO) run --quiet --release -p meterflow-tools --bin meterflow-bench -- $(BENCH_ARGS)
 
 chaos:
-	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-chaos -- $(CHAOS_ARGS)
+	$(CARGO) run --quiet --release -p meterflow-tools --bin meterflow-chaos -- $(CHAOS_ARGS)
 
 BENCH_USAGE_ARGS ?=
 bench-usage:
 	@$(MAKE) --no-print-directory up
-	$(CARGO) run --quiet --release -p meterflow-e2e --bin meterflow-bench-usage -- $(BENCH_USAGE_ARGS)
+	$(CARGO) run --quiet --release -p meterflow-tools --bin meterflow-bench-usage -- $(BENCH_USAGE_ARGS)
 
 # Fuzz targets live in services/core/fuzz (their own cargo workspace). The corpus in
 # services/core/fuzz/corpus is kept in git and only read by a run; new inputs go to

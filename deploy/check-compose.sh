@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Checks the container deployment without a Docker engine:
-#   1. deploy/check_compose.py: compose/Prometheus/Grafana YAML parses, mounted and COPY'd paths
-#      exist, every METERFLOW_* variable is read by the service it is set on, topic names and
-#      ports match the code and the local setup, dashboards are in sync with
-#      deploy/grafana/build_dashboards.py and use only SQL/macros/metrics that exist;
+#   1. tools/tests/deployment.rs (cargo test): every METERFLOW_* variable compose or the
+#      Dockerfile sets is read by the service it is set on, every flag of a compose service is
+#      set there or documented, topic defaults, and the dashboards' metric names exist, all
+#      asked of clap and of the metrics modules; then deploy/check_compose.py:
+#      compose/Prometheus/Grafana YAML parses, mounted and COPY'd paths exist, ports match the
+#      local setup, dashboards are in sync with deploy/grafana/build_dashboards.py and use only
+#      SQL/macros that exist;
 #   2. deploy/grafana/check_sql.py --chdb: every ClickHouse panel query runs and returns rows
 #      on *current* ClickHouse (chdb-core, the same virtualenv as deploy/local/check-ddl-current.sh);
 #   3. deploy/grafana/check_sql.py --http: the same on the local ClickHouse (18.16), when it runs.
@@ -43,6 +46,8 @@ yaml_python() {
     printf '%s\n' "$venv/bin/python"
 }
 
+(cd "$MF_REPO" && "${CARGO:-cargo}" test --quiet -p meterflow-tools --test deployment) ||
+    die "check-compose: tools/tests/deployment.rs failed (above)"
 PY="$(yaml_python)"
 "$PY" "$MF_REPO/deploy/check_compose.py"
 [[ "$STATIC" == 1 ]] && exit 0

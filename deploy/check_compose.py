@@ -5,10 +5,6 @@
     files parse as YAML; every dashboard parses as JSON and is what build_dashboards.py writes;
   * every file or directory compose mounts or builds from, and every COPY source of
     deploy/Dockerfile, exists;
-  * every METERFLOW_* variable set in compose or the Dockerfile is read by the code (the
-    `env = "..."` of the clap flags), and by the binary of the service it is set on;
-  * topic variables, if set, equal the runtime defaults, and the defaults are the meterflow.*
-    names of TopicArgs::with_prefix;
   * service HTTP addresses bind 0.0.0.0 on the services' default ports (aggregator 9101, rater
     9102, producer 9103, api 9104), published 1:1 on 127.0.0.1 only, and Prometheus scrapes exactly those (same jobs as
     deploy/local/services.sh); Kafka 9092, ClickHouse 8123, Prometheus 9090, Grafana 3000
@@ -19,8 +15,11 @@
     consistency profile; `cluster-init` migrates --cluster with the remote_servers name through
     one of the nodes;
   * Grafana installs grafana-clickhouse-datasource; the dashboards use only provisioned data
-    source uids, only the ClickHouse macros that work on 18.16, no SQL that 18.16 lacks, and
-    only metric names declared in services/*/src/metrics.rs.
+    source uids, only the ClickHouse macros that work on 18.16, no SQL that 18.16 lacks.
+
+What the code says (which variables each service reads, the topic defaults, the metric names
+the dashboards may use) is asked of the code itself, not read out of its source:
+tools/tests/deployment.rs (clap's commands, the metrics modules), run by check-compose.sh.
 
 usage: check_compose.py   (exit 1 with a list of problems)
 """
@@ -74,67 +73,13 @@ def load_yaml(path: str):
         return None
 
 
-# --- what the code reads -------------------------------------------------------------------
-
-def arg_attributes(text: str):
-    """The inside of every #[arg(...)] attribute."""
-    for m in re.finditer(r"#\[arg\(", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            if text[i] == "(":
-                depth += 1
-            elif text[i] == ")":
-                depth -= 1
-            elif text[i] == '"':
-                i = text.index('"', i + 1)
-            i += 1
-        yield text[m.end():i - 1]
-
-
-def crate_env(crate_dir: str) -> dict[str, str | None]:
-    """METERFLOW_* variables read by a crate's clap flags -> default value (or None)."""
-    out: dict[str, str | None] = {}
-    for path in glob.glob(os.path.join(crate_dir, "src", "**", "*.rs"), recursive=True):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        for attr in arg_attributes(text):
-            env = re.search(r'\benv\s*=\s*"(METERFLOW_[A-Z0-9_]+)"', attr)
-            if env:
-                d = re.search(r'\bdefault_value\s*=\s*"([^"]*)"', attr)
-                out[env.group(1)] = d.group(1) if d else None
-        # Variables read by hand (std::env::var) count too.
-        for m in re.finditer(r'env::var(?:_os)?\(\s*"(METERFLOW_[A-Z0-9_]+)"', text):
-            out.setdefault(m.group(1), None)
-    return out
-
-
-def binaries() -> dict[str, str]:
-    """binary name -> crate dir."""
-    out = {}
-    for manifest in glob.glob(os.path.join(REPO, "services", "*", "Cargo.toml")):
-        with open(manifest, encoding="utf-8") as f:
-            text = f.read()
-        for m in re.finditer(r'\[\[bin\]\]\s*\nname\s*=\s*"([^"]+)"', text):
-            out[m.group(1)] = os.path.dirname(manifest)
-    return out
-
-
-def declared_metrics() -> set[str]:
-    names = set()
-    for path in glob.glob(os.path.join(REPO, "services", "*", "src", "metrics.rs")):
-        with open(path, encoding="utf-8") as f:
-            names.update(re.findall(r'"(meterflow_[a-z0-9_]+)"', f.read()))
-    return names
-
-
 # --- checks --------------------------------------------------------------------------------
 
-def check_dockerfile() -> dict[str, str]:
-    """Checks COPY sources; returns the ENV it sets."""
-    env: dict[str, str] = {}
+def check_dockerfile():
+    """Checks COPY sources (its ENV: tools/tests/deployment.rs)."""
     if not os.path.isfile(DOCKERFILE):
         problem("deploy/Dockerfile is missing")
-        return env
+        return
     with open(DOCKERFILE, encoding="utf-8") as f:
         text = re.sub(r"\\\n", " ", f.read())
     for line in text.splitlines():
@@ -146,20 +91,6 @@ def check_dockerfile() -> dict[str, str]:
             for s in srcs:
                 if not glob.glob(os.path.join(REPO, s)):
                     problem(f"deploy/Dockerfile: COPY {s}: no such file or directory in the build context (repository root)")
-        if words[0] == "ENV":
-            for m in re.finditer(r"(\w+)=(\S+)", line):
-                env[m.group(1)] = m.group(2)
-    return env
-
-
-def check_env_vars(where: str, env: dict, allowed: dict[str, str | None], topic_defaults: dict[str, str]):
-    for k, v in env.items():
-        if not k.startswith("METERFLOW_"):
-            continue
-        if k not in allowed:
-            problem(f"{where}: {k} is not read by this service (no clap flag with env = \"{k}\")")
-        if k in topic_defaults and str(v) != topic_defaults[k]:
-            problem(f"{where}: {k}={v} differs from the runtime default {topic_defaults[k]} (the local setup uses the defaults)")
 
 
 def port_of(addr) -> int | None:
@@ -177,7 +108,7 @@ def published(svc: dict) -> dict[int, int]:
     return out
 
 
-def check_compose(runtime_env, bins, docker_env):
+def check_compose():
     doc = load_yaml(COMPOSE)
     if not isinstance(doc, dict) or "services" not in doc:
         problem("deploy/docker-compose.yml has no services")
@@ -215,24 +146,13 @@ def check_compose(runtime_env, bins, docker_env):
             elif src and src not in (doc.get("volumes") or {}):
                 problem(f"compose: {name}: named volume {src} is not declared under volumes:")
 
-    # meterflow services: binaries, env vars, ports.
-    topic_defaults = {k: v for k, v in runtime_env.items() if k.endswith("_TOPIC") and v}
+    # meterflow services: ports (their variables: tools/tests/deployment.rs).
     meterflow = {}
     for name, svc in services.items():
         cmd = svc.get("command")
         if not isinstance(cmd, list) or not cmd or not str(cmd[0]).startswith("meterflow-"):
             continue
         meterflow[name] = svc
-        binary = cmd[0]
-        if binary not in bins:
-            problem(f"compose: {name}: runs {binary}, which no crate builds ([[bin]] names: {sorted(bins)})")
-            continue
-        allowed = dict(runtime_env)
-        allowed.update(crate_env(bins[binary]))
-        env = svc.get("environment", {}) or {}
-        if isinstance(env, list):
-            env = dict(e.split("=", 1) for e in env)
-        check_env_vars(f"compose: {name} ({binary})", env, allowed, topic_defaults)
         if "build" not in svc and not svc.get("image"):
             problem(f"compose: {name}: neither build nor image")
     for name, var in HTTP_VAR.items():
@@ -255,12 +175,6 @@ def check_compose(runtime_env, bins, docker_env):
             dep = (services.get(name, {}).get("depends_on") or {})
             if not isinstance(dep, dict) or dep.get("init", {}).get("condition") != "service_completed_successfully":
                 problem(f"compose: {name} must depend on init with condition service_completed_successfully")
-    # Dockerfile ENV applies to every binary: each must be read by someone.
-    every = dict(runtime_env)
-    for crate in set(bins.values()):
-        every.update(crate_env(crate))
-    check_env_vars("deploy/Dockerfile ENV", docker_env, every, topic_defaults)
-
     # Infrastructure ports like the local setup.
     kafka_host = published(services.get("kafka", {}))
     if 9092 not in kafka_host.values():
@@ -387,21 +301,6 @@ def runtime_env_value(services, var):
     return None
 
 
-def check_topic_defaults(runtime_env):
-    with open(os.path.join(REPO, "services", "runtime", "src", "args.rs"), encoding="utf-8") as f:
-        text = f.read()
-    m = re.search(r"fn with_prefix.*?Self \{(.*?)\n\s*\}", text, re.S)
-    suffixes = dict(re.findall(r'(\w+): format!\("\{prefix\}([\w.\-]+)"\)', m.group(1))) if m else {}
-    default_prefix = re.search(r'Self::with_prefix\("([^"]+)"\)', text)
-    if not suffixes or not default_prefix:
-        problem("services/runtime/src/args.rs: cannot find TopicArgs::with_prefix / Default")
-        return
-    expected = {default_prefix.group(1) + s for s in suffixes.values()}
-    declared = {v for k, v in runtime_env.items() if k.endswith("_TOPIC")}
-    if declared != expected:
-        problem(f"runtime topic defaults {sorted(declared)} differ from TopicArgs::default() {sorted(expected)}")
-
-
 def check_prometheus():
     doc = load_yaml(PROMETHEUS)
     if not doc:
@@ -442,7 +341,7 @@ ALLOWED_MACROS = {"timeFilter", "dateFilter", "fromTime", "toTime", "interval_s"
 PROM_MACROS = {"rate_interval", "interval"}
 
 
-def check_grafana(metric_names: set[str]):
+def check_grafana():
     ds_doc = load_yaml(os.path.join(GRAFANA, "provisioning", "datasources", "meterflow.yml")) or {}
     uids = {d.get("uid"): d.get("type") for d in ds_doc.get("datasources", [])}
     if uids.get("clickhouse") != "grafana-clickhouse-datasource" or uids.get("prometheus") != "prometheus":
@@ -514,22 +413,15 @@ def check_grafana(metric_names: set[str]):
                     for m in re.findall(r"\$__(\w+)", q):
                         if m not in PROM_MACROS:
                             problem(f"{w}: Prometheus macro $__{m} is not one of {sorted(PROM_MACROS)}")
-                    for name in re.findall(r"\b(meterflow_[a-z0-9_]+)", q):
-                        base = re.sub(r"_(bucket|sum|count)$", "", name)
-                        if name not in metric_names and base not in metric_names:
-                            problem(f"{w}: metric {name} is not declared in services/*/src/metrics.rs")
     return n_targets
 
 
 def main() -> int:
-    runtime_env = crate_env(os.path.join(REPO, "services", "runtime"))
-    bins = binaries()
-    docker_env = check_dockerfile()
-    services = check_compose(runtime_env, bins, docker_env)
+    check_dockerfile()
+    services = check_compose()
     check_cluster_profile(services)
-    check_topic_defaults(runtime_env)
     check_prometheus()
-    n = check_grafana(declared_metrics())
+    n = check_grafana()
     for p in problems:
         print(f"check-compose: {p}", file=sys.stderr)
     if problems:

@@ -9,8 +9,9 @@
 #            3. stop the aggregator/rater a previous demo left running
 #            4. reset the default names: delete topics meterflow.* and the consumer groups,
 #               drop database meterflow; then `meterflow-admin init` recreates them empty
-#            5. start meterflow-aggregator and meterflow-rater in the background on their
-#               default metrics ports 9101/9102 (Prometheus scrapes them)
+#            5. start meterflow-aggregator, meterflow-rater and meterflow-api on their default
+#               ports 9101/9102/9104 (Prometheus scrapes them): meterflow-demo-summary start,
+#               the testkit supervisor, detached so that they outlive the demo
 #            6. publish prepaid wallet top-ups for ten tenants
 #            7. meterflow-producer generate: METERFLOW_DEMO_EVENTS messages (1,000,000) at
 #               METERFLOW_DEMO_RATE messages/s (16,667: one minute), real-time event time,
@@ -22,6 +23,11 @@
 #   stop     stop the demo's aggregator and rater (the local services stay up: `make down`)
 #   status   are they running; where are their logs
 #   summary  print the summary of the last run again (re-checked against ClickHouse)
+#
+# The work is meterflow-demo-summary's (tools/bin/demo_summary.rs: reset, start/stop/status of
+# the services under the testkit supervisor, top-ups, API traffic, wait, report, balance). What
+# stays here needs a shell or must run before that binary exists: `make up` (installs), the
+# cargo builds, the producer with its progress bar on the terminal, and the step timings.
 #
 # Every run starts from empty topics and an empty database, so its summary is about that run
 # only; the previous run's data is gone. State: .state/demo/ (pid files, logs, truth.json,
@@ -72,92 +78,18 @@ finish_step() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# the demo's own processes: pid files in .state/demo, recognised by a marker in their environment
+# the demo's own processes: pid files in .state/demo, recognised by a marker in their
+# environment; meterflow-demo-summary start/stop/status manage them (tools/bin/demo_services.rs)
 
-svc_pidfile() { printf '%s/%s.pid' "$DEMO_DIR" "$1"; }
 svc_log() { printf '%s/%s.log' "$DEMO_DIR" "$1"; }
-svc_port() { case "$1" in aggregator) echo "$AGG_PORT" ;; rater) echo "$RATER_PORT" ;; api) echo "$API_PORT" ;; esac }
 
-# Is PID the demo's NAME? (Its binary, and our marker in its environment: tests run the same
-# binaries from the same directory, and a pid may have been reused.)
-svc_is_ours() {
-    local name="$1" pid="$2"
-    [[ "$pid" =~ ^[0-9]+$ && -r "/proc/$pid/cmdline" ]] || return 1
-    [[ "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" == *"meterflow-$name"* ]] || return 1
-    tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "METERFLOW_DEMO_STATE=$DEMO_DIR" || return 1
-    [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
-}
-
-svc_pid() {
-    local name="$1" pid
-    pid="$(cat "$(svc_pidfile "$name")" 2>/dev/null || true)"
-    if svc_is_ours "$name" "$pid"; then
-        printf '%s' "$pid"
-        return 0
-    fi
-    rm -f "$(svc_pidfile "$name")"
-    return 1
-}
-
-svc_stop() {
-    local name="$1" pid
-    if ! pid="$(svc_pid "$name")"; then
-        log "demo $name: not running"
-        return 0
-    fi
-    log "demo $name: stopping (pid $pid; it flushes and checkpoints first)"
-    signal_and_wait "$pid" TERM 40 "demo $name" svc_is_ours "$name" "$pid"
-    rm -f "$(svc_pidfile "$name")"
-    log "demo $name: stopped"
-}
-
-svc_start() {
-    local name="$1" port pid log_file holders start
-    port="$(svc_port "$name")"
-    log_file="$(svc_log "$name")"
-    if port_in_use "$port"; then
-        holders="$(listeners_on "$port" | while read -r p; do describe_pid "$p"; echo; done)"
-        die "demo $name: 127.0.0.1:$port is in use by ${holders:-another process}; stop it (or run 'make demo-stop')"
-    fi
-    printf '\n[meterflow] ==== demo %s starting at %s\n' "$name" "$(date -u +%FT%TZ)" >>"$log_file"
-    # setsid: a Ctrl-C in the terminal that ran `make demo` does not reach it; it keeps running.
-    (cd "$MF_REPO" && exec setsid env METERFLOW_DEMO_STATE="$DEMO_DIR" NO_COLOR=1 "$BIN/meterflow-$name" >>"$log_file" 2>&1 </dev/null) &
-    pid=$!
-    echo "$pid" >"$(svc_pidfile "$name")"
-    start="$(now_s)"
-    while ! curl -fsS --max-time 2 "http://$MF_HOST:$port/readyz" >/dev/null 2>&1; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            rm -f "$(svc_pidfile "$name")"
-            tail -n 15 "$log_file" | sed 's/^/    /' >&2
-            die "demo $name exited during start-up; log: $log_file"
-        fi
-        if (($(now_s) - start >= 60)); then
-            tail -n 15 "$log_file" | sed 's/^/    /' >&2
-            die "demo $name not ready after 60 s (pid $pid still running; 'make demo-stop' stops it); log: $log_file"
-        fi
-        sleep 0.5
-    done
-    log "demo $name: ready in $(($(now_s) - start)) s (pid $pid, http://$MF_HOST:$port/metrics, log $log_file)"
+demo_tool() {
+    [[ -x "$BIN/meterflow-demo-summary" ]] ||
+        die "$BIN/meterflow-demo-summary is not built (make demo builds it; or cargo build --release -p meterflow-tools --bin meterflow-demo-summary)"
+    (cd "$MF_REPO" && CARGO="$CARGO" CARGO_TARGET_DIR="$TARGET_DIR" "$BIN/meterflow-demo-summary" "$@")
 }
 
 # ---------------------------------------------------------------------------------------------
-
-# Real-time control through meterflow-api: tenant-000's balance (settled, pending, available)
-# and an entitlement check for 2,000 gpt-4o input tokens, both answered from the API's memory.
-balance_check() {
-    local key api="http://$MF_HOST:$API_PORT" start status
-    key="$(METERFLOW_LOG=warn "$BIN/meterflow-admin" keys create --tenant demo-ops --scope admin 2>/dev/null)" || return 1
-    start="$(now_s)"
-    # The API picks a new key up within its --key-refresh (2 s).
-    until status="$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")" && [[ "$status" == 200 ]]; do
-        (($(now_s) - start < 30)) || { warn "balance check: meterflow-api answered $status for 30 s"; return 1; }
-        sleep 0.5
-    done
-    printf '  GET  /v1/customers/tenant-000/balance  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" "$api/v1/customers/tenant-000/balance")"
-    printf '  POST /v1/entitlements/check (tenant-000, 2000 gpt-4o input tokens)  %s\n' "$(curl -fsS -H "Authorization: Bearer $key" \
-        -H 'Content-Type: application/json' "$api/v1/entitlements/check" \
-        -d '{"tenant":"tenant-000","meter":"input_tokens","quantity":"2000","dimensions":{"model":"gpt-4o","region":"eu-west"}}')"
-}
 
 summary_args() {
     SUMMARY_ARGS=(--truth "$DEMO_DIR/truth.json" --credits "$DEMO_DIR/wallets.json"
@@ -167,24 +99,9 @@ summary_args() {
     fi
 }
 
-# A customer-page link (GET /portal/{token}) for one tenant: a fresh admin key, then
-# POST /v1/portal/tokens, retried while the API has not loaded the new key yet (--key-refresh).
-portal_link() {
-    local tenant="$1" key url="" _
-    key="$("$BIN/meterflow-admin" keys create --tenant demo-portal --scope admin 2>/dev/null)" || return 0
-    for _ in $(seq 1 20); do
-        url="$(curl -s -X POST "http://$MF_HOST:$API_PORT/v1/portal/tokens" -H "Authorization: Bearer $key" \
-            -H 'Content-Type: application/json' -d "{\"tenant\":\"$tenant\",\"ttl\":\"24h\"}" |
-            sed -n 's/.*"url":"\([^"]*\)".*/\1/p')"
-        [[ -n "$url" ]] && break
-        sleep 0.5
-    done
-    [[ -n "$url" ]] && echo "http://$MF_HOST:$API_PORT$url"
-}
-
 where_next() {
     local db="$DATABASE" portal
-    portal="$(portal_link tenant-000 || true)"
+    portal="$(demo_tool portal-link --api "http://$MF_HOST:$API_PORT" --tenant tenant-000 2>/dev/null || true)"
     cat <<EOF
 
 == Where to look next (the aggregator and the rater keep running)
@@ -223,32 +140,35 @@ cmd_run() {
 
     step "release build"
     have "$CARGO" || die "cargo not found: install Rust (https://rustup.rs), then re-run"
-    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release \
-        -p meterflow-admin -p meterflow-aggregator -p meterflow-rater -p meterflow-producer -p meterflow-api
-    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-e2e --bin meterflow-demo-summary
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-admin -p meterflow-producer
+    # One package at a time, as the testkit supervisor builds what it starts (procs::bin_path),
+    # so that its build is a no-op: a combined build may unify features differently and relink.
+    local svc
+    for svc in aggregator rater api; do
+        CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p "meterflow-$svc" --bin "meterflow-$svc"
+    done
+    CARGO_TARGET_DIR="$TARGET_DIR" "$CARGO" build --release -p meterflow-tools --bin meterflow-demo-summary
 
     step "stop a previous demo's services"
-    svc_stop api
-    svc_stop rater
-    svc_stop aggregator
+    demo_tool stop --state "$DEMO_DIR" api rater aggregator
 
     step "reset topics + database, meterflow-admin init"
-    "$BIN/meterflow-demo-summary" reset
+    demo_tool reset
     METERFLOW_LOG=warn "$BIN/meterflow-admin" init
     rm -f "$DEMO_DIR/truth.json" "$DEMO_DIR/wallets.json" "$DEMO_DIR/summary.txt" "$DEMO_DIR/api_truth.json"
 
     step "start aggregator + rater + api"
-    svc_start aggregator
-    svc_start rater
-    svc_start api
-    pid_agg="$(svc_pid aggregator)"
-    pid_rater="$(svc_pid rater)"
+    # Under the testkit supervisor (meterflow_testkit::procs), like the tests' and the bench's
+    # services, but detached: they keep running after the demo.
+    demo_tool start --state "$DEMO_DIR" "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT"
+    pid_agg="$(cat "$DEMO_DIR/aggregator.pid")"
+    pid_rater="$(cat "$DEMO_DIR/rater.pid")"
 
     step "wallet top-ups (through meterflow-api), $API_EVENTS CloudEvents through meterflow-api"
-    "$BIN/meterflow-demo-summary" top-up --credits "$DEMO_DIR/wallets.json" --api "http://$MF_HOST:$API_PORT"
+    demo_tool top-up --credits "$DEMO_DIR/wallets.json" --api "http://$MF_HOST:$API_PORT"
     if ((API_EVENTS > 0)); then
-        (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" api-traffic --api "http://$MF_HOST:$API_PORT" \
-            --events "$API_EVENTS" --out "$DEMO_DIR/api_truth.json")
+        demo_tool api-traffic --api "http://$MF_HOST:$API_PORT" \
+            --events "$API_EVENTS" --out "$DEMO_DIR/api_truth.json"
     fi
 
     step "generate $EVENTS messages"
@@ -264,15 +184,16 @@ cmd_run() {
 
     step "wait for the pipeline to catch up"
     summary_args
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" wait "${SUMMARY_ARGS[@]}" --timeout "$TIMEOUT" \
-        --watch-pid "aggregator=$pid_agg" --watch-pid "rater=$pid_rater") || rc=$?
+    demo_tool wait "${SUMMARY_ARGS[@]}" --timeout "$TIMEOUT" \
+        --watch-pid "aggregator=$pid_agg" --watch-pid "rater=$pid_rater" || rc=$?
 
     step "summary"
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    demo_tool report "${SUMMARY_ARGS[@]}" | tee "$DEMO_DIR/summary.txt" || rc=1
     finish_step
 
     step "balance check (meterflow-api, from memory)"
-    balance_check || rc=1
+    # Real-time control: answered from meterflow-api's memory, with an admin key made for it.
+    demo_tool balance --api "http://$MF_HOST:$API_PORT" || rc=1
     finish_step
 
     where_next
@@ -286,29 +207,18 @@ cmd_run() {
 }
 
 cmd_stop() {
-    svc_stop api
-    svc_stop rater
-    svc_stop aggregator
+    demo_tool stop --state "$DEMO_DIR" api rater aggregator
 }
 
 cmd_status() {
-    local name pid rc=0
-    for name in aggregator rater api; do
-        if pid="$(svc_pid "$name")"; then
-            printf 'demo %-11s running  pid %-7s http://%s:%s/metrics; log %s\n' "$name" "$pid" "$MF_HOST" "$(svc_port "$name")" "$(svc_log "$name")"
-        else
-            printf 'demo %-11s stopped\n' "$name"
-            rc=3
-        fi
-    done
-    return "$rc"
+    demo_tool status --state "$DEMO_DIR" "aggregator=$AGG_PORT" "rater=$RATER_PORT" "api=$API_PORT"
 }
 
 cmd_summary() {
     [[ -f "$DEMO_DIR/truth.json" && -f "$DEMO_DIR/wallets.json" ]] || die "no demo run to summarise (run 'make demo' first)"
     summary_args
     local rc=0
-    (cd "$MF_REPO" && "$BIN/meterflow-demo-summary" report "${SUMMARY_ARGS[@]}") | tee "$DEMO_DIR/summary.txt" || rc=1
+    demo_tool report "${SUMMARY_ARGS[@]}" | tee "$DEMO_DIR/summary.txt" || rc=1
     where_next
     return "$rc"
 }

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod checkpoints;
+pub mod cli;
 pub mod cluster;
 pub mod keys;
 pub mod migrations;

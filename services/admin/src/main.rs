@@ -14,90 +14,16 @@
 //! ```
 //! Every flag has an environment variable (`--help` shows it).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
-use meterflow_admin::checkpoints::{self, Service};
+use clap::Parser as _;
+use meterflow_admin::checkpoints;
+use meterflow_admin::cli::*;
 use meterflow_admin::migrations::{self, MigrationSource};
 use meterflow_admin::replay::{self, RedriveFilter, RerateFilter};
-use meterflow_admin::{create_topics, list_topics, Partitions, TopicReport};
-use meterflow_runtime::args::{AuthArgs, ClickHouseArgs, Connections, KafkaArgs, LogArgs, TopicArgs};
-
-#[derive(Debug, Parser)]
-#[command(name = "meterflow-admin", version, about = "Creates meterflow's Kafka topics and applies its ClickHouse migrations.")]
-struct Cli {
-    #[command(flatten)]
-    log: LogArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Create the topics (existing topics are left alone).
-    Topics(TopicsCmd),
-    /// Create the database if missing and apply pending migrations in order.
-    Migrate(MigrateCmd),
-    /// `topics` then `migrate`.
-    Init(InitCmd),
-    /// Show which topics exist and which migrations are applied; exit 1 if any is missing.
-    Status(StatusCmd),
-    /// Re-rate parked aggregates (table parked_current) after the catalog was fixed and the
-    /// rater restarted with it: publishes an authenticated rerate request per aggregate to
-    /// the aggregates partition it was parked on. Running it twice charges once.
-    Rerate(RerateCmd),
-    /// Re-publish the original bytes of the usage topic's dead letters with a reason (e.g.
-    /// after a missing meter was added) to the usage topic, keyed by tenant. Dedup counts an
-    /// event redriven twice once.
-    Redrive(RedriveCmd),
-    /// Show what a service resumes from, or decide for a partition whose checkpoint and
-    /// outputs disagree (the service refuses to start until then; docs/operations.md).
-    #[command(subcommand)]
-    Checkpoint(CheckpointCmd),
-    /// Print the cluster form of the migrations (what `migrate --cluster` runs), without
-    /// connecting to anything: for review, and for the DDL check on current ClickHouse.
-    ClusterDdl(ClusterDdlCmd),
-    /// Shadow mode: compare an external biller's export with meterflow's charges.
-    Reconcile(meterflow_admin::reconcile::ReconcileCmd),
-    /// Leakage audit: check the conservation laws between tables; exit 1 on a finding.
-    Audit(meterflow_admin::audit::AuditCmd),
-    /// API keys for meterflow-api: create (printed once), list, revoke.
-    Keys(meterflow_admin::keys::KeysCmd),
-    /// Check the usage rollups against the windows; `--repair` corrects them (after an
-    /// aggregator replay re-inserted revisions). Exit 1 on a difference left unrepaired.
-    Rollups(meterflow_admin::rollups::RollupsCmd),
-}
-
-#[derive(Debug, Args)]
-struct RerateCmd {
-    #[command(flatten)]
-    conn: Connections,
-    #[command(flatten)]
-    auth: AuthArgs,
-    /// Only this tenant's parked aggregates.
-    #[arg(long, env = "METERFLOW_RERATE_TENANT")]
-    tenant: Option<String>,
-    /// Only aggregates parked for this reason.
-    #[arg(long, env = "METERFLOW_RERATE_REASON", value_parser = ["unpriced", "overflow"])]
-    reason: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct RedriveCmd {
-    #[command(flatten)]
-    conn: Connections,
-    /// Dead-letter reason to redrive (e.g. `unknown_meter`).
-    #[arg(long, env = "METERFLOW_REDRIVE_REASON")]
-    reason: String,
-    /// Only dead letters written at or after this time (RFC 3339).
-    #[arg(long, env = "METERFLOW_REDRIVE_FROM", value_parser = meterflow_core::time::parse_rfc3339_ms)]
-    from: Option<i64>,
-    /// Only dead letters written before this time (RFC 3339).
-    #[arg(long, env = "METERFLOW_REDRIVE_TO", value_parser = meterflow_core::time::parse_rfc3339_ms)]
-    to: Option<i64>,
-}
+use meterflow_admin::{create_topics, list_topics, TopicReport};
+use meterflow_runtime::args::{Connections, KafkaArgs};
 
 async fn run_rerate(c: &RerateCmd) -> Result<()> {
     let client = meterflow_runtime::clickhouse::client(&c.conn.clickhouse);
@@ -120,52 +46,6 @@ async fn run_redrive(c: &RedriveCmd) -> Result<()> {
     let n = replay::redrive(&c.conn.kafka, topic, &client, &filter).await?;
     println!("redrove {n} dead-lettered events ({}) to {topic}", c.reason);
     Ok(())
-}
-
-#[derive(Debug, Subcommand)]
-enum CheckpointCmd {
-    /// The newest checkpoint of every partition, with the group's committed offsets.
-    Show(CheckpointTarget),
-    /// Fresh state for one partition from the given offset (events from there on are counted
-    /// again: use it after deleting their outputs, or when those outputs were lost).
-    Replay(CheckpointReplay),
-    /// Fresh state for one partition from the beginning of its topics.
-    Reset(CheckpointOne),
-}
-
-#[derive(Debug, Args)]
-struct CheckpointTarget {
-    #[command(flatten)]
-    conn: Connections,
-    /// Which service's checkpoints.
-    #[arg(long, env = "METERFLOW_SERVICE", value_enum)]
-    service: Service,
-    /// Its consumer group [default: meterflow-aggregator / meterflow-rater].
-    #[arg(long, env = "METERFLOW_GROUP")]
-    group: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct CheckpointOne {
-    #[command(flatten)]
-    target: CheckpointTarget,
-    #[arg(long, env = "METERFLOW_PARTITION")]
-    partition: i32,
-    /// Why (kept in the checkpoint and logged by the service).
-    #[arg(long, env = "METERFLOW_NOTE", default_value = "")]
-    note: String,
-}
-
-#[derive(Debug, Args)]
-struct CheckpointReplay {
-    #[command(flatten)]
-    one: CheckpointOne,
-    /// First offset of the (first) input topic to process.
-    #[arg(long, env = "METERFLOW_FROM_OFFSET")]
-    from_offset: i64,
-    /// Rater only: first offset of the wallet topic [default: 0].
-    #[arg(long, env = "METERFLOW_WALLET_FROM_OFFSET", default_value_t = 0)]
-    wallet_from_offset: i64,
 }
 
 fn group_of(t: &CheckpointTarget) -> String {
@@ -231,18 +111,6 @@ async fn run_checkpoint(cmd: &CheckpointCmd) -> Result<bool> {
     Ok(true)
 }
 
-#[derive(Debug, Args)]
-struct ClusterDdlCmd {
-    /// The `remote_servers` cluster name.
-    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
-    cluster: String,
-    /// The database the statements create objects in.
-    #[arg(long = "database", env = "METERFLOW_CLICKHOUSE_DATABASE", default_value = "meterflow")]
-    database: String,
-    #[command(flatten)]
-    migrations: MigrationsDir,
-}
-
 fn run_cluster_ddl(cmd: &ClusterDdlCmd) -> Result<()> {
     let all = MigrationSource::resolve(cmd.migrations.dir.as_deref()).load()?;
     let target = meterflow_admin::cluster::ClusterTarget::new(&cmd.cluster, &cmd.database)?;
@@ -253,60 +121,6 @@ fn run_cluster_ddl(cmd: &ClusterDdlCmd) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[derive(Debug, Args)]
-struct TopicsCmd {
-    #[command(flatten)]
-    kafka: KafkaArgs,
-    #[command(flatten)]
-    topics: TopicArgs,
-    #[command(flatten)]
-    partitions: Partitions,
-}
-
-#[derive(Debug, Args)]
-struct MigrationsDir {
-    /// Directory of NNN_name.sql files [default: the repository's schemas/clickhouse, or the
-    /// copy embedded at build time when the repository is not there].
-    #[arg(long = "migrations-dir", env = "METERFLOW_MIGRATIONS_DIR")]
-    dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-struct ClusterArg {
-    /// Apply the cluster form of the schema on this ClickHouse cluster (a `remote_servers`
-    /// name): replicated shard-local tables, Distributed tables sharded by tenant under the
-    /// usual names, views over them, all ON CLUSTER. Without it: the single-node schema.
-    #[arg(long = "cluster", env = "METERFLOW_CLICKHOUSE_CLUSTER")]
-    cluster: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct MigrateCmd {
-    #[command(flatten)]
-    clickhouse: ClickHouseArgs,
-    #[command(flatten)]
-    migrations: MigrationsDir,
-    #[command(flatten)]
-    cluster: ClusterArg,
-}
-
-/// Exactly the flags of `topics` and of `migrate`.
-#[derive(Debug, Args)]
-struct InitCmd {
-    #[command(flatten)]
-    topics: TopicsCmd,
-    #[command(flatten)]
-    migrate: MigrateCmd,
-}
-
-#[derive(Debug, Args)]
-struct StatusCmd {
-    #[command(flatten)]
-    conn: Connections,
-    #[command(flatten)]
-    migrations: MigrationsDir,
 }
 
 fn print_topics(kafka: &KafkaArgs, reports: &[TopicReport]) {

@@ -158,6 +158,8 @@ pub struct Running {
 /// Binds, loads the keys (retrying until ClickHouse answers), and serves until `shutdown`.
 /// Returns once listening, so tests learn the port (`--http-addr 127.0.0.1:0`).
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    meterflow_runtime::http::prometheus(); // the recorder must exist before metrics are described
+    metrics::describe();
     let state = AppState::from_config(&config)?;
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

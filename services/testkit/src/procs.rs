@@ -88,6 +88,7 @@ pub struct ServiceProc {
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
+    own_group: bool,
     /// How many times it was started.
     pub starts: u32,
 }
@@ -101,7 +102,7 @@ impl ServiceProc {
 
     /// Any other program (Prometheus, ...), with arguments, run in `cwd`.
     pub fn program(name: &str, program: PathBuf, args: Vec<String>, cwd: PathBuf, log: PathBuf) -> Self {
-        Self { name: name.to_owned(), program, args, cwd, env: Vec::new(), log, child: None, starts: 0 }
+        Self { name: name.to_owned(), program, args, cwd, env: Vec::new(), log, child: None, own_group: false, starts: 0 }
     }
 
     pub fn with_env(mut self, env: Vec<(String, String)>) -> Self {
@@ -109,10 +110,21 @@ impl ServiceProc {
         self
     }
 
+    /// Starts it in a process group of its own, so that a Ctrl-C in the terminal that ran the
+    /// supervisor does not reach it: for services meant to outlive it ([`ServiceProc::detach`]).
+    pub fn in_own_process_group(mut self) -> Self {
+        self.own_group = true;
+        self
+    }
+
     pub fn start(&mut self) -> Result<()> {
         anyhow::ensure!(self.child.is_none(), "{} already running", self.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new(&self.program)
+        let mut cmd = Command::new(&self.program);
+        if self.own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let child = cmd
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .current_dir(&self.cwd)
@@ -132,6 +144,13 @@ impl ServiceProc {
 
     pub fn running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Leaves the process running when this handle is dropped (the demo's services keep
+    /// running after the command that started them; `make demo-stop` stops them by pid).
+    /// Returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|c| c.id())
     }
 
     /// SIGKILL: no flush, no checkpoint, no goodbye.
@@ -266,6 +285,24 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert!(p.check_alive().unwrap_err().to_string().contains("exit status: 7"));
         assert_eq!(p.starts, 1);
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_detached_process_outlives_its_handle_in_its_own_group() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("meterflow-procs-detach-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut p = sh("sleep 30", &dir.join("d.log")).in_own_process_group();
+        p.start()?;
+        let pid = p.detach().context("it was started")?;
+        // Dropped without SIGKILL: still there, leading a process group of its own.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat.rsplit_once(')').context("stat has a comm")?.1.split_whitespace().collect();
+        assert_ne!(fields[0], "Z", "the detached process is running");
+        assert_eq!(fields[2], pid.to_string(), "its process group is its own pid");
+        let raw = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("a pid is not 0")?;
+        kill_process(raw, Signal::KILL)?;
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 /// Keys are picked up within the API's `--key-refresh` (2 s by default): waits until `key` is
 /// no longer answered 401 (a key of another scope gets 403, which also means it is known).
-async fn wait_until_known(client: &reqwest::Client, api: &str, key: &str, tenant: &str) -> Result<()> {
+pub async fn wait_until_known(client: &reqwest::Client, api: &str, key: &str, tenant: &str) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let r = client.get(format!("{api}/v1/wallets/{tenant}")).bearer_auth(key).send().await?;

@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! meterflow-demo-summary reset    delete the six topics and both consumer groups, drop the database
+//! meterflow-demo-summary start --state DIR aggregator=9101 ...   the services, supervised, left running
+//! meterflow-demo-summary stop|status --state DIR ...   SIGTERM them / are they running
 //! meterflow-demo-summary top-up   publish the demo's prepaid wallet top-ups (--api: through meterflow-api), write them to --credits
 //! meterflow-demo-summary api-traffic  send CloudEvents through meterflow-api, write their ground truth
+//! meterflow-demo-summary balance  tenant-000's balance and an entitlement check, from meterflow-api
+//! meterflow-demo-summary portal-link  a signed customer-page link for a tenant
 //! meterflow-demo-summary wait     poll ClickHouse until it equals the ground truth (or time out)
 //! meterflow-demo-summary report   print the summary read from ClickHouse, with OK/MISMATCH per check
 //! ```
@@ -13,8 +17,10 @@
 //! are `meterflow_e2e::verify`'s, the same code the end-to-end tests use.
 
 mod demo_api;
+mod demo_control;
 mod demo_format;
 mod demo_report;
+mod demo_services;
 mod demo_setup;
 use demo_report::report;
 use demo_setup::{reset, top_up, top_up_api};
@@ -41,7 +47,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "meterflow-demo-summary", about = "The Rust half of `make demo`: reset, wallet top-ups, waiting for the pipeline, and the summary.")]
+#[command(name = "meterflow-demo-summary", about = "The Rust half of `make demo`: reset, starting the services, wallet top-ups, waiting for the pipeline, and the summary.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,6 +73,30 @@ enum Command {
         /// Consumer groups to delete (their committed offsets name the deleted topics).
         #[arg(long = "group", default_values_t = ["meterflow-aggregator".to_string(), "meterflow-rater".to_string()])]
         groups: Vec<String>,
+    },
+    /// Start meterflow-NAME for each NAME=PORT under the testkit supervisor, wait until each
+    /// answers /readyz on PORT, and leave them running (pid files and logs in --state).
+    Start {
+        /// The demo's state directory (pid files, logs; the marker demo.sh recognises them by).
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true, value_parser = demo_services::parse_service)]
+        services: Vec<(String, u16)>,
+    },
+    /// SIGTERM the demo's services NAME... (found by their pid files and the marker in
+    /// their environment); SIGKILL after 40 s.
+    Stop {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Whether each NAME=PORT of the demo runs; exit 1 if one does not.
+    Status {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(required = true, value_parser = demo_services::parse_service)]
+        services: Vec<(String, u16)>,
     },
     /// Publish prepaid top-ups for some tenants (each sent twice, as a retried publish would:
     /// the idempotency key makes the second one a no-op) and write the credits as JSON.
@@ -95,6 +125,23 @@ enum Command {
         meters: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print tenant-000's balance and an entitlement check as meterflow-api answers them
+    /// (from memory), with an admin key created for it.
+    Balance {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "http://127.0.0.1:9104")]
+        api: String,
+    },
+    /// Print a signed customer-page link (valid 24 h) for --tenant.
+    PortalLink {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "http://127.0.0.1:9104")]
+        api: String,
+        #[arg(long, default_value = "tenant-000")]
+        tenant: String,
     },
     /// Poll ClickHouse until window totals, dead letters, charges and wallets equal the
     /// ground truth; fail after --timeout with the first differences.
@@ -177,6 +224,9 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Reset { conn, groups } => reset(&conn, &groups).await.map(|()| true),
+        Command::Start { state, services } => demo_services::start(&state, &services).await.map(|()| true),
+        Command::Stop { state, names } => demo_services::stop(&state, &names).await.map(|()| true),
+        Command::Status { state, services } => Ok(demo_services::status(&state, &services)),
         Command::TopUp { conn, credits, api: None } => top_up(&conn, &credits).await.map(|()| true),
         Command::TopUp { conn, credits, api: Some(api) } => top_up_api(&conn, &credits, &api).await.map(|()| true),
         Command::ApiTraffic { conn, api, events, meters, out } => async {
@@ -189,6 +239,10 @@ async fn main() -> std::process::ExitCode {
             anyhow::Ok(true)
         }
         .await,
+        Command::Balance { conn, api } => demo_control::balance(&api, &conn.clickhouse).await.map(|()| true),
+        Command::PortalLink { conn, api, tenant } => {
+            demo_control::portal_link(&api, &conn.clickhouse, &tenant).await.map(|url| println!("{url}")).map(|()| true)
+        }
         Command::Wait { conn, files, timeout, watch } => wait(&conn, &files, Duration::from_secs(timeout), &watch).await,
         Command::Report { conn, files, aggregator_metrics, rater_metrics, top } => {
             report(&conn, &files, &aggregator_metrics, &rater_metrics, top).await

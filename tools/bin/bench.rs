@@ -25,9 +25,9 @@
 //! 7. **restart**: a second aggregator group on the same topic (fresh database) is SIGKILLed
 //!    halfway and restarted at once: time to resume, to consumer lag 0 and to exact totals.
 //! 0. **ingest**: HTTP through meterflow-api (batches of 100 and of 1) vs the direct
-//!    producer on the same broker (tests/bin/bench_api.rs; `--api-events`, `--api-only`).
+//!    producer on the same broker (tools/bin/bench_api.rs; `--api-events`, `--api-only`).
 //! 0. **control**: ack -> pending visible in the balance API, and entitlement checks at a
-//!    fixed 5,000/s (tests/bin/bench_control.rs; `--control-checks`, `--control-rate`).
+//!    fixed 5,000/s (tools/bin/bench_control.rs; `--control-checks`, `--control-rate`).
 //! 8. **freshness**: real-time traffic at `--freshness-rate` events/s for `--freshness-secs`
 //!    into a fresh topic; per window, when its revision 0 appears in `meter_aggregates`
 //!    (polled every 100 ms) relative to the ack of its last event and to its close time
@@ -37,7 +37,7 @@
 //!
 //! ```sh
 //! make bench                                    # 5M events, ~8 minutes on 2 cores
-//! cargo run --release -p meterflow-e2e --bin meterflow-bench -- --events 10000000
+//! cargo run --release -p meterflow-tools --bin meterflow-bench -- --events 10000000
 //! ```
 
 mod bench_aggregator;
@@ -126,13 +126,13 @@ struct Args {
     /// Only the HTTP phases, ingest and control (and the core bench unless --skip-core).
     #[arg(long)]
     api_only: bool,
-    /// Entitlement checks of the control phase (0 skips the phase; tests/bin/bench_control.rs).
+    /// Entitlement checks of the control phase (0 skips the phase; tools/bin/bench_control.rs).
     #[arg(long, default_value_t = 50_000)]
     control_checks: usize,
     /// Entitlement checks per second (fixed schedule).
     #[arg(long, default_value_t = 5_000.0)]
     control_rate: f64,
-    /// Events of each run of the scaling phase (0 = skip; tests/bin/bench_scaling.rs).
+    /// Events of each run of the scaling phase (0 = skip; tools/bin/bench_scaling.rs).
     #[arg(long, default_value_t = 2_000_000)]
     scaling_events: u64,
     /// Partitions = aggregator instances of the scaling runs.

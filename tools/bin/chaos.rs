@@ -16,7 +16,7 @@
 //! ```sh
 //! make chaos                                   # 1,000,000 events, 5 + 5 kills, 30 s outage
 //! make chaos CHAOS_ARGS='--instances 3 --rater-instances 2 --events 500000'   # scale-out under faults
-//! cargo run --release -p meterflow-e2e --bin meterflow-chaos -- --events 100000 \
+//! cargo run --release -p meterflow-tools --bin meterflow-chaos -- --events 100000 \
 //!     --aggregator-kills 2 --rater-kills 2 --clickhouse-outage 5
 //! ```
 

@@ -13,7 +13,7 @@
 //! (`make up`) in a database of its own; one keep-alive client sends the queries one by one.
 //!
 //! ```sh
-//! make bench-usage     # cargo run --release -p meterflow-e2e --bin meterflow-bench-usage
+//! make bench-usage     # cargo run --release -p meterflow-tools --bin meterflow-bench-usage
 //! ```
 
 use std::collections::BTreeMap;
