@@ -22,6 +22,9 @@ pub enum ChargeKind {
 }
 
 impl ChargeKind {
+    /// Every name, in declaration order (as `RejectReason::ALL`), without naming strum.
+    pub const ALL: &'static [Self] = Self::VARIANTS;
+
     /// `const` so the string constants (`rating::KIND_USAGE`) are these names, not copies.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +45,8 @@ impl ChargeKind {
 pub enum RaterReason {
     /// Not an aggregate in any known schema (or a name outside these enums).
     Undecodable,
+    /// Without a valid tag of the deployment's record key: not written by our aggregator.
+    Unauthenticated,
     /// A window or watermark too far ahead of the broker's clock.
     FutureWindow,
     /// A `seq` too far past its source partition's high water, or not positive.
@@ -57,10 +62,14 @@ pub enum RaterReason {
 }
 
 impl RaterReason {
+    /// Every name, in declaration order (as `RejectReason::ALL`), without naming strum.
+    pub const ALL: &'static [Self] = Self::VARIANTS;
+
     /// `const` so the string constants (`rating::REASON_BAD_SEQ`) are these names.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Undecodable => "undecodable",
+            Self::Unauthenticated => "unauthenticated",
             Self::FutureWindow => "future_window",
             Self::BadSeq => "bad_seq",
             Self::Unpriced => "unpriced",
@@ -76,7 +85,8 @@ impl RaterReason {
 }
 
 /// The `reason` of a dead letter: one of the aggregator's or one of the rater's (both write
-/// the same `DeadLetter` record; `undecodable` is in both sets and means the same).
+/// the same `DeadLetter` record; `undecodable` and `unauthenticated` are in both sets and
+/// mean the same).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadLetterReason {
     Aggregator(RejectReason),
@@ -131,7 +141,10 @@ mod tests {
         let reasons: Vec<&str> = RaterReason::VARIANTS.iter().map(|r| r.as_str()).collect();
         assert_eq!(
             reasons,
-            ["undecodable", "future_window", "bad_seq", "unpriced", "overflow", "unrateable", "invalid_adjustment"]
+            [
+                "undecodable", "unauthenticated", "future_window", "bad_seq", "unpriced", "overflow", "unrateable",
+                "invalid_adjustment"
+            ]
         );
         assert_eq!((REASON_FUTURE_WINDOW, REASON_BAD_SEQ), ("future_window", "bad_seq"));
         for p in ParkReason::ALL {
