@@ -12,11 +12,13 @@ use crate::decimal::check_storable;
 use crate::schema::{self, Known};
 use crate::Error;
 
+mod alert;
 mod datum;
 mod names;
 mod provisional;
 use datum::{check_body, normalise, write_value};
-pub use names::{ChargeKind, DeadLetterReason, RaterReason};
+pub use alert::AlertRecord;
+pub use names::{AlertKind, ChargeKind, DeadLetterReason, RaterReason};
 use names::{check_aggregation, check_charge_kind, check_reason};
 pub use provisional::ProvisionalTotal;
 

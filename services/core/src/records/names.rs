@@ -84,6 +84,42 @@ impl RaterReason {
     }
 }
 
+/// What an alert on the alerts topic announces (the `kind` of an `Alert` record and of the
+/// `wallet_alerts` table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::VariantArray)]
+pub enum AlertKind {
+    /// A prepaid balance fell to or below its low-balance threshold.
+    LowBalance,
+    /// A prepaid balance reached zero or below.
+    Exhausted,
+    /// A period's spend crossed a soft limit (alert only).
+    SpendLimitSoft,
+    /// A period's spend crossed a hard limit (entitlement checks deny).
+    SpendLimitHard,
+    /// Credit expired unused (breakage).
+    CreditExpired,
+}
+
+impl AlertKind {
+    /// Every name, in declaration order, without naming strum.
+    pub const ALL: &'static [Self] = Self::VARIANTS;
+
+    /// `const` so the string constants (`rating::ALERT_LOW_BALANCE`) are these names.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::LowBalance => "low_balance",
+            Self::Exhausted => "exhausted",
+            Self::SpendLimitSoft => "spend_limit_soft",
+            Self::SpendLimitHard => "spend_limit_hard",
+            Self::CreditExpired => "credit_expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::VARIANTS.iter().copied().find(|k| k.as_str() == s)
+    }
+}
+
 /// The `reason` of a dead letter: one of the aggregator's or one of the rater's (both write
 /// the same `DeadLetter` record; `undecodable` and `unauthenticated` are in both sets and
 /// mean the same).
@@ -118,6 +154,10 @@ pub(crate) fn check_charge_kind(kind: &str) -> Result<(), Error> {
     check_name("kind", kind, ChargeKind::parse)
 }
 
+pub(crate) fn check_alert_kind(kind: &str) -> Result<(), Error> {
+    check_name("kind", kind, AlertKind::parse)
+}
+
 pub(crate) fn check_reason(reason: &str) -> Result<(), Error> {
     check_name("reason", reason, DeadLetterReason::parse)
 }
@@ -129,7 +169,10 @@ pub(crate) fn check_aggregation(aggregation: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rating::{ParkReason, KIND_TRUE_UP, KIND_USAGE, REASON_BAD_SEQ, REASON_FUTURE_WINDOW};
+    use crate::pricing::limits::{ALERT_HARD_LIMIT, ALERT_SOFT_LIMIT};
+    use crate::rating::{
+        ParkReason, ALERT_EXHAUSTED, ALERT_LOW_BALANCE, KIND_TRUE_UP, KIND_USAGE, REASON_BAD_SEQ, REASON_FUTURE_WINDOW,
+    };
 
     /// The names are stored (charges.kind, dead_letters.reason) and are metric labels:
     /// pinned against a rename of a variant.
@@ -147,6 +190,12 @@ mod tests {
             ]
         );
         assert_eq!((REASON_FUTURE_WINDOW, REASON_BAD_SEQ), ("future_window", "bad_seq"));
+        let alerts: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(alerts, ["low_balance", "exhausted", "spend_limit_soft", "spend_limit_hard", "credit_expired"]);
+        assert_eq!(
+            [ALERT_LOW_BALANCE, ALERT_EXHAUSTED, ALERT_SOFT_LIMIT, ALERT_HARD_LIMIT],
+            ["low_balance", "exhausted", "spend_limit_soft", "spend_limit_hard"]
+        );
         for p in ParkReason::ALL {
             assert_eq!(RaterReason::parse(p.as_str()).map(RaterReason::as_str), Some(p.as_str()));
         }

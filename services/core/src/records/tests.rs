@@ -162,6 +162,18 @@ fn every_record_writes_the_spec_fingerprint_and_reads_both() {
         expires_at: Some(9),
         priority: 2,
     });
+    check_fingerprints(&AlertRecord {
+        alert_id: "a".into(),
+        kind: "credit_expired".into(),
+        tenant: "t".into(),
+        currency: "USD".into(),
+        balance: None,
+        threshold: None,
+        amount: Some(d("5")),
+        credit_kind: Some("paid".into()),
+        trigger: "g".into(),
+        at: 60_000,
+    });
 }
 
 #[test]
