@@ -12,7 +12,9 @@ use std::str::FromStr;
 
 use meterflow_core::codec::{Framing, UsageEventCodec, WriterVersion};
 use meterflow_core::meter::Aggregation;
-use meterflow_core::records::{AvroRecord, Charge, ChargeKind, DeadLetter, MeterAggregate, RaterReason, WalletAdjustment};
+use meterflow_core::records::{
+    AlertKind, AlertRecord, AvroRecord, Charge, ChargeKind, DeadLetter, MeterAggregate, RaterReason, WalletAdjustment,
+};
 use meterflow_core::{schema, Error, RejectReason, UsageEvent};
 use strum::VariantArray;
 use rust_decimal::Decimal;
@@ -85,6 +87,7 @@ fn fastavro_fingerprints_equal_ours_for_every_published_schema() {
         ("charge.v1.avsc", schema::charge_v1()),
         ("dead_letter.v1.avsc", schema::dead_letter_v1()),
         ("wallet_adjustment.v1.avsc", schema::wallet_adjustment_v1()),
+        ("alert.v1.avsc", schema::alert_v1()),
     ] {
         let out = fastavro("fingerprint", file, &[]);
         assert_eq!(out[0], hex(&k.fingerprint.to_le_bytes()), "{file}");
@@ -270,8 +273,36 @@ fn dead_letter() -> DeadLetter {
     }
 }
 
+/// A crossing (balances set, no amount) and an expiry (amount and credit kind, no balances).
+fn alerts_both_shapes() -> [AlertRecord; 2] {
+    let crossing = AlertRecord {
+        alert_id: "al-1".into(),
+        kind: "spend_limit_hard".into(),
+        tenant: "t".into(),
+        currency: "EUR".into(),
+        balance: Some(d("100.000000001")),
+        threshold: Some(d("100")),
+        amount: None,
+        credit_kind: None,
+        trigger: "ch-1".into(),
+        at: 1_764_000_000_000,
+    };
+    let expiry = AlertRecord {
+        alert_id: "le-1".into(),
+        kind: "credit_expired".into(),
+        balance: None,
+        threshold: None,
+        amount: Some(d("5")),
+        credit_kind: Some("promotional".into()),
+        trigger: "promo-1".into(),
+        ..crossing.clone()
+    };
+    [crossing, expiry]
+}
+
 #[test]
 fn records_interoperate_both_ways() {
+    records_round_trip("alert.v1.avsc", &alerts_both_shapes());
     let mut dims = std::collections::BTreeMap::new();
     dims.insert("model".to_owned(), "m1".to_owned());
     records_round_trip("meter_aggregate.v2.avsc", &[aggregate(dims.clone())]);
@@ -305,6 +336,8 @@ fn names_written_by_fastavro_are_checked_against_the_enums() {
         .chain(RaterReason::VARIANTS.iter().map(|r| r.as_str()))
         .collect();
     names_from_fastavro("dead_letter.v1.avsc", &dead_letter(), "reason", &reasons);
+    let alerts: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
+    names_from_fastavro("alert.v1.avsc", &alerts_both_shapes()[0], "kind", &alerts);
     let aggregations: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
     names_from_fastavro("meter_aggregate.v2.avsc", &aggregate(Default::default()), "aggregation", &aggregations);
 }
