@@ -1,5 +1,5 @@
 //! The closed sets of names that records carry as Avro `string`s: charge kinds, dead-letter
-//! reasons and aggregations. The wire type stays `string` (an Avro reader with an `enum`
+//! reasons, aggregations and alert kinds. The wire type stays `string` (an Avro reader with an `enum`
 //! schema cannot resolve data written as `string`, so turning the field into an `enum` would
 //! strand every record already on the topics); instead [`AvroRecord`](super::AvroRecord)
 //! refuses a name outside these enums when it encodes and when it decodes, so a typo in our
