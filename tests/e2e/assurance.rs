@@ -16,7 +16,7 @@ use meterflow_admin::audit;
 use meterflow_admin::reconcile::{self, Finding as ReconFinding, ReconcileCmd, Status};
 use meterflow_core::decimal::{from_ch_i128, round_amount};
 use meterflow_core::pricing::{self, Catalog};
-use meterflow_core::records::{AvroRecord, WalletAdjustment};
+use meterflow_core::records::{AlertRecord, AvroRecord, WalletAdjustment};
 use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::{now_ms, produce, publish_top_ups, wait_until_exact, workload};
 use meterflow_e2e::verify;
@@ -249,13 +249,11 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
     }
     let alerts = env.consume_all(&env.topics().alerts_topic, Duration::from_secs(30)).await?;
     eprintln!("assurance: alerts read ({:?})", started.elapsed());
-    let expired: Vec<serde_json::Value> = alerts
-        .iter()
-        .filter_map(|(_, _, _, v)| serde_json::from_slice::<serde_json::Value>(v).ok())
-        .filter(|v| v["kind"] == "credit_expired")
-        .collect();
+    // Every record on the alerts topic is an `alert.v1` Avro record.
+    let alerts: Vec<AlertRecord> = alerts.iter().map(|(_, _, _, v)| AlertRecord::from_avro(v)).collect::<Result<_, _>>()?;
+    let expired: Vec<&AlertRecord> = alerts.iter().filter(|a| a.kind == "credit_expired").collect();
     assert_eq!(expired.len(), 1, "one expiry event: {expired:?}");
-    assert_eq!((expired[0]["tenant"].as_str(), expired[0]["amount"].as_str()), (Some(EXPIRING), Some("5")));
+    assert_eq!((expired[0].tenant.as_str(), expired[0].amount), (EXPIRING, Some(Decimal::from(5))));
 
     // ---------------------------------------------------------------- shadow mode
     let lines = expected_lines(&gt, &cat)?;

@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use meterflow_api::keys::Scope;
+use meterflow_core::records::{AlertRecord, AvroRecord};
 use meterflow_testkit::procs::{parse_with_env, service_env, repo_root};
 use meterflow_e2e::scenario::now_ms;
 use meterflow_testkit::TestEnv;
@@ -235,12 +236,11 @@ async fn pending_within_seconds_settles_exactly_and_checks_deny() -> anyhow::Res
 
     // The soft limit was crossed (1.2 >= 1): one alert on the alerts topic.
     let alerts = env.consume_all(&env.topics().alerts_topic, Duration::from_secs(30)).await?;
-    let soft: Vec<Value> = alerts
-        .iter()
-        .filter_map(|(_, _, _, payload)| serde_json::from_slice::<Value>(payload).ok())
-        .filter(|a| a["kind"] == "spend_limit_soft")
-        .collect();
-    assert!(!soft.is_empty() && soft.iter().all(|a| a["tenant"] == "rt-b" && a["threshold"] == "1"), "{soft:?}");
+    // Every record on the alerts topic is an `alert.v1` Avro record.
+    let alerts: Vec<AlertRecord> =
+        alerts.iter().map(|(_, _, _, payload)| AlertRecord::from_avro(payload)).collect::<Result<_, _>>()?;
+    let soft: Vec<&AlertRecord> = alerts.iter().filter(|a| a.kind == "spend_limit_soft").collect();
+    assert!(!soft.is_empty() && soft.iter().all(|a| a.tenant == "rt-b" && a.threshold == Some(Decimal::ONE)), "{soft:?}");
 
     shutdown.cancel();
     agg.await??;

@@ -32,6 +32,10 @@ pub enum Error {
         value: String,
         reason: &'static str,
     },
+    /// A name outside its closed set (charge kind, dead-letter reason, aggregation): the wire
+    /// type is a string, the set is an enum in code (see `records::names`).
+    #[error("unknown {field} {value:?}")]
+    UnknownName { field: &'static str, value: String },
     #[error("schema error: {0}")]
     Schema(String),
     #[error("avro error: {0}")]

@@ -12,15 +12,21 @@ use crate::decimal::check_storable;
 use crate::schema::{self, Known};
 use crate::Error;
 
+mod alert;
 mod datum;
+mod names;
 mod provisional;
 use datum::{check_body, normalise, write_value};
+pub use alert::AlertRecord;
+pub use names::{AlertKind, ChargeKind, DeadLetterReason, RaterReason};
+use names::{check_aggregation, check_charge_kind, check_reason};
 pub use provisional::ProvisionalTotal;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterAggregate {
     pub tenant: String,
     pub meter: String,
+    /// An [`Aggregation`](crate::meter::Aggregation) name (checked on encode and decode).
     pub aggregation: String,
     pub dimensions: BTreeMap<String, String>,
     pub window_start: i64,
@@ -82,6 +88,7 @@ pub fn dimensions_key(dims: &BTreeMap<String, String>) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
     pub charge_id: String,
+    /// A [`ChargeKind`] name (checked on encode and decode).
     pub kind: String,
     pub tenant: String,
     pub plan: String,
@@ -108,6 +115,7 @@ pub struct DeadLetter {
     pub source_topic: String,
     pub source_partition: i32,
     pub source_offset: i64,
+    /// A [`DeadLetterReason`] name (checked on encode and decode).
     pub reason: String,
     pub detail: String,
     pub tenant: Option<String>,
@@ -148,6 +156,12 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         Ok(())
     }
 
+    /// Fields that are strings on the wire but one of a closed set of names in code (see
+    /// [`names`]): checked on encode and on decode, so an unknown name is refused at both ends.
+    fn check_names(&self) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// Earlier writer schemas still read (resolved to the current one with its defaults).
     fn older() -> Vec<&'static Known> {
         Vec::new()
@@ -156,6 +170,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
     /// Single-object encoding with this record's schema, headed by the spec's fingerprint
     /// (either fingerprint is accepted by [`AvroRecord::from_avro`]; see [`crate::schema`]).
     fn to_avro(&self) -> Result<Vec<u8>, Error> {
+        self.check_names()?;
         let known = Self::known();
         let value = apache_avro::to_value(self)?.resolve(&known.schema)?;
         let mut out = Vec::with_capacity(256);
@@ -190,6 +205,7 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         }
         let record: Self = apache_avro::from_value(&normalise(value))?;
         record.check_decimals()?;
+        record.check_names()?;
         Ok(record)
     }
 }
@@ -202,6 +218,9 @@ impl AvroRecord for MeterAggregate {
     fn older() -> Vec<&'static Known> {
         vec![schema::meter_aggregate_v1()]
     }
+    fn check_names(&self) -> Result<(), Error> {
+        check_aggregation(&self.aggregation)
+    }
     fn check_decimals(&self) -> Result<(), Error> {
         check_storable("value", &self.value)?;
         check_storable("previous_value", &self.previous_value)?;
@@ -213,6 +232,9 @@ impl AvroRecord for Charge {
     fn known() -> &'static Known {
         schema::charge_v1()
     }
+    fn check_names(&self) -> Result<(), Error> {
+        check_charge_kind(&self.kind)
+    }
     fn check_decimals(&self) -> Result<(), Error> {
         check_storable("quantity", &self.quantity)?;
         check_storable("amount", &self.amount)?;
@@ -223,6 +245,9 @@ impl AvroRecord for Charge {
 impl AvroRecord for DeadLetter {
     fn known() -> &'static Known {
         schema::dead_letter_v1()
+    }
+    fn check_names(&self) -> Result<(), Error> {
+        check_reason(&self.reason)
     }
 }
 impl AvroRecord for WalletAdjustment {

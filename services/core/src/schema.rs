@@ -34,6 +34,7 @@ pub const WALLET_ADJUSTMENT_V2: &str =
     include_str!("../../../schemas/avro/wallet_adjustment.v2.avsc");
 pub const PROVISIONAL_TOTAL_V1: &str =
     include_str!("../../../schemas/avro/provisional_total.v1.avsc");
+pub const ALERT_V1: &str = include_str!("../../../schemas/avro/alert.v1.avsc");
 
 /// A parsed schema with its single-object fingerprints.
 #[derive(Debug)]
@@ -88,6 +89,7 @@ known!(dead_letter_v1, DEAD_LETTER_V1);
 known!(wallet_adjustment_v1, WALLET_ADJUSTMENT_V1);
 known!(wallet_adjustment_v2, WALLET_ADJUSTMENT_V2);
 known!(provisional_total_v1, PROVISIONAL_TOTAL_V1);
+known!(alert_v1, ALERT_V1);
 
 /// CRC-64-AVRO, the Rabin fingerprint of the Avro specification ("Schema Fingerprints").
 pub fn crc64_avro(bytes: &[u8]) -> u64 {
@@ -435,6 +437,7 @@ mod tests {
             (CHARGE_V1, charge_v1()),
             (DEAD_LETTER_V1, dead_letter_v1()),
             (WALLET_ADJUSTMENT_V1, wallet_adjustment_v1()),
+            (ALERT_V1, alert_v1()),
         ] {
             let pcf = parsing_canonical_form(text).unwrap();
             assert!(!pcf.contains("logicalType") && !pcf.contains("doc") && !pcf.contains(' '), "{pcf}");

@@ -11,8 +11,12 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 
 use meterflow_core::codec::{Framing, UsageEventCodec, WriterVersion};
-use meterflow_core::records::{AvroRecord, Charge, DeadLetter, MeterAggregate, WalletAdjustment};
-use meterflow_core::{schema, UsageEvent};
+use meterflow_core::meter::Aggregation;
+use meterflow_core::records::{
+    AlertKind, AlertRecord, AvroRecord, Charge, ChargeKind, DeadLetter, MeterAggregate, RaterReason, WalletAdjustment,
+};
+use meterflow_core::{schema, Error, RejectReason, UsageEvent};
+use strum::VariantArray;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
@@ -83,6 +87,7 @@ fn fastavro_fingerprints_equal_ours_for_every_published_schema() {
         ("charge.v1.avsc", schema::charge_v1()),
         ("dead_letter.v1.avsc", schema::dead_letter_v1()),
         ("wallet_adjustment.v1.avsc", schema::wallet_adjustment_v1()),
+        ("alert.v1.avsc", schema::alert_v1()),
     ] {
         let out = fastavro("fingerprint", file, &[]);
         assert_eq!(out[0], hex(&k.fingerprint.to_le_bytes()), "{file}");
@@ -172,6 +177,35 @@ fn our_usage_events_decode_in_fastavro() {
     }
 }
 
+/// fastavro writes `record` with `field` set to each of `names` and to names outside the set:
+/// every name of the set reads back into that record, every other name is refused by name.
+fn names_from_fastavro<R: AvroRecord + PartialEq + std::fmt::Debug>(file: &str, record: &R, field: &'static str, names: &[&str]) {
+    let json = fastavro("decode", file, &[hex(&record.to_avro().unwrap())]).remove(0);
+    let base: Value = serde_json::from_str(&json).unwrap();
+    let unknown = ["", "Usage", "SUM", "true-up", "no_such_name"];
+    let lines: Vec<String> = names
+        .iter()
+        .chain(&unknown)
+        .map(|n| {
+            let mut v = base.clone();
+            v[field] = json!(n);
+            v.to_string()
+        })
+        .collect();
+    let encoded = fastavro("encode", file, &lines);
+    assert_eq!(encoded.len(), names.len() + unknown.len());
+    for (n, h) in names.iter().chain(&unknown).zip(encoded) {
+        let read = R::from_avro(&unhex(&h));
+        if names.contains(n) {
+            let r = read.unwrap_or_else(|e| panic!("{file} {field}={n:?}: {e}"));
+            let back: Value = serde_json::from_str(&fastavro("decode", file, &[hex(&r.to_avro().unwrap())])[0]).unwrap();
+            assert_eq!(back[field], json!(n), "{file}");
+        } else {
+            assert_eq!(read, Err(Error::UnknownName { field, value: (*n).to_owned() }), "{file}");
+        }
+    }
+}
+
 /// Ours → fastavro → JSON, and fastavro's encoding of that JSON → ours: the same record.
 fn records_round_trip<R: AvroRecord + PartialEq + std::fmt::Debug>(file: &str, records: &[R]) {
     let ours: Vec<String> = records.iter().map(|r| hex(&r.to_avro().unwrap())).collect();
@@ -183,66 +217,97 @@ fn records_round_trip<R: AvroRecord + PartialEq + std::fmt::Debug>(file: &str, r
     }
 }
 
+fn aggregate(dims: std::collections::BTreeMap<String, String>) -> MeterAggregate {
+    MeterAggregate {
+        tenant: "t".into(),
+        meter: "input_tokens".into(),
+        aggregation: "sum".into(),
+        dimensions: dims,
+        window_start: 1_764_000_000_000,
+        window_end: 1_764_000_060_000,
+        revision: 2,
+        value: d("400000000000000000000000"),
+        previous_value: d("100000000000000000000"),
+        event_count: 3,
+        provider_cost: d("0.000000001"),
+        previous_provider_cost: d("0"),
+        source_partition: 1,
+        seq: 77,
+        emitted_at: 1_764_000_070_000,
+        uncosted_value: Some(d("12.5")),
+        previous_uncosted_value: Some(d("0")),
+    }
+}
+
+fn charge(dims: std::collections::BTreeMap<String, String>) -> Charge {
+    Charge {
+        charge_id: "c".into(),
+        kind: "usage".into(),
+        tenant: "t".into(),
+        plan: "pro".into(),
+        currency: "USD".into(),
+        meter: "input_tokens".into(),
+        dimensions: dims,
+        period_start: 1_761_955_200_000,
+        window_start: 1_764_000_000_000,
+        window_end: 1_764_000_060_000,
+        revision: 0,
+        quantity: d("100000000000000000000"),
+        amount: d("1.5"),
+        provider_cost: d("1"),
+        margin: d("0.5"),
+        seq: 1,
+    }
+}
+
+fn dead_letter() -> DeadLetter {
+    DeadLetter {
+        source_topic: "u".into(),
+        source_partition: 0,
+        source_offset: 9,
+        reason: "window_limit".into(),
+        detail: "x".into(),
+        tenant: None,
+        event_id: Some("e".into()),
+        payload: vec![0xC3, 0x01, 0, 255],
+    }
+}
+
+/// A crossing (balances set, no amount) and an expiry (amount and credit kind, no balances).
+fn alerts_both_shapes() -> [AlertRecord; 2] {
+    let crossing = AlertRecord {
+        alert_id: "al-1".into(),
+        kind: "spend_limit_hard".into(),
+        tenant: "t".into(),
+        currency: "EUR".into(),
+        balance: Some(d("100.000000001")),
+        threshold: Some(d("100")),
+        amount: None,
+        credit_kind: None,
+        trigger: "ch-1".into(),
+        at: 1_764_000_000_000,
+    };
+    let expiry = AlertRecord {
+        alert_id: "le-1".into(),
+        kind: "credit_expired".into(),
+        balance: None,
+        threshold: None,
+        amount: Some(d("5")),
+        credit_kind: Some("promotional".into()),
+        trigger: "promo-1".into(),
+        ..crossing.clone()
+    };
+    [crossing, expiry]
+}
+
 #[test]
 fn records_interoperate_both_ways() {
+    records_round_trip("alert.v1.avsc", &alerts_both_shapes());
     let mut dims = std::collections::BTreeMap::new();
     dims.insert("model".to_owned(), "m1".to_owned());
-    records_round_trip(
-        "meter_aggregate.v2.avsc",
-        &[MeterAggregate {
-            tenant: "t".into(),
-            meter: "input_tokens".into(),
-            aggregation: "sum".into(),
-            dimensions: dims.clone(),
-            window_start: 1_764_000_000_000,
-            window_end: 1_764_000_060_000,
-            revision: 2,
-            value: d("400000000000000000000000"),
-            previous_value: d("100000000000000000000"),
-            event_count: 3,
-            provider_cost: d("0.000000001"),
-            previous_provider_cost: d("0"),
-            source_partition: 1,
-            seq: 77,
-            emitted_at: 1_764_000_070_000,
-            uncosted_value: Some(d("12.5")),
-            previous_uncosted_value: Some(d("0")),
-        }],
-    );
-    records_round_trip(
-        "charge.v1.avsc",
-        &[Charge {
-            charge_id: "c".into(),
-            kind: "usage".into(),
-            tenant: "t".into(),
-            plan: "pro".into(),
-            currency: "USD".into(),
-            meter: "input_tokens".into(),
-            dimensions: dims,
-            period_start: 1_761_955_200_000,
-            window_start: 1_764_000_000_000,
-            window_end: 1_764_000_060_000,
-            revision: 0,
-            quantity: d("100000000000000000000"),
-            amount: d("1.5"),
-            provider_cost: d("1"),
-            margin: d("0.5"),
-            seq: 1,
-        }],
-    );
-    records_round_trip(
-        "dead_letter.v1.avsc",
-        &[DeadLetter {
-            source_topic: "u".into(),
-            source_partition: 0,
-            source_offset: 9,
-            reason: "window_limit".into(),
-            detail: "x".into(),
-            tenant: None,
-            event_id: Some("e".into()),
-            payload: vec![0xC3, 0x01, 0, 255],
-        }],
-    );
+    records_round_trip("meter_aggregate.v2.avsc", &[aggregate(dims.clone())]);
+    records_round_trip("charge.v1.avsc", &[charge(dims)]);
+    records_round_trip("dead_letter.v1.avsc", &[dead_letter()]);
     records_round_trip(
         "wallet_adjustment.v2.avsc",
         &[WalletAdjustment {
@@ -257,4 +322,22 @@ fn records_interoperate_both_ways() {
             priority: 3,
         }],
     );
+}
+
+/// The enum-valued string fields: what another implementation writes is held to the same
+/// closed sets as what we write (the wire type stays `string`; docs/design.md "Wire format").
+#[test]
+fn names_written_by_fastavro_are_checked_against_the_enums() {
+    let kinds: Vec<&str> = ChargeKind::VARIANTS.iter().map(|k| k.as_str()).collect();
+    names_from_fastavro("charge.v1.avsc", &charge(Default::default()), "kind", &kinds);
+    let reasons: Vec<&str> = RejectReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .chain(RaterReason::VARIANTS.iter().map(|r| r.as_str()))
+        .collect();
+    names_from_fastavro("dead_letter.v1.avsc", &dead_letter(), "reason", &reasons);
+    let alerts: Vec<&str> = AlertKind::ALL.iter().map(|k| k.as_str()).collect();
+    names_from_fastavro("alert.v1.avsc", &alerts_both_shapes()[0], "kind", &alerts);
+    let aggregations: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
+    names_from_fastavro("meter_aggregate.v2.avsc", &aggregate(Default::default()), "aggregation", &aggregations);
 }

@@ -23,7 +23,7 @@ use meterflow_core::pricing::Catalog;
 use meterflow_core::rating::balance::{compose, limit_alerts, Balance, TenantSettled};
 use meterflow_core::rating::pending::PendingBook;
 use meterflow_core::rating::Alert;
-use meterflow_core::records::{AvroRecord, MeterAggregate, ProvisionalTotal};
+use meterflow_core::records::{AlertRecord, AvroRecord, MeterAggregate, ProvisionalTotal};
 use meterflow_runtime::args::{KafkaArgs, TopicArgs};
 use meterflow_runtime::tail::{self, Start};
 use metrics::{counter, gauge, histogram};
@@ -190,10 +190,18 @@ async fn publish(p: &Publishing, balances: Vec<Balance>, alerts: Vec<Alert>) {
             Err(_) => counter!(m::BALANCES, "outcome" => "dropped").increment(1),
         }
     }
+    let now = wall_ms();
     for a in &alerts {
         counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-        let json = serde_json::to_vec(a).expect("an alert serializes");
-        let rec = FutureRecord::to(&p.topics.alerts_topic).key(a.tenant.as_bytes()).payload(&json);
+        let avro = match AlertRecord::crossing(a, now).to_avro() {
+            Ok(avro) => avro,
+            Err(e) => {
+                tracing::error!(error = %e, alert = %a.alert_id, "spend-limit alert not published");
+                counter!(m::BALANCES, "outcome" => "dropped").increment(1);
+                continue;
+            }
+        };
+        let rec = FutureRecord::to(&p.topics.alerts_topic).key(a.tenant.as_bytes()).payload(&avro);
         if let Ok(d) = p.producer.send_result(rec) {
             deliveries.push(d);
         }

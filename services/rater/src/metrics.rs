@@ -61,7 +61,9 @@ pub fn describe() {
     for c in [AGGREGATES_IN, SKIPPED, REJECTED] {
         counter!(c).increment(0);
     }
-    counter!(CHARGES, "kind" => "usage").increment(0);
+    for k in meterflow_core::records::ChargeKind::ALL {
+        counter!(CHARGES, "kind" => k.as_str()).increment(0);
+    }
     for r in meterflow_core::rating::ParkReason::ALL {
         counter!(PARKED, "reason" => r.as_str()).increment(0);
     }

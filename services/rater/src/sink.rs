@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clickhouse::Client;
 use meterflow_core::rating::partition::Emitted;
 use meterflow_core::rating::Alert;
-use meterflow_core::records::{AvroRecord, Charge, DeadLetter};
+use meterflow_core::records::{AlertRecord, AvroRecord, Charge, DeadLetter};
 use meterflow_runtime::args::TopicArgs;
 use meterflow_runtime::output::{insert_all, produce_all, OutRecord, WriteMetrics};
 use meterflow_runtime::retry::Backoff;
@@ -27,6 +27,9 @@ pub(crate) struct Outputs {
     /// Credit ledger movements (ASC 606), with the partition whose state made them.
     pub ledger: Vec<LedgerRow>,
     pub parked: Vec<ParkedRow>,
+    /// The alerts topic's records (crossings and expired credit), keyed by tenant, encoded
+    /// here so a record its schema refuses stops the rater like a row would.
+    pub announced: Vec<(String, Vec<u8>)>,
 }
 
 impl Outputs {
@@ -38,6 +41,10 @@ impl Outputs {
         }
         for e in &out.ledger {
             self.ledger.push(LedgerRow::new(e, partition)?);
+        }
+        let crossings = out.alerts.iter().map(|(a, at)| AlertRecord::crossing(a, *at));
+        for a in crossings.chain(out.ledger.iter().filter_map(AlertRecord::expired)) {
+            self.announced.push((a.tenant.clone(), a.to_avro()?));
         }
         self.parked.extend(out.parked.iter().map(|p| ParkedRow::new(p, partition)));
         self.charges.extend(out.charges);
@@ -105,23 +112,8 @@ impl RaterSink {
         for ch in &out.charges {
             records.push((&topics.charges_topic, ch.tenant.clone(), encode(ch)));
         }
-        for (a, _) in &out.alerts {
-            let json = serde_json::to_vec(a).unwrap_or_default();
-            records.push((&topics.alerts_topic, a.tenant.clone(), json));
-        }
-        // Expired credit is announced beside the alerts (JSON, keyed by tenant).
-        for e in out.ledger.iter().filter(|e| e.movement == meterflow_core::rating::MOVE_EXPIRY) {
-            let json = serde_json::json!({
-                "kind": "credit_expired",
-                "entry_id": e.entry_id,
-                "tenant": e.tenant,
-                "currency": e.currency,
-                "credit_kind": e.credit_kind,
-                "grant_key": e.grant_key,
-                "amount": meterflow_core::decimal::from_ch_i128(e.amount).to_string(),
-                "expired_at": i64::from(e.at) * 1000,
-            });
-            records.push((&topics.alerts_topic, e.tenant.clone(), serde_json::to_vec(&json).unwrap_or_default()));
+        for (tenant, payload) in &out.announced {
+            records.push((&topics.alerts_topic, tenant.clone(), payload.clone()));
         }
         for d in &out.dead_letters {
             records.push((&topics.dead_letter_topic, format!("{}/{}/{}", d.source_topic, d.source_partition, d.source_offset), encode(d)));

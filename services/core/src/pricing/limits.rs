@@ -20,10 +20,11 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::fields::{Currency, Period, Quantity, Text};
+use crate::records::AlertKind;
 
 /// Alert kinds of a crossed limit.
-pub const ALERT_SOFT_LIMIT: &str = "spend_limit_soft";
-pub const ALERT_HARD_LIMIT: &str = "spend_limit_hard";
+pub const ALERT_SOFT_LIMIT: &str = AlertKind::SpendLimitSoft.as_str();
+pub const ALERT_HARD_LIMIT: &str = AlertKind::SpendLimitHard.as_str();
 
 /// What crossing the limit does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, strum::IntoStaticStr)]

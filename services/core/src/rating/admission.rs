@@ -1,7 +1,7 @@
 //! Admission: refusing forged or corrupt aggregates before they change any state.
 
 use super::RatingState;
-use crate::records::MeterAggregate;
+use crate::records::{MeterAggregate, RaterReason};
 
 /// Bounds of what an aggregate may claim; see [`RatingState::screen`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +20,8 @@ impl Default for Admission {
 }
 
 /// Reasons [`RatingState::screen`] refuses an aggregate (dead-letter reasons).
-pub const REASON_FUTURE_WINDOW: &str = "future_window";
-pub const REASON_BAD_SEQ: &str = "bad_seq";
+pub const REASON_FUTURE_WINDOW: &str = RaterReason::FutureWindow.as_str();
+pub const REASON_BAD_SEQ: &str = RaterReason::BadSeq.as_str();
 
 impl RatingState {
     /// Refuses (with a dead-letter reason and detail) an aggregate that claims a window or a

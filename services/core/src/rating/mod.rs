@@ -92,7 +92,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decimal;
 use crate::pricing::{self, Catalog};
-use crate::records::{Charge, MeterAggregate};
+use crate::records::{Charge, ChargeKind, MeterAggregate, RaterReason};
 use crate::Error;
 
 pub mod balance;
@@ -111,9 +111,9 @@ pub use wallet::{
     Account, CreditKind, Grant, LedgerEntry, MOVE_ARREARS, MOVE_DEBIT, MOVE_DRAWDOWN, MOVE_EXPIRY, MOVE_GRANT, MOVE_REFUND,
 };
 
-/// Charge kinds.
-pub const KIND_USAGE: &str = "usage";
-pub const KIND_TRUE_UP: &str = "true_up";
+/// Charge kinds as strings, for the records' `kind` field (the set is [`ChargeKind`]).
+pub const KIND_USAGE: &str = ChargeKind::Usage.as_str();
+pub const KIND_TRUE_UP: &str = ChargeKind::TrueUp.as_str();
 
 /// Largest period revenue magnitude the state accepts: 1e19 still holds 9 fractional digits
 /// exactly in a `Decimal`, so revenue and true-ups (commitments are at most 1e15) stay exact.
@@ -155,8 +155,8 @@ impl ParkReason {
     /// The dead-letter reason and metric label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Unpriced => "unpriced",
-            Self::Overflow => "overflow",
+            Self::Unpriced => RaterReason::Unpriced.as_str(),
+            Self::Overflow => RaterReason::Overflow.as_str(),
         }
     }
 

@@ -35,10 +35,10 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::stable_id;
-use crate::records::{Charge, WalletAdjustment};
+use crate::records::{AlertKind, Charge, WalletAdjustment};
 use crate::Error;
 
-pub const ALERT_LOW_BALANCE: &str = "low_balance";
+pub const ALERT_LOW_BALANCE: &str = AlertKind::LowBalance.as_str();
 /// Ledger movements ([`LedgerEntry::movement`]).
 pub const MOVE_GRANT: &str = "grant";
 pub const MOVE_DRAWDOWN: &str = "drawdown";
@@ -46,7 +46,7 @@ pub const MOVE_REFUND: &str = "refund";
 pub const MOVE_EXPIRY: &str = "expiry";
 pub const MOVE_ARREARS: &str = "arrears";
 pub const MOVE_DEBIT: &str = "debit";
-pub const ALERT_EXHAUSTED: &str = "exhausted";
+pub const ALERT_EXHAUSTED: &str = AlertKind::Exhausted.as_str();
 
 /// Largest adjustment magnitude accepted; keeps balances far from `Decimal`'s limits.
 const MAX_ADJUSTMENT: i64 = 1_000_000_000_000_000_000; // 1e18

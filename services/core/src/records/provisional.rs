@@ -41,6 +41,9 @@ impl AvroRecord for ProvisionalTotal {
     fn check_decimals(&self) -> Result<(), Error> {
         check_storable("value", &self.value)
     }
+    fn check_names(&self) -> Result<(), Error> {
+        super::check_aggregation(&self.aggregation)
+    }
 }
 
 #[cfg(test)]

@@ -162,6 +162,18 @@ fn every_record_writes_the_spec_fingerprint_and_reads_both() {
         expires_at: Some(9),
         priority: 2,
     });
+    check_fingerprints(&AlertRecord {
+        alert_id: "a".into(),
+        kind: "credit_expired".into(),
+        tenant: "t".into(),
+        currency: "USD".into(),
+        balance: None,
+        threshold: None,
+        amount: Some(d("5")),
+        credit_kind: Some("paid".into()),
+        trigger: "g".into(),
+        at: 60_000,
+    });
 }
 
 #[test]
@@ -295,4 +307,103 @@ fn wallet_adjustment_v1_reads_with_defaults() {
     assert_eq!(&again[2..10], &WalletAdjustment::known().fingerprint.to_le_bytes());
     // A truncated v1 body is an error, not a panic.
     assert!(WalletAdjustment::from_avro(&framed[..framed.len() - 3]).is_err());
+}
+
+/// Frames `r` as `from_avro` expects, with apache-avro's own writer: a writer that does not
+/// check names (another language's client, an old build).
+fn unchecked_frame<R: AvroRecord>(r: &R) -> Vec<u8> {
+    let known = R::known();
+    let value = apache_avro::to_value(r).unwrap().resolve(&known.schema).unwrap();
+    let mut framed = vec![0xC3, 0x01];
+    framed.extend_from_slice(&known.fingerprint.to_le_bytes());
+    framed.extend_from_slice(&apache_avro::to_avro_datum(&known.schema, value).unwrap());
+    framed
+}
+
+/// Every known name round-trips, an unknown one is refused by `to_avro` and, written by a
+/// writer that does not check, by `from_avro`, naming the field and the value.
+fn check_names_both_ways<R: AvroRecord + Clone + PartialEq + std::fmt::Debug>(
+    r: &R,
+    field: &'static str,
+    known: &[&str],
+    set: impl Fn(&mut R, &str),
+) {
+    for name in known {
+        let mut ok = r.clone();
+        set(&mut ok, name);
+        assert_eq!(R::from_avro(&ok.to_avro().unwrap()).unwrap(), ok, "{field} {name}");
+    }
+    for bad in ["", "Usage", "SUM", "true-up", "unknown"] {
+        let mut wrong = r.clone();
+        set(&mut wrong, bad);
+        let refused = Error::UnknownName { field, value: bad.into() };
+        assert_eq!(wrong.to_avro(), Err(refused.clone()));
+        assert_eq!(R::from_avro(&unchecked_frame(&wrong)), Err(refused));
+    }
+}
+
+#[test]
+fn names_outside_their_enum_are_refused_on_write_and_on_read() {
+    use crate::event::RejectReason;
+    use crate::meter::Aggregation;
+    use strum::VariantArray;
+    let charge = Charge {
+        charge_id: "c1".into(),
+        kind: "usage".into(),
+        tenant: "t".into(),
+        plan: "pro".into(),
+        currency: "USD".into(),
+        meter: "m".into(),
+        dimensions: BTreeMap::new(),
+        period_start: 0,
+        window_start: 0,
+        window_end: 60_000,
+        revision: 0,
+        quantity: d("10"),
+        amount: d("1.5"),
+        provider_cost: d("1"),
+        margin: d("0.5"),
+        seq: 1,
+    };
+    let kinds: Vec<&str> = ChargeKind::VARIANTS.iter().map(|k| k.as_str()).collect();
+    check_names_both_ways(&charge, "kind", &kinds, |c, n| c.kind = n.into());
+
+    let dead = DeadLetter {
+        source_topic: "u".into(),
+        source_partition: 0,
+        source_offset: 1,
+        reason: "undecodable".into(),
+        detail: "x".into(),
+        tenant: None,
+        event_id: None,
+        payload: vec![1],
+    };
+    let reasons: Vec<&str> = RejectReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .chain(RaterReason::VARIANTS.iter().map(|r| r.as_str()))
+        .collect();
+    check_names_both_ways(&dead, "reason", &reasons, |r, n| r.reason = n.into());
+
+    let aggregate = MeterAggregate {
+        tenant: "t".into(),
+        meter: "m".into(),
+        aggregation: "sum".into(),
+        dimensions: BTreeMap::new(),
+        window_start: 0,
+        window_end: 60_000,
+        revision: 0,
+        value: d("7"),
+        previous_value: d("0"),
+        event_count: 1,
+        provider_cost: d("0"),
+        previous_provider_cost: d("0"),
+        source_partition: 0,
+        seq: 1,
+        emitted_at: 60_000,
+        uncosted_value: None,
+        previous_uncosted_value: None,
+    };
+    let aggregations: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
+    check_names_both_ways(&aggregate, "aggregation", &aggregations, |a, n| a.aggregation = n.into());
 }
