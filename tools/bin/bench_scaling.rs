@@ -86,6 +86,10 @@ pub(super) async fn scaling(args: &Args, pids: Pids, report: &mut Report) -> Res
     Ok(())
 }
 
+/// (instant, records read, CPU seconds of the aggregators / ClickHouse / the broker, the
+/// machine's busy seconds) at one moment of a scaling run.
+type Sample = (Instant, f64, (f64, f64, f64), f64);
+
 /// One run: `events` into a fresh `k`-partition topic, `k` aggregators, until exact.
 async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
     let env = TestEnv::with_partitions(&format!("bench_scale{k}"), k as i32).await?;
@@ -111,10 +115,9 @@ async fn point(events: u64, k: usize, pids: Pids) -> Result<Point> {
     }
     let ch = meterflow_runtime::clickhouse::client(env.clickhouse_args());
     let agg_cpu = |procs: &[ServiceProc]| procs.iter().filter_map(|p| p.pid().and_then(cpu_secs)).sum::<f64>();
-    // (instant, records read, CPU of aggregators / ClickHouse / broker, machine busy seconds)
-    // when all consume, and when the input is read.
-    let mut from: Option<(Instant, f64, (f64, f64, f64), f64)> = None;
-    let mut to: Option<(Instant, f64, (f64, f64, f64), f64)> = None;
+    // When all consume, and when the input is read.
+    let mut from: Option<Sample> = None;
+    let mut to: Option<Sample> = None;
     let mut last_verify = Instant::now() - Duration::from_secs(10);
     let deadline = started + Duration::from_secs(1800);
     let exact_secs = loop {
