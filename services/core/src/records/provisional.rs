@@ -72,5 +72,9 @@ mod tests {
         finer.value = Decimal::new(1, 10);
         let bytes = finer.to_avro().unwrap();
         assert!(ProvisionalTotal::from_avro(&bytes).is_err(), "more than 9 fractional digits is refused on read");
+        let mut unknown = p;
+        unknown.aggregation = "median".into();
+        let refused = Error::UnknownName { field: "aggregation", value: "median".into() };
+        assert_eq!(unknown.to_avro(), Err(refused));
     }
 }
