@@ -127,7 +127,8 @@ struct Switch {
     max_offset: i64,
 }
 
-struct Part {
+/// A held partition: its engine and the meters it runs with.
+struct HeldPartition {
     engine: PartitionEngine,
     /// The meters text the engine runs with (the checkpoint's until a switch).
     meters_text: String,
@@ -156,7 +157,7 @@ struct Aggregator {
     sink: Arc<Sink>,
     /// Running totals of open windows, after each written batch and on the timer (best effort).
     provisional: Publisher,
-    partitions: BTreeMap<i32, Part>,
+    partitions: BTreeMap<i32, HeldPartition>,
     /// The buffer being filled.
     outputs: Outputs,
     /// The batch being written (cold look-ups consult it until it is in ClickHouse).
@@ -251,7 +252,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, Part { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1 });
+            .insert(partition, HeldPartition { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1 });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }

@@ -30,7 +30,7 @@ use crate::sink::{Outputs, RaterSink};
 const SERVICE: &str = "rater";
 
 /// A held partition: its core state machine and the catalog it rates with.
-struct Owned {
+struct HeldPartition {
     part: RaterPartition,
     /// The catalog this partition rates with (the checkpoint's until a switch).
     catalog: Arc<Catalog>,
@@ -95,7 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sink: Arc::new(RaterSink { client: client.clone(), producer, topics: config.service.conn.topics.clone() }),
         client,
         catalog,
-        shards: BTreeMap::new(),
+        held: BTreeMap::new(),
         outputs: Outputs::default(),
         config,
         gauge_labels: BTreeMap::new(),
@@ -140,7 +140,7 @@ struct Rater {
     catalog_text: String,
     /// A partition switched catalog since the last snapshot (checkpoint it at once).
     switched: bool,
-    shards: BTreeMap<i32, Owned>,
+    held: BTreeMap<i32, HeldPartition>,
     outputs: Outputs,
     /// Label sets exported last time, so a revoked shard's series drop to what remains.
     gauge_labels: BTreeMap<TotalsKey, ()>,
@@ -161,7 +161,7 @@ impl Rater {
             tenant: String,
             seq: i64,
         }
-        let n = self.shards.get(&partition).map_or(1, |o| o.partitions);
+        let n = self.held.get(&partition).map_or(1, |o| o.partitions);
         let rows: Vec<TenantSeq> =
             self.client.query("SELECT tenant, max(seq) AS seq FROM charges GROUP BY tenant").fetch_all().await?;
         let max_charge_seq = rows
@@ -183,7 +183,7 @@ impl Rater {
             .bind(partition)
             .fetch_one()
             .await?;
-        if let Some(sw) = self.shards.get_mut(&partition).and_then(|o| o.switch.as_mut()) {
+        if let Some(sw) = self.held.get_mut(&partition).and_then(|o| o.switch.as_mut()) {
             sw.after = OutputMark { max_charge_seq, max_aggregates_offset, max_wallet_offset };
             tracing::info!(partition, max_charge_seq, max_aggregates_offset, max_wallet_offset, "catalog switch after these outputs");
         }
@@ -206,7 +206,7 @@ impl Rater {
         let partition = msg.partition();
         let offset = msg.offset();
         let payload = msg.payload().unwrap_or_default();
-        let Some(owned) = self.shards.get_mut(&partition) else {
+        let Some(owned) = self.held.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
         let step = if msg.topic() == self.config.service.conn.topics.wallet_topic {
@@ -242,19 +242,19 @@ impl Rater {
 
     /// Freezes the balances desk's feed with the batch being taken (see [`SealedFeed`]).
     fn seal_feed(&mut self) {
-        let shards = &self.shards;
+        let held = &self.held;
         self.writing_feed = Some(self.desk_feed.seal(|tenant| {
-            let n = shards.values().next()?.partitions;
-            let o = shards.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
+            let n = held.values().next()?.partitions;
+            let o = held.get(&meterflow_core::partitioning::partition_for(tenant.as_bytes(), n))?;
             Some(balances::settled_of(o.part.rating(), o.part.wallets(), tenant))
         }));
     }
 
     fn export_gauges(&mut self) {
-        let parked: usize = self.shards.values().map(|o| o.part.rating().parked_count()).sum();
+        let parked: usize = self.held.values().map(|o| o.part.rating().parked_count()).sum();
         gauge!(m::PARKED_NOW).set(parked as f64);
         let mut sums: BTreeMap<TotalsKey, Totals> = BTreeMap::new();
-        for o in self.shards.values() {
+        for o in self.held.values() {
             for (k, t) in o.part.totals() {
                 let s = sums.entry(k.clone()).or_default();
                 s.revenue += t.revenue;
@@ -273,7 +273,7 @@ impl Rater {
             self.gauge_labels.insert(key.clone(), ());
         }
         if self.config.wallet_gauges {
-            for o in self.shards.values() {
+            for o in self.held.values() {
                 for (tenant, by_cur) in o.part.wallets().balances() {
                     if !o.part.wallets().has_wallet(tenant) {
                         continue; // postpaid: no wallet to watch, and no unbounded series
@@ -305,7 +305,7 @@ impl Partitioned for Rater {
     }
 
     fn config_text(&self, partition: i32) -> String {
-        self.shards.get(&partition).map_or_else(|| self.catalog_text.clone(), |o| o.catalog_text.clone())
+        self.held.get(&partition).map_or_else(|| self.catalog_text.clone(), |o| o.catalog_text.clone())
     }
 
     fn wants_checkpoint(&self) -> bool {
@@ -353,14 +353,14 @@ impl Partitioned for Rater {
         self.desk_feed.touched.extend(part.rating().tenants().cloned());
         self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
         self.desk.lock().expect("desk lock").own(partition, partitions);
-        self.shards.insert(partition, Owned { part, catalog, catalog_text, switch, partitions });
+        self.held.insert(partition, HeldPartition { part, catalog, catalog_text, switch, partitions });
         Ok(())
     }
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
-        if self.shards.get(&partition).is_some_and(|o| o.switch.is_some()) {
+        if self.held.get(&partition).is_some_and(|o| o.switch.is_some()) {
             self.find_switch_point(partition).await?;
-            let o = self.shards.get_mut(&partition).context("restored above")?;
+            let o = self.held.get_mut(&partition).context("restored above")?;
             self.switched |= try_switch(partition, o);
         }
         if from.is_none() {
@@ -380,17 +380,17 @@ impl Partitioned for Rater {
     }
 
     fn position(&self, topic: &str, partition: i32) -> Option<i64> {
-        let p = &self.shards.get(&partition)?.part;
+        let p = &self.held.get(&partition)?.part;
         Some(if topic == self.config.service.conn.topics.wallet_topic { p.wallet_next() } else { p.aggregates_next() })
     }
 
     fn release(&mut self, partition: i32) {
-        self.shards.remove(&partition);
+        self.held.remove(&partition);
         self.desk.lock().expect("desk lock").disown(partition);
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
-        let o = self.shards.get(&partition).context("snapshot of a partition not held")?;
+        let o = self.held.get(&partition).context("snapshot of a partition not held")?;
         if o.switch.is_none() {
             self.switched = false;
         }
@@ -430,7 +430,7 @@ impl Partitioned for Rater {
 
 /// Switches `o` to the new catalog once everything already written has been re-derived;
 /// true if it switched.
-fn try_switch(partition: i32, o: &mut Owned) -> bool {
+fn try_switch(partition: i32, o: &mut HeldPartition) -> bool {
     let Some(sw) = o.switch.take_if(|sw| o.part.has_passed(&sw.after)) else { return false };
     o.catalog = sw.catalog;
     o.catalog_text = sw.text;
