@@ -138,21 +138,23 @@ pub fn aggregator_env(
     http: &str,
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
-    let mut e = service_env(kafka, topics, ch);
     let meters = repo_root().join("config/meters.toml").display().to_string();
-    for (k, v) in [
+    let own = [
         ("METERFLOW_AGGREGATOR_GROUP", group),
         ("METERFLOW_AGGREGATOR_HTTP_ADDR", http),
         ("METERFLOW_METERS", &meters),
         ("METERFLOW_LOG", "info"),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
-        e.retain(|(key, _)| key != k);
-        e.push((k.to_owned(), v.to_owned()));
+    ];
+    with_overrides(service_env(kafka, topics, ch), own.iter().chain(extra))
+}
+
+/// `env` with each `(key, value)` of `overrides` replacing any earlier value of its key.
+fn with_overrides<'a>(mut env: Vec<(String, String)>, overrides: impl Iterator<Item = &'a (&'a str, &'a str)>) -> Vec<(String, String)> {
+    for (k, v) in overrides {
+        env.retain(|(key, _)| key != k);
+        env.push(((*k).to_owned(), (*v).to_owned()));
     }
-    e
+    env
 }
 
 /// Environment of a rater process.
@@ -164,21 +166,14 @@ pub fn rater_env(
     http: &str,
     extra: &[(&str, &str)],
 ) -> Vec<(String, String)> {
-    let mut e = service_env(kafka, topics, ch);
     let catalog = repo_root().join("config/catalog.toml").display().to_string();
-    for (k, v) in [
+    let own = [
         ("METERFLOW_RATER_GROUP", group),
         ("METERFLOW_RATER_HTTP_ADDR", http),
         ("METERFLOW_CATALOG", &catalog),
         ("METERFLOW_LOG", "info"),
-    ]
-    .into_iter()
-    .chain(extra.iter().copied())
-    {
-        e.retain(|(key, _)| key != k);
-        e.push((k.to_owned(), v.to_owned()));
-    }
-    e
+    ];
+    with_overrides(service_env(kafka, topics, ch), own.iter().chain(extra))
 }
 
 /// CPU seconds (user + system) process `pid` has used so far (`/proc/<pid>/stat`, clock
