@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, usage_row, wall_ms, TICK};
+use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, wall_ms, TICK};
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 use crate::stored::Stored;
@@ -512,7 +512,7 @@ impl Aggregator {
                             counters.accepted.increment(1);
                             // The raw row keeps dimensions sorted by key (in place: no copy).
                             ev.dimensions.sort_unstable();
-                            outputs.push_usage(usage_row(part.engine.accepted(), &ev, partition, offset)?);
+                            outputs.push_usage(part.engine.accepted(), &ev, partition, offset)?;
                         }
                         Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {
