@@ -31,6 +31,7 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::{ChainState, DeltaPolicy};
 use crate::checkpoint::{config_hash, epoch_of, CheckpointStore};
 use crate::claim::seek;
 use crate::inflight::{InFlight, Names, Settled, Staged};
@@ -52,6 +53,10 @@ pub struct LoopConfig {
     pub errors: &'static str,
     /// Counter of partitions given up because another instance claimed them (fencing).
     pub fenced: &'static str,
+    /// When checkpoints are deltas instead of full states (services that write deltas).
+    pub deltas: DeltaPolicy,
+    /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
+    pub checkpoints: &'static str,
 }
 
 /// What a service plugs into [`run`]. Partition N of every input topic belongs to state N.
@@ -106,6 +111,22 @@ pub trait Partitioned {
     /// rows that must go with the checkpoint may be added to the buffers here.
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>>;
 
+    /// The change of the state of `partition` since its last checkpoint (full or delta, as
+    /// returned by [`Partitioned::snapshot`] or this), or `None` to have a full one taken
+    /// instead. Called only when the runtime knows that last checkpoint to be durable and the
+    /// [`DeltaPolicy`] allows a delta. The default: no deltas (a small state needs none).
+    fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
+        let _ = partition;
+        Ok(None)
+    }
+
+    /// Applies the deltas stored after the checkpoint [`Partitioned::restore`] just restored,
+    /// in order (the states of their envelopes).
+    fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
+        anyhow::ensure!(deltas.is_empty(), "partition {partition}: this service writes no checkpoint deltas, but {} are stored", deltas.len());
+        Ok(())
+    }
+
     /// Processes one record (always the next expected offset of its partition).
     fn handle(
         &mut self,
@@ -149,6 +170,8 @@ pub(crate) struct Held {
     pub config_hash: String,
     /// A record beyond the expected offset arrived: (expected offset, seeks issued, last seek).
     pub gap: Option<(i64, u32, Instant)>,
+    /// The partition's chain of base and deltas (see [`crate::chain`]).
+    pub chain: ChainState,
 }
 
 /// The protocol state around a service (see the module docs).
@@ -332,23 +355,35 @@ impl Driver<'_> {
     fn stage<S: Partitioned>(&mut self, svc: &mut S) -> Vec<Staged> {
         let topics = svc.topics();
         let mut staged = Vec::new();
-        for (&p, h) in &self.held {
+        for (&p, h) in &mut self.held {
             let started = Instant::now();
             let positions: BTreeMap<String, i64> =
                 topics.iter().map(|t| (t.clone(), svc.position(t, p).unwrap_or(0))).collect();
             if positions == h.checkpointed && config_hash(&svc.config_text(p)) == h.config_hash {
                 continue;
             }
-            let state = match svc.snapshot(p) {
+            let mut delta = h.chain.next_delta(&self.cfg.deltas);
+            let state = match delta.map(|_| svc.snapshot_delta(p)).transpose() {
+                Ok(Some(Some(d))) => Ok(d),
+                Ok(_) => {
+                    delta = None;
+                    svc.snapshot(p)
+                }
+                Err(e) => Err(e),
+            };
+            let state = match state {
                 Ok(s) => s,
                 Err(e) => {
                     // Skipping would silently grow the replay: say it loudly.
                     tracing::error!(error = %e, partition = p, "cannot snapshot state; not checkpointing it");
                     counter!(self.cfg.errors, "sink" => "checkpoint").increment(1);
+                    // The state's delta mark may have moved: the next checkpoint is a base.
+                    h.chain.staging(u64::MAX);
                     continue;
                 }
             };
             let envelope = Self::envelope(svc, p, &positions, &h.partition_counts, state);
+            h.chain.staging(h.version + 1);
             staged.push(Staged {
                 partition: p,
                 key: Self::key(svc, p),
@@ -357,6 +392,7 @@ impl Driver<'_> {
                 offsets: positions,
                 base_version: h.version,
                 snapshot_secs: started.elapsed().as_secs_f64(),
+                delta,
             });
         }
         staged
@@ -409,6 +445,8 @@ impl Driver<'_> {
         for s in settled.saved {
             let Some(h) = self.held.get_mut(&s.partition).filter(|h| h.version == s.base_version) else { continue };
             commits.extend(s.offsets.iter().map(|(t, o)| (t.clone(), s.partition, *o)));
+            h.chain.saved(s.version, s.envelope.state.len(), s.delta);
+            counter!(self.cfg.checkpoints, "kind" => if s.delta.is_some() { "delta" } else { "full" }).increment(1);
             h.version = s.version;
             h.checkpointed = s.offsets;
             h.config_hash = s.envelope.meta.config_hash;

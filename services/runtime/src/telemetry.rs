@@ -30,6 +30,8 @@ pub struct RuntimeMetrics {
     pub flush_errors: &'static str,
     /// Counter of partitions given up because another instance claimed them (fencing).
     pub fenced: &'static str,
+    /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
+    pub checkpoints: &'static str,
 }
 
 impl RuntimeMetrics {
@@ -44,6 +46,7 @@ impl RuntimeMetrics {
         describe_histogram!(self.checkpoint_seconds, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
         describe_counter!(self.fenced, "Partitions given up because another instance claimed them in a newer epoch.");
         describe_counter!(self.flush_errors, "Failed flush attempts by sink (retried).");
+        describe_counter!(self.checkpoints, "Checkpoints saved, by kind: full (a base) or delta (the change since the previous one).");
         counter!(self.fenced).increment(0);
         let _ = histogram!(self.checkpoint_seconds);
     }
