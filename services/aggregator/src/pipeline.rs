@@ -114,6 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         fenced: m::RUNTIME.fenced,
         deltas: agg.config.delta_policy(),
         checkpoints: m::RUNTIME.checkpoints,
+        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }

@@ -126,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         // The rater's state is small: every checkpoint is a full one.
         deltas: meterflow_runtime::chain::DeltaPolicy::default(),
         checkpoints: m::RUNTIME.checkpoints,
+        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }

@@ -47,7 +47,8 @@ pub struct LoopConfig {
     pub max_buffered_rows: usize,
     /// The same bound in (estimated) bytes of buffered output.
     pub max_buffered_bytes: usize,
-    /// Histogram of checkpoint time: snapshot plus fencing check and save.
+    /// Histogram of checkpoint time (snapshot plus fencing check and save) per batch,
+    /// labelled by `kind`: `full` if any partition wrote a base, else `delta`.
     pub checkpoint_seconds: &'static str,
     /// Counter of failed attempts, labelled by `sink`.
     pub errors: &'static str,
@@ -57,6 +58,8 @@ pub struct LoopConfig {
     pub deltas: DeltaPolicy,
     /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
     pub checkpoints: &'static str,
+    /// Counter of the state bytes of those checkpoints, labelled by `kind`.
+    pub checkpoint_bytes: &'static str,
 }
 
 /// What a service plugs into [`run`]. Partition N of every input topic belongs to state N.
@@ -442,11 +445,18 @@ impl Driver<'_> {
         }
         let mut commits = Vec::new();
         let mut secs = None;
+        // A batch is a "full" checkpoint if any of its partitions wrote a base.
+        let mut kind = "delta";
         for s in settled.saved {
             let Some(h) = self.held.get_mut(&s.partition).filter(|h| h.version == s.base_version) else { continue };
             commits.extend(s.offsets.iter().map(|(t, o)| (t.clone(), s.partition, *o)));
-            h.chain.saved(s.version, s.envelope.state.len(), s.delta);
-            counter!(self.cfg.checkpoints, "kind" => if s.delta.is_some() { "delta" } else { "full" }).increment(1);
+            let (bytes, k) = (s.envelope.state.len(), if s.delta.is_some() { "delta" } else { "full" });
+            h.chain.saved(s.version, bytes, s.delta);
+            counter!(self.cfg.checkpoints, "kind" => k).increment(1);
+            counter!(self.cfg.checkpoint_bytes, "kind" => k).increment(bytes as u64);
+            if s.delta.is_none() {
+                kind = "full";
+            }
             h.version = s.version;
             h.checkpointed = s.offsets;
             h.config_hash = s.envelope.meta.config_hash;
@@ -454,7 +464,7 @@ impl Driver<'_> {
         }
         kafka::commit(self.consumer, &commits);
         if let Some(secs) = secs {
-            histogram!(self.cfg.checkpoint_seconds).record(secs);
+            histogram!(self.cfg.checkpoint_seconds, "kind" => kind).record(secs);
         }
     }
 
