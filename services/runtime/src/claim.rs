@@ -11,6 +11,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::{contiguous, ChainState, StoredDelta};
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
 use crate::kafka::{Ownership, RebalanceLog};
 use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE, KAFKA_TIMEOUT};
@@ -111,6 +112,25 @@ impl Driver<'_> {
             ),
             None => None,
         };
+        let deltas = match (&loaded, &envelope) {
+            (Some(cp), Some(env)) if env.meta.operator.is_none() => {
+                let Some(rows) = until_ok(
+                    "load checkpoint deltas",
+                    &Backoff::default(),
+                    shutdown,
+                    |_| counter!(errors, "sink" => "checkpoint").increment(1),
+                    || self.store.load_deltas(&key, cp.version),
+                )
+                .await
+                else {
+                    return Ok(false);
+                };
+                contiguous(cp.version, rows).with_context(|| format!("{} partition {p}: refusing to start", key.topic))?
+            }
+            _ => Vec::new(),
+        };
+        let (loaded, envelope, delta_states) = chain_head(loaded, envelope, deltas)
+            .with_context(|| format!("checkpoint deltas of {} partition {p}", key.topic))?;
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
         // Broker errors (a restart, an election) are retried; only a real disagreement refuses.
         let mut backoff = Backoff::default().min;
@@ -141,6 +161,13 @@ impl Driver<'_> {
         };
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
+        if !delta_states.is_empty() {
+            let refs: Vec<&[u8]> = delta_states.iter().map(Vec::as_slice).collect();
+            if let Err(e) = svc.apply_deltas(p, &refs) {
+                svc.release(p);
+                return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
+            }
+        }
         if operator.is_none() {
             // ClickHouse errors (an outage) are retried; only a real disagreement refuses.
             let mut backoff = Backoff::default().min;
@@ -190,7 +217,9 @@ impl Driver<'_> {
         let state = svc.snapshot(p)?;
         let envelope = Self::envelope(svc, p, &positions, &counts, state);
         let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let items = [(key.clone(), Checkpoint { version, next_offset, state: envelope.encode() })];
+        let state = envelope.encode();
+        let base_bytes = state.len();
+        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
         let saved = until_ok(
             "write claim checkpoint",
             &Backoff::default(),
@@ -207,13 +236,15 @@ impl Driver<'_> {
             epoch = epoch_of(version),
             offsets = ?positions,
             restored = loaded.is_some(),
+            deltas = delta_states.len(),
             "partition claimed"
         );
         for (t, o) in &positions {
             seek(self.consumer, t, p, *o);
         }
         let hash = config_hash(&svc.config_text(p));
-        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None });
+        let chain = ChainState::based(version, base_bytes);
+        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
         Ok(true)
     }
 
@@ -342,3 +373,34 @@ pub(crate) fn seek(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32,
     }
 }
 
+
+/// What a claim continues from: the checkpoint and envelope it describes, the deltas' states.
+type Head = (Option<Checkpoint>, Option<Envelope>, Vec<Vec<u8>>);
+
+/// The newest base and its deltas as what the claim continues from: the last delta's version,
+/// offsets and meta (they describe the state after it), the base's state, and the deltas'
+/// states in order. Every delta must have been written under the base's configuration (a
+/// switch writes a base).
+fn chain_head(
+    loaded: Option<Checkpoint>,
+    envelope: Option<Envelope>,
+    deltas: Vec<StoredDelta>,
+) -> anyhow::Result<Head> {
+    let (Some(mut cp), Some(mut env)) = (loaded, envelope) else {
+        return Ok((None, None, Vec::new()));
+    };
+    let mut states = Vec::with_capacity(deltas.len());
+    for d in deltas {
+        let de = Envelope::decode(&d.checkpoint.state).with_context(|| format!("delta version {}", d.checkpoint.version))?;
+        anyhow::ensure!(
+            de.meta.config_hash == env.meta.config_hash && de.meta.operator.is_none(),
+            "delta version {} was written under another configuration than its base {}",
+            d.checkpoint.version,
+            d.link.base_version
+        );
+        cp = Checkpoint { version: d.checkpoint.version, next_offset: d.checkpoint.next_offset, state: Vec::new() };
+        env.meta = de.meta;
+        states.push(de.state);
+    }
+    Ok((Some(cp), Some(env), states))
+}
