@@ -25,11 +25,10 @@ use meterflow_core::rating::pending::PendingBook;
 use meterflow_core::rating::Alert;
 use meterflow_core::records::{AlertRecord, AvroRecord, MeterAggregate, ProvisionalTotal};
 use meterflow_runtime::args::{KafkaArgs, TopicArgs};
+use meterflow_runtime::record::{AsRecord as _, Record};
 use meterflow_runtime::tail::{self, Start};
 use metrics::{counter, gauge, histogram};
-use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -144,7 +143,7 @@ pub async fn run(p: Publishing, desk: SharedDesk, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = tail.consumer.recv() => match msg {
-                Ok(msg) => on_message(&p.record_key, &desk, &msg),
+                Ok(msg) => on_message(&p.record_key, &desk, &msg.record()),
                 Err(e) => {
                     tracing::warn!(error = %e, "provisional topic");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -158,9 +157,9 @@ pub async fn run(p: Publishing, desk: SharedDesk, shutdown: CancellationToken) {
     }
 }
 
-fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &BorrowedMessage<'_>) {
-    let payload = msg.payload().unwrap_or_default();
-    let tag = msg.headers().and_then(|h| h.iter().find(|h| h.key == auth::HEADER)).and_then(|h| h.value);
+fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &Record<'_>) {
+    let payload = msg.payload;
+    let tag = msg.header(auth::HEADER);
     if !tag.is_some_and(|t| auth::verify(key, &[auth::PURPOSE_PROVISIONAL, payload], t)) {
         counter!(m::PROVISIONAL_IN, "outcome" => "unauthenticated").increment(1);
         return;

@@ -3,20 +3,19 @@
 //! to it (see the module docs of [`crate::partitioned`] and `docs/operations.md`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics::counter;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
-use crate::kafka::{Ownership, RebalanceLog};
-use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE, KAFKA_TIMEOUT};
+use crate::kafka::Ownership;
+use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE};
 use crate::retry::{until_ok, Backoff};
+use crate::source::Source;
+use crate::store::CheckpointStorage;
 
-impl Driver<'_> {
+impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     pub(crate) fn key<S: Partitioned>(svc: &S, partition: i32) -> CheckpointKey {
         CheckpointKey {
             service: svc.service().to_owned(),
@@ -32,15 +31,11 @@ impl Driver<'_> {
     pub(crate) async fn apply<S: Partitioned>(&mut self, svc: &mut S, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let due: Vec<i32> =
             self.fenced.iter().filter(|(_, at)| at.elapsed() >= FENCED_RETAKE).map(|(p, _)| *p).collect();
-        if (!due.is_empty() || self.rebalances.pending()) && !self.settle_inflight(svc, shutdown).await {
+        if (!due.is_empty() || self.source.rebalance_pending()) && !self.settle_inflight(svc, shutdown).await {
             return Ok(()); // shutdown
         }
         if !due.is_empty() {
-            let assigned: BTreeSet<i32> = self
-                .consumer
-                .assignment()
-                .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
-                .unwrap_or_default();
+            let assigned = self.source.assignment().unwrap_or_default();
             for p in due {
                 self.fenced.remove(&p);
                 if assigned.contains(&p) && !self.held.contains_key(&p) {
@@ -51,7 +46,7 @@ impl Driver<'_> {
                 }
             }
         }
-        for change in self.rebalances.drain() {
+        for change in self.source.drain_rebalances() {
             match change {
                 Ownership::Revoked(list) => {
                     let parts: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
@@ -74,11 +69,7 @@ impl Driver<'_> {
                     }
                     // Partitions were paused when assigned (kafka::RebalanceLog) so that nothing
                     // is fetched from a committed offset the checkpoint may disagree with.
-                    let mut tpl = TopicPartitionList::new();
-                    for (t, p) in &list {
-                        tpl.add_partition(t, *p);
-                    }
-                    if let Err(e) = self.consumer.resume(&tpl) {
+                    if let Err(e) = self.source.resume(&list) {
                         tracing::warn!(error = %e, "resuming assigned partitions failed");
                     }
                 }
@@ -118,7 +109,8 @@ impl Driver<'_> {
             let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
                 let mut counts = BTreeMap::new();
                 for t in &topics {
-                    counts.insert(t.clone(), partition_count(self.consumer, t)?);
+                    let count = self.source.partition_count(t).with_context(|| format!("fetching metadata of {t}"))?;
+                    counts.insert(t.clone(), count);
                 }
                 if operator.is_none() {
                     self.check_offsets(&key, &topics, &counts, loaded.as_ref(), envelope.as_ref())?;
@@ -127,7 +119,8 @@ impl Driver<'_> {
             })();
             match checked {
                 Ok(counts) => break counts,
-                Err(e) if e.chain().any(|c| c.is::<rdkafka::error::KafkaError>()) => {
+                // The source's own errors (a broker unreachable); a disagreement is an ensure!.
+                Err(e) if e.chain().any(|c| c.is::<crate::Error>()) => {
                     counter!(errors, "sink" => "kafka").increment(1);
                     tracing::warn!(error = %format!("{e:#}"), partition = p, "reading the topic's offsets failed; retrying");
                     tokio::select! {
@@ -210,7 +203,7 @@ impl Driver<'_> {
             "partition claimed"
         );
         for (t, o) in &positions {
-            seek(self.consumer, t, p, *o);
+            self.source.seek(t, p, *o);
         }
         let hash = config_hash(&svc.config_text(p));
         self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None });
@@ -230,11 +223,12 @@ impl Driver<'_> {
         let p = key.partition;
         let hint = "refusing to start; decide with `meterflow-admin checkpoint` (see docs/operations.md)";
         for t in topics {
-            let committed = committed_offset(self.consumer, t, p)?;
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(t, p, KAFKA_TIMEOUT)
-                .with_context(|| format!("fetching the offsets of {t} partition {p}"))?;
+            let committed = self
+                .source
+                .committed(t, p)
+                .with_context(|| format!("fetching the committed offset of {t} partition {p}"))?;
+            let (low, high) =
+                self.source.watermarks(t, p).with_context(|| format!("fetching the offsets of {t} partition {p}"))?;
             match (loaded, envelope) {
                 (Some(cp), Some(env)) => {
                     let at = env.meta.offsets.get(t).copied().or((t == &key.topic).then_some(cp.next_offset)).unwrap_or(0);
@@ -298,47 +292,3 @@ impl Driver<'_> {
         }
     }
 }
-
-/// Number of partitions of `topic`, from the broker's metadata.
-fn partition_count(consumer: &StreamConsumer<RebalanceLog>, topic: &str) -> anyhow::Result<i32> {
-    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), KAFKA_TIMEOUT))
-        .with_context(|| format!("fetching metadata of {topic}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .with_context(|| format!("topic {topic} is not in the broker's metadata"))?;
-    Ok(t.partitions().len() as i32)
-}
-
-/// The group's committed offset of `topic`/`p`, if any.
-fn committed_offset(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32) -> anyhow::Result<Option<i64>> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, p);
-    let got = tokio::task::block_in_place(|| consumer.committed_offsets(tpl, KAFKA_TIMEOUT))
-        .with_context(|| format!("fetching the committed offset of {topic} partition {p}"))?;
-    Ok(got.elements().first().and_then(|e| match e.offset() {
-        Offset::Offset(o) if o >= 0 => Some(o),
-        _ => None,
-    }))
-}
-
-/// Seeks `topic`/`p` to `offset`, retrying while librdkafka has not started the partition yet.
-/// Bounded (at most ~2 s, it runs on the loop's thread): if it fails, the contiguity check in
-/// `dispatch` seeks again when a record arrives at the wrong offset.
-pub(crate) fn seek(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32, offset: i64) {
-    for attempt in 0..5 {
-        match tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_millis(300))) {
-            Ok(()) => return,
-            Err(e) => {
-                if attempt == 4 {
-                    // The contiguity check in `dispatch` still protects the state; it seeks again.
-                    tracing::warn!(error = %e, topic, partition = p, offset, "seek failed");
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
-}
-

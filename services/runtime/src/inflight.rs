@@ -19,8 +19,9 @@ use metrics::counter;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore, Envelope};
+use crate::checkpoint::{Checkpoint, CheckpointKey, Envelope};
 use crate::retry::{until_ok, Backoff};
+use crate::store::CheckpointStorage;
 
 /// A checkpoint waiting for its batch to be written.
 #[derive(Debug, Clone)]
@@ -79,9 +80,10 @@ impl Drop for InFlight {
 
 impl InFlight {
     /// Spawns `write`, then the fencing check and the save of `staged`.
-    pub fn spawn<F>(write: F, staged: Vec<Staged>, store: CheckpointStore, stop: CancellationToken, names: Names) -> Self
+    pub fn spawn<F, St>(write: F, staged: Vec<Staged>, store: St, stop: CancellationToken, names: Names) -> Self
     where
         F: Future<Output = bool> + Send + 'static,
+        St: CheckpointStorage,
     {
         let handle = tokio::spawn(async move {
             if !write.await {
@@ -117,7 +119,7 @@ impl InFlight {
 
 /// Fencing check, then the checkpoints of every partition nobody else claimed meanwhile.
 /// `None` if `stop` fired first.
-async fn save(staged: Vec<Staged>, store: &CheckpointStore, stop: &CancellationToken, names: Names) -> Option<Settled> {
+async fn save<St: CheckpointStorage>(staged: Vec<Staged>, store: &St, stop: &CancellationToken, names: Names) -> Option<Settled> {
     let errors = names.errors;
     let started = Instant::now();
     let key0 = staged[0].key.clone();
