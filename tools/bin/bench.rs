@@ -254,7 +254,13 @@ fn main() -> std::process::ExitCode {
     // would otherwise differ: a later run on the same usage topic would dead-letter an
     // earlier run's idle ticks as `unauthenticated`, and its totals would never be exact.)
     std::env::set_var("METERFLOW_RECORD_KEY", format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meterflow-bench: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let pids = Pids { clickhouse: stack.pid("clickhouse"), broker: stack.pid("broker") };
     let result = runtime.block_on(run(&args, pids, &mut report));
     drop(runtime);

@@ -14,7 +14,7 @@
 //! balance, limit crossings) are `meterflow_core::rating::{pending, balance}`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use meterflow_core::auth::{self, RecordKey};
@@ -150,7 +150,7 @@ pub async fn run(p: Publishing, desk: SharedDesk, shutdown: CancellationToken) {
                 }
             },
             _ = tick.tick() => {
-                let (balances, alerts) = desk.lock().expect("desk lock").take_changes(&p.catalog, wall_ms());
+                let (balances, alerts) = desk.lock().unwrap_or_else(PoisonError::into_inner).take_changes(&p.catalog, wall_ms());
                 publish(&p, balances, alerts).await;
             }
         }
@@ -168,7 +168,7 @@ fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &Record<'_>) {
         Ok(p) => {
             counter!(m::PROVISIONAL_IN, "outcome" => "accepted").increment(1);
             histogram!(m::PROVISIONAL_LAG).record((wall_ms() - p.published_at).max(0) as f64 / 1000.0);
-            desk.lock().expect("desk lock").on_provisional(&p);
+            desk.lock().unwrap_or_else(PoisonError::into_inner).on_provisional(&p);
         }
         Err(_) => counter!(m::PROVISIONAL_IN, "outcome" => "undecodable").increment(1),
     }
@@ -182,7 +182,14 @@ async fn publish(p: &Publishing, balances: Vec<Balance>, alerts: Vec<Alert>) {
     }
     let mut deliveries = Vec::with_capacity(balances.len() + alerts.len());
     for b in &balances {
-        let json = serde_json::to_vec(b).expect("a balance serializes");
+        let json = match serde_json::to_vec(b) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(error = %e, tenant = %b.tenant, "balance not published");
+                counter!(m::BALANCES, "outcome" => "dropped").increment(1);
+                continue;
+            }
+        };
         let rec = FutureRecord::to(&p.topics.balances_topic).key(b.tenant.as_bytes()).payload(&json);
         match p.producer.send_result(rec) {
             Ok(d) => deliveries.push(d),
@@ -276,7 +283,7 @@ impl SealedFeed {
         if self.settled.is_empty() && self.tenants.is_empty() {
             return;
         }
-        let mut d = desk.lock().expect("desk lock");
+        let mut d = desk.lock().unwrap_or_else(PoisonError::into_inner);
         for agg in &self.settled {
             d.on_settled(agg);
         }

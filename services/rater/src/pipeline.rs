@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -349,7 +349,7 @@ impl Partitioned for Rater {
         // Its tenants' balances are published from the restored state on the next flush.
         self.desk_feed.touched.extend(part.rating().tenants().cloned());
         self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
-        self.desk.lock().expect("desk lock").own(partition, partitions);
+        self.desk.lock().unwrap_or_else(PoisonError::into_inner).own(partition, partitions);
         self.held.insert(partition, HeldPartition { part, catalog, catalog_text, switch, partitions });
         Ok(())
     }
@@ -383,7 +383,7 @@ impl Partitioned for Rater {
 
     fn release(&mut self, partition: i32) {
         self.held.remove(&partition);
-        self.desk.lock().expect("desk lock").disown(partition);
+        self.desk.lock().unwrap_or_else(PoisonError::into_inner).disown(partition);
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
