@@ -31,7 +31,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     pub(crate) async fn apply<S: Partitioned>(&mut self, svc: &mut S, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let due: Vec<i32> =
             self.fenced.iter().filter(|(_, at)| at.elapsed() >= FENCED_RETAKE).map(|(p, _)| *p).collect();
-        if (!due.is_empty() || self.source.rebalance_pending()) && !self.settle_inflight(svc, shutdown).await {
+        if (!due.is_empty() || self.source.rebalance_pending()) && !self.settle_inflight(svc, shutdown).await? {
             return Ok(()); // shutdown
         }
         if !due.is_empty() {

@@ -58,6 +58,9 @@ pub(crate) struct Settled {
     pub fenced: Vec<(Staged, u64)>,
     /// Seconds of the fencing check and the save (after the batch was written).
     pub save_secs: f64,
+    /// The writer failed (a panic: a bug). Its rows are lost from memory, so nothing after
+    /// them may be checkpointed: the loop stops, and a restart re-derives them.
+    pub failed: Option<String>,
 }
 
 /// Metric names the writer reports under.
@@ -107,12 +110,7 @@ impl InFlight {
     pub async fn wait(&mut self) -> Settled {
         match (&mut self.handle).await {
             Ok(s) => s,
-            Err(e) => {
-                // A panic in a writer is a bug; treat the batch as not written so nothing is
-                // checkpointed past it.
-                tracing::error!(error = %e, "output writer failed");
-                Settled::default()
-            }
+            Err(e) => Settled { failed: Some(e.to_string()), ..Settled::default() },
         }
     }
 }
@@ -149,5 +147,5 @@ async fn save<St: CheckpointStorage>(staged: Vec<Staged>, store: &St, stop: &Can
         )
         .await?;
     }
-    Some(Settled { written: true, saved: keep, fenced, save_secs: started.elapsed().as_secs_f64() })
+    Some(Settled { written: true, saved: keep, fenced, save_secs: started.elapsed().as_secs_f64(), failed: None })
 }

@@ -206,7 +206,7 @@ pub async fn run<S: Partitioned, Src: Source, St: CheckpointStorage>(
             _ = shutdown.cancelled() => break,
             settled = wait(&mut d.inflight) => {
                 d.inflight = None;
-                d.settle(svc, settled);
+                d.settle(svc, settled)?;
                 d.start_write(svc);
             }
             _ = timer.tick() => {
@@ -238,14 +238,17 @@ pub async fn run<S: Partitioned, Src: Source, St: CheckpointStorage>(
     // Graceful stop: write what we hold so a successor re-reads nothing.
     let drained = tokio::time::timeout(DRAIN, async {
         let never = CancellationToken::new();
-        if d.settle_inflight(svc, &never).await {
+        if d.settle_inflight(svc, &never).await? {
             d.write(svc, true);
-            d.settle_inflight(svc, &never).await;
+            d.settle_inflight(svc, &never).await?;
         }
+        anyhow::Ok(())
     })
     .await;
-    if drained.is_err() {
-        tracing::warn!("final write did not finish in {DRAIN:?}; a restart replays from the last checkpoint");
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "final write failed; a restart replays from the last checkpoint"),
+        Err(_) => tracing::warn!("final write did not finish in {DRAIN:?}; a restart replays from the last checkpoint"),
     }
     d.write_stop.cancel();
     Ok(())
@@ -270,7 +273,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         match msg {
             Ok(msg) => {
                 self.dispatch_record(svc, &msg.record(), shutdown).await?;
-                if svc.wants_checkpoint() && self.settle_inflight(svc, shutdown).await {
+                if svc.wants_checkpoint() && self.settle_inflight(svc, shutdown).await? {
                     self.write(svc, true);
                 }
             }
@@ -361,16 +364,20 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
 
     /// Waits for the batch in flight, if any, and applies its outcome. False if `shutdown`
     /// came first (the batch stays in flight).
-    pub(crate) async fn settle_inflight<S: Partitioned>(&mut self, svc: &mut S, shutdown: &CancellationToken) -> bool {
-        let Some(mut f) = self.inflight.take() else { return true };
+    pub(crate) async fn settle_inflight<S: Partitioned>(
+        &mut self,
+        svc: &mut S,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let Some(mut f) = self.inflight.take() else { return Ok(true) };
         tokio::select! {
             settled = f.wait() => {
-                self.settle(svc, settled);
-                true
+                self.settle(svc, settled)?;
+                Ok(true)
             }
             _ = shutdown.cancelled() => {
                 self.inflight = Some(f);
-                false
+                Ok(false)
             }
         }
     }
@@ -378,9 +385,13 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     /// Applies a settled batch: partitions fenced meanwhile are given up, durable checkpoints
     /// become the partitions' positions and their offsets are committed. A partition released
     /// or claimed again since its snapshot (its version moved) is left alone.
-    fn settle<S: Partitioned>(&mut self, svc: &mut S, settled: Settled) {
+    /// A failed writer stops the loop (see [`Settled::failed`]).
+    fn settle<S: Partitioned>(&mut self, svc: &mut S, settled: Settled) -> anyhow::Result<()> {
+        if let Some(e) = settled.failed {
+            anyhow::bail!("output writer failed ({e}): stopping so that a restart re-derives its batch from the last checkpoint");
+        }
         if !settled.written {
-            return;
+            return Ok(());
         }
         svc.batch_written();
         for (s, stored) in settled.fenced {
@@ -415,6 +426,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         if let Some(secs) = secs {
             histogram!(self.cfg.checkpoint_seconds).record(secs);
         }
+        Ok(())
     }
 
     /// Hands `record` to the service if it is the next record of a held partition.

@@ -53,6 +53,8 @@ struct Sink {
     journal: Journal,
     down: Arc<AtomicU32>,
     attempts: Arc<AtomicU32>,
+    /// Writes that panic (a bug in a sink) before one succeeds.
+    panics: Arc<AtomicU32>,
 }
 
 struct Summer {
@@ -156,6 +158,9 @@ impl Partitioned for Summer {
                 let (sink, rows) = (sink.clone(), batch.clone());
                 async move {
                     sink.attempts.fetch_add(1, Ordering::SeqCst);
+                    if sink.panics.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                        panic!("injected sink bug");
+                    }
                     let down = sink.down.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
                     if down.is_ok() {
                         return Err("sink down");
@@ -245,8 +250,8 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// Every commit follows a checkpoint of the same offset, which follows the writes of every
-/// row of the records it covers: flush -> checkpoint -> commit.
-fn assert_protocol_order(events: &[Event]) {
+/// row of the records it covers: flush -> checkpoint -> commit. Returns the number of commits.
+fn protocol_order(events: &[Event]) -> usize {
     let mut commits = 0;
     for (i, e) in events.iter().enumerate() {
         let Event::Committed { partition, offset, .. } = e else { continue };
@@ -260,7 +265,11 @@ fn assert_protocol_order(events: &[Event]) {
             assert!(written, "checkpoint of {partition}@{offset} saved before the row of offset {o} was written");
         }
     }
-    assert!(commits > 0, "nothing was committed");
+    commits
+}
+
+fn assert_protocol_order(events: &[Event]) {
+    assert!(protocol_order(events) > 0, "nothing was committed");
 }
 
 #[tokio::test]
@@ -486,4 +495,28 @@ async fn records_deleted_before_they_were_processed_stop_the_loop() {
     assert!(err.contains("offsets 0..4 were deleted"), "{err}");
     assert_eq!(w.source.seeks(), vec![(TOPIC.to_owned(), 0, 0)], "refused at the first record, not after seeking");
     assert!(svc.seen.lock().unwrap().handled.is_empty(), "nothing skipped silently");
+}
+
+#[tokio::test]
+async fn a_writer_that_panics_stops_the_loop_before_anything_is_checkpointed_past_it() {
+    let w = World::new(1);
+    w.produce(0, 1..=40);
+    w.sink.panics.store(1, Ordering::SeqCst);
+    let mut svc = Summer::new(w.sink.clone());
+    w.source.assign(&[(TOPIC, 0)]);
+    let shutdown = CancellationToken::new();
+    let result = tokio::time::timeout(Duration::from_secs(10), run(&mut svc, &w.source, &w.store, &config(), &shutdown))
+        .await
+        .expect("the loop stops by itself");
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(err.contains("output writer failed"), "{err}");
+    assert_eq!(w.sink.panics.load(Ordering::SeqCst), 0, "the injected panic happened");
+    let events = w.journal.events();
+    protocol_order(&events);
+    // The rows of the panicked batch (the first one) were never written: no checkpoint and no
+    // commit may cover them, whatever was written after.
+    assert!(!w.written().contains(&(0, 0)), "the first batch was lost with the writer");
+    let beyond_claim = events.iter().any(|e| matches!(e, Event::Saved { next_offset, .. } if *next_offset > 0));
+    assert!(!beyond_claim, "checkpointed past lost rows: {events:?}");
+    assert_eq!(w.source.committed_offset(TOPIC, 0), None);
 }
