@@ -82,119 +82,22 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     /// Ok(false): shutdown came first.
     pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, p: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         let key = Self::key(svc, p);
-        let topics = svc.topics();
-        let errors = self.cfg.errors;
-        let Some(loaded) = until_ok(
-            "load checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.load(&key),
-        )
-        .await
-        else {
-            return Ok(false);
-        };
-        let envelope = match &loaded {
-            Some(cp) => Some(
-                Envelope::decode(&cp.state)
-                    .with_context(|| format!("checkpoint of {} partition {p} (version {})", key.topic, cp.version))?,
-            ),
-            None => None,
-        };
+        let Some((loaded, envelope)) = self.load(&key, shutdown).await? else { return Ok(false) };
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
-        // Broker errors (a restart, an election) are retried; only a real disagreement refuses.
-        let mut backoff = Backoff::default().min;
-        let counts = loop {
-            let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
-                let mut counts = BTreeMap::new();
-                for t in &topics {
-                    let count = self.source.partition_count(t).with_context(|| format!("fetching metadata of {t}"))?;
-                    counts.insert(t.clone(), count);
-                }
-                if operator.is_none() {
-                    self.check_offsets(&key, &topics, &counts, loaded.as_ref(), envelope.as_ref())?;
-                }
-                Ok(counts)
-            })();
-            match checked {
-                Ok(counts) => break counts,
-                // The source's own errors (a broker unreachable); a disagreement is an ensure!.
-                Err(e) if e.chain().any(|c| c.is::<crate::Error>()) => {
-                    counter!(errors, "sink" => "kafka").increment(1);
-                    tracing::warn!(error = %format!("{e:#}"), partition = p, "reading the topic's offsets failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return Ok(false),
-                    }
-                    backoff = (backoff * 2).min(Backoff::default().max);
-                }
-                Err(e) => return Err(e),
-            }
+        let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
+            return Ok(false);
         };
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
-        if operator.is_none() {
-            // ClickHouse errors (an outage) are retried; only a real disagreement refuses.
-            let mut backoff = Backoff::default().min;
-            let verified = loop {
-                match svc.verify(p, envelope.as_ref()).await {
-                    Err(e) if e.chain().any(|c| c.is::<::clickhouse::error::Error>()) => {
-                        counter!(errors, "sink" => "checkpoint").increment(1);
-                        tracing::warn!(error = %format!("{e:#}"), partition = p, "checking outputs failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.cancelled() => {
-                                svc.release(p);
-                                return Ok(false);
-                            }
-                        }
-                        backoff = (backoff * 2).min(Backoff::default().max);
-                    }
-                    other => break other,
-                }
-            };
-            if let Err(e) = verified {
-                svc.release(p);
-                return Err(e.context(format!(
-                    "{} partition {p}: checkpoint and outputs disagree; refusing to start. \
-                     Decide with `meterflow-admin checkpoint replay|reset --service {} --group {} --partition {p}` \
-                     (see docs/operations.md)",
-                    key.topic, key.service, key.consumer_group
-                )));
-            }
-        } else if let Some(op) = operator {
+        if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
-        }
-        // Claim: a checkpoint in a new epoch, above every stored one.
-        let stored = until_ok(
-            "read checkpoint versions",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.max_versions(&key.service, &key.consumer_group, &key.topic),
-        )
-        .await;
-        let Some(stored) = stored else { return Ok(false) };
-        let top = stored.get(&p).copied().unwrap_or(0).max(loaded.as_ref().map_or(0, |c| c.version));
-        let version = version_in(epoch_of(top) + 1, 0);
-        let positions: BTreeMap<String, i64> =
-            topics.iter().map(|t| (t.clone(), svc.position(t, p).unwrap_or(0))).collect();
-        let state = svc.snapshot(p)?;
-        let envelope = Self::envelope(svc, p, &positions, &counts, state);
-        let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let items = [(key.clone(), Checkpoint { version, next_offset, state: envelope.encode() })];
-        let saved = until_ok(
-            "write claim checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.save_all(&items),
-        )
-        .await;
-        if saved.is_none() {
+        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.errors, shutdown).await? {
             return Ok(false);
         }
+        let stored_version = loaded.as_ref().map_or(0, |c| c.version);
+        let Some((version, positions)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
+            return Ok(false);
+        };
         tracing::info!(
             partition = p,
             epoch = epoch_of(version),
@@ -208,6 +111,141 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         let hash = config_hash(&svc.config_text(p));
         self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None });
         Ok(true)
+    }
+
+    /// The newest checkpoint of `key` and its envelope; `None`: shutdown came first.
+    async fn load(
+        &self,
+        key: &CheckpointKey,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<(Option<Checkpoint>, Option<Envelope>)>> {
+        let errors = self.cfg.errors;
+        let Some(loaded) = until_ok(
+            "load checkpoint",
+            &Backoff::default(),
+            shutdown,
+            |_| counter!(errors, "sink" => "checkpoint").increment(1),
+            || self.store.load(key),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let envelope = match &loaded {
+            Some(cp) => Some(Envelope::decode(&cp.state).with_context(|| {
+                format!("checkpoint of {} partition {} (version {})", key.topic, key.partition, cp.version)
+            })?),
+            None => None,
+        };
+        Ok(Some((loaded, envelope)))
+    }
+
+    /// The input topics' partition counts, once the checkpoint agrees with the group's
+    /// offsets and the topics (unless an operator decided). Broker errors (a restart, an
+    /// election) are retried; only a real disagreement refuses. `None`: shutdown came first.
+    async fn checked_counts<S: Partitioned>(
+        &self,
+        svc: &S,
+        key: &CheckpointKey,
+        loaded: Option<&Checkpoint>,
+        envelope: Option<&Envelope>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<BTreeMap<String, i32>>> {
+        let topics = svc.topics();
+        let operator = envelope.and_then(|e| e.meta.operator.as_ref());
+        let mut retry = Retry::new(self.cfg.errors, "kafka");
+        loop {
+            let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
+                let mut counts = BTreeMap::new();
+                for t in &topics {
+                    let count = self.source.partition_count(t).with_context(|| format!("fetching metadata of {t}"))?;
+                    counts.insert(t.clone(), count);
+                }
+                if operator.is_none() {
+                    self.check_offsets(key, &topics, &counts, loaded, envelope)?;
+                }
+                Ok(counts)
+            })();
+            match checked {
+                Ok(counts) => return Ok(Some(counts)),
+                // The source's own errors (a broker unreachable); a disagreement is an ensure!.
+                Err(e) if e.chain().any(|c| c.is::<crate::Error>()) => {
+                    if !retry.wait(&e, key.partition, "reading the topic's offsets failed", shutdown).await {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The service's check of the restored state against its outputs. ClickHouse errors (an
+    /// outage) are retried; only a real disagreement refuses. False: shutdown came first.
+    /// Either way but success, the partition is released again.
+    async fn verified<S: Partitioned>(
+        svc: &mut S,
+        key: &CheckpointKey,
+        envelope: Option<&Envelope>,
+        errors: &'static str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let p = key.partition;
+        let mut retry = Retry::new(errors, "checkpoint");
+        loop {
+            match svc.verify(p, envelope).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.chain().any(|c| c.is::<::clickhouse::error::Error>()) => {
+                    if !retry.wait(&e, p, "checking outputs failed", shutdown).await {
+                        svc.release(p);
+                        return Ok(false);
+                    }
+                }
+                Err(e) => {
+                    svc.release(p);
+                    return Err(e.context(format!(
+                        "{} partition {p}: checkpoint and outputs disagree; refusing to start. \
+                         Decide with `meterflow-admin checkpoint replay|reset --service {} --group {} --partition {p}` \
+                         (see docs/operations.md)",
+                        key.topic, key.service, key.consumer_group
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Claims the restored partition: its state again as a checkpoint in a new epoch, above
+    /// every stored one (and `stored_version`). Its version and positions; `None`: shutdown.
+    async fn claim<S: Partitioned>(
+        &self,
+        svc: &mut S,
+        key: &CheckpointKey,
+        stored_version: u64,
+        counts: &BTreeMap<String, i32>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>)>> {
+        let (p, errors) = (key.partition, self.cfg.errors);
+        let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
+        let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
+            self.store.max_versions(&key.service, &key.consumer_group, &key.topic)
+        })
+        .await;
+        let Some(stored) = stored else { return Ok(None) };
+        let top = stored.get(&p).copied().unwrap_or(0).max(stored_version);
+        let version = version_in(epoch_of(top) + 1, 0);
+        let positions: BTreeMap<String, i64> = svc
+            .topics()
+            .into_iter()
+            .map(|t| {
+                let o = svc.position(&t, p).unwrap_or(0);
+                (t, o)
+            })
+            .collect();
+        let state = svc.snapshot(p)?;
+        let envelope = Self::envelope(svc, p, &positions, counts, state);
+        let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
+        let items = [(key.clone(), Checkpoint { version, next_offset, state: envelope.encode() })];
+        let saved = until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await;
+        Ok(saved.map(|()| (version, positions)))
     }
 
     /// The checks every service shares: the checkpoint against the group's committed offsets,
@@ -290,5 +328,31 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             },
             state,
         }
+    }
+}
+
+/// Waits between attempts of a check whose errors may be transient, with backoff, counting
+/// and logging each failure.
+struct Retry {
+    delay: std::time::Duration,
+    errors: &'static str,
+    sink: &'static str,
+}
+
+impl Retry {
+    fn new(errors: &'static str, sink: &'static str) -> Self {
+        Self { delay: Backoff::default().min, errors, sink }
+    }
+
+    /// False if `shutdown` came first.
+    async fn wait(&mut self, e: &anyhow::Error, partition: i32, what: &str, shutdown: &CancellationToken) -> bool {
+        counter!(self.errors, "sink" => self.sink).increment(1);
+        tracing::warn!(error = %format!("{e:#}"), partition, "{what}; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+        self.delay = (self.delay * 2).min(Backoff::default().max);
+        true
     }
 }
