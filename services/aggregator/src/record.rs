@@ -5,10 +5,9 @@ use meterflow_core::event::UsageEventRef;
 use meterflow_core::records::DeadLetter;
 use meterflow_core::{auth, RejectReason};
 use meterflow_runtime::kafka::CONTROL_HEADER;
+use meterflow_runtime::record::Record;
 use meterflow_runtime::retry::Backoff;
 use metrics::counter;
-use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -17,14 +16,12 @@ use crate::metrics as m;
 pub(crate) const TICK: &[u8] = b"tick";
 
 /// The `meterflow-auth` tag of a control record, if any.
-pub(crate) fn tick_tag<'a>(msg: &'a BorrowedMessage<'_>) -> Option<&'a [u8]> {
-    msg.headers()?.iter().find(|h| h.key == auth::HEADER).and_then(|h| h.value)
+pub(crate) fn tick_tag<'a>(record: &Record<'a>) -> Option<&'a [u8]> {
+    record.header(auth::HEADER)
 }
 
-pub(crate) fn is_tick(msg: &BorrowedMessage<'_>) -> bool {
-    msg.headers()
-        .map(|h| h.iter().any(|x| x.key == CONTROL_HEADER && x.value == Some(TICK)))
-        .unwrap_or(false)
+pub(crate) fn is_tick(record: &Record<'_>) -> bool {
+    record.header(CONTROL_HEADER) == Some(TICK)
 }
 
 /// Retries a synchronous engine call whose cold-store look-up failed (ClickHouse down): the

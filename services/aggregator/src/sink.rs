@@ -188,6 +188,7 @@ impl Sink {
     }
 }
 
+#[allow(clippy::expect_used, reason = "our own records match their own schemas: a failure is a bug, and crashing beats writing something else")]
 pub(crate) fn encode<R: AvroRecord>(r: &R) -> Vec<u8> {
     // Our own records always match their schemas; a failure here is a bug worth crashing on
     // rather than writing something else.
