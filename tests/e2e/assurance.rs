@@ -338,7 +338,7 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
         .await?;
     let checkpointed: Vec<(i32, i64)> = ch
         .query(
-            "SELECT partition, argMax(next_offset, version) FROM checkpoints \
+            "SELECT partition, argMax(next_offset, version) FROM checkpoint_positions \
              WHERE service = 'aggregator' AND topic = ? GROUP BY partition ORDER BY partition",
         )
         .bind(&env.topics().usage_topic)

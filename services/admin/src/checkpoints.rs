@@ -69,8 +69,8 @@ fn client(ch: &ClickHouseArgs) -> clickhouse::Client {
     meterflow_runtime::clickhouse::client(ch)
 }
 
-/// The newest checkpoint of every partition of `service`/`group`, with the group's committed
-/// offsets next to it.
+/// The newest checkpoint (the newest delta of the newest base's chain) of every partition of
+/// `service`/`group`, with the group's committed offsets next to it.
 pub async fn show(
     ch: &ClickHouseArgs,
     kafka: &KafkaArgs,
@@ -94,7 +94,23 @@ pub async fn show(
         .context("reading checkpoints")?;
     let consumer: BaseConsumer = meterflow_runtime::kafka::consumer_config(kafka, group)?.create()?;
     let mut out = Vec::new();
-    for r in rows {
+    for base in rows {
+        // The position is the newest delta of the base's chain, if it has any (docs/design.md).
+        let newest_delta: Option<Row> = client(ch)
+            .query(
+                "SELECT partition, version, next_offset, state, toString(written_at) AS written \
+                 FROM checkpoint_deltas WHERE service = ? AND consumer_group = ? AND topic = ? \
+                 AND partition = ? AND base_version = ? ORDER BY version DESC LIMIT 1",
+            )
+            .bind(service.name())
+            .bind(group)
+            .bind(&names[0])
+            .bind(base.partition)
+            .bind(base.version)
+            .fetch_optional()
+            .await
+            .context("reading checkpoint deltas")?;
+        let r = newest_delta.unwrap_or(base);
         let env = Envelope::decode(&r.state).with_context(|| format!("partition {}", r.partition))?;
         let mut committed = BTreeMap::new();
         for t in &names {

@@ -137,7 +137,7 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
             .clickhouse()
             .query(
                 "SELECT partition, intDiv(max(version), 4294967296) AS epoch, bitAnd(max(version), 4294967295) AS n \
-                 FROM checkpoints GROUP BY partition",
+                 FROM checkpoint_positions GROUP BY partition",
             )
             .fetch_all()
             .await?;
