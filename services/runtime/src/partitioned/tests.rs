@@ -45,6 +45,8 @@ struct Seen {
     restored: Vec<(i32, Sum)>,
     released: Vec<i32>,
     sums: BTreeMap<i32, Sum>,
+    /// Checkpoint deltas applied on restore.
+    applied: usize,
 }
 
 /// A sink that fails while `down` attempts remain, then journals what it writes.
@@ -62,11 +64,15 @@ struct Summer {
     buffer: Vec<(i32, i64)>,
     sink: Sink,
     seen: Arc<Mutex<Seen>>,
+    /// Writes checkpoint deltas (the change of the sum since the last checkpoint).
+    deltas: bool,
+    /// Each partition's state at its last checkpoint (what a delta is relative to).
+    marks: BTreeMap<i32, Sum>,
 }
 
 impl Summer {
     fn new(sink: Sink) -> Self {
-        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default() }
+        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default(), deltas: false, marks: BTreeMap::new() }
     }
 
     fn seen(&self) -> Arc<Mutex<Seen>> {
@@ -104,6 +110,7 @@ impl Partitioned for Summer {
             Resume::Operator { offsets, .. } => Sum { next: offsets.get(TOPIC).copied().unwrap_or(0), total: 0 },
         };
         self.parts.insert(partition, sum);
+        self.marks.insert(partition, sum);
         self.seen.lock().unwrap().restored.push((partition, sum));
         self.publish();
         Ok(())
@@ -124,7 +131,34 @@ impl Partitioned for Summer {
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
-        Ok(self.parts.get(&partition).context("not held")?.encode())
+        let sum = *self.parts.get(&partition).context("not held")?;
+        self.marks.insert(partition, sum);
+        Ok(sum.encode())
+    }
+
+    fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
+        if !self.deltas {
+            return Ok(None);
+        }
+        let sum = *self.parts.get(&partition).context("not held")?;
+        let mark = self.marks.insert(partition, sum).context("no checkpoint to be relative to")?;
+        Ok(Some(Sum { next: sum.next, total: sum.total - mark.total }.encode()))
+    }
+
+    fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
+        let sum = self.parts.get_mut(&partition).context("not held")?;
+        for d in deltas {
+            let d = Sum::decode(d)?;
+            anyhow::ensure!(d.next >= sum.next, "a delta behind the state");
+            *sum = Sum { next: d.next, total: sum.total + d.total };
+        }
+        self.marks.insert(partition, *sum);
+        let mut seen = self.seen.lock().unwrap();
+        seen.applied += deltas.len();
+        seen.restored.push((partition, *sum));
+        drop(seen);
+        self.publish();
+        Ok(())
     }
 
     async fn handle(&mut self, record: &Record<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -215,8 +249,11 @@ impl World {
 
     /// Runs `svc` on this world while `script` runs, then shuts the loop down.
     async fn drive(&self, svc: &mut Summer, script: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.drive_with(svc, config(), script).await
+    }
+
+    async fn drive_with(&self, svc: &mut Summer, cfg: LoopConfig, script: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
-        let cfg = config();
         let script = async {
             script.await;
             shutdown.cancel();
@@ -523,3 +560,5 @@ async fn a_writer_that_panics_stops_the_loop_before_anything_is_checkpointed_pas
     assert!(!beyond_claim, "checkpointed past lost rows: {events:?}");
     assert_eq!(w.source.committed_offset(TOPIC, 0), None);
 }
+
+mod deltas;
