@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").ok_or("cargo sets CARGO_MANIFEST_DIR")?);
     let dir = manifest.join("../../schemas/clickhouse");
     println!("cargo:rerun-if-changed={}", dir.display());
 
@@ -25,12 +25,12 @@ fn main() {
     let mut out = String::from("/// `(file name, contents)` of every migration, embedded at compile time.\n");
     out.push_str("pub static EMBEDDED: &[(&str, &str)] = &[\n");
     for (name, path) in &files {
-        writeln!(out, "    ({name:?}, include_str!({:?})),", path.display().to_string()).expect("write to String");
+        writeln!(out, "    ({name:?}, include_str!({:?})),", path.display().to_string())?;
     }
     out.push_str("];\n");
-    writeln!(out, "/// Where the embedded migrations came from.\npub static SOURCE_DIR: &str = {:?};", dir.display().to_string())
-        .expect("write to String");
+    writeln!(out, "/// Where the embedded migrations came from.\npub static SOURCE_DIR: &str = {:?};", dir.display().to_string())?;
 
-    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    std::fs::write(out_dir.join("embedded_migrations.rs"), out).expect("write embedded_migrations.rs");
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("cargo sets OUT_DIR")?);
+    std::fs::write(out_dir.join("embedded_migrations.rs"), out)?;
+    Ok(())
 }

@@ -13,6 +13,7 @@
 //!
 //! Fails (never skips) without `make up` or without the fastavro venv.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::collections::BTreeMap;
 use std::io::Write;

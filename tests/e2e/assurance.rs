@@ -7,6 +7,7 @@
 //!   breakage, announced on the alerts topic;
 //! * the leakage audit: clean data has no finding; a deleted usage row, a dropped charge and
 //!   a forged charge are each named.
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

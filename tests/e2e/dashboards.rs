@@ -183,18 +183,10 @@ impl Range {
     }
 }
 
+/// The UTC date (`YYYY-MM-DD`) of Unix seconds, as Grafana's `$__dateFilter` writes it.
 fn utc_date(unix_s: i64) -> String {
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = unix_s.div_euclid(86_400) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    let t = meterflow_core::time::format_rfc3339_s(unix_s * 1000);
+    t.get(..10).unwrap_or(&t).to_owned()
 }
 
 /// The argument list of a macro call whose `(` is at `open`; returns the args and the index

@@ -255,7 +255,13 @@ fn main() -> std::process::ExitCode {
     // would otherwise differ: a later run on the same usage topic would dead-letter an
     // earlier run's idle ticks as `unauthenticated`, and its totals would never be exact.)
     std::env::set_var("METERFLOW_RECORD_KEY", format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("meterflow-bench: cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let pids = Pids { clickhouse: stack.pid("clickhouse"), broker: stack.pid("broker") };
     let result = runtime.block_on(run(&args, pids, &mut report));
     drop(runtime);
@@ -270,10 +276,10 @@ fn main() -> std::process::ExitCode {
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
         .unwrap_or_default();
     let header = format!(
-        "Run of `meterflow-bench --events {}` started {} UTC on {} cores ({cpu}), {} GiB RAM; load average (1/5/15 min) {load_start} at start, {} at the end. \
+        "Run of `meterflow-bench --events {}` started {} on {} cores ({cpu}), {} GiB RAM; load average (1/5/15 min) {load_start} at start, {} at the end. \
          Private broker (nisshi, memory storage) and ClickHouse 18.16 on the same machine; the aggregator is the release binary.",
         args.events,
-        fmt_time(started_at),
+        meterflow_core::time::format_rfc3339_s(started_at),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         mem_gib(),
         loadavg()
@@ -292,22 +298,6 @@ fn main() -> std::process::ExitCode {
     } else {
         std::process::ExitCode::SUCCESS
     }
-}
-
-fn fmt_time(ms: i64) -> String {
-    let s = ms / 1000;
-    let (days, rem) = (s.div_euclid(86_400), s.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
 }
 
 fn mem_gib() -> u64 {

@@ -79,7 +79,7 @@ pub(super) async fn freshness(args: &Args, catalog: &Arc<MeterCatalog>, report: 
         let at = now_ms();
         sent.result.map_err(|e| anyhow::anyhow!("send failed: {e}"))?;
         let mut w = windows.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = w.get_mut(&sent.tag).expect("window registered at send");
+        let entry = w.get_mut(&sent.tag).context("ack of a window not registered at send")?;
         entry.events += 1;
         entry.last_ack_ms = entry.last_ack_ms.max(at);
         Ok(())
@@ -96,7 +96,7 @@ pub(super) async fn freshness(args: &Args, catalog: &Arc<MeterCatalog>, report: 
             workload.gen_events(&req, &id, now_ms(), &mut pending);
             pending.reverse();
         }
-        let mut ev = pending.pop().expect("a request has events");
+        let Some(mut ev) = pending.pop() else { continue };
         ev.event_time_ms = now_ms();
         let def = catalog.get(ev.meter).context("workload meter not in the catalog")?;
         let dims: BTreeMap<String, String> = ev

@@ -136,7 +136,13 @@ fn main() -> std::process::ExitCode {
     println!("private stack: {}", stack.describe());
     // Before any thread exists: TestEnv and the services read these.
     stack.export_env();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let result = runtime.block_on(run(&args, seed, &stack));
     drop(runtime);
     match result {

@@ -100,7 +100,7 @@ pub async fn traffic(api: &str, ch: &ClickHouseArgs, meters_file: &std::path::Pa
             let t = now - rng.random_range(0..20_000);
             let (model, region) = (models[rng.random_range(0..models.len())], regions[rng.random_range(0..regions.len())]);
             let (input, output) = (rng.random_range(50..4_000i64), rng.random_range(10..1_500i64));
-            let time = chrono_free_rfc3339(t);
+            let time = meterflow_core::time::format_rfc3339_ms(t);
             items.push(json!({"specversion": "1.0", "id": format!("{run}-{b}-{k}"), "source": "demo-chat", "type": "llm.completion",
                 "subject": tenant, "time": time,
                 "data": {"model": model, "region": region, "usage": {"input_tokens": input, "output_tokens": output}}}));
@@ -228,20 +228,4 @@ pub fn merge(gt: &mut GroundTruth, extra: GroundTruth) {
     gt.counters.sent += extra.counters.sent;
     gt.counters.unique_accepted += extra.counters.unique_accepted;
     gt.counters.duplicates += extra.counters.duplicates;
-}
-
-/// RFC 3339 (UTC, milliseconds) of Unix ms (days from civil, Howard Hinnant).
-fn chrono_free_rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms.rem_euclid(1000))
 }

@@ -8,6 +8,7 @@
 //! What needs only the files (mounts, ports, the cluster profile, Grafana provisioning) is
 //! deploy/check_compose.py; the dashboard SQL on ClickHouse is deploy/grafana/check_sql.py.
 //! `make check-compose` runs all three. No services needed.
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -16,12 +16,12 @@ use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::kafka::CONTROL_HEADER;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
+use meterflow_runtime::record::{Record, Timestamp};
 use meterflow_runtime::resume::Resume;
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Timestamp};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, usage_row, wall_ms, TICK};
+use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, wall_ms, TICK};
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 use crate::stored::Stored;
@@ -326,8 +326,8 @@ impl Partitioned for Aggregator {
         Ok(())
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        self.handle_record(msg, shutdown).await
+    async fn handle(&mut self, record: &Record<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.handle_record(record, shutdown).await
     }
 
     fn buffered_rows(&self) -> usize {
@@ -463,9 +463,9 @@ impl Aggregator {
         *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
     }
 
-    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let partition = msg.partition();
-        let offset = msg.offset();
+    async fn handle_record(&mut self, msg: &Record<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let partition = msg.partition;
+        let offset = msg.offset;
         // Split borrows: the engine is mutated while the stores read the pending outputs.
         let Self { partitions, outputs, writing, client, codec, config, warned_create_time, sink, counters, runtime, now, .. } = self;
         let writing = writing.as_deref();
@@ -475,7 +475,7 @@ impl Aggregator {
         if offset < part.engine.next_offset() {
             return Ok(()); // covered by the checkpoint
         }
-        let payload = msg.payload().unwrap_or_default();
+        let payload = msg.payload;
         if is_tick(msg) {
             let topic = config.service.conn.topics.usage_topic.as_bytes();
             let authentic = tick_tag(msg).is_some_and(|t| {
@@ -520,7 +520,7 @@ impl Aggregator {
                     let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
                     // Only the broker's clock bounds event time; a producer's CreateTime is
                     // trusted only on topics not created by meterflow-admin (warned at start).
-                    let record_ms = match msg.timestamp() {
+                    let record_ms = match msg.timestamp {
                         Timestamp::LogAppendTime(t) => Some(t),
                         Timestamp::CreateTime(t) => {
                             if !*warned_create_time {
@@ -543,7 +543,7 @@ impl Aggregator {
                             counters.accepted.increment(1);
                             // The raw row keeps dimensions sorted by key (in place: no copy).
                             ev.dimensions.sort_unstable();
-                            outputs.push_usage(usage_row(part.engine.accepted(), &ev, partition, offset)?);
+                            outputs.push_usage(part.engine.accepted(), &ev, partition, offset)?;
                         }
                         Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {

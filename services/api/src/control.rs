@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -43,7 +43,7 @@ pub struct Balances {
 
 impl Balances {
     pub fn get(&self, tenant: &str) -> Option<Arc<Balance>> {
-        self.map.read().expect("balances lock").get(tenant).cloned()
+        self.map.read().unwrap_or_else(PoisonError::into_inner).get(tenant).cloned()
     }
 
     /// Whether everything the topic held at start-up has been read.
@@ -52,7 +52,7 @@ impl Balances {
     }
 
     fn put(&self, b: Balance) {
-        let mut map = self.map.write().expect("balances lock");
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         // One tenant is one key, so its records arrive in order; the check guards against a
         // rebalanced rater publishing an older view.
         if map.get(&b.tenant).is_none_or(|old| old.updated_at <= b.updated_at) {
@@ -89,7 +89,7 @@ impl Balances {
                 },
                 _ = check.tick(), if !self.is_caught_up() => {
                     if caught_up(&tail) {
-                        tracing::info!(tenants = self.map.read().expect("balances lock").len(), "balances loaded");
+                        tracing::info!(tenants = self.map.read().unwrap_or_else(PoisonError::into_inner).len(), "balances loaded");
                         self.caught_up.store(true, Ordering::Release);
                     }
                 }

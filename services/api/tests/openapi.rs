@@ -3,6 +3,7 @@
 //! operation refuses a request without a key with a JSON 401. Needs no broker or ClickHouse
 //! (librdkafka connects lazily; no handler here gets past authentication).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::collections::BTreeSet;
 

@@ -77,6 +77,7 @@ impl RecordKey {
     }
 
     fn mac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        #[allow(clippy::expect_used, reason = "HMAC takes keys of any length: new_from_slice never fails for it")]
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         for p in parts {
             mac.update(&(p.len() as u64).to_le_bytes());

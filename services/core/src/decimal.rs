@@ -107,6 +107,7 @@ pub fn try_from_ch_i128(v: i128) -> Result<Decimal, Error> {
 ///
 /// # Panics
 /// On a stored value beyond `rust_decimal` (|value| >= 2^96 in its shortest form).
+#[allow(clippy::expect_used, reason = "documented above: for per-row values meterflow wrote, which always fit")]
 pub fn from_ch_i128(v: i128) -> Decimal {
     try_from_ch_i128(v).expect("a Decimal(38, 9) value meterflow wrote fits rust_decimal")
 }

@@ -9,7 +9,9 @@ pub mod avro_wire;
 pub mod checkpoint;
 pub mod codec;
 pub mod decimal;
+#[allow(clippy::expect_used, reason = "group invariants: a compaction merges at least two groups, a snapshot holds n + 1")]
 pub mod dedup;
+#[allow(clippy::expect_used, reason = "slab invariants: an index, a dirty or a closed list names a live slot")]
 pub mod engine;
 pub mod error;
 pub mod event;

@@ -471,6 +471,7 @@ impl Catalog {
                 continue;
             }
             let e = acc.entry(plan.currency.clone()).or_insert((0, String::new()));
+            #[allow(clippy::expect_used, reason = "catalog amounts have at most 9 fractional digits (validated on load)")]
             let fixed = decimal::to_ch_i128(&plan.minimum_commitment)
                 .expect("catalog amounts have at most 9 fractional digits (validated on load)");
             e.0 += fixed * i128::from(seg[1] - seg[0]);

@@ -57,6 +57,7 @@ impl Known {
     }
 }
 
+#[allow(clippy::expect_used, reason = "the schemas are compiled in and parsed by tests: a failure is a build defect")]
 fn load(text: &str) -> Known {
     // The texts are compiled in and covered by tests: failing here is a build defect.
     let schema = Schema::parse_str(text).expect("embedded Avro schema parses");

@@ -293,6 +293,7 @@ impl<'a> Iterator for Parts<'a> {
         self.rest = raw.rest;
         // Each part was copied from a `&str`, so this cannot fail; validating costs a few ns
         // and happens only on emission, eviction and snapshots, never per event.
+        #[allow(clippy::expect_used, reason = "each part was copied from a &str")]
         Some(std::str::from_utf8(part).expect("window key parts are UTF-8"))
     }
 }

@@ -4,6 +4,7 @@
 //! decode with our codec and records, and ours must decode with fastavro, which checks our
 //! header against its fingerprint. Fails, never skips, when the venv is missing.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

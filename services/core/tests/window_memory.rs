@@ -3,6 +3,7 @@
 //! cardinality flood), divided by the windows. The only test in its binary, so nothing else
 //! allocates meanwhile. Prints the figure (docs/design.md "Memory limits" quotes it) and fails if it
 //! grows past 512 bytes per window.
+#![allow(clippy::expect_used, reason = "an integration test: its helpers' expects are the test's assertions")]
 
 use std::sync::Arc;
 

@@ -267,10 +267,13 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
         .map(|m| m.name.as_str())
         .collect();
     let emitted_meters: Vec<&str> = cfg.meters.meters().iter().map(|m| m.name.as_str()).filter(|m| workload_meter(m)).collect();
-    let unknown_meter = (0..)
-        .map(|i| if i == 0 { "image_generations".to_string() } else { format!("image_generations_{i}") })
-        .find(|m| cfg.meters.get(m).is_none())
-        .expect("some name is free");
+    let mut unknown_meter = "image_generations".to_owned();
+    for i in 1.. {
+        if cfg.meters.get(&unknown_meter).is_none() {
+            break;
+        }
+        unknown_meter = format!("image_generations_{i}");
+    }
     let jitter_ms = cfg.jitter_ms();
     let (late_lo, late_hi) = cfg.late_bounds_ms();
     let horizon_ms = duration_ms(cfg.dedup_horizon);
@@ -344,12 +347,11 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
             let time = now - rng.random_range(0..=jitter_ms);
             let (key, payload) = malformed(what, &workload, tenant, meter, time, &cfg.source, producer, &mut rng);
             window.send(key, &payload, Tag::Rejected { reason: what.reason(), kind: what.kind() }).await;
-        } else if let Some(tenant) = (p_malformed..p_too_late)
+        } else if let Some((tenant, newest)) = (p_malformed..p_too_late)
             .contains(&r)
             .then(|| workload.pick_tenant(&mut rng))
-            .filter(|&t| tenant_max[t].is_some())
+            .and_then(|t| Some((t, tenant_max[t]?)))
         {
-            let newest = tenant_max[tenant].expect("filtered");
             let time = newest - horizon_ms - rng.random_range(3_600_000..86_400_000);
             let req = workload.request(tenant, &mut rng);
             let id = event_id_from(&mut rng);
@@ -370,7 +372,9 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
                 workload.gen_events(&req, &id, time, &mut scratch);
                 pending.extend(scratch.drain(..).map(|ev| (ev, late)));
             }
-            let (ev, late) = pending.pop_front().expect("a request has at least one event");
+            let Some((ev, late)) = pending.pop_front() else {
+                continue; // a request without events: draw again
+            };
             let tenant = ev.tenant;
             let payload = enc.encode(&ev, &workload, producer);
             let newest = tenant_max[tenant].get_or_insert(ev.event_time_ms);

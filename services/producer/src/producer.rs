@@ -323,6 +323,7 @@ impl<T> Future for InFlight<T> {
             Err(_canceled) => Err(SendError::Canceled),
         };
         Poll::Ready(Sent {
+            #[allow(clippy::expect_used, reason = "a future polled after it completed may panic (Future::poll)")]
             tag: this.tag.take().expect("InFlight polled after completion"),
             result,
             latency: this.enqueued.map(|t| t.elapsed()),

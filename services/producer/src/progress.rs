@@ -50,7 +50,7 @@ impl Reporter {
             } else {
                 "{spinner} [{elapsed_precise}] {human_pos} events ({per_sec}) {msg}"
             };
-            bar.set_style(ProgressStyle::with_template(template).expect("static template"));
+            bar.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
             bar
         });
         let now = Instant::now();

@@ -335,6 +335,7 @@ impl TruthBuilder {
     }
 
     /// A distinct valid event the broker acknowledged.
+    #[allow(clippy::expect_used, reason = "the workload draws its meters from this catalog")]
     pub(crate) fn accepted(&mut self, ev: &EventView<'_>, late: bool) {
         use std::fmt::Write as _;
         let def = self

@@ -14,7 +14,7 @@
 //! balance, limit crossings) are `meterflow_core::rating::{pending, balance}`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use meterflow_core::auth::{self, RecordKey};
@@ -25,11 +25,10 @@ use meterflow_core::rating::pending::PendingBook;
 use meterflow_core::rating::Alert;
 use meterflow_core::records::{AlertRecord, AvroRecord, MeterAggregate, ProvisionalTotal};
 use meterflow_runtime::args::{KafkaArgs, TopicArgs};
+use meterflow_runtime::record::{AsRecord as _, Record};
 use meterflow_runtime::tail::{self, Start};
 use metrics::{counter, gauge, histogram};
-use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -144,23 +143,23 @@ pub async fn run(p: Publishing, desk: SharedDesk, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             msg = tail.consumer.recv() => match msg {
-                Ok(msg) => on_message(&p.record_key, &desk, &msg),
+                Ok(msg) => on_message(&p.record_key, &desk, &msg.record()),
                 Err(e) => {
                     tracing::warn!(error = %e, "provisional topic");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },
             _ = tick.tick() => {
-                let (balances, alerts) = desk.lock().expect("desk lock").take_changes(&p.catalog, wall_ms());
+                let (balances, alerts) = desk.lock().unwrap_or_else(PoisonError::into_inner).take_changes(&p.catalog, wall_ms());
                 publish(&p, balances, alerts).await;
             }
         }
     }
 }
 
-fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &BorrowedMessage<'_>) {
-    let payload = msg.payload().unwrap_or_default();
-    let tag = msg.headers().and_then(|h| h.iter().find(|h| h.key == auth::HEADER)).and_then(|h| h.value);
+fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &Record<'_>) {
+    let payload = msg.payload;
+    let tag = msg.header(auth::HEADER);
     if !tag.is_some_and(|t| auth::verify(key, &[auth::PURPOSE_PROVISIONAL, payload], t)) {
         counter!(m::PROVISIONAL_IN, "outcome" => "unauthenticated").increment(1);
         return;
@@ -169,7 +168,7 @@ fn on_message(key: &RecordKey, desk: &SharedDesk, msg: &BorrowedMessage<'_>) {
         Ok(p) => {
             counter!(m::PROVISIONAL_IN, "outcome" => "accepted").increment(1);
             histogram!(m::PROVISIONAL_LAG).record((wall_ms() - p.published_at).max(0) as f64 / 1000.0);
-            desk.lock().expect("desk lock").on_provisional(&p);
+            desk.lock().unwrap_or_else(PoisonError::into_inner).on_provisional(&p);
         }
         Err(_) => counter!(m::PROVISIONAL_IN, "outcome" => "undecodable").increment(1),
     }
@@ -183,7 +182,14 @@ async fn publish(p: &Publishing, balances: Vec<Balance>, alerts: Vec<Alert>) {
     }
     let mut deliveries = Vec::with_capacity(balances.len() + alerts.len());
     for b in &balances {
-        let json = serde_json::to_vec(b).expect("a balance serializes");
+        let json = match serde_json::to_vec(b) {
+            Ok(json) => json,
+            Err(e) => {
+                tracing::error!(error = %e, tenant = %b.tenant, "balance not published");
+                counter!(m::BALANCES, "outcome" => "dropped").increment(1);
+                continue;
+            }
+        };
         let rec = FutureRecord::to(&p.topics.balances_topic).key(b.tenant.as_bytes()).payload(&json);
         match p.producer.send_result(rec) {
             Ok(d) => deliveries.push(d),
@@ -277,7 +283,7 @@ impl SealedFeed {
         if self.settled.is_empty() && self.tenants.is_empty() {
             return;
         }
-        let mut d = desk.lock().expect("desk lock");
+        let mut d = desk.lock().unwrap_or_else(PoisonError::into_inner);
         for agg in &self.settled {
             d.on_settled(agg);
         }

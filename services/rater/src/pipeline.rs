@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,10 +14,9 @@ use meterflow_core::rating::{Admission, RatingConfig, WalletConfig};
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
+use meterflow_runtime::record::Record;
 use meterflow_runtime::resume::Resume;
 use metrics::{counter, gauge};
-use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::Message;
 use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -206,23 +205,21 @@ impl Rater {
         }
     }
 
-    async fn handle_record(&mut self, msg: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-        let partition = msg.partition();
-        let offset = msg.offset();
-        let payload = msg.payload().unwrap_or_default();
+    async fn handle_record(&mut self, msg: &Record<'_>) -> anyhow::Result<()> {
+        let (partition, offset, payload) = (msg.partition, msg.offset, msg.payload);
         let Some(owned) = self.held.get_mut(&partition) else {
             return Ok(()); // not held (the loop only hands over records of held partitions)
         };
-        let step = if msg.topic() == self.config.service.conn.topics.wallet_topic {
+        let step = if msg.topic == self.config.service.conn.topics.wallet_topic {
             owned.part.on_adjustment(offset, payload)
         } else {
-            let broker_ms = msg.timestamp().to_millis();
+            let broker_ms = msg.timestamp.to_millis();
             let rec = AggregateRecord {
                 offset,
                 payload,
                 broker_ms,
-                tag: header(msg, auth::HEADER),
-                rerate_tag: header(msg, auth::RERATE_HEADER),
+                tag: msg.header(auth::HEADER),
+                rerate_tag: msg.header(auth::RERATE_HEADER),
             };
             let step = owned.part.on_aggregate(&owned.catalog, rec).with_context(|| format!("rating aggregate at offset {offset}"))?;
             if step.verdict != Verdict::Replayed {
@@ -356,7 +353,7 @@ impl Partitioned for Rater {
         // Its tenants' balances are published from the restored state on the next flush.
         self.desk_feed.touched.extend(part.rating().tenants().cloned());
         self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
-        self.desk.lock().expect("desk lock").own(partition, partitions);
+        self.desk.lock().unwrap_or_else(PoisonError::into_inner).own(partition, partitions);
         self.held.insert(partition, HeldPartition { part, catalog, catalog_text, switch, partitions });
         Ok(())
     }
@@ -390,7 +387,7 @@ impl Partitioned for Rater {
 
     fn release(&mut self, partition: i32) {
         self.held.remove(&partition);
-        self.desk.lock().expect("desk lock").disown(partition);
+        self.desk.lock().unwrap_or_else(PoisonError::into_inner).disown(partition);
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
@@ -401,8 +398,8 @@ impl Partitioned for Rater {
         Ok(o.part.snapshot())
     }
 
-    async fn handle(&mut self, msg: &BorrowedMessage<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
-        self.handle_record(msg).await
+    async fn handle(&mut self, record: &Record<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
+        self.handle_record(record).await
     }
 
     fn buffered_rows(&self) -> usize {
@@ -473,11 +470,6 @@ fn count(partition: i32, offset: i64, step: &Step) {
     for (a, _) in &step.out.alerts {
         counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
     }
-}
-
-/// The value of the first header named `name`.
-fn header<'a>(msg: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a [u8]> {
-    msg.headers()?.iter().find(|h| h.key == name)?.value
 }
 
 fn wall_ms() -> i64 {

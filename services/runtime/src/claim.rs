@@ -3,21 +3,20 @@
 //! to it (see the module docs of [`crate::partitioned`] and `docs/operations.md`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics::counter;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{contiguous, ChainState, StoredDelta};
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
-use crate::kafka::{Ownership, RebalanceLog};
-use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE, KAFKA_TIMEOUT};
+use crate::kafka::Ownership;
+use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE};
 use crate::retry::{until_ok, Backoff};
+use crate::source::Source;
+use crate::store::CheckpointStorage;
 
-impl Driver<'_> {
+impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     pub(crate) fn key<S: Partitioned>(svc: &S, partition: i32) -> CheckpointKey {
         CheckpointKey {
             service: svc.service().to_owned(),
@@ -33,15 +32,11 @@ impl Driver<'_> {
     pub(crate) async fn apply<S: Partitioned>(&mut self, svc: &mut S, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let due: Vec<i32> =
             self.fenced.iter().filter(|(_, at)| at.elapsed() >= FENCED_RETAKE).map(|(p, _)| *p).collect();
-        if (!due.is_empty() || self.rebalances.pending()) && !self.settle_inflight(svc, shutdown).await {
+        if (!due.is_empty() || self.source.rebalance_pending()) && !self.settle_inflight(svc, shutdown).await? {
             return Ok(()); // shutdown
         }
         if !due.is_empty() {
-            let assigned: BTreeSet<i32> = self
-                .consumer
-                .assignment()
-                .map(|tpl| tpl.elements().iter().map(|e| e.partition()).collect())
-                .unwrap_or_default();
+            let assigned = self.source.assignment().unwrap_or_default();
             for p in due {
                 self.fenced.remove(&p);
                 if assigned.contains(&p) && !self.held.contains_key(&p) {
@@ -52,7 +47,7 @@ impl Driver<'_> {
                 }
             }
         }
-        for change in self.rebalances.drain() {
+        for change in self.source.drain_rebalances() {
             match change {
                 Ownership::Revoked(list) => {
                     let parts: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
@@ -75,11 +70,7 @@ impl Driver<'_> {
                     }
                     // Partitions were paused when assigned (kafka::RebalanceLog) so that nothing
                     // is fetched from a committed offset the checkpoint may disagree with.
-                    let mut tpl = TopicPartitionList::new();
-                    for (t, p) in &list {
-                        tpl.add_partition(t, *p);
-                    }
-                    if let Err(e) = self.consumer.resume(&tpl) {
+                    if let Err(e) = self.source.resume(&list) {
                         tracing::warn!(error = %e, "resuming assigned partitions failed");
                     }
                 }
@@ -92,72 +83,10 @@ impl Driver<'_> {
     /// Ok(false): shutdown came first.
     pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, p: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         let key = Self::key(svc, p);
-        let topics = svc.topics();
-        let errors = self.cfg.errors;
-        let Some(loaded) = until_ok(
-            "load checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.load(&key),
-        )
-        .await
-        else {
-            return Ok(false);
-        };
-        let envelope = match &loaded {
-            Some(cp) => Some(
-                Envelope::decode(&cp.state)
-                    .with_context(|| format!("checkpoint of {} partition {p} (version {})", key.topic, cp.version))?,
-            ),
-            None => None,
-        };
-        let deltas = match (&loaded, &envelope) {
-            (Some(cp), Some(env)) if env.meta.operator.is_none() => {
-                let Some(rows) = until_ok(
-                    "load checkpoint deltas",
-                    &Backoff::default(),
-                    shutdown,
-                    |_| counter!(errors, "sink" => "checkpoint").increment(1),
-                    || self.store.load_deltas(&key, cp.version),
-                )
-                .await
-                else {
-                    return Ok(false);
-                };
-                contiguous(cp.version, rows).with_context(|| format!("{} partition {p}: refusing to start", key.topic))?
-            }
-            _ => Vec::new(),
-        };
-        let (loaded, envelope, delta_states) = chain_head(loaded, envelope, deltas)
-            .with_context(|| format!("checkpoint deltas of {} partition {p}", key.topic))?;
+        let Some((loaded, envelope, delta_states)) = self.load(&key, shutdown).await? else { return Ok(false) };
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
-        // Broker errors (a restart, an election) are retried; only a real disagreement refuses.
-        let mut backoff = Backoff::default().min;
-        let counts = loop {
-            let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
-                let mut counts = BTreeMap::new();
-                for t in &topics {
-                    counts.insert(t.clone(), partition_count(self.consumer, t)?);
-                }
-                if operator.is_none() {
-                    self.check_offsets(&key, &topics, &counts, loaded.as_ref(), envelope.as_ref())?;
-                }
-                Ok(counts)
-            })();
-            match checked {
-                Ok(counts) => break counts,
-                Err(e) if e.chain().any(|c| c.is::<rdkafka::error::KafkaError>()) => {
-                    counter!(errors, "sink" => "kafka").increment(1);
-                    tracing::warn!(error = %format!("{e:#}"), partition = p, "reading the topic's offsets failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return Ok(false),
-                    }
-                    backoff = (backoff * 2).min(Backoff::default().max);
-                }
-                Err(e) => return Err(e),
-            }
+        let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
+            return Ok(false);
         };
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
@@ -168,84 +97,184 @@ impl Driver<'_> {
                 return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
             }
         }
-        if operator.is_none() {
-            // ClickHouse errors (an outage) are retried; only a real disagreement refuses.
-            let mut backoff = Backoff::default().min;
-            let verified = loop {
-                match svc.verify(p, envelope.as_ref()).await {
-                    Err(e) if e.chain().any(|c| c.is::<::clickhouse::error::Error>()) => {
-                        counter!(errors, "sink" => "checkpoint").increment(1);
-                        tracing::warn!(error = %format!("{e:#}"), partition = p, "checking outputs failed; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.cancelled() => {
-                                svc.release(p);
-                                return Ok(false);
-                            }
-                        }
-                        backoff = (backoff * 2).min(Backoff::default().max);
-                    }
-                    other => break other,
-                }
-            };
-            if let Err(e) = verified {
-                svc.release(p);
-                return Err(e.context(format!(
-                    "{} partition {p}: checkpoint and outputs disagree; refusing to start. \
-                     Decide with `meterflow-admin checkpoint replay|reset --service {} --group {} --partition {p}` \
-                     (see docs/operations.md)",
-                    key.topic, key.service, key.consumer_group
-                )));
-            }
-        } else if let Some(op) = operator {
+        if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
-        }
-        // Claim: a checkpoint in a new epoch, above every stored one.
-        let stored = until_ok(
-            "read checkpoint versions",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.max_versions(&key.service, &key.consumer_group, &key.topic),
-        )
-        .await;
-        let Some(stored) = stored else { return Ok(false) };
-        let top = stored.get(&p).copied().unwrap_or(0).max(loaded.as_ref().map_or(0, |c| c.version));
-        let version = version_in(epoch_of(top) + 1, 0);
-        let positions: BTreeMap<String, i64> =
-            topics.iter().map(|t| (t.clone(), svc.position(t, p).unwrap_or(0))).collect();
-        let state = svc.snapshot(p)?;
-        let envelope = Self::envelope(svc, p, &positions, &counts, state);
-        let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let state = envelope.encode();
-        let base_bytes = state.len();
-        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
-        let saved = until_ok(
-            "write claim checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.save_all(&items),
-        )
-        .await;
-        if saved.is_none() {
+        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.errors, shutdown).await? {
             return Ok(false);
         }
+        let stored_version = loaded.as_ref().map_or(0, |c| c.version);
+        let Some((version, positions, base_bytes)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
+            return Ok(false);
+        };
         tracing::info!(
             partition = p,
             epoch = epoch_of(version),
             offsets = ?positions,
             restored = loaded.is_some(),
-            deltas = delta_states.len(),
             "partition claimed"
         );
         for (t, o) in &positions {
-            seek(self.consumer, t, p, *o);
+            self.source.seek(t, p, *o);
         }
         let hash = config_hash(&svc.config_text(p));
         let chain = ChainState::based(version, base_bytes);
         self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
         Ok(true)
+    }
+
+    /// The newest base checkpoint of `key` with its deltas (see [`chain_head`]); `None`:
+    /// shutdown came first.
+    async fn load(&self, key: &CheckpointKey, shutdown: &CancellationToken) -> anyhow::Result<Option<Head>> {
+        let errors = self.cfg.errors;
+        let Some(loaded) = until_ok(
+            "load checkpoint",
+            &Backoff::default(),
+            shutdown,
+            |_| counter!(errors, "sink" => "checkpoint").increment(1),
+            || self.store.load(key),
+        )
+        .await
+        else {
+            return Ok(None);
+        };
+        let envelope = match &loaded {
+            Some(cp) => Some(Envelope::decode(&cp.state).with_context(|| {
+                format!("checkpoint of {} partition {} (version {})", key.topic, key.partition, cp.version)
+            })?),
+            None => None,
+        };
+        let deltas = match (&loaded, &envelope) {
+            (Some(cp), Some(env)) if env.meta.operator.is_none() => {
+                let Some(rows) = until_ok(
+                    "load checkpoint deltas",
+                    &Backoff::default(),
+                    shutdown,
+                    |_| counter!(errors, "sink" => "checkpoint").increment(1),
+                    || self.store.load_deltas(key, cp.version),
+                )
+                .await
+                else {
+                    return Ok(None);
+                };
+                contiguous(cp.version, rows)
+                    .with_context(|| format!("{} partition {}: refusing to start", key.topic, key.partition))?
+            }
+            _ => Vec::new(),
+        };
+        let head = chain_head(loaded, envelope, deltas)
+            .with_context(|| format!("checkpoint deltas of {} partition {}", key.topic, key.partition))?;
+        Ok(Some(head))
+    }
+
+    /// The input topics' partition counts, once the checkpoint agrees with the group's
+    /// offsets and the topics (unless an operator decided). Broker errors (a restart, an
+    /// election) are retried; only a real disagreement refuses. `None`: shutdown came first.
+    async fn checked_counts<S: Partitioned>(
+        &self,
+        svc: &S,
+        key: &CheckpointKey,
+        loaded: Option<&Checkpoint>,
+        envelope: Option<&Envelope>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<BTreeMap<String, i32>>> {
+        let topics = svc.topics();
+        let operator = envelope.and_then(|e| e.meta.operator.as_ref());
+        let mut retry = Retry::new(self.cfg.errors, "kafka");
+        loop {
+            let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
+                let mut counts = BTreeMap::new();
+                for t in &topics {
+                    let count = self.source.partition_count(t).with_context(|| format!("fetching metadata of {t}"))?;
+                    counts.insert(t.clone(), count);
+                }
+                if operator.is_none() {
+                    self.check_offsets(key, &topics, &counts, loaded, envelope)?;
+                }
+                Ok(counts)
+            })();
+            match checked {
+                Ok(counts) => return Ok(Some(counts)),
+                // The source's own errors (a broker unreachable); a disagreement is an ensure!.
+                Err(e) if e.chain().any(|c| c.is::<crate::Error>()) => {
+                    if !retry.wait(&e, key.partition, "reading the topic's offsets failed", shutdown).await {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The service's check of the restored state against its outputs. ClickHouse errors (an
+    /// outage) are retried; only a real disagreement refuses. False: shutdown came first.
+    /// Either way but success, the partition is released again.
+    async fn verified<S: Partitioned>(
+        svc: &mut S,
+        key: &CheckpointKey,
+        envelope: Option<&Envelope>,
+        errors: &'static str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let p = key.partition;
+        let mut retry = Retry::new(errors, "checkpoint");
+        loop {
+            match svc.verify(p, envelope).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.chain().any(|c| c.is::<::clickhouse::error::Error>()) => {
+                    if !retry.wait(&e, p, "checking outputs failed", shutdown).await {
+                        svc.release(p);
+                        return Ok(false);
+                    }
+                }
+                Err(e) => {
+                    svc.release(p);
+                    return Err(e.context(format!(
+                        "{} partition {p}: checkpoint and outputs disagree; refusing to start. \
+                         Decide with `meterflow-admin checkpoint replay|reset --service {} --group {} --partition {p}` \
+                         (see docs/operations.md)",
+                        key.topic, key.service, key.consumer_group
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Claims the restored partition: its state again as a checkpoint in a new epoch, above
+    /// every stored one (and `stored_version`): a new base, so a chain never crosses an epoch.
+    /// Its version, positions and size; `None`: shutdown.
+    async fn claim<S: Partitioned>(
+        &self,
+        svc: &mut S,
+        key: &CheckpointKey,
+        stored_version: u64,
+        counts: &BTreeMap<String, i32>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>, usize)>> {
+        let (p, errors) = (key.partition, self.cfg.errors);
+        let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
+        let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
+            self.store.max_versions(&key.service, &key.consumer_group, &key.topic)
+        })
+        .await;
+        let Some(stored) = stored else { return Ok(None) };
+        let top = stored.get(&p).copied().unwrap_or(0).max(stored_version);
+        let version = version_in(epoch_of(top) + 1, 0);
+        let positions: BTreeMap<String, i64> = svc
+            .topics()
+            .into_iter()
+            .map(|t| {
+                let o = svc.position(&t, p).unwrap_or(0);
+                (t, o)
+            })
+            .collect();
+        let state = svc.snapshot(p)?;
+        let envelope = Self::envelope(svc, p, &positions, counts, state);
+        let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
+        let state = envelope.encode();
+        let base_bytes = state.len();
+        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
+        let saved = until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await;
+        Ok(saved.map(|()| (version, positions, base_bytes)))
     }
 
     /// The checks every service shares: the checkpoint against the group's committed offsets,
@@ -261,11 +290,12 @@ impl Driver<'_> {
         let p = key.partition;
         let hint = "refusing to start; decide with `meterflow-admin checkpoint` (see docs/operations.md)";
         for t in topics {
-            let committed = committed_offset(self.consumer, t, p)?;
-            let (low, high) = self
-                .consumer
-                .fetch_watermarks(t, p, KAFKA_TIMEOUT)
-                .with_context(|| format!("fetching the offsets of {t} partition {p}"))?;
+            let committed = self
+                .source
+                .committed(t, p)
+                .with_context(|| format!("fetching the committed offset of {t} partition {p}"))?;
+            let (low, high) =
+                self.source.watermarks(t, p).with_context(|| format!("fetching the offsets of {t} partition {p}"))?;
             match (loaded, envelope) {
                 (Some(cp), Some(env)) => {
                     let at = env.meta.offsets.get(t).copied().or((t == &key.topic).then_some(cp.next_offset)).unwrap_or(0);
@@ -330,49 +360,31 @@ impl Driver<'_> {
     }
 }
 
-/// Number of partitions of `topic`, from the broker's metadata.
-fn partition_count(consumer: &StreamConsumer<RebalanceLog>, topic: &str) -> anyhow::Result<i32> {
-    let md = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), KAFKA_TIMEOUT))
-        .with_context(|| format!("fetching metadata of {topic}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .with_context(|| format!("topic {topic} is not in the broker's metadata"))?;
-    Ok(t.partitions().len() as i32)
+/// Waits between attempts of a check whose errors may be transient, with backoff, counting
+/// and logging each failure.
+struct Retry {
+    delay: std::time::Duration,
+    errors: &'static str,
+    sink: &'static str,
 }
 
-/// The group's committed offset of `topic`/`p`, if any.
-fn committed_offset(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32) -> anyhow::Result<Option<i64>> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, p);
-    let got = tokio::task::block_in_place(|| consumer.committed_offsets(tpl, KAFKA_TIMEOUT))
-        .with_context(|| format!("fetching the committed offset of {topic} partition {p}"))?;
-    Ok(got.elements().first().and_then(|e| match e.offset() {
-        Offset::Offset(o) if o >= 0 => Some(o),
-        _ => None,
-    }))
-}
+impl Retry {
+    fn new(errors: &'static str, sink: &'static str) -> Self {
+        Self { delay: Backoff::default().min, errors, sink }
+    }
 
-/// Seeks `topic`/`p` to `offset`, retrying while librdkafka has not started the partition yet.
-/// Bounded (at most ~2 s, it runs on the loop's thread): if it fails, the contiguity check in
-/// `dispatch` seeks again when a record arrives at the wrong offset.
-pub(crate) fn seek(consumer: &StreamConsumer<RebalanceLog>, topic: &str, p: i32, offset: i64) {
-    for attempt in 0..5 {
-        match tokio::task::block_in_place(|| consumer.seek(topic, p, Offset::Offset(offset), Duration::from_millis(300))) {
-            Ok(()) => return,
-            Err(e) => {
-                if attempt == 4 {
-                    // The contiguity check in `dispatch` still protects the state; it seeks again.
-                    tracing::warn!(error = %e, topic, partition = p, offset, "seek failed");
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+    /// False if `shutdown` came first.
+    async fn wait(&mut self, e: &anyhow::Error, partition: i32, what: &str, shutdown: &CancellationToken) -> bool {
+        counter!(self.errors, "sink" => self.sink).increment(1);
+        tracing::warn!(error = %format!("{e:#}"), partition, "{what}; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = shutdown.cancelled() => return false,
         }
+        self.delay = (self.delay * 2).min(Backoff::default().max);
+        true
     }
 }
-
 
 /// What a claim continues from: the checkpoint and envelope it describes, the deltas' states.
 type Head = (Option<Checkpoint>, Option<Envelope>, Vec<Vec<u8>>);

@@ -35,10 +35,8 @@ pub fn prometheus() -> PrometheusHandle {
             let buckets = [
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&buckets)
-                .expect("static buckets are valid")
-                .build_recorder();
+            #[allow(clippy::expect_used, reason = "set_buckets refuses only an empty list")]
+            let recorder = PrometheusBuilder::new().set_buckets(&buckets).expect("static buckets are valid").build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics may be empty");

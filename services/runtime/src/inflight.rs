@@ -20,8 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{DeltaLink, StoredDelta};
-use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore, Envelope};
+use crate::checkpoint::{Checkpoint, CheckpointKey, Envelope};
 use crate::retry::{until_ok, Backoff};
+use crate::store::CheckpointStorage;
 
 /// A checkpoint waiting for its batch to be written.
 #[derive(Debug, Clone)]
@@ -61,6 +62,9 @@ pub(crate) struct Settled {
     pub fenced: Vec<(Staged, u64)>,
     /// Seconds of the fencing check and the save (after the batch was written).
     pub save_secs: f64,
+    /// The writer failed (a panic: a bug). Its rows are lost from memory, so nothing after
+    /// them may be checkpointed: the loop stops, and a restart re-derives them.
+    pub failed: Option<String>,
 }
 
 /// Metric names the writer reports under.
@@ -83,9 +87,10 @@ impl Drop for InFlight {
 
 impl InFlight {
     /// Spawns `write`, then the fencing check and the save of `staged`.
-    pub fn spawn<F>(write: F, staged: Vec<Staged>, store: CheckpointStore, stop: CancellationToken, names: Names) -> Self
+    pub fn spawn<F, St>(write: F, staged: Vec<Staged>, store: St, stop: CancellationToken, names: Names) -> Self
     where
         F: Future<Output = bool> + Send + 'static,
+        St: CheckpointStorage,
     {
         let handle = tokio::spawn(async move {
             if !write.await {
@@ -109,19 +114,14 @@ impl InFlight {
     pub async fn wait(&mut self) -> Settled {
         match (&mut self.handle).await {
             Ok(s) => s,
-            Err(e) => {
-                // A panic in a writer is a bug; treat the batch as not written so nothing is
-                // checkpointed past it.
-                tracing::error!(error = %e, "output writer failed");
-                Settled::default()
-            }
+            Err(e) => Settled { failed: Some(e.to_string()), ..Settled::default() },
         }
     }
 }
 
 /// Fencing check, then the checkpoints of every partition nobody else claimed meanwhile.
 /// `None` if `stop` fired first.
-async fn save(staged: Vec<Staged>, store: &CheckpointStore, stop: &CancellationToken, names: Names) -> Option<Settled> {
+async fn save<St: CheckpointStorage>(staged: Vec<Staged>, store: &St, stop: &CancellationToken, names: Names) -> Option<Settled> {
     let errors = names.errors;
     let started = Instant::now();
     let key0 = staged[0].key.clone();
@@ -163,5 +163,5 @@ async fn save(staged: Vec<Staged>, store: &CheckpointStore, stop: &CancellationT
             tracing::warn!(error = %e, "deleting superseded checkpoint deltas failed; the next base retries");
         }
     }
-    Some(Settled { written: true, saved: keep, fenced, save_secs: started.elapsed().as_secs_f64() })
+    Some(Settled { written: true, saved: keep, fenced, save_secs: started.elapsed().as_secs_f64(), failed: None })
 }

@@ -9,14 +9,18 @@ pub mod error;
 pub mod http;
 mod inflight;
 pub mod kafka;
+pub mod memory;
 pub mod output;
 pub mod partitioned;
+pub mod record;
 pub mod record_key;
 pub mod resume;
 pub mod retry;
 pub mod rows;
 pub mod service;
 pub mod shutdown;
+pub mod source;
+pub mod store;
 pub mod tail;
 pub mod telemetry;
 

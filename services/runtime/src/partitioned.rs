@@ -27,15 +27,15 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 use metrics::{counter, histogram};
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::BorrowedMessage;
-use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{ChainState, DeltaPolicy};
 use crate::checkpoint::{config_hash, epoch_of, CheckpointStore};
-use crate::claim::seek;
 use crate::inflight::{InFlight, Names, Settled, Staged};
 use crate::kafka::{self, RebalanceLog};
+use crate::record::{AsRecord as _, Record};
+use crate::source::{KafkaSource, Source};
+use crate::store::CheckpointStorage;
 
 /// How often to write outputs and checkpoint, and how much may wait in memory.
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ pub trait Partitioned {
     /// Processes one record (always the next expected offset of its partition).
     fn handle(
         &mut self,
-        msg: &BorrowedMessage<'_>,
+        record: &Record<'_>,
         shutdown: &CancellationToken,
     ) -> impl Future<Output = anyhow::Result<()>>;
 
@@ -178,10 +178,9 @@ pub(crate) struct Held {
 }
 
 /// The protocol state around a service (see the module docs).
-pub(crate) struct Driver<'a> {
-    pub consumer: &'a StreamConsumer<RebalanceLog>,
-    pub rebalances: &'a RebalanceLog,
-    pub store: &'a CheckpointStore,
+pub(crate) struct Driver<'a, Src, St> {
+    pub source: &'a Src,
+    pub store: &'a St,
     pub cfg: &'a LoopConfig,
     pub held: BTreeMap<i32, Held>,
     /// Partitions given up after a fencing check, and when: ignored until assigned again, or
@@ -196,25 +195,23 @@ pub(crate) struct Driver<'a> {
     last_checkpoint: Instant,
 }
 
-pub(crate) const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const FENCED_RETAKE: Duration = Duration::from_secs(30);
 const DRAIN: Duration = Duration::from_secs(30);
 /// Records handled per wake-up of the loop at most (see `run`).
 const BURST: usize = 512;
 
-/// Runs `svc` until `shutdown`, then writes and checkpoints what it holds (30 s at most).
-pub async fn run<S: Partitioned>(
+/// Runs `svc` on the records of `source` until `shutdown`, then writes and checkpoints what
+/// it holds (30 s at most).
+pub async fn run<S: Partitioned, Src: Source, St: CheckpointStorage>(
     svc: &mut S,
-    consumer: &StreamConsumer<RebalanceLog>,
-    rebalances: &RebalanceLog,
-    store: &CheckpointStore,
+    source: &Src,
+    store: &St,
     cfg: &LoopConfig,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let now = Instant::now();
     let mut d = Driver {
-        consumer,
-        rebalances,
+        source,
         store,
         cfg,
         held: BTreeMap::new(),
@@ -235,7 +232,7 @@ pub async fn run<S: Partitioned>(
             _ = shutdown.cancelled() => break,
             settled = wait(&mut d.inflight) => {
                 d.inflight = None;
-                d.settle(svc, settled);
+                d.settle(svc, settled)?;
                 d.start_write(svc);
             }
             _ = timer.tick() => {
@@ -243,17 +240,17 @@ pub async fn run<S: Partitioned>(
                 d.start_write(svc);
                 svc.on_timer().await;
             }
-            msg = consumer.recv(), if !full => {
+            msg = source.recv(), if !full => {
                 d.apply(svc, shutdown).await?;
                 d.on_message(svc, msg, shutdown).await?;
                 // Records already fetched are handled without a round through the select,
                 // which costs more than most records take to process; a burst is short, so
                 // the timer, a finished write and shutdown still come promptly.
                 for _ in 0..BURST {
-                    if d.is_full(svc) || d.rebalances.pending() || shutdown.is_cancelled() {
+                    if d.is_full(svc) || source.rebalance_pending() || shutdown.is_cancelled() {
                         break;
                     }
-                    match consumer.recv().now_or_never() {
+                    match source.recv().now_or_never() {
                         Some(msg) => d.on_message(svc, msg, shutdown).await?,
                         None => break,
                     }
@@ -267,14 +264,17 @@ pub async fn run<S: Partitioned>(
     // Graceful stop: write what we hold so a successor re-reads nothing.
     let drained = tokio::time::timeout(DRAIN, async {
         let never = CancellationToken::new();
-        if d.settle_inflight(svc, &never).await {
+        if d.settle_inflight(svc, &never).await? {
             d.write(svc, true);
-            d.settle_inflight(svc, &never).await;
+            d.settle_inflight(svc, &never).await?;
         }
+        anyhow::Ok(())
     })
     .await;
-    if drained.is_err() {
-        tracing::warn!("final write did not finish in {DRAIN:?}; a restart replays from the last checkpoint");
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "final write failed; a restart replays from the last checkpoint"),
+        Err(_) => tracing::warn!("final write did not finish in {DRAIN:?}; a restart replays from the last checkpoint"),
     }
     d.write_stop.cancel();
     Ok(())
@@ -288,18 +288,18 @@ async fn wait(inflight: &mut Option<InFlight>) -> Settled {
     }
 }
 
-impl Driver<'_> {
-    /// One result of the consumer: a record for the service, or an error to wait out.
+impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
+    /// One result of the source: a record for the service, or an error to wait out.
     async fn on_message<S: Partitioned>(
         &mut self,
         svc: &mut S,
-        msg: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+        msg: Result<Src::Message<'_>, crate::Error>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         match msg {
             Ok(msg) => {
-                self.dispatch_record(svc, &msg, shutdown).await?;
-                if svc.wants_checkpoint() && self.settle_inflight(svc, shutdown).await {
+                self.dispatch_record(svc, &msg.record(), shutdown).await?;
+                if svc.wants_checkpoint() && self.settle_inflight(svc, shutdown).await? {
                     self.write(svc, true);
                 }
             }
@@ -403,16 +403,20 @@ impl Driver<'_> {
 
     /// Waits for the batch in flight, if any, and applies its outcome. False if `shutdown`
     /// came first (the batch stays in flight).
-    pub(crate) async fn settle_inflight<S: Partitioned>(&mut self, svc: &mut S, shutdown: &CancellationToken) -> bool {
-        let Some(mut f) = self.inflight.take() else { return true };
+    pub(crate) async fn settle_inflight<S: Partitioned>(
+        &mut self,
+        svc: &mut S,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<bool> {
+        let Some(mut f) = self.inflight.take() else { return Ok(true) };
         tokio::select! {
             settled = f.wait() => {
-                self.settle(svc, settled);
-                true
+                self.settle(svc, settled)?;
+                Ok(true)
             }
             _ = shutdown.cancelled() => {
                 self.inflight = Some(f);
-                false
+                Ok(false)
             }
         }
     }
@@ -420,9 +424,13 @@ impl Driver<'_> {
     /// Applies a settled batch: partitions fenced meanwhile are given up, durable checkpoints
     /// become the partitions' positions and their offsets are committed. A partition released
     /// or claimed again since its snapshot (its version moved) is left alone.
-    fn settle<S: Partitioned>(&mut self, svc: &mut S, settled: Settled) {
+    /// A failed writer stops the loop (see [`Settled::failed`]).
+    fn settle<S: Partitioned>(&mut self, svc: &mut S, settled: Settled) -> anyhow::Result<()> {
+        if let Some(e) = settled.failed {
+            anyhow::bail!("output writer failed ({e}): stopping so that a restart re-derives its batch from the last checkpoint");
+        }
         if !settled.written {
-            return;
+            return Ok(());
         }
         svc.batch_written();
         for (s, stored) in settled.fenced {
@@ -462,20 +470,21 @@ impl Driver<'_> {
             h.config_hash = s.envelope.meta.config_hash;
             secs = Some(secs.unwrap_or(settled.save_secs) + s.snapshot_secs);
         }
-        kafka::commit(self.consumer, &commits);
+        self.source.commit(&commits);
         if let Some(secs) = secs {
             histogram!(self.cfg.checkpoint_seconds, "kind" => kind).record(secs);
         }
+        Ok(())
     }
 
-    /// Hands `msg` to the service if it is the next record of a held partition.
+    /// Hands `record` to the service if it is the next record of a held partition.
     async fn dispatch_record<S: Partitioned>(
         &mut self,
         svc: &mut S,
-        msg: &BorrowedMessage<'_>,
+        record: &Record<'_>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let (topic, p, offset) = (msg.topic(), msg.partition(), msg.offset());
+        let (topic, p, offset) = (record.topic, record.partition, record.offset);
         let Some(held) = self.held.get_mut(&p) else {
             return Ok(()); // not ours (revoked or fenced)
         };
@@ -489,36 +498,38 @@ impl Driver<'_> {
             // Fetched before the seek took effect, or a real hole in the log.
             let now = Instant::now();
             let (seeks, last) = match held.gap {
-                Some((at, n, last)) if at == expected => (n, last),
-                _ => (0, now - Duration::from_secs(10)),
+                Some((at, n, last)) if at == expected => (n, Some(last)),
+                _ => (0, None),
             };
-            if now.duration_since(last) < Duration::from_millis(500) {
+            if last.is_some_and(|last| now.duration_since(last) < Duration::from_millis(500)) {
                 return Ok(());
             }
+            // Records deleted by retention come back with no seek: say so at once (a quiet
+            // partition would otherwise deliver nothing more that could trigger the check).
+            let low = match self.source.watermarks(topic, p) {
+                Ok((low, _)) => low,
+                Err(e) => {
+                    tracing::warn!(error = %e, topic, partition = p, "reading the log start failed; retrying");
+                    return Ok(());
+                }
+            };
+            anyhow::ensure!(
+                low <= expected,
+                "{topic} partition {p}: offsets {expected}..{low} were deleted (retention?) before they were \
+                 processed; refusing to skip them silently (see docs/operations.md)"
+            );
             if seeks >= 3 {
-                let low = match tokio::task::block_in_place(|| self.consumer.fetch_watermarks(topic, p, KAFKA_TIMEOUT)) {
-                    Ok((low, _)) => low,
-                    Err(e) => {
-                        tracing::warn!(error = %e, topic, partition = p, "reading the log start failed; retrying");
-                        return Ok(());
-                    }
-                };
-                anyhow::ensure!(
-                    low <= expected,
-                    "{topic} partition {p}: offsets {expected}..{low} were deleted (retention?) before they were \
-                     processed; refusing to skip them silently (see docs/operations.md)"
-                );
                 tracing::warn!(topic, partition = p, expected, offset, "offset gap in the log; continuing after it");
                 held.gap = None;
-                return svc.handle(msg, shutdown).await;
+                return svc.handle(record, shutdown).await;
             }
             tracing::debug!(topic, partition = p, expected, offset, "record ahead of the state's position; seeking back");
-            seek(self.consumer, topic, p, expected);
+            self.source.seek(topic, p, expected);
             held.gap = Some((expected, seeks + 1, now));
             return Ok(());
         }
         held.gap = None;
-        svc.handle(msg, shutdown).await
+        svc.handle(record, shutdown).await
     }
 }
 
@@ -527,8 +538,8 @@ pub struct ServiceIo {
     pub health: crate::http::Health,
     pub client: clickhouse::Client,
     pub producer: rdkafka::producer::FutureProducer,
-    pub consumer: StreamConsumer<RebalanceLog>,
-    pub rebalances: RebalanceLog,
+    /// The group's consumer.
+    pub source: KafkaSource,
     http_task: tokio::task::JoinHandle<()>,
 }
 
@@ -547,19 +558,17 @@ impl ServiceIo {
         let health = crate::http::Health::default();
         let (addr, http_task) = crate::http::serve(http_addr, health.clone(), shutdown.clone()).await?;
         tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
-        let rebalances = RebalanceLog::default();
         let mut consumer_config = kafka::consumer_config(kafka_args, group)?;
         if let Some(id) = membership.group_instance_id.as_deref().filter(|id| !id.is_empty()) {
             consumer_config.set("group.instance.id", id);
         }
-        let consumer: StreamConsumer<RebalanceLog> = consumer_config.create_with_context(rebalances.clone())?;
+        let consumer: StreamConsumer<RebalanceLog> = consumer_config.create_with_context(RebalanceLog::default())?;
         consumer.subscribe(topics)?;
         Ok(Self {
             health,
             client: crate::clickhouse::client(clickhouse_args),
             producer: kafka::producer_config(kafka_args)?.create()?,
-            consumer,
-            rebalances,
+            source: KafkaSource::new(consumer),
             http_task,
         })
     }
@@ -570,10 +579,13 @@ impl ServiceIo {
     pub async fn serve<S: Partitioned>(self, svc: &mut S, cfg: &LoopConfig, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let store = CheckpointStore::new(self.client.clone());
         self.health.set_ready(true);
-        let result = run(svc, &self.consumer, &self.rebalances, &store, cfg, shutdown).await;
-        self.consumer.unsubscribe();
+        let result = run(svc, &self.source, &store, cfg, shutdown).await;
+        self.source.consumer().unsubscribe();
         shutdown.cancel();
         let _ = self.http_task.await;
         result
     }
 }
+
+#[cfg(test)]
+mod tests;

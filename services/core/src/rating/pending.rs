@@ -204,8 +204,12 @@ pub fn price_pending<'a>(
         currency_of.insert((period, plan.id.clone()), plan.currency.clone());
     }
     for ((period, plan_id, price_name), q) in &out.quantities {
-        let plan = catalog.plan(plan_id).expect("plan found above");
-        let price = plan.price(price_name).expect("price found above");
+        // Found by the loop above, in the same catalog.
+        let price = catalog.plan(plan_id).and_then(|plan| plan.price(price_name)).ok_or_else(|| Error::Unrateable {
+            tenant: tenant.to_owned(),
+            meter: price_name.clone(),
+            reason: format!("price {price_name:?} of plan {plan_id:?} vanished from the catalog"),
+        })?;
         let c = settled
             .get(period)
             .and_then(|p| p.usage.get(plan_id))

@@ -1,0 +1,82 @@
+//! What the partitioned loop needs of a checkpoint store: the ClickHouse table in production
+//! ([`CheckpointStore`]), a map in [`crate::memory`] for tests of the protocol.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use crate::chain::StoredDelta;
+use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use crate::Error;
+
+/// Checkpoints of partitions, versioned (the highest version of a key wins; see
+/// [`crate::checkpoint`] for fencing). Cloned into the task that saves a batch's checkpoints.
+pub trait CheckpointStorage: Clone + Send + Sync + 'static {
+    /// The newest checkpoint of `key`, if any.
+    fn load(&self, key: &CheckpointKey) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send;
+
+    /// The newest stored version of every partition of (service, group, topic).
+    fn max_versions(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<BTreeMap<i32, u64>, Error>> + Send;
+
+    /// Stores `items` together (all or, on an error, possibly some: each is a complete
+    /// checkpoint, so a partial save is an older position, never a wrong one).
+    fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The stored deltas of `key` that name `base_version` as their base, in version order
+    /// (checked by [`crate::chain::contiguous`]).
+    fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send;
+
+    /// Stores deltas together.
+    fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Deletes the deltas below each partition's newest durable base (`bases`: partition ->
+    /// base version) of (service, group, topic).
+    fn drop_superseded(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+        bases: &BTreeMap<i32, u64>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+impl CheckpointStorage for CheckpointStore {
+    fn load(&self, key: &CheckpointKey) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send {
+        CheckpointStore::load(self, key)
+    }
+
+    fn max_versions(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<BTreeMap<i32, u64>, Error>> + Send {
+        CheckpointStore::max_versions(self, service, group, topic)
+    }
+
+    fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> impl Future<Output = Result<(), Error>> + Send {
+        CheckpointStore::save_all(self, items)
+    }
+
+    fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send {
+        CheckpointStore::load_deltas(self, key, base_version)
+    }
+
+    fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send {
+        CheckpointStore::save_deltas(self, items)
+    }
+
+    fn drop_superseded(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+        bases: &BTreeMap<i32, u64>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        CheckpointStore::drop_superseded(self, service, group, topic, bases)
+    }
+}
