@@ -18,6 +18,9 @@ use crate::retry::{until_ok, Backoff};
 
 const TOPIC: &str = "in";
 
+/// Incremental checkpoints: base + deltas through the loop.
+mod deltas;
+
 /// A partition's state: the next offset and the sum of the payloads before it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Sum {
@@ -45,8 +48,8 @@ struct Seen {
     restored: Vec<(i32, Sum)>,
     released: Vec<i32>,
     sums: BTreeMap<i32, Sum>,
-    /// Checkpoint deltas applied on restore.
-    applied: usize,
+    /// Deltas applied at a restore: (partition, how many, the state after them).
+    applied: Vec<(i32, usize, Sum)>,
 }
 
 /// A sink that fails while `down` attempts remain, then journals what it writes.
@@ -64,15 +67,13 @@ struct Summer {
     buffer: Vec<(i32, i64)>,
     sink: Sink,
     seen: Arc<Mutex<Seen>>,
-    /// Writes checkpoint deltas (the change of the sum since the last checkpoint).
-    deltas: bool,
-    /// Each partition's state at its last checkpoint (what a delta is relative to).
-    marks: BTreeMap<i32, Sum>,
+    /// With deltas: per partition, what was added since the last checkpoint (see `deltas.rs`).
+    since: Option<BTreeMap<i32, i64>>,
 }
 
 impl Summer {
     fn new(sink: Sink) -> Self {
-        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default(), deltas: false, marks: BTreeMap::new() }
+        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default(), since: None }
     }
 
     fn seen(&self) -> Arc<Mutex<Seen>> {
@@ -110,7 +111,6 @@ impl Partitioned for Summer {
             Resume::Operator { offsets, .. } => Sum { next: offsets.get(TOPIC).copied().unwrap_or(0), total: 0 },
         };
         self.parts.insert(partition, sum);
-        self.marks.insert(partition, sum);
         self.seen.lock().unwrap().restored.push((partition, sum));
         self.publish();
         Ok(())
@@ -131,18 +131,17 @@ impl Partitioned for Summer {
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
-        let sum = *self.parts.get(&partition).context("not held")?;
-        self.marks.insert(partition, sum);
-        Ok(sum.encode())
+        if let Some(since) = &mut self.since {
+            since.insert(partition, 0);
+        }
+        Ok(self.parts.get(&partition).context("not held")?.encode())
     }
 
     fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
-        if !self.deltas {
-            return Ok(None);
-        }
-        let sum = *self.parts.get(&partition).context("not held")?;
-        let mark = self.marks.insert(partition, sum).context("no checkpoint to be relative to")?;
-        Ok(Some(Sum { next: sum.next, total: sum.total - mark.total }.encode()))
+        let Some(since) = &mut self.since else { return Ok(None) };
+        let next = self.parts.get(&partition).context("not held")?.next;
+        let added = since.insert(partition, 0).unwrap_or(0);
+        Ok(Some(Sum { next, total: added }.encode()))
     }
 
     fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
@@ -152,19 +151,20 @@ impl Partitioned for Summer {
             anyhow::ensure!(d.next >= sum.next, "a delta behind the state");
             *sum = Sum { next: d.next, total: sum.total + d.total };
         }
-        self.marks.insert(partition, *sum);
         let mut seen = self.seen.lock().unwrap();
-        seen.applied += deltas.len();
-        seen.restored.push((partition, *sum));
-        drop(seen);
-        self.publish();
+        seen.applied.push((partition, deltas.len(), *sum));
+        seen.sums = self.parts.clone();
         Ok(())
     }
 
     async fn handle(&mut self, record: &Record<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
         let sum = self.parts.get_mut(&record.partition).context("not held")?;
         assert_eq!(record.offset, sum.next, "the loop hands over records in offset order");
-        sum.total += i64::from_le_bytes(record.payload.try_into()?);
+        let value = i64::from_le_bytes(record.payload.try_into()?);
+        sum.total += value;
+        if let Some(since) = &mut self.since {
+            *since.entry(record.partition).or_default() += value;
+        }
         sum.next = record.offset + 1;
         self.buffer.push((record.partition, record.offset));
         self.seen.lock().unwrap().handled.push((record.partition, record.offset));
@@ -560,5 +560,3 @@ async fn a_writer_that_panics_stops_the_loop_before_anything_is_checkpointed_pas
     assert!(!beyond_claim, "checkpointed past lost rows: {events:?}");
     assert_eq!(w.source.committed_offset(TOPIC, 0), None);
 }
-
-mod deltas;
