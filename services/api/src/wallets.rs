@@ -172,7 +172,7 @@ pub async fn adjust(
     if tenant.is_empty() {
         return Err(ApiError::bad_request("empty tenant"));
     }
-    let req: AdjustmentRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let req: AdjustmentRequest = ApiError::json_body(&body)?;
     let amount_text = match &req.amount {
         serde_json::Value::String(s) => s.clone(),
         // serde_json without arbitrary precision: only integers are exact as numbers.
