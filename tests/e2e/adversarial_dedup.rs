@@ -233,39 +233,56 @@ async fn restamped_retries_and_shared_request_ids_from_the_cold_tier() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::Result<()> {
     use meterflow_aggregator::cold::ChStores;
-    use meterflow_aggregator::rows::UsageRow;
     use meterflow_aggregator::sink::Outputs;
+    use meterflow_aggregator::usage_rows::{UsageRows, COLUMNS};
     use meterflow_core::dedup::{ColdQuery, ColdStore, SourcePos};
+    use meterflow_core::engine::Accepted;
+    use meterflow_core::event::UsageEventRef;
 
     let args = meterflow_testkit::clickhouse_args_from_env(&format!("t_adv_cold_store_{:08x}", rand::random::<u32>()));
     meterflow_admin::migrate(&args, None).await?;
     let client = meterflow_runtime::clickhouse::client(&args);
     let t0 = 1_767_225_600_000i64;
-    let row = |meter: &str, id: &str, t: i64, offset: i64| UsageRow {
-        tenant: "acme".into(),
-        meter: meter.into(),
-        event_id: id.into(),
-        event_time: (t / 1000) as u32,
+    let accepted = |t: i64| Accepted { quantity: rust_decimal::Decimal::ONE, provider_cost: None, window_start: t / 60_000 * 60_000 };
+    let event = |meter: &'static str, id: &'static str, t: i64| UsageEventRef {
+        event_id: id,
+        tenant: "acme",
+        meter,
+        quantity: "1",
         event_time_ms: t,
-        window_start: (t / 60_000 * 60) as u32,
-        quantity: 1_000_000_000,
-        provider_cost: 0,
-        has_provider_cost: 0,
-        dim_keys: vec![],
-        dim_values: vec![],
-        source: String::new(),
-        source_partition: 0,
-        source_offset: offset,
+        dimensions: vec![("model", "m-1")],
+        provider_cost: None,
+        source: "",
     };
-    let mut insert = client.insert::<UsageRow>("usage_events").await?;
-    insert.write(&row("requests", "req-a", t0 + 59_900, 10)).await?;
-    insert.write(&row("input_tokens", "req-c", t0, 11)).await?;
-    insert.end().await?;
+    // Stored through the aggregator's own RowBinary encoding: ClickHouse 18.16 parses it.
+    let mut stored = UsageRows::default();
+    stored.push(&accepted(t0 + 59_900), &event("requests", "req-a", t0 + 59_900), 0, 10)?;
+    stored.push(&accepted(t0), &event("input_tokens", "req-c", t0), 0, 11)?;
+    let (first, second) = stored.halves();
+    let backoff = meterflow_runtime::retry::Backoff::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let m = meterflow_aggregator::metrics::RUNTIME.write();
+    for half in [first, second] {
+        assert!(meterflow_runtime::output::insert_row_binary(&client, "usage_events", COLUMNS, half, &backoff, &stop, m).await);
+    }
+    let back: Vec<(String, String, i64, u32, String)> = client
+        .query("SELECT meter, event_id, source_offset, toUInt32(window_start), dim_values[1] FROM usage_events ORDER BY source_offset")
+        .fetch_all()
+        .await?;
+    let minute = |t: i64| (t / 60_000 * 60) as u32;
+    assert_eq!(
+        back,
+        vec![
+            ("requests".into(), "req-a".into(), 10, minute(t0 + 59_900), "m-1".into()),
+            ("input_tokens".into(), "req-c".into(), 11, minute(t0), "m-1".into()),
+        ],
+        "rows read back as encoded"
+    );
     let mut pending = Outputs::default();
-    pending.push_usage(row("output_tokens", "req-c", t0 + 5_000, 12));
+    pending.push_usage(&accepted(t0 + 5_000), &event("output_tokens", "req-c", t0 + 5_000), 0, 12)?;
     // The batch being written: neither in the buffer nor (yet) in ClickHouse.
     let mut writing = Outputs::default();
-    writing.push_usage(row("output_tokens", "req-d", t0 + 6_000, 14));
+    writing.push_usage(&accepted(t0 + 6_000), &event("output_tokens", "req-d", t0 + 6_000), 0, 14)?;
     let handle = tokio::runtime::Handle::current();
     let mut stores = ChStores { client: &client, handle: &handle, pending: &pending, writing: Some(&writing) };
     let mut ask = |meter: &str, id: &str, from_ms: i64, offset: i64| {

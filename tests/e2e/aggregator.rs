@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use meterflow_testkit::procs::{parse_with_env, service_env, ServiceProc};
 use meterflow_e2e::scenario::{produce, wait_until_exact, workload};
 use meterflow_testkit::TestEnv;
@@ -98,6 +100,67 @@ async fn identical_after_three_sigkills() -> anyhow::Result<()> {
     wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(240), || agg.check_alive()).await?;
     agg.stop()?;
     assert_eq!(agg.starts, 4);
+    Ok(())
+}
+
+/// Incremental checkpoints: the aggregator writes deltas after its base, is SIGKILLed after
+/// several of them, and the restarted one rebuilds its state from the base plus those deltas
+/// (its log says how many it applied): totals exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reads_base_plus_deltas() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::with_partitions("agg_deltas", PARTITIONS).await?;
+    let mut vars = aggregator_env(&env, "agg-deltas");
+    for (k, v) in [
+        ("METERFLOW_CHECKPOINT_INTERVAL", "500ms"),
+        // No compaction during the test: the chain only grows.
+        ("METERFLOW_CHECKPOINT_FULL_EVERY", "100000"),
+        ("METERFLOW_CHECKPOINT_FULL_RATIO", "1000"),
+        ("METERFLOW_LOG_FORMAT", "json"),
+    ] {
+        vars.push((k.to_owned(), v.to_owned()));
+    }
+    let log = log_path(&env, "aggregator");
+    let _ = std::fs::remove_file(&log);
+    let mut agg = ServiceProc::new("meterflow-aggregator", vars, log.clone())?;
+    agg.start()?;
+    let producing = {
+        let (kafka, topic) = (env.kafka_args().clone(), env.topics().usage_topic.clone());
+        let cfg = workload(EVENTS, 14)?;
+        tokio::spawn(async move { produce(&kafka, &topic, cfg).await })
+    };
+    // Several deltas of one chain stored (the longest chain of any partition).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let stored = loop {
+        let n: u64 = env
+            .query_scalar("SELECT toUInt64(max(c)) FROM (SELECT count() AS c FROM checkpoint_deltas GROUP BY partition)")
+            .await?;
+        if n >= 4 {
+            break n;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "only {n} deltas stored after 120 s");
+        agg.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let pid = agg.pid().context("running")?;
+    agg.kill9()?;
+    anyhow::ensure!(!agg.running(), "the aggregator survived SIGKILL");
+    anyhow::ensure!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} still exists after SIGKILL");
+    eprintln!("SIGKILL of the aggregator with a chain of {stored} deltas stored");
+    agg.start()?;
+    let gt = producing.await??;
+    let ch = env.clickhouse();
+    wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(240), || agg.check_alive()).await?;
+    agg.stop()?;
+    // The restart read base + deltas: the log of the second run says how many per partition.
+    let text = std::fs::read_to_string(&log)?;
+    let applied: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("applied checkpoint deltas"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["fields"]["deltas"].as_u64())
+        .collect();
+    eprintln!("deltas applied per restored partition: {applied:?}");
+    anyhow::ensure!(applied.iter().any(|&n| n > 0), "the restart applied no deltas: {applied:?}");
     Ok(())
 }
 

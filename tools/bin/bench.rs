@@ -43,6 +43,7 @@
 mod bench_aggregator;
 mod bench_api;
 mod bench_baseline;
+mod bench_checkpoints;
 mod bench_freshness;
 mod bench_queries;
 mod bench_control;
@@ -461,22 +462,7 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
             mib(e2e.rss_idle), mib(e2e.rss_end), mib(e2e.rss_peak), ids, whole
         ),
     );
-    for (events, secs) in &e2e.checkpoint_at {
-        report.row(
-            "checkpoint",
-            format!("checkpoint time after {} events (snapshot + fencing check + save)", fmt_rate(*events as f64)),
-            format!("{:.0} ms", secs * 1e3),
-            "the first checkpoint completed after that many records were read",
-        );
-    }
-    match (e2e.checkpoint_at.first(), e2e.checkpoint_at.last()) {
-        (Some(a), Some(b)) if b.0 > a.0 => report.goal(
-            "checkpoint time independent of state size",
-            format!("{:.0} ms at {} events, {:.0} ms at {} events", a.1 * 1e3, fmt_rate(a.0 as f64), b.1 * 1e3, fmt_rate(b.0 as f64)),
-            Some(b.1 <= 1.5 * a.1),
-        ),
-        _ => report.goal("checkpoint time independent of state size", "needs --events >= 5000000 (marks 1M, 5M, 10M)", None),
-    }
+    bench_checkpoints::report_checkpoints(report, &e2e.checkpoints_by_size, args.partitions);
 
     // 5. Baseline ingest.
     println!("== baseline: raw events into ClickHouse");

@@ -29,9 +29,8 @@ pub(super) struct AggRun {
     pub(super) insert_secs: f64,
     pub(super) checkpoint_secs: f64,
     pub(super) checkpoints: f64,
-    /// Checkpoint time by input size: (events read when it was due, seconds of the first
-    /// checkpoint completed after that point).
-    pub(super) checkpoint_at: Vec<(u64, f64)>,
+    /// Checkpoint time and size by input size, delta and full.
+    pub(super) checkpoints_by_size: bench_checkpoints::Tracker,
     pub(super) kill: Option<KillResult>,
 }
 
@@ -71,30 +70,15 @@ pub(super) async fn aggregator_run(
     let agg_cpu = |agg: &ServiceProc| agg.pid().and_then(cpu_secs).unwrap_or(0.0);
     // (hot ids, RSS) when a quarter of the input had been read.
     let mut quarter: Option<(f64, u64)> = None;
-    // Checkpoint histogram at the last scrape (sum, count), and the mark waiting for the next
-    // checkpoint to complete.
-    let mut ckpt = (0.0, 0.0);
     let mut marks = CHECKPOINT_MARKS.iter().copied().filter(|m| (*m as f64) <= sent).peekable();
-    let mut waiting_mark: Option<u64> = None;
     loop {
         agg.check_alive()?;
         anyhow::ensure!(Instant::now() < deadline, "{group}: not exact after an hour");
         let text = get_ok(&format!("http://{http}/metrics")).await.unwrap_or_default();
         let events_in = metric_sum(&text, "meterflow_aggregator_events_in_total");
         if restarted.is_none() {
-            let now = (
-                metric_sum(&text, "meterflow_aggregator_checkpoint_seconds_sum"),
-                metric_sum(&text, "meterflow_aggregator_checkpoint_seconds_count"),
-            );
-            if now.1 > ckpt.1 {
-                if let Some(m) = waiting_mark.take() {
-                    run.checkpoint_at.push((m, (now.0 - ckpt.0) / (now.1 - ckpt.1)));
-                }
-            }
-            ckpt = now;
-            if waiting_mark.is_none() && marks.peek().is_some_and(|m| events_in >= *m as f64) {
-                waiting_mark = marks.next();
-            }
+            let reached = marks.next_if(|m| events_in >= *m as f64);
+            run.checkpoints_by_size.scrape(&text, reached);
         }
         let rss = agg.rss_bytes().unwrap_or(0);
         run.rss_peak = run.rss_peak.max(rss);
@@ -170,6 +154,7 @@ pub(super) async fn aggregator_run(
             run.slope_bytes_per_id = Some((run.rss_end as f64 - rss as f64) / (run.hot_ids - ids));
         }
     }
+    run.checkpoints_by_size.finish();
     if restarted.is_some() {
         run.kill = Some(kill);
     }

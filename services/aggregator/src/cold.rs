@@ -72,7 +72,7 @@ impl ColdStore for ChStores<'_> {
     /// granule per month partition, whatever the horizon (migration 014).
     fn contains(&mut self, q: &ColdQuery<'_>) -> Result<bool, Error> {
         let p = q.before.partition;
-        let buffered = self.unwritten().flat_map(|o| &o.usage).any(|r| {
+        let buffered = self.unwritten().flat_map(|o| o.usage.iter()).any(|r| {
             r.source_partition == p
                 && r.source_offset < q.before.offset
                 && r.tenant == q.tenant
@@ -163,27 +163,27 @@ impl ChStores<'_> {
                 ));
             }
         }
-        for r in self.unwritten().flat_map(|o| &o.usage) {
+        for r in self.unwritten().flat_map(|o| o.usage.iter()) {
             let matches = r.source_partition == p
                 && r.source_offset < q.before.offset
                 && r.tenant == q.tenant
                 && r.meter == q.meter.name
                 && r.event_time_ms >= q.window_start
                 && r.event_time_ms < q.window_end
-                && q.group.iter().all(|(k, v)| dim(&r.dim_keys, &r.dim_values, k) == *v);
+                && q.group.iter().all(|(k, v)| r.dim(k) == *v);
             if matches && seen.insert(r.source_offset) {
                 rows.push((
                     r.source_offset,
                     StoredEvent {
-                        event_id: r.event_id.clone(),
+                        event_id: r.event_id.to_owned(),
                         quantity: from_ch_i128(r.quantity),
                         event_time_ms: r.event_time_ms,
                         unique_value: if unique_dim.is_empty() {
                             String::new()
                         } else {
-                            dim(&r.dim_keys, &r.dim_values, unique_dim).to_owned()
+                            r.dim(unique_dim).to_owned()
                         },
-                        provider_cost: (r.has_provider_cost != 0).then(|| from_ch_i128(r.provider_cost)),
+                        provider_cost: r.has_provider_cost.then(|| from_ch_i128(r.provider_cost)),
                     },
                 ));
             }
@@ -265,9 +265,3 @@ impl ChStores<'_> {
     }
 }
 
-fn dim<'a>(keys: &'a [String], values: &'a [String], k: &str) -> &'a str {
-    keys.iter()
-        .position(|x| x == k)
-        .and_then(|i| values.get(i))
-        .map_or("", String::as_str)
-}

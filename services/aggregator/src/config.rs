@@ -78,6 +78,18 @@ pub struct Config {
     #[arg(long = "checkpoint-interval", env = "METERFLOW_CHECKPOINT_INTERVAL", default_value = "5s", value_parser = duration_ms)]
     pub checkpoint_interval_ms: i64,
 
+    /// Checkpoints are deltas (the windows and dedup ids changed since the previous one, so
+    /// their cost follows the traffic, not the state); every this many deltas a full one is
+    /// written instead, which bounds what a restart reads. 0: every checkpoint is full.
+    #[arg(long, env = "METERFLOW_CHECKPOINT_FULL_EVERY", default_value_t = 20)]
+    pub checkpoint_full_every: u32,
+
+    /// A full checkpoint is also written once the deltas since the last one add up to this
+    /// fraction of its size (a burst of new ids would otherwise make restarts read more than
+    /// a full state).
+    #[arg(long, env = "METERFLOW_CHECKPOINT_FULL_RATIO", default_value_t = 0.5)]
+    pub checkpoint_full_ratio: f64,
+
     /// Buffered output rows that start a write at once. One batch is written while the next
     /// fills; consumption pauses while that one is full too, so at most twice this many rows
     /// wait in memory while ClickHouse or the broker is down. Batches are written every
@@ -96,6 +108,13 @@ pub struct Config {
     /// without new events.
     #[arg(long = "idle-timeout", env = "METERFLOW_IDLE_TIMEOUT", default_value = "5s", value_parser = duration_ms)]
     pub idle_timeout_ms: i64,
+}
+
+impl Config {
+    /// When checkpoints are deltas (see `meterflow_runtime::chain`).
+    pub fn delta_policy(&self) -> meterflow_runtime::chain::DeltaPolicy {
+        meterflow_runtime::chain::DeltaPolicy { full_every: self.checkpoint_full_every, max_ratio: self.checkpoint_full_ratio }
+    }
 }
 
 impl ServiceConfig for Config {

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod provisional;
 pub mod rows;
 pub mod sink;
+pub mod usage_rows;
 
 mod lag;
 mod pipeline;

@@ -28,6 +28,8 @@ pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
     checkpoint_seconds: "meterflow_aggregator_checkpoint_seconds",
     flush_errors: "meterflow_aggregator_flush_errors_total",
     fenced: "meterflow_aggregator_partitions_fenced_total",
+    checkpoints: "meterflow_aggregator_checkpoints_total",
+    checkpoint_bytes: "meterflow_aggregator_checkpoint_bytes_total",
 };
 
 pub fn describe() {

@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, usage_row, wall_ms, TICK};
+use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, wall_ms, TICK};
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 use crate::stored::Stored;
@@ -112,6 +112,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
         errors: m::RUNTIME.flush_errors,
         fenced: m::RUNTIME.fenced,
+        deltas: agg.config.delta_policy(),
+        checkpoints: m::RUNTIME.checkpoints,
+        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
@@ -141,6 +144,9 @@ struct HeldPartition {
     input_since_tick: bool,
     /// `next_offset` of the last ingest-ledger entry buffered for this partition.
     ledger_at: i64,
+    /// The engine was rebuilt since its last checkpoint (a configuration switch), so its
+    /// changes are not relative to a stored one: the next checkpoint must be full.
+    needs_base: bool,
 }
 
 struct Aggregator {
@@ -252,7 +258,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, HeldPartition { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1 });
+            .insert(partition, HeldPartition { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1, needs_base: false });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }
@@ -289,11 +295,35 @@ impl Partitioned for Aggregator {
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
-        let part = self.partitions.get(&partition).context("snapshot of a partition not held")?;
+        let part = self.partitions.get_mut(&partition).context("snapshot of a partition not held")?;
         if part.switch.is_none() {
             self.switched = false;
         }
-        Ok(part.engine.snapshot())
+        part.needs_base = false;
+        Ok(part.engine.snapshot_marked())
+    }
+
+    fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
+        let part = self.partitions.get_mut(&partition).context("snapshot of a partition not held")?;
+        if part.needs_base || !part.engine.tracks_deltas() {
+            return Ok(None);
+        }
+        Ok(Some(part.engine.checkpoint_delta()?))
+    }
+
+    fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
+        let part = self.partitions.get_mut(&partition).context("deltas for a partition not held")?;
+        for (i, d) in deltas.iter().enumerate() {
+            part.engine.apply_delta(d).with_context(|| format!("delta {} of {}", i + 1, deltas.len()))?;
+        }
+        tracing::info!(
+            partition,
+            deltas = deltas.len(),
+            next_offset = part.engine.next_offset(),
+            next_seq = part.engine.next_seq(),
+            "applied checkpoint deltas"
+        );
+        Ok(())
     }
 
     async fn handle(&mut self, record: &Record<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -399,6 +429,7 @@ impl Aggregator {
             )
         })?;
         part.meters_text = sw.text;
+        part.needs_base = true;
         self.switched = true;
         tracing::warn!(
             partition,
@@ -512,7 +543,7 @@ impl Aggregator {
                             counters.accepted.increment(1);
                             // The raw row keeps dimensions sorted by key (in place: no copy).
                             ev.dimensions.sort_unstable();
-                            outputs.push_usage(usage_row(part.engine.accepted(), &ev, partition, offset)?);
+                            outputs.push_usage(part.engine.accepted(), &ev, partition, offset)?;
                         }
                         Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {

@@ -1,7 +1,6 @@
 //! What the aggregator derives from one input record besides the engine's work: the raw row
 //! of an accepted event, dead letters, the tick control records, retries of cold look-ups.
 
-use meterflow_core::engine::Accepted;
 use meterflow_core::event::UsageEventRef;
 use meterflow_core::records::DeadLetter;
 use meterflow_core::{auth, RejectReason};
@@ -13,7 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::rows::{secs, UsageRow};
 
 pub(crate) const TICK: &[u8] = b"tick";
 
@@ -55,36 +53,6 @@ pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// The raw row of an accepted event (its dimensions sorted), from the quantities and window
-/// the engine parsed (canonical, at most 9 fractional digits, so the conversion is exact; an
-/// error here is a bug, and it stops the aggregator rather than store a wrong quantity).
-pub(crate) fn usage_row(acc: &Accepted, ev: &UsageEventRef<'_>, partition: i32, offset: i64) -> anyhow::Result<UsageRow> {
-    use meterflow_core::decimal::to_ch_i128;
-    let quantity = to_ch_i128(&acc.quantity)?;
-    let provider_cost = match &acc.provider_cost {
-        Some(c) => to_ch_i128(c)?,
-        None => 0,
-    };
-    let dims = &ev.dimensions;
-    debug_assert!(dims.is_sorted(), "dimensions sorted by the caller");
-    Ok(UsageRow {
-        tenant: ev.tenant.to_owned(),
-        meter: ev.meter.to_owned(),
-        event_id: ev.event_id.to_owned(),
-        event_time: secs(ev.event_time_ms),
-        event_time_ms: ev.event_time_ms,
-        window_start: secs(acc.window_start),
-        quantity,
-        provider_cost,
-        has_provider_cost: u8::from(acc.provider_cost.is_some()),
-        dim_keys: dims.iter().map(|(k, _)| (*k).to_owned()).collect(),
-        dim_values: dims.iter().map(|(_, v)| (*v).to_owned()).collect(),
-        source: ev.source.to_owned(),
-        source_partition: partition,
-        source_offset: offset,
-    })
 }
 
 pub(crate) fn dead_letter(

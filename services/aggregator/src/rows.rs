@@ -1,28 +1,11 @@
 //! ClickHouse rows written by the aggregator (RowBinary; `Decimal(38, 9)` travels as i128).
+//! The raw `usage_events` rows are encoded directly, see [`crate::usage_rows`].
 
 use meterflow_core::decimal::to_ch_i128;
 use meterflow_core::ledger::LedgerEntry;
 use meterflow_core::records::MeterAggregate;
 pub use meterflow_runtime::rows::{secs, DeadLetterRow};
 use serde::Serialize;
-
-#[derive(Debug, Clone, clickhouse::Row, Serialize)]
-pub struct UsageRow {
-    pub tenant: String,
-    pub meter: String,
-    pub event_id: String,
-    pub event_time: u32,
-    pub event_time_ms: i64,
-    pub window_start: u32,
-    pub quantity: i128,
-    pub provider_cost: i128,
-    pub has_provider_cost: u8,
-    pub dim_keys: Vec<String>,
-    pub dim_values: Vec<String>,
-    pub source: String,
-    pub source_partition: i32,
-    pub source_offset: i64,
-}
 
 #[derive(Debug, Clone, clickhouse::Row, Serialize)]
 pub struct AggregateRow {

@@ -6,15 +6,18 @@ use std::sync::Arc;
 
 use clickhouse::Client;
 use meterflow_core::auth::{self, RecordKey};
+use meterflow_core::engine::Accepted;
+use meterflow_core::event::UsageEventRef;
 use meterflow_core::records::{AvroRecord, DeadLetter, MeterAggregate};
-use meterflow_runtime::output::{insert_all, produce_all_with_headers, WriteMetrics};
+use meterflow_runtime::output::{insert_all, insert_row_binary, produce_all_with_headers, WriteMetrics};
 use meterflow_runtime::retry::Backoff;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::rows::{AggregateRow, DeadLetterRow, LedgerRow, UncostedRow, UsageRow};
+use crate::rows::{AggregateRow, DeadLetterRow, LedgerRow, UncostedRow};
+use crate::usage_rows::{UsageRows, COLUMNS as USAGE_COLUMNS};
 
 const WRITE_METRICS: WriteMetrics = m::RUNTIME.write();
 
@@ -34,7 +37,7 @@ pub struct ExtraRecord {
 /// What processing produced since the last batch was taken.
 #[derive(Debug, Default)]
 pub struct Outputs {
-    pub usage: Vec<UsageRow>,
+    pub usage: UsageRows,
     pub aggregates: Vec<MeterAggregate>,
     pub dead_letters: Vec<DeadLetter>,
     /// Ingest-ledger entries (one per partition that moved, taken with the batch).
@@ -55,13 +58,18 @@ impl Outputs {
 
     /// Estimated memory of the buffered rows.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.usage.bytes()
     }
 
-    pub fn push_usage(&mut self, r: UsageRow) {
-        let dims: usize = r.dim_keys.iter().chain(&r.dim_values).map(|s| s.len() + 24).sum();
-        self.bytes += ROW_OVERHEAD + r.tenant.len() + r.meter.len() + r.event_id.len() + r.source.len() + dims;
-        self.usage.push(r);
+    /// The raw row of an accepted event (see [`UsageRows::push`]).
+    pub fn push_usage(
+        &mut self,
+        acc: &Accepted,
+        ev: &UsageEventRef<'_>,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), meterflow_core::Error> {
+        self.usage.push(acc, ev, partition, offset)
     }
 
     pub fn push_aggregate(&mut self, a: MeterAggregate) {
@@ -139,10 +147,10 @@ impl Sink {
         // The raw rows are most of the work: two inserts of a fixed half each (the same halves
         // on every retry) let ClickHouse parse and sort them on two threads, beside the
         // small tables.
-        let (first, second) = out.usage.split_at(out.usage.len() / 2);
+        let (first, second) = out.usage.halves();
         let (a, b2, small) = tokio::join!(
-            insert_all(c, "usage_events", first, b, stop, WRITE_METRICS),
-            insert_all(c, "usage_events", second, b, stop, WRITE_METRICS),
+            insert_row_binary(c, "usage_events", USAGE_COLUMNS, first, b, stop, WRITE_METRICS),
+            insert_row_binary(c, "usage_events", USAGE_COLUMNS, second, b, stop, WRITE_METRICS),
             async {
                 insert_all(c, "meter_aggregates", &aggs, b, stop, WRITE_METRICS).await
                     && insert_all(c, "aggregate_uncosted", &uncosted, b, stop, WRITE_METRICS).await

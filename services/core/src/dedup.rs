@@ -86,6 +86,7 @@ use crate::{Error, Result};
 
 mod cold;
 mod compact;
+mod delta;
 mod snapshot;
 mod table;
 use cold::{empty_group, merge_u32, ColdGroup};
@@ -254,6 +255,9 @@ pub struct Deduplicator {
     /// The oldest live bucket at `now` (`i64::MIN` before any time), cached for the probe.
     floor_b: i64,
     stats: DedupStats,
+    /// The state-changing calls since the last checkpoint mark, while an engine tracks deltas
+    /// (`None` otherwise, so an engine that never takes deltas pays nothing).
+    log: Option<Vec<delta::Op>>,
 }
 
 impl std::fmt::Debug for Deduplicator {
@@ -308,6 +312,7 @@ impl Deduplicator {
             now: None,
             floor_b: i64::MIN,
             stats: DedupStats::default(),
+            log: None,
         })
     }
 
@@ -440,6 +445,9 @@ impl Deduplicator {
     /// Remembers a probed id (the event was accepted), then enforces the memory budget.
     pub fn commit<C: ColdStore + ?Sized>(&mut self, id: NewId, cold: &mut C) {
         let key = key_of(id.hash);
+        if let Some(log) = &mut self.log {
+            log.push(delta::Op::Commit { key, bucket: id.bucket });
+        }
         if id.bucket < self.cold_below {
             // Accepted into a cold bucket: the store has the raw event; remember that it may.
             let fp = fp_of(key);
@@ -507,6 +515,11 @@ impl Deduplicator {
         let floor_b = self.floor_b;
         if floor_b == prev_floor_b {
             return;
+        }
+        // Only floor changes can purge or shape later compactions; the final time goes into
+        // the delta on its own.
+        if let Some(log) = &mut self.log {
+            log.push(delta::Op::Advance(partition_time_ms));
         }
         let below = (floor_b.saturating_sub(self.base)).clamp(0, self.counts.len() as i64) as usize;
         let expired: u64 = self.counts[..below].iter().map(|&c| u64::from(c)).sum::<u64>()

@@ -62,6 +62,8 @@ mod close;
 mod config;
 mod hot;
 pub mod memory;
+mod codec;
+mod delta;
 mod open;
 mod stats;
 pub(crate) mod snapshot;
@@ -80,6 +82,7 @@ use crate::records::MeterAggregate;
 pub use crate::window::{LastEmitted, LoadedWindow, StoredEvent, WindowQuery, WindowStore};
 use crate::window::{canonical, Contribution, Overflow, Window, WindowKey};
 use crate::{Error, Result};
+pub use delta::is_delta;
 pub use config::{EngineConfig, DEFAULT_MAX_OPEN_WINDOWS_PER_TENANT, DEFAULT_MAX_WINDOWS};
 pub use memory::MemoryStore;
 pub use stats::EngineStats;
@@ -161,6 +164,8 @@ pub struct PartitionEngine {
     output: Vec<MeterAggregate>,
     /// The last accepted event (see [`Self::accepted`]); not part of the snapshot.
     accepted: Accepted,
+    /// Changes since the last checkpoint, when deltas are armed (see [`delta`]).
+    delta: Option<delta::Tracker>,
 }
 
 impl std::fmt::Debug for PartitionEngine {
@@ -238,6 +243,7 @@ impl PartitionEngine {
             stats: EngineStats::default(),
             output: Vec::new(),
             accepted: Accepted::default(),
+            delta: None,
         })
     }
 
@@ -645,6 +651,7 @@ impl PartitionEngine {
             self.touched.push(slot);
             self.compact_touched();
         }
+        self.note_changed(slot);
         if self.max_time.is_none_or(|now| t > now) {
             self.advance(t, store, false);
         }

@@ -382,6 +382,9 @@ pub(crate) struct Window {
     /// Open and changed since its last provisional total (see `engine::open`). Not in the
     /// snapshot: provisional totals are best effort.
     pub touched: bool,
+    /// Changed since the last checkpoint mark while deltas are tracked (see `engine::delta`).
+    /// Not in the snapshot.
+    pub changed: bool,
     pub hash: u64,
     /// Creation number (per engine, deterministic, in the snapshot): the emission order of
     /// windows that close or restate together, so no sort by key is needed.
@@ -418,6 +421,7 @@ impl Window {
             closed: false,
             dirty: false,
             touched: false,
+            changed: false,
             last: None,
         }
     }

@@ -31,6 +31,8 @@ pub const RUNTIME: RuntimeMetrics = RuntimeMetrics {
     checkpoint_seconds: "meterflow_rater_checkpoint_seconds",
     flush_errors: "meterflow_rater_flush_errors_total",
     fenced: "meterflow_rater_partitions_fenced_total",
+    checkpoints: "meterflow_rater_checkpoints_total",
+    checkpoint_bytes: "meterflow_rater_checkpoint_bytes_total",
 };
 
 pub fn describe() {

@@ -122,6 +122,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
         errors: m::RUNTIME.flush_errors,
         fenced: m::RUNTIME.fenced,
+        // The rater's state is small: every checkpoint is a full one.
+        deltas: meterflow_runtime::chain::DeltaPolicy::default(),
+        checkpoints: m::RUNTIME.checkpoints,
+        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }

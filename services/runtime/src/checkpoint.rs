@@ -100,6 +100,10 @@ impl CheckpointStore {
         Self { client }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// The newest checkpoint of `key`, if any.
     pub async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
         let rows = self
@@ -122,15 +126,21 @@ impl CheckpointStore {
         }))
     }
 
-    /// The newest stored version of every partition of (service, group, topic): the fencing
-    /// check before a checkpoint is written.
+    /// The newest stored version of every partition of (service, group, topic), bases and
+    /// deltas: the fencing check before a checkpoint is written, and the epoch a claim beats.
     pub async fn max_versions(&self, service: &str, group: &str, topic: &str) -> Result<BTreeMap<i32, u64>, Error> {
         let rows = self
             .client
             .query(
-                "SELECT partition, max(version) AS version FROM checkpoints \
-                 WHERE service = ? AND consumer_group = ? AND topic = ? GROUP BY partition",
+                "SELECT partition, max(version) AS version FROM (\
+                 SELECT partition, version FROM checkpoints WHERE service = ? AND consumer_group = ? AND topic = ? \
+                 UNION ALL \
+                 SELECT partition, version FROM checkpoint_deltas WHERE service = ? AND consumer_group = ? AND topic = ?\
+                 ) GROUP BY partition",
             )
+            .bind(service)
+            .bind(group)
+            .bind(topic)
             .bind(service)
             .bind(group)
             .bind(topic)

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use metrics::counter;
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::{contiguous, ChainState, StoredDelta};
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
 use crate::kafka::Ownership;
 use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE};
@@ -82,20 +83,27 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     /// Ok(false): shutdown came first.
     pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, p: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         let key = Self::key(svc, p);
-        let Some((loaded, envelope)) = self.load(&key, shutdown).await? else { return Ok(false) };
+        let Some((loaded, envelope, delta_states)) = self.load(&key, shutdown).await? else { return Ok(false) };
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
         let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
             return Ok(false);
         };
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
+        if !delta_states.is_empty() {
+            let refs: Vec<&[u8]> = delta_states.iter().map(Vec::as_slice).collect();
+            if let Err(e) = svc.apply_deltas(p, &refs) {
+                svc.release(p);
+                return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
+            }
+        }
         if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
         } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.errors, shutdown).await? {
             return Ok(false);
         }
         let stored_version = loaded.as_ref().map_or(0, |c| c.version);
-        let Some((version, positions)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
+        let Some((version, positions, base_bytes)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
             return Ok(false);
         };
         tracing::info!(
@@ -109,16 +117,14 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             self.source.seek(t, p, *o);
         }
         let hash = config_hash(&svc.config_text(p));
-        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None });
+        let chain = ChainState::based(version, base_bytes);
+        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
         Ok(true)
     }
 
-    /// The newest checkpoint of `key` and its envelope; `None`: shutdown came first.
-    async fn load(
-        &self,
-        key: &CheckpointKey,
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<(Option<Checkpoint>, Option<Envelope>)>> {
+    /// The newest base checkpoint of `key` with its deltas (see [`chain_head`]); `None`:
+    /// shutdown came first.
+    async fn load(&self, key: &CheckpointKey, shutdown: &CancellationToken) -> anyhow::Result<Option<Head>> {
         let errors = self.cfg.errors;
         let Some(loaded) = until_ok(
             "load checkpoint",
@@ -137,7 +143,27 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             })?),
             None => None,
         };
-        Ok(Some((loaded, envelope)))
+        let deltas = match (&loaded, &envelope) {
+            (Some(cp), Some(env)) if env.meta.operator.is_none() => {
+                let Some(rows) = until_ok(
+                    "load checkpoint deltas",
+                    &Backoff::default(),
+                    shutdown,
+                    |_| counter!(errors, "sink" => "checkpoint").increment(1),
+                    || self.store.load_deltas(key, cp.version),
+                )
+                .await
+                else {
+                    return Ok(None);
+                };
+                contiguous(cp.version, rows)
+                    .with_context(|| format!("{} partition {}: refusing to start", key.topic, key.partition))?
+            }
+            _ => Vec::new(),
+        };
+        let head = chain_head(loaded, envelope, deltas)
+            .with_context(|| format!("checkpoint deltas of {} partition {}", key.topic, key.partition))?;
+        Ok(Some(head))
     }
 
     /// The input topics' partition counts, once the checkpoint agrees with the group's
@@ -214,7 +240,8 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     }
 
     /// Claims the restored partition: its state again as a checkpoint in a new epoch, above
-    /// every stored one (and `stored_version`). Its version and positions; `None`: shutdown.
+    /// every stored one (and `stored_version`): a new base, so a chain never crosses an epoch.
+    /// Its version, positions and size; `None`: shutdown.
     async fn claim<S: Partitioned>(
         &self,
         svc: &mut S,
@@ -222,7 +249,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         stored_version: u64,
         counts: &BTreeMap<String, i32>,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>)>> {
+    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>, usize)>> {
         let (p, errors) = (key.partition, self.cfg.errors);
         let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
         let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
@@ -243,9 +270,11 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         let state = svc.snapshot(p)?;
         let envelope = Self::envelope(svc, p, &positions, counts, state);
         let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let items = [(key.clone(), Checkpoint { version, next_offset, state: envelope.encode() })];
+        let state = envelope.encode();
+        let base_bytes = state.len();
+        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
         let saved = until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await;
-        Ok(saved.map(|()| (version, positions)))
+        Ok(saved.map(|()| (version, positions, base_bytes)))
     }
 
     /// The checks every service shares: the checkpoint against the group's committed offsets,
@@ -355,4 +384,35 @@ impl Retry {
         self.delay = (self.delay * 2).min(Backoff::default().max);
         true
     }
+}
+
+/// What a claim continues from: the checkpoint and envelope it describes, the deltas' states.
+type Head = (Option<Checkpoint>, Option<Envelope>, Vec<Vec<u8>>);
+
+/// The newest base and its deltas as what the claim continues from: the last delta's version,
+/// offsets and meta (they describe the state after it), the base's state, and the deltas'
+/// states in order. Every delta must have been written under the base's configuration (a
+/// switch writes a base).
+fn chain_head(
+    loaded: Option<Checkpoint>,
+    envelope: Option<Envelope>,
+    deltas: Vec<StoredDelta>,
+) -> anyhow::Result<Head> {
+    let (Some(mut cp), Some(mut env)) = (loaded, envelope) else {
+        return Ok((None, None, Vec::new()));
+    };
+    let mut states = Vec::with_capacity(deltas.len());
+    for d in deltas {
+        let de = Envelope::decode(&d.checkpoint.state).with_context(|| format!("delta version {}", d.checkpoint.version))?;
+        anyhow::ensure!(
+            de.meta.config_hash == env.meta.config_hash && de.meta.operator.is_none(),
+            "delta version {} was written under another configuration than its base {}",
+            d.checkpoint.version,
+            d.link.base_version
+        );
+        cp = Checkpoint { version: d.checkpoint.version, next_offset: d.checkpoint.next_offset, state: Vec::new() };
+        env.meta = de.meta;
+        states.push(de.state);
+    }
+    Ok((Some(cp), Some(env), states))
 }

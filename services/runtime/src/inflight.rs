@@ -19,6 +19,7 @@ use metrics::counter;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::{DeltaLink, StoredDelta};
 use crate::checkpoint::{Checkpoint, CheckpointKey, Envelope};
 use crate::retry::{until_ok, Backoff};
 use crate::store::CheckpointStorage;
@@ -36,6 +37,9 @@ pub(crate) struct Staged {
     pub base_version: u64,
     /// Seconds the snapshot took (the loop was paused for them).
     pub snapshot_secs: f64,
+    /// `Some`: the state is a delta on this chain (saved to `checkpoint_deltas`); `None`: a
+    /// full checkpoint, a new base.
+    pub delta: Option<DeltaLink>,
 }
 
 impl Staged {
@@ -136,16 +140,28 @@ async fn save<St: CheckpointStorage>(staged: Vec<Staged>, store: &St, stop: &Can
             _ => keep.push(s),
         }
     }
-    if !keep.is_empty() {
-        let items: Vec<(CheckpointKey, Checkpoint)> = keep.iter().map(|s| (s.key.clone(), s.checkpoint())).collect();
-        until_ok(
-            "write checkpoint",
-            &Backoff::default(),
-            stop,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || store.save_all(&items),
-        )
-        .await?;
+    let (mut bases, mut deltas) = (Vec::new(), Vec::new());
+    for s in &keep {
+        match s.delta {
+            None => bases.push((s.key.clone(), s.checkpoint())),
+            Some(link) => deltas.push((s.key.clone(), StoredDelta { link, checkpoint: s.checkpoint() })),
+        }
+    }
+    let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
+    if !bases.is_empty() {
+        until_ok("write checkpoint", &Backoff::default(), stop, on_error, || store.save_all(&bases)).await?;
+    }
+    if !deltas.is_empty() {
+        until_ok("write checkpoint delta", &Backoff::default(), stop, on_error, || store.save_deltas(&deltas)).await?;
+    }
+    // Deltas below the new bases are superseded (see `crate::chain`). Not retried: the next
+    // compaction's delete covers whatever this one leaves.
+    let superseded: BTreeMap<i32, u64> = keep.iter().filter(|s| s.delta.is_none()).map(|s| (s.partition, s.version)).collect();
+    if !superseded.is_empty() {
+        if let Err(e) = store.drop_superseded(&key0.service, &key0.consumer_group, &key0.topic, &superseded).await {
+            on_error(&e);
+            tracing::warn!(error = %e, "deleting superseded checkpoint deltas failed; the next base retries");
+        }
     }
     Some(Settled { written: true, saved: keep, fenced, save_secs: started.elapsed().as_secs_f64(), failed: None })
 }

@@ -1,6 +1,7 @@
 //! I/O shared by meterflow's services, so that each service crate stays thin.
 
 pub mod args;
+pub mod chain;
 pub mod checkpoint;
 mod claim;
 pub mod clickhouse;

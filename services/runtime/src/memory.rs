@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+use crate::chain::StoredDelta;
 use crate::checkpoint::{Checkpoint, CheckpointKey};
 use crate::kafka::Ownership;
 use crate::record::{AsRecord, Headers, Record, Timestamp};
@@ -316,6 +317,7 @@ impl Source for MemorySource {
 #[derive(Debug, Default)]
 struct StoreState {
     rows: Vec<(CheckpointKey, Checkpoint)>,
+    deltas: Vec<(CheckpointKey, StoredDelta)>,
     failing_saves: u32,
 }
 
@@ -360,7 +362,8 @@ impl CheckpointStorage for MemoryStore {
     async fn max_versions(&self, service: &str, group: &str, topic: &str) -> Result<BTreeMap<i32, u64>, Error> {
         let s = lock(&self.state);
         let mut max = BTreeMap::new();
-        for (k, c) in &s.rows {
+        let deltas = s.deltas.iter().map(|(k, d)| (k, &d.checkpoint));
+        for (k, c) in s.rows.iter().map(|(k, c)| (k, c)).chain(deltas) {
             if k.service == service && k.consumer_group == group && k.topic == topic {
                 let v = max.entry(k.partition).or_insert(c.version);
                 *v = (*v).max(c.version);
@@ -379,6 +382,41 @@ impl CheckpointStorage for MemoryStore {
             s.rows.push((k.clone(), c.clone()));
             self.journal.push(Event::Saved { partition: k.partition, version: c.version, next_offset: c.next_offset });
         }
+        Ok(())
+    }
+
+    async fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> Result<Vec<StoredDelta>, Error> {
+        let s = lock(&self.state);
+        let mut found: Vec<StoredDelta> = s
+            .deltas
+            .iter()
+            .filter(|(k, d)| k == key && d.link.base_version == base_version)
+            .map(|(_, d)| d.clone())
+            .collect();
+        found.sort_by_key(|d| d.checkpoint.version);
+        Ok(found)
+    }
+
+    async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
+        let mut s = lock(&self.state);
+        if s.failing_saves > 0 {
+            s.failing_saves -= 1;
+            return Err(Error::Other("injected checkpoint store failure".to_owned()));
+        }
+        for (k, d) in items {
+            s.deltas.push((k.clone(), d.clone()));
+            let c = &d.checkpoint;
+            self.journal.push(Event::Saved { partition: k.partition, version: c.version, next_offset: c.next_offset });
+        }
+        Ok(())
+    }
+
+    async fn drop_superseded(&self, service: &str, group: &str, topic: &str, bases: &BTreeMap<i32, u64>) -> Result<(), Error> {
+        let mut s = lock(&self.state);
+        s.deltas.retain(|(k, d)| {
+            let ours = k.service == service && k.consumer_group == group && k.topic == topic;
+            !(ours && bases.get(&k.partition).is_some_and(|&b| d.checkpoint.version < b))
+        });
         Ok(())
     }
 }

@@ -57,6 +57,44 @@ where
     ok
 }
 
+/// Inserts pre-encoded RowBinary rows of `columns` into `table` in one insert, retried until
+/// it succeeds (every attempt sends the same bytes). Returns false only when shutdown
+/// interrupted the retries.
+pub async fn insert_row_binary(
+    client: &Client,
+    table: &'static str,
+    columns: &str,
+    data: &[u8],
+    backoff: &Backoff,
+    shutdown: &CancellationToken,
+    m: WriteMetrics,
+) -> bool {
+    /// Compressed and sent a chunk at a time, so a large batch is never copied whole.
+    const CHUNK: usize = 1 << 20;
+    if data.is_empty() {
+        return true;
+    }
+    let started = Instant::now();
+    let sql = format!("INSERT INTO {table} ({columns}) FORMAT RowBinary");
+    let ok = until_ok(
+        table,
+        backoff,
+        shutdown,
+        |_| metrics::counter!(m.errors, "sink" => table).increment(1),
+        || async {
+            let mut insert = client.insert_formatted_with(sql.clone());
+            for chunk in data.chunks(CHUNK) {
+                insert.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+            }
+            insert.end().await
+        },
+    )
+    .await
+    .is_some();
+    metrics::histogram!(m.insert_seconds, "table" => table).record(started.elapsed().as_secs_f64());
+    ok
+}
+
 /// One record to produce: topic, key, payload.
 pub type OutRecord<'a> = (&'a str, String, Vec<u8>);
 

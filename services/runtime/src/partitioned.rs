@@ -29,6 +29,7 @@ use metrics::{counter, histogram};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
+use crate::chain::{ChainState, DeltaPolicy};
 use crate::checkpoint::{config_hash, epoch_of, CheckpointStore};
 use crate::inflight::{InFlight, Names, Settled, Staged};
 use crate::kafka::{self, RebalanceLog};
@@ -46,12 +47,19 @@ pub struct LoopConfig {
     pub max_buffered_rows: usize,
     /// The same bound in (estimated) bytes of buffered output.
     pub max_buffered_bytes: usize,
-    /// Histogram of checkpoint time: snapshot plus fencing check and save.
+    /// Histogram of checkpoint time (snapshot plus fencing check and save) per batch,
+    /// labelled by `kind`: `full` if any partition wrote a base, else `delta`.
     pub checkpoint_seconds: &'static str,
     /// Counter of failed attempts, labelled by `sink`.
     pub errors: &'static str,
     /// Counter of partitions given up because another instance claimed them (fencing).
     pub fenced: &'static str,
+    /// When checkpoints are deltas instead of full states (services that write deltas).
+    pub deltas: DeltaPolicy,
+    /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
+    pub checkpoints: &'static str,
+    /// Counter of the state bytes of those checkpoints, labelled by `kind`.
+    pub checkpoint_bytes: &'static str,
 }
 
 /// What a service plugs into [`run`]. Partition N of every input topic belongs to state N.
@@ -106,6 +114,22 @@ pub trait Partitioned {
     /// rows that must go with the checkpoint may be added to the buffers here.
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>>;
 
+    /// The change of the state of `partition` since its last checkpoint (full or delta, as
+    /// returned by [`Partitioned::snapshot`] or this), or `None` to have a full one taken
+    /// instead. Called only when the runtime knows that last checkpoint to be durable and the
+    /// [`DeltaPolicy`] allows a delta. The default: no deltas (a small state needs none).
+    fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
+        let _ = partition;
+        Ok(None)
+    }
+
+    /// Applies the deltas stored after the checkpoint [`Partitioned::restore`] just restored,
+    /// in order (the states of their envelopes).
+    fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
+        anyhow::ensure!(deltas.is_empty(), "partition {partition}: this service writes no checkpoint deltas, but {} are stored", deltas.len());
+        Ok(())
+    }
+
     /// Processes one record (always the next expected offset of its partition).
     fn handle(
         &mut self,
@@ -149,6 +173,8 @@ pub(crate) struct Held {
     pub config_hash: String,
     /// A record beyond the expected offset arrived: (expected offset, seeks issued, last seek).
     pub gap: Option<(i64, u32, Instant)>,
+    /// The partition's chain of base and deltas (see [`crate::chain`]).
+    pub chain: ChainState,
 }
 
 /// The protocol state around a service (see the module docs).
@@ -332,23 +358,35 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     fn stage<S: Partitioned>(&mut self, svc: &mut S) -> Vec<Staged> {
         let topics = svc.topics();
         let mut staged = Vec::new();
-        for (&p, h) in &self.held {
+        for (&p, h) in &mut self.held {
             let started = Instant::now();
             let positions: BTreeMap<String, i64> =
                 topics.iter().map(|t| (t.clone(), svc.position(t, p).unwrap_or(0))).collect();
             if positions == h.checkpointed && config_hash(&svc.config_text(p)) == h.config_hash {
                 continue;
             }
-            let state = match svc.snapshot(p) {
+            let mut delta = h.chain.next_delta(&self.cfg.deltas);
+            let state = match delta.map(|_| svc.snapshot_delta(p)).transpose() {
+                Ok(Some(Some(d))) => Ok(d),
+                Ok(_) => {
+                    delta = None;
+                    svc.snapshot(p)
+                }
+                Err(e) => Err(e),
+            };
+            let state = match state {
                 Ok(s) => s,
                 Err(e) => {
                     // Skipping would silently grow the replay: say it loudly.
                     tracing::error!(error = %e, partition = p, "cannot snapshot state; not checkpointing it");
                     counter!(self.cfg.errors, "sink" => "checkpoint").increment(1);
+                    // The state's delta mark may have moved: the next checkpoint is a base.
+                    h.chain.staging(u64::MAX);
                     continue;
                 }
             };
             let envelope = Self::envelope(svc, p, &positions, &h.partition_counts, state);
+            h.chain.staging(h.version + 1);
             staged.push(Staged {
                 partition: p,
                 key: Self::key(svc, p),
@@ -357,6 +395,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 offsets: positions,
                 base_version: h.version,
                 snapshot_secs: started.elapsed().as_secs_f64(),
+                delta,
             });
         }
         staged
@@ -414,9 +453,18 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         let mut commits = Vec::new();
         let mut secs = None;
+        // A batch is a "full" checkpoint if any of its partitions wrote a base.
+        let mut kind = "delta";
         for s in settled.saved {
             let Some(h) = self.held.get_mut(&s.partition).filter(|h| h.version == s.base_version) else { continue };
             commits.extend(s.offsets.iter().map(|(t, o)| (t.clone(), s.partition, *o)));
+            let (bytes, k) = (s.envelope.state.len(), if s.delta.is_some() { "delta" } else { "full" });
+            h.chain.saved(s.version, bytes, s.delta);
+            counter!(self.cfg.checkpoints, "kind" => k).increment(1);
+            counter!(self.cfg.checkpoint_bytes, "kind" => k).increment(bytes as u64);
+            if s.delta.is_none() {
+                kind = "full";
+            }
             h.version = s.version;
             h.checkpointed = s.offsets;
             h.config_hash = s.envelope.meta.config_hash;
@@ -424,7 +472,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         self.source.commit(&commits);
         if let Some(secs) = secs {
-            histogram!(self.cfg.checkpoint_seconds).record(secs);
+            histogram!(self.cfg.checkpoint_seconds, "kind" => kind).record(secs);
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 
+use crate::chain::StoredDelta;
 use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
 use crate::Error;
 
@@ -24,6 +25,23 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
     /// Stores `items` together (all or, on an error, possibly some: each is a complete
     /// checkpoint, so a partial save is an older position, never a wrong one).
     fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The stored deltas of `key` that name `base_version` as their base, in version order
+    /// (checked by [`crate::chain::contiguous`]).
+    fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send;
+
+    /// Stores deltas together.
+    fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Deletes the deltas below each partition's newest durable base (`bases`: partition ->
+    /// base version) of (service, group, topic).
+    fn drop_superseded(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+        bases: &BTreeMap<i32, u64>,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 impl CheckpointStorage for CheckpointStore {
@@ -42,5 +60,23 @@ impl CheckpointStorage for CheckpointStore {
 
     fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> impl Future<Output = Result<(), Error>> + Send {
         CheckpointStore::save_all(self, items)
+    }
+
+    fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send {
+        CheckpointStore::load_deltas(self, key, base_version)
+    }
+
+    fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send {
+        CheckpointStore::save_deltas(self, items)
+    }
+
+    fn drop_superseded(
+        &self,
+        service: &str,
+        group: &str,
+        topic: &str,
+        bases: &BTreeMap<i32, u64>,
+    ) -> impl Future<Output = Result<(), Error>> + Send {
+        CheckpointStore::drop_superseded(self, service, group, topic, bases)
     }
 }

@@ -24,12 +24,17 @@ pub fn init_logging(args: &LogArgs) {
 pub struct RuntimeMetrics {
     /// Histogram of ClickHouse insert latency, labelled by `table`.
     pub insert_seconds: &'static str,
-    /// Histogram of checkpoint time: snapshot plus fencing check and save.
+    /// Histogram of checkpoint time: snapshot plus fencing check and save, by `kind` (`full`
+    /// if the batch wrote any base, else `delta`).
     pub checkpoint_seconds: &'static str,
     /// Counter of failed write attempts (retried), labelled by `sink`.
     pub flush_errors: &'static str,
     /// Counter of partitions given up because another instance claimed them (fencing).
     pub fenced: &'static str,
+    /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
+    pub checkpoints: &'static str,
+    /// Counter of the state bytes of those checkpoints, by `kind`.
+    pub checkpoint_bytes: &'static str,
 }
 
 impl RuntimeMetrics {
@@ -44,7 +49,9 @@ impl RuntimeMetrics {
         describe_histogram!(self.checkpoint_seconds, Unit::Seconds, "Time to write a checkpoint and commit offsets.");
         describe_counter!(self.fenced, "Partitions given up because another instance claimed them in a newer epoch.");
         describe_counter!(self.flush_errors, "Failed flush attempts by sink (retried).");
+        describe_counter!(self.checkpoint_bytes, "State bytes of the checkpoints saved, by kind (full, delta).");
+        describe_counter!(self.checkpoints, "Checkpoints saved, by kind: full (a base) or delta (the change since the previous one).");
         counter!(self.fenced).increment(0);
-        let _ = histogram!(self.checkpoint_seconds);
+        let _ = histogram!(self.checkpoint_seconds, "kind" => "full");
     }
 }

@@ -111,6 +111,7 @@ impl PartitionEngine {
             };
             for slot in batch {
                 let w = self.slab[slot as usize].take().expect("live");
+                self.note_evicted(&w);
                 let hash = w.hash;
                 self.index
                     .find_entry(hash, |&i| i == slot)
@@ -213,5 +214,6 @@ impl PartitionEngine {
             uncosted: uncosted_value,
         });
         w.dirty = false;
+        self.note_changed(slot);
     }
 }

@@ -40,7 +40,7 @@ pub struct MemoryStoreStats {
 }
 
 /// See the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MemoryStore {
     meters: HashMap<String, MeterDef>,
     /// (partition, tenant, meter, event_id) → (offset, event time), sorted by offset.

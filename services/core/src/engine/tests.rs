@@ -10,6 +10,8 @@ use crate::meter::MeterCatalog;
 
 /// Snapshot format: exact restore, corruption, and the versions older releases wrote.
 mod snapshot;
+/// Incremental checkpoints: size and arming.
+mod delta;
 
 const METERS: &str = r#"
 [[meter]]

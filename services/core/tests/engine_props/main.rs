@@ -18,7 +18,9 @@
 //!   total (and with immediate restatements not a single byte of output);
 //! * snapshot → restore → continue is byte-identical to an uninterrupted run, also when the
 //!   restore replays records that a crashed run already wrote to the stores;
-//! * events older than the dedup horizon are rejected `TooLate`.
+//! * events older than the dedup horizon are rejected `TooLate`;
+//! * a base snapshot plus the deltas taken after it rebuilds the state byte for byte, and a
+//!   delta on the wrong base, out of order or corrupted is refused (`deltas.rs`).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,11 +32,13 @@ use meterflow_core::decimal;
 use meterflow_core::engine::{EngineConfig, MemoryStore, Outcome, PartitionEngine, MAX_ABS_EVENT_TIME_MS};
 use meterflow_core::event::{RejectReason, UsageEventRef};
 use meterflow_core::meter::{Aggregation, MeterCatalog, MeterDef};
+use meterflow_core::Error;
 use meterflow_core::records::MeterAggregate;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 
 /// Cases per property (the brief asks for at least 256).
+mod deltas;
 mod driver;
 mod reference;
 

@@ -183,6 +183,9 @@ fn config() -> LoopConfig {
         checkpoint_seconds: "test_checkpoint_seconds",
         errors: "test_errors",
         fenced: "test_fenced",
+        deltas: crate::chain::DeltaPolicy::default(),
+        checkpoints: "test_checkpoints",
+        checkpoint_bytes: "test_checkpoint_bytes",
     }
 }
 
