@@ -18,6 +18,7 @@ pub mod resume;
 pub mod retry;
 pub mod rows;
 pub mod service;
+mod service_io;
 pub mod shutdown;
 pub mod source;
 pub mod store;
