@@ -9,6 +9,8 @@ pub mod error;
 pub mod http;
 mod inflight;
 pub mod kafka;
+/// The in-memory driver: the loop's own tests, and other crates' with the `memory` feature.
+#[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod output;
 pub mod partitioned;
