@@ -262,8 +262,22 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
     reporter.update(i, 0, truth.counters().send_errors);
     reporter.finish();
 
-    let (min_t, max_t) = truth.min_max_time();
-    let run = RunInfo {
+    let run = run_info(&cfg, producer, started_wall, started.elapsed(), truth.min_max_time(), interrupted);
+    let gt = truth.finish(run);
+    gt.check_consistency()?;
+    Ok(gt)
+}
+
+/// What the ground truth records of the run itself.
+fn run_info(
+    cfg: &GenerateConfig,
+    producer: &EventProducer,
+    started_at_ms: i64,
+    elapsed: Duration,
+    (min_event_time_ms, max_event_time_ms): (Option<i64>, Option<i64>),
+    interrupted: bool,
+) -> RunInfo {
+    RunInfo {
         topic: producer.topic().to_owned(),
         seed: cfg.seed,
         framing: match producer.framing() {
@@ -275,15 +289,12 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
             EventTimeMode::Simulated { .. } => "simulated".into(),
         },
         dedup_horizon_ms: duration_ms(cfg.dedup_horizon),
-        started_at_ms: started_wall,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        min_event_time_ms: min_t,
-        max_event_time_ms: max_t,
+        started_at_ms,
+        elapsed_ms: elapsed.as_millis() as u64,
+        min_event_time_ms,
+        max_event_time_ms,
         interrupted,
-    };
-    let gt = truth.finish(run);
-    gt.check_consistency()?;
-    Ok(gt)
+    }
 }
 
 /// Waits for the messages still in flight; after a shutdown request, not longer than 30 s
