@@ -125,7 +125,8 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
         let cfg = workload(30_000, 21)?;
         tokio::spawn(async move { produce(&kafka, &topic, cfg).await })
     };
-    // Per partition: the newest checkpoint's epoch and its number within the epoch (0 = the claim).
+    // Per partition: the newest checkpoint's epoch and its number within the epoch (0 = the claim),
+    // a base or a delta on it.
     let newest = |env: TestEnv| async move {
         #[derive(Debug, clickhouse::Row, Deserialize)]
         struct E {
@@ -137,7 +138,8 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
             .clickhouse()
             .query(
                 "SELECT partition, intDiv(max(version), 4294967296) AS epoch, bitAnd(max(version), 4294967295) AS n \
-                 FROM checkpoints GROUP BY partition",
+                 FROM (SELECT partition, version FROM checkpoints UNION ALL SELECT partition, version FROM checkpoint_deltas) \
+                 GROUP BY partition",
             )
             .fetch_all()
             .await?;
