@@ -173,7 +173,7 @@ async fn run(name: &str, hot_max_ids: usize) -> anyhow::Result<()> {
     let ids: u64 = ch.query("SELECT uniqExact(tenant, meter, event_id) FROM usage_event_ids").fetch_one().await?;
     assert_eq!(ids, distinct, "the cold tier's index holds every accepted id");
 
-    // What the engines did, from their last checkpoints.
+    // What the engines did, from their last checkpoints (base and deltas).
     let store = CheckpointStore::new(ch.clone());
     let cfg = EngineConfig { hot_max_ids, ..EngineConfig::default() };
     let catalog = Arc::new(meters()?);
@@ -185,9 +185,12 @@ async fn run(name: &str, hot_max_ids: usize) -> anyhow::Result<()> {
             topic: env.topics().usage_topic.clone(),
             partition,
         };
-        let Some(cp) = store.load(&key).await? else { continue };
+        let Some((cp, deltas)) = store.load_chain(&key).await? else { continue };
         let state = meterflow_runtime::checkpoint::Envelope::decode(&cp.state)?.state;
-        let e = PartitionEngine::restore(&state, catalog.clone(), cfg.clone())?;
+        let mut e = PartitionEngine::restore(&state, catalog.clone(), cfg.clone())?;
+        for d in deltas {
+            e.apply_delta(&meterflow_runtime::checkpoint::Envelope::decode(&d.checkpoint.state)?.state)?;
+        }
         duplicates += e.stats().duplicates;
         cold_lookups += e.dedup().stats().cold_lookups;
         evicted += e.dedup().stats().evicted_ids;

@@ -69,8 +69,8 @@ fn client(ch: &ClickHouseArgs) -> clickhouse::Client {
     meterflow_runtime::clickhouse::client(ch)
 }
 
-/// The newest checkpoint of every partition of `service`/`group`, with the group's committed
-/// offsets next to it.
+/// The newest checkpoint (a base or a delta) of every partition of `service`/`group`, with
+/// the group's committed offsets next to it.
 pub async fn show(
     ch: &ClickHouseArgs,
     kafka: &KafkaArgs,
@@ -81,11 +81,20 @@ pub async fn show(
     let names = service.topics(topics);
     let rows: Vec<Row> = client(ch)
         .query(
-            "SELECT partition, argMax(version, version) AS version, argMax(next_offset, version) AS next_offset, \
-             argMax(state, version) AS state, toString(argMax(written_at, version)) AS written \
-             FROM checkpoints WHERE service = ? AND consumer_group = ? AND topic = ? \
+            // The newest checkpoint, a base or a delta (its envelope carries the offsets).
+            // (`v`, not `version`: ClickHouse 18.16 resolves an alias named like an argument of
+            // its own aggregate as a nested aggregate.)
+            "SELECT partition, max(v) AS version, argMax(next_offset, v) AS next_offset, \
+             argMax(state, v) AS state, toString(argMax(written_at, v)) AS written FROM ( \
+             SELECT partition, version AS v, next_offset, state, written_at FROM checkpoints \
+             WHERE service = ? AND consumer_group = ? AND topic = ? UNION ALL \
+             SELECT partition, version AS v, next_offset, state, written_at FROM checkpoint_deltas \
+             WHERE service = ? AND consumer_group = ? AND topic = ?) \
              GROUP BY partition ORDER BY partition",
         )
+        .bind(service.name())
+        .bind(group)
+        .bind(&names[0])
         .bind(service.name())
         .bind(group)
         .bind(&names[0])

@@ -184,6 +184,14 @@ impl CheckpointStore {
         Ok(rows)
     }
 
+    /// The newest base of `key` and its deltas, checked contiguous: what a restart restores
+    /// (for tools and tests; the claim retries the two reads separately).
+    pub async fn load_chain(&self, key: &CheckpointKey) -> Result<Option<(Checkpoint, Vec<StoredDelta>)>, Error> {
+        let Some(base) = self.load(key).await? else { return Ok(None) };
+        let deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+        Ok(Some((base, deltas)))
+    }
+
     /// Writes deltas in one insert.
     pub async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
         if items.is_empty() {

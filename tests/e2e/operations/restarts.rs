@@ -164,7 +164,7 @@ async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
             async move {
                 let next: i64 = env
                     .clickhouse()
-                    .query("SELECT max(next_offset) FROM checkpoints WHERE topic = ? AND partition = ?")
+                    .query("SELECT max(next_offset) FROM checkpoint_positions WHERE topic = ? AND partition = ?")
                     .bind(&topic)
                     .bind(home)
                     .fetch_one()

@@ -18,6 +18,9 @@ use crate::retry::{until_ok, Backoff};
 
 const TOPIC: &str = "in";
 
+/// Incremental checkpoints: base + deltas through the loop.
+mod deltas;
+
 /// A partition's state: the next offset and the sum of the payloads before it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Sum {
@@ -45,6 +48,8 @@ struct Seen {
     restored: Vec<(i32, Sum)>,
     released: Vec<i32>,
     sums: BTreeMap<i32, Sum>,
+    /// Deltas applied at a restore: (partition, how many, the state after them).
+    applied: Vec<(i32, usize, Sum)>,
 }
 
 /// A sink that fails while `down` attempts remain, then journals what it writes.
@@ -62,11 +67,13 @@ struct Summer {
     buffer: Vec<(i32, i64)>,
     sink: Sink,
     seen: Arc<Mutex<Seen>>,
+    /// With deltas: per partition, what was added since the last checkpoint (see `deltas.rs`).
+    since: Option<BTreeMap<i32, i64>>,
 }
 
 impl Summer {
     fn new(sink: Sink) -> Self {
-        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default() }
+        Self { parts: BTreeMap::new(), buffer: Vec::new(), sink, seen: Arc::default(), since: None }
     }
 
     fn seen(&self) -> Arc<Mutex<Seen>> {
@@ -124,13 +131,40 @@ impl Partitioned for Summer {
     }
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
+        if let Some(since) = &mut self.since {
+            since.insert(partition, 0);
+        }
         Ok(self.parts.get(&partition).context("not held")?.encode())
+    }
+
+    fn snapshot_delta(&mut self, partition: i32) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(since) = &mut self.since else { return Ok(None) };
+        let next = self.parts.get(&partition).context("not held")?.next;
+        let added = since.insert(partition, 0).unwrap_or(0);
+        Ok(Some(Sum { next, total: added }.encode()))
+    }
+
+    fn apply_deltas(&mut self, partition: i32, deltas: &[&[u8]]) -> anyhow::Result<()> {
+        let sum = self.parts.get_mut(&partition).context("not held")?;
+        for d in deltas {
+            let d = Sum::decode(d)?;
+            anyhow::ensure!(d.next >= sum.next, "a delta behind the state");
+            *sum = Sum { next: d.next, total: sum.total + d.total };
+        }
+        let mut seen = self.seen.lock().unwrap();
+        seen.applied.push((partition, deltas.len(), *sum));
+        seen.sums = self.parts.clone();
+        Ok(())
     }
 
     async fn handle(&mut self, record: &Record<'_>, _shutdown: &CancellationToken) -> anyhow::Result<()> {
         let sum = self.parts.get_mut(&record.partition).context("not held")?;
         assert_eq!(record.offset, sum.next, "the loop hands over records in offset order");
-        sum.total += i64::from_le_bytes(record.payload.try_into()?);
+        let value = i64::from_le_bytes(record.payload.try_into()?);
+        sum.total += value;
+        if let Some(since) = &mut self.since {
+            *since.entry(record.partition).or_default() += value;
+        }
         sum.next = record.offset + 1;
         self.buffer.push((record.partition, record.offset));
         self.seen.lock().unwrap().handled.push((record.partition, record.offset));
@@ -215,8 +249,11 @@ impl World {
 
     /// Runs `svc` on this world while `script` runs, then shuts the loop down.
     async fn drive(&self, svc: &mut Summer, script: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.drive_with(svc, config(), script).await
+    }
+
+    async fn drive_with(&self, svc: &mut Summer, cfg: LoopConfig, script: impl Future<Output = ()>) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
-        let cfg = config();
         let script = async {
             script.await;
             shutdown.cancel();
