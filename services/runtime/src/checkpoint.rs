@@ -109,10 +109,19 @@ impl CheckpointStore {
         let rows = self
             .client
             .query(
+                // The newest version first, then only its row: until ReplacingMergeTree merges,
+                // every older state (tens of MiB each) is still stored, and ORDER BY .. LIMIT 1
+                // would read all of them.
                 "SELECT version, next_offset, state FROM checkpoints \
                  WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? \
-                 ORDER BY version DESC LIMIT 1",
+                 AND version = (SELECT max(version) FROM checkpoints \
+                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ?) \
+                 LIMIT 1",
             )
+            .bind(&key.service)
+            .bind(&key.consumer_group)
+            .bind(&key.topic)
+            .bind(key.partition)
             .bind(&key.service)
             .bind(&key.consumer_group)
             .bind(&key.topic)

@@ -83,34 +83,44 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     /// Ok(false): shutdown came first.
     pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, p: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         let key = Self::key(svc, p);
+        // Where a take's time goes (restart time is what an operator waits for), in ms.
+        let mut phases = Phases::default();
         let Some((loaded, envelope, delta_states)) = self.load(&key, shutdown).await? else { return Ok(false) };
+        phases.lap("load");
         let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
         let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
             return Ok(false);
         };
+        phases.lap("check");
         svc.restore(p, envelope.as_ref(), &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
+        phases.lap("restore");
         if !delta_states.is_empty() {
             let refs: Vec<&[u8]> = delta_states.iter().map(Vec::as_slice).collect();
             if let Err(e) = svc.apply_deltas(p, &refs) {
                 svc.release(p);
                 return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
             }
+            phases.lap("deltas");
         }
         if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
         } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.errors, shutdown).await? {
             return Ok(false);
         }
+        phases.lap("verify");
         let stored_version = loaded.as_ref().map_or(0, |c| c.version);
         let Some((version, positions, base_bytes)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
             return Ok(false);
         };
+        phases.lap("claim");
         tracing::info!(
             partition = p,
             epoch = epoch_of(version),
             offsets = ?positions,
             restored = loaded.is_some(),
+            deltas = delta_states.len(),
+            ms = %phases,
             "partition claimed"
         );
         for (t, o) in &positions {
@@ -415,4 +425,31 @@ fn chain_head(
         states.push(de.state);
     }
     Ok((Some(cp), Some(env), states))
+}
+
+/// Milliseconds of the phases of a take, for its log line.
+struct Phases {
+    at: std::time::Instant,
+    laps: Vec<(&'static str, u128)>,
+}
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self { at: std::time::Instant::now(), laps: Vec::new() }
+    }
+}
+
+impl Phases {
+    fn lap(&mut self, what: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((what, (now - self.at).as_millis()));
+        self.at = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.laps.iter().map(|(w, ms)| format!("{w} {ms}")).collect();
+        f.write_str(&parts.join(", "))
+    }
 }
