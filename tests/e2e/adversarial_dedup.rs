@@ -282,10 +282,10 @@ async fn cold_store_answers_from_usage_event_ids_as_of_the_offset() -> anyhow::R
         "rows read back as encoded"
     );
     let mut pending = Outputs::default();
-    pending.push_usage(&accepted(t0 + 5_000), &event("output_tokens", "req-c", t0 + 5_000), 0, 12)?;
+    pending.usage.push(&accepted(t0 + 5_000), &event("output_tokens", "req-c", t0 + 5_000), 0, 12)?;
     // The batch being written: neither in the buffer nor (yet) in ClickHouse.
     let mut writing = Outputs::default();
-    writing.push_usage(&accepted(t0 + 6_000), &event("output_tokens", "req-d", t0 + 6_000), 0, 14)?;
+    writing.usage.push(&accepted(t0 + 6_000), &event("output_tokens", "req-d", t0 + 6_000), 0, 14)?;
     let handle = tokio::runtime::Handle::current();
     let mut stores = ChStores { client: &client, handle: &handle, pending: &pending, writing: Some(&writing) };
     let mut ask = |meter: &str, id: &str, from_ms: i64, offset: i64| {

@@ -338,12 +338,9 @@ async fn shadow_mode_ledger_and_audit() -> anyhow::Result<()> {
         .await?;
     let checkpointed: Vec<(i32, i64)> = ch
         .query(
-            "SELECT partition, argMax(next_offset, version) FROM \
-             (SELECT partition, version, next_offset FROM checkpoints WHERE service = 'aggregator' AND topic = ? \
-              UNION ALL SELECT partition, version, next_offset FROM checkpoint_deltas WHERE service = 'aggregator' AND topic = ?) \
-             GROUP BY partition ORDER BY partition",
+            "SELECT partition, argMax(next_offset, version) FROM checkpoint_positions \
+             WHERE service = 'aggregator' AND topic = ? GROUP BY partition ORDER BY partition",
         )
-        .bind(&env.topics().usage_topic)
         .bind(&env.topics().usage_topic)
         .fetch_all()
         .await?;

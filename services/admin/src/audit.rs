@@ -230,8 +230,26 @@ pub async fn run(cmd: &AuditCmd) -> Result<AuditReport> {
 pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, from_s: i64, to_s: i64) -> Result<AuditReport> {
     let mut report = AuditReport::default();
     let range = format!("window_start >= toDateTime({from_s}) AND window_start < toDateTime({to_s})");
+    events_vs_windows(client, &range, &mut report).await?;
+    let revisions = windows_rated(client, aggregates_topic, &range, &mut report).await?;
+    charges_have_windows(client, &range, revisions, &mut report).await?;
+    invoice_vs_charges(client, catalog, from_s, to_s, &mut report).await?;
+    if table_exists(client, "wallet_ledger").await? {
+        wallets(client, &mut report).await?;
+    }
+    // The aggregator's ingest ledger: every offset accounted for once, and its counts
+    // matched against the stored usage rows and dead letters.
+    if table_exists(client, "ingest_ledger").await? {
+        let (findings, n) = ingest::check(client).await?;
+        report.checked.insert("ingest_ledger", n);
+        report.findings.extend(findings);
+    }
+    report.findings.sort();
+    Ok(report)
+}
 
-    // 1. Accepted events = Σ windows' event counts.
+/// Accepted events = Σ windows' event counts.
+async fn events_vs_windows(client: &Client, range: &str, report: &mut AuditReport) -> Result<()> {
     let events: Vec<CountRow> = client
         .query(&format!(
             "SELECT tenant, meter, toInt64(uniqExact(event_id)) AS n FROM usage_events WHERE {range} GROUP BY tenant, meter"
@@ -256,9 +274,13 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
         |k| (k.0.clone(), format!("meter={}", k.1)),
         "accepted events (actual) differ from the windows' event counts (expected)",
     ));
+    Ok(())
+}
 
-    // 2. Every window revision rated, parked (waiting for a rerate, listed by
-    // `meterflow-admin parked`), or dead-lettered by the rater.
+/// Every window revision rated, parked (waiting for a rerate, listed by
+/// `meterflow-admin parked`), or dead-lettered by the rater.
+/// Returns the number of window revisions in the range.
+async fn windows_rated(client: &Client, aggregates_topic: &str, range: &str, report: &mut AuditReport) -> Result<u64> {
     let parked = if table_exists(client, "parked_current").await? {
         " AND (source_partition, seq) NOT IN (SELECT source_partition, seq FROM parked_current WHERE current_state = 'parked')"
     } else {
@@ -307,8 +329,11 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
             });
         }
     }
+    Ok(revisions)
+}
 
-    // 3. Every usage charge prices a window revision that exists.
+/// Every usage charge prices a window revision that exists.
+async fn charges_have_windows(client: &Client, range: &str, revisions: u64, report: &mut AuditReport) -> Result<()> {
     let orphans: Vec<ChargeKeyRow> = client
         .query(&format!(
             "SELECT charge_id, any(tenant) AS t, any(meter) AS m, any(dimensions_key) AS dk, \
@@ -330,9 +355,12 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
             detail: "a usage charge prices no metered window revision: forged or corrupt".into(),
         });
     }
+    Ok(())
+}
 
-    // 4. Invoice preview recomputed from the windows = usage charges, per whole period:
-    //    charges telescope to the price of a period's total, not of a part of it.
+/// Invoice preview recomputed from the windows = usage charges, per whole period:
+/// charges telescope to the price of a period's total, not of a part of it.
+async fn invoice_vs_charges(client: &Client, catalog: &Catalog, from_s: i64, to_s: i64, report: &mut AuditReport) -> Result<()> {
     let (p_from, p_to) = (pricing::period_start(from_s * 1000) / 1000, pricing::period_start(to_s.max(0) * 1000) / 1000);
     let prange = format!("window_start >= toDateTime({p_from}) AND window_start < toDateTime({p_to})");
     let totals: Vec<WindowTotal> = client
@@ -353,54 +381,47 @@ pub async fn audit(client: &Client, catalog: &Catalog, aggregates_topic: &str, f
     let (inv, n) = invoice_findings(catalog, &totals, &usage)?;
     report.checked.insert("invoice_vs_charges", n);
     report.findings.extend(inv);
+    Ok(())
+}
 
-    // 5. Wallets: charges reached the ledger exactly once; adjustments likewise.
-    if table_exists(client, "wallet_ledger").await? {
-        let sums = |sql: &str| {
-            let q = client.query(sql);
-            async move { q.fetch_all::<SumRow>().await }
-        };
-        let charges = sums("SELECT tenant, currency, sum(amount) AS total FROM charges_dedup GROUP BY tenant, currency").await?;
-        let ledger = sums(
-            "SELECT tenant, currency, sum(amount) AS total FROM wallet_ledger_dedup \
-             WHERE movement IN ('drawdown', 'arrears') GROUP BY tenant, currency",
-        )
-        .await?;
-        let adjustments = sums(
-            "SELECT tenant, currency, sum(a) AS total FROM (SELECT tenant, currency, any(amount) AS a FROM wallet_adjustments \
-             GROUP BY tenant, currency, idempotency_key) GROUP BY tenant, currency",
-        )
-        .await?;
-        let moved = sums(
-            "SELECT tenant, currency, sum(if(movement = 'grant', amount, -amount)) AS total FROM wallet_ledger_dedup \
-             WHERE movement IN ('grant', 'refund', 'debit') GROUP BY tenant, currency",
-        )
-        .await?;
-        let m = |rows: &[SumRow]| -> BTreeMap<(String, String), Decimal> {
-            rows.iter().map(|r| ((r.tenant.clone(), r.currency.clone()), from_ch_i128(r.total))).collect()
-        };
-        let describe = |k: &(String, String)| (k.0.clone(), format!("currency={}", k.1));
-        report.checked.insert("wallet_charges", charges.len() as u64);
-        report.findings.extend(diff_findings("wallet_charges", &m(&charges), &m(&ledger), describe, "charges (expected) differ from what the wallets drew (actual)"));
-        report.checked.insert("wallet_adjustments", adjustments.len() as u64);
-        report.findings.extend(diff_findings(
-            "wallet_adjustments",
-            &m(&adjustments),
-            &m(&moved),
-            describe,
-            "adjustments (expected) differ from the ledger's grants - refunds - debits (actual)",
-        ));
-    }
+/// Wallets: charges reached the ledger exactly once; adjustments likewise.
+async fn wallets(client: &Client, report: &mut AuditReport) -> Result<()> {
 
-    // 6. The aggregator's ingest ledger: every offset accounted for once, and its counts
-    // matched against the stored usage rows and dead letters.
-    if table_exists(client, "ingest_ledger").await? {
-        let (findings, n) = ingest::check(client).await?;
-        report.checked.insert("ingest_ledger", n);
-        report.findings.extend(findings);
-    }
-    report.findings.sort();
-    Ok(report)
+    let sums = |sql: &str| {
+        let q = client.query(sql);
+        async move { q.fetch_all::<SumRow>().await }
+    };
+    let charges = sums("SELECT tenant, currency, sum(amount) AS total FROM charges_dedup GROUP BY tenant, currency").await?;
+    let ledger = sums(
+        "SELECT tenant, currency, sum(amount) AS total FROM wallet_ledger_dedup \
+         WHERE movement IN ('drawdown', 'arrears') GROUP BY tenant, currency",
+    )
+    .await?;
+    let adjustments = sums(
+        "SELECT tenant, currency, sum(a) AS total FROM (SELECT tenant, currency, any(amount) AS a FROM wallet_adjustments \
+         GROUP BY tenant, currency, idempotency_key) GROUP BY tenant, currency",
+    )
+    .await?;
+    let moved = sums(
+        "SELECT tenant, currency, sum(if(movement = 'grant', amount, -amount)) AS total FROM wallet_ledger_dedup \
+         WHERE movement IN ('grant', 'refund', 'debit') GROUP BY tenant, currency",
+    )
+    .await?;
+    let m = |rows: &[SumRow]| -> BTreeMap<(String, String), Decimal> {
+        rows.iter().map(|r| ((r.tenant.clone(), r.currency.clone()), from_ch_i128(r.total))).collect()
+    };
+    let describe = |k: &(String, String)| (k.0.clone(), format!("currency={}", k.1));
+    report.checked.insert("wallet_charges", charges.len() as u64);
+    report.findings.extend(diff_findings("wallet_charges", &m(&charges), &m(&ledger), describe, "charges (expected) differ from what the wallets drew (actual)"));
+    report.checked.insert("wallet_adjustments", adjustments.len() as u64);
+    report.findings.extend(diff_findings(
+        "wallet_adjustments",
+        &m(&adjustments),
+        &m(&moved),
+        describe,
+        "adjustments (expected) differ from the ledger's grants - refunds - debits (actual)",
+    ));
+    Ok(())
 }
 
 pub fn render(report: &AuditReport) -> String {

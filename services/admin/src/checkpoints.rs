@@ -69,8 +69,8 @@ fn client(ch: &ClickHouseArgs) -> clickhouse::Client {
     meterflow_runtime::clickhouse::client(ch)
 }
 
-/// The newest checkpoint of every partition of `service`/`group`, with the group's committed
-/// offsets next to it.
+/// The newest checkpoint (a base or a delta) of every partition of `service`/`group`, with
+/// the group's committed offsets next to it.
 pub async fn show(
     ch: &ClickHouseArgs,
     kafka: &KafkaArgs,

@@ -105,6 +105,19 @@ impl ColdStore for ChStores<'_> {
 
 impl WindowStore for ChStores<'_> {
     fn load(&mut self, q: &WindowQuery<'_>) -> Result<Option<LoadedWindow>, Error> {
+        let events = self.events(q)?;
+        let last_emitted = self.last_emitted(q)?;
+        if events.is_empty() && last_emitted.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(LoadedWindow { events, last_emitted }))
+    }
+}
+
+impl ChStores<'_> {
+    /// The window's events before the query's offset, stored or still buffered, each source
+    /// offset once (a replay may have inserted a row twice), in offset order.
+    fn events(&mut self, q: &WindowQuery<'_>) -> Result<Vec<StoredEvent>, Error> {
         let p = q.before.partition;
         let unique_dim = q.meter.unique_dimension.as_deref().unwrap_or("");
         let mut sql = String::from(
@@ -176,7 +189,13 @@ impl WindowStore for ChStores<'_> {
             }
         }
         rows.sort_by_key(|(o, _)| *o);
+        Ok(rows.into_iter().map(|(_, e)| e).collect())
+    }
 
+    /// What was last emitted for the window before the query's seq: the newer of the
+    /// buffered and the stored revision.
+    fn last_emitted(&mut self, q: &WindowQuery<'_>) -> Result<Option<LastEmitted>, Error> {
+        let p = q.before.partition;
         let group: BTreeMap<String, String> =
             q.group.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let key = dimensions_key(&group);
@@ -239,17 +258,10 @@ impl WindowStore for ChStores<'_> {
                 ))
             }
         };
-        let last_emitted = match (buffered_last, stored_last) {
+        Ok(match (buffered_last, stored_last) {
             (Some(a), Some(b)) => Some(if a.0 >= b.0 { a.1 } else { b.1 }),
             (a, b) => a.or(b).map(|x| x.1),
-        };
-        if rows.is_empty() && last_emitted.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(LoadedWindow {
-            events: rows.into_iter().map(|(_, e)| e).collect(),
-            last_emitted,
-        }))
+        })
     }
 }
 

@@ -543,7 +543,7 @@ impl Aggregator {
                             counters.accepted.increment(1);
                             // The raw row keeps dimensions sorted by key (in place: no copy).
                             ev.dimensions.sort_unstable();
-                            outputs.push_usage(part.engine.accepted(), &ev, partition, offset)?;
+                            outputs.usage.push(part.engine.accepted(), &ev, partition, offset)?;
                         }
                         Outcome::Duplicate => counters.duplicates.increment(1),
                         Outcome::Rejected { reason, detail } => {

@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use clickhouse::Client;
 use meterflow_core::auth::{self, RecordKey};
-use meterflow_core::engine::Accepted;
-use meterflow_core::event::UsageEventRef;
 use meterflow_core::records::{AvroRecord, DeadLetter, MeterAggregate};
 use meterflow_runtime::output::{insert_all, insert_row_binary, produce_all_with_headers, WriteMetrics};
 use meterflow_runtime::retry::Backoff;
@@ -37,6 +35,7 @@ pub struct ExtraRecord {
 /// What processing produced since the last batch was taken.
 #[derive(Debug, Default)]
 pub struct Outputs {
+    /// The raw rows of accepted events ([`UsageRows::push`]).
     pub usage: UsageRows,
     pub aggregates: Vec<MeterAggregate>,
     pub dead_letters: Vec<DeadLetter>,
@@ -59,17 +58,6 @@ impl Outputs {
     /// Estimated memory of the buffered rows.
     pub fn bytes(&self) -> usize {
         self.bytes + self.usage.bytes()
-    }
-
-    /// The raw row of an accepted event (see [`UsageRows::push`]).
-    pub fn push_usage(
-        &mut self,
-        acc: &Accepted,
-        ev: &UsageEventRef<'_>,
-        partition: i32,
-        offset: i64,
-    ) -> Result<(), meterflow_core::Error> {
-        self.usage.push(acc, ev, partition, offset)
     }
 
     pub fn push_aggregate(&mut self, a: MeterAggregate) {

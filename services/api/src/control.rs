@@ -287,7 +287,7 @@ pub async fn check(
     Key(key, _): Key<AnyScope>,
     body: axum::body::Bytes,
 ) -> Result<Json<EntitlementResponse>, ApiError> {
-    let req: EntitlementRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let req: EntitlementRequest = ApiError::json_body(&body)?;
     let tenant = named_tenant(&key, req.tenant.as_deref())?;
     if state.meters.get(&req.meter).is_none() {
         return Err(ApiError::bad_request(format!("unknown meter {:?}", req.meter)));

@@ -52,6 +52,10 @@ impl ApiError {
     pub fn bad_request(m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
     }
+    /// A request body as JSON, or 400 naming what is wrong with it.
+    pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Self> {
+        serde_json::from_slice(body).map_err(|e| Self::bad_request(format!("invalid body: {e}")))
+    }
     pub fn too_large(m: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m)
     }

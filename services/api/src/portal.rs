@@ -96,7 +96,7 @@ pub fn spawn_key_load(state: &AppState, shutdown: CancellationToken) {
     )
 )]
 pub async fn create_token(State(state): State<AppState>, _: Key<Admin>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: TokenRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let req: TokenRequest = ApiError::json_body(&body)?;
     if req.tenant.is_empty() || req.tenant.len() > 255 {
         return Err(ApiError::bad_request("tenant must be 1-255 bytes"));
     }

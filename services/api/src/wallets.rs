@@ -155,6 +155,26 @@ pub async fn adjust(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let canonical = validated(&tenant, &headers, &body)?;
+    let request_hash = request_hash(&canonical);
+    let (response, replayed) = recorded(&state, canonical, &request_hash).await?;
+    let payload = response.record()?.to_avro().map_err(|e| ApiError::unavailable(format!("encoding: {e}")))?;
+    let rec = FutureRecord::to(&state.wallet_topic).key(tenant.as_str()).payload(&payload);
+    state
+        .producer
+        .send(rec, Timeout::After(state.produce_timeout.min(Duration::from_secs(30))))
+        .await
+        .map_err(|(e, _)| ApiError::unavailable(format!("the broker did not store the adjustment ({e}); retry with the same Idempotency-Key")))?;
+    metrics::counter!(crate::metrics::ADJUSTMENTS, "result" => if replayed { "replayed" } else { "created" }).increment(1);
+    let mut resp = (StatusCode::CREATED, Json(response)).into_response();
+    if replayed {
+        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+/// The adjustment a request asks for, checked, as it would be answered (`created_at_ms` 0).
+fn validated(tenant: &str, headers: &HeaderMap, body: &[u8]) -> Result<AdjustmentResponse, ApiError> {
     let ct = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if meterflow_core::ingest::Format::from_content_type(ct) != Some(meterflow_core::ingest::Format::Json) {
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", "Content-Type must be application/json"));
@@ -172,7 +192,7 @@ pub async fn adjust(
     if tenant.is_empty() {
         return Err(ApiError::bad_request("empty tenant"));
     }
-    let req: AdjustmentRequest = serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let req: AdjustmentRequest = ApiError::json_body(body)?;
     let amount_text = match &req.amount {
         serde_json::Value::String(s) => s.clone(),
         // serde_json without arbitrary precision: only integers are exact as numbers.
@@ -194,9 +214,9 @@ pub async fn adjust(
     if req.reason.len() > 1000 || req.payment_reference.len() > 255 {
         return Err(ApiError::bad_request("reason (1000) or payment_reference (255) too long"));
     }
-    let canonical = AdjustmentResponse {
-        tenant: tenant.clone(),
-        idempotency_key: idem.clone(),
+    Ok(AdjustmentResponse {
+        tenant: tenant.to_owned(),
+        idempotency_key: idem,
         amount: decimal::format(&amount),
         currency: req.currency.clone(),
         kind,
@@ -205,9 +225,13 @@ pub async fn adjust(
         created_at_ms: 0,
         expires_at_ms: req.expires_at_ms,
         priority: req.priority,
-    };
-    let request_hash = request_hash(&canonical);
+    })
+}
 
+/// Records the first answer to an Idempotency-Key, or finds it: (answer, replayed). The same
+/// key with another request is a conflict.
+async fn recorded(state: &AppState, canonical: AdjustmentResponse, request_hash: &str) -> Result<(AdjustmentResponse, bool), ApiError> {
+    let (tenant, idem) = (canonical.tenant.clone(), canonical.idempotency_key.clone());
     let _serial = state.adjust_lock.lock().await;
     let stored = state
         .clickhouse
@@ -217,7 +241,7 @@ pub async fn adjust(
         .fetch_optional::<StoredRow>()
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot read idempotency records: {e}")))?;
-    let (response, replayed) = match stored {
+    Ok(match stored {
         Some(row) if row.request_hash == request_hash => {
             let r: AdjustmentResponse =
                 serde_json::from_str(&row.response).map_err(|e| ApiError::unavailable(format!("stored response unreadable: {e}")))?;
@@ -239,7 +263,7 @@ pub async fn adjust(
                 .query("INSERT INTO api_idempotency (tenant, idempotency_key, request_hash, response, created_at_ms) VALUES (?, ?, ?, ?, ?)")
                 .bind(&tenant)
                 .bind(&idem)
-                .bind(&request_hash)
+                .bind(request_hash)
                 .bind(&json)
                 .bind(r.created_at_ms)
                 .execute()
@@ -247,20 +271,7 @@ pub async fn adjust(
                 .map_err(|e| ApiError::unavailable(format!("cannot record the request: {e}")))?;
             (r, false)
         }
-    };
-    let payload = response.record()?.to_avro().map_err(|e| ApiError::unavailable(format!("encoding: {e}")))?;
-    let rec = FutureRecord::to(&state.wallet_topic).key(tenant.as_str()).payload(&payload);
-    state
-        .producer
-        .send(rec, Timeout::After(state.produce_timeout.min(Duration::from_secs(30))))
-        .await
-        .map_err(|(e, _)| ApiError::unavailable(format!("the broker did not store the adjustment ({e}); retry with the same Idempotency-Key")))?;
-    metrics::counter!(crate::metrics::ADJUSTMENTS, "result" => if replayed { "replayed" } else { "created" }).increment(1);
-    let mut resp = (StatusCode::CREATED, Json(response)).into_response();
-    if replayed {
-        resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    }
-    Ok(resp)
+    })
 }
 
 /// One currency's balance.

@@ -275,40 +275,7 @@ pub fn decode_cloud_event(raw: &RawValue, meters: &MeterCatalog, cx: &Context<'_
     let data = ce.data.map(RawValue::get).unwrap_or("null");
     let mut out = Vec::with_capacity(targets.len());
     for t in targets {
-        let quantity = match &t.value {
-            Some(path) => match path.select(data) {
-                Ok(Some(v)) => decimal_text(v).map_err(|d| {
-                    ItemError::core(RejectReason::BadQuantity, format!("meter {}: {} {d}", t.meter, path.as_str()))
-                })?,
-                Ok(None) => {
-                    return Err(ItemError::core(RejectReason::BadQuantity, format!("meter {}: {} is missing in data", t.meter, path.as_str())))
-                }
-                Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
-            },
-            None => "1".to_owned(),
-        };
-        let provider_cost = match &t.provider_cost {
-            Some(path) => match path.select(data) {
-                Ok(Some(v)) => Some(decimal_text(v).map_err(|d| {
-                    ItemError::core(RejectReason::BadProviderCost, format!("meter {}: {} {d}", t.meter, path.as_str()))
-                })?),
-                Ok(None) => None,
-                Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
-            },
-            None => None,
-        };
-        let mut dimensions = BTreeMap::new();
-        for (name, path) in &t.dimensions {
-            match path.select(data) {
-                Ok(Some(v)) => {
-                    if let Some(text) = dimension_text(v) {
-                        dimensions.insert(name.clone(), text);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
-            }
-        }
+        let DataFields { quantity, provider_cost, dimensions } = from_data(t, data)?;
         let mut ev = UsageEvent {
             event_id: cloud_event_id(&t.meter, &source, &id),
             tenant: tenant.clone(),
@@ -324,6 +291,53 @@ pub fn decode_cloud_event(raw: &RawValue, meters: &MeterCatalog, cx: &Context<'_
         out.push(ev);
     }
     Ok(out)
+}
+
+/// What one meter reads from a CloudEvent's `data`.
+struct DataFields {
+    /// Decimal text; 1 (an event) when the meter reads no value.
+    quantity: String,
+    provider_cost: Option<String>,
+    /// A dimension missing from the data is left out.
+    dimensions: BTreeMap<String, String>,
+}
+
+fn from_data(t: &MeterIngest, data: &str) -> Result<DataFields, ItemError> {
+    let quantity = match &t.value {
+        Some(path) => match path.select(data) {
+            Ok(Some(v)) => decimal_text(v).map_err(|d| {
+                ItemError::core(RejectReason::BadQuantity, format!("meter {}: {} {d}", t.meter, path.as_str()))
+            })?,
+            Ok(None) => {
+                return Err(ItemError::core(RejectReason::BadQuantity, format!("meter {}: {} is missing in data", t.meter, path.as_str())))
+            }
+            Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
+        },
+        None => "1".to_owned(),
+    };
+    let provider_cost = match &t.provider_cost {
+        Some(path) => match path.select(data) {
+            Ok(Some(v)) => Some(decimal_text(v).map_err(|d| {
+                ItemError::core(RejectReason::BadProviderCost, format!("meter {}: {} {d}", t.meter, path.as_str()))
+            })?),
+            Ok(None) => None,
+            Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
+        },
+        None => None,
+    };
+    let mut dimensions = BTreeMap::new();
+    for (name, path) in &t.dimensions {
+        match path.select(data) {
+            Ok(Some(v)) => {
+                if let Some(text) = dimension_text(v) {
+                    dimensions.insert(name.clone(), text);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ItemError::undecodable(format!("data: {e}"))),
+        }
+    }
+    Ok(DataFields { quantity, provider_cost, dimensions })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -136,30 +136,7 @@ pub fn check(entries: &[LedgerEntry]) -> Vec<LedgerFinding> {
                     (p.last_offset + 1, reported)
                 }
                 Some((p, _)) => {
-                    // The engine started again from `e.first_offset` without the state that
-                    // counted the offsets before: they are counted again (or skipped).
-                    if e.first_offset <= p.last_offset {
-                        out.push(finding(
-                            "ingest_overlap",
-                            e.first_offset,
-                            p.last_offset,
-                            0,
-                            p.last_offset - e.first_offset + 1,
-                            format!(
-                                "offsets {}..={} accounted for twice: the partition was processed again from offset {} without its checkpointed state",
-                                e.first_offset, p.last_offset, e.first_offset
-                            ),
-                        ));
-                    } else if e.first_offset > p.last_offset + 1 {
-                        out.push(finding(
-                            "ingest_gap",
-                            p.last_offset + 1,
-                            e.first_offset - 1,
-                            e.first_offset - p.last_offset - 1,
-                            0,
-                            format!("offsets {}..={} were never accounted for", p.last_offset + 1, e.first_offset - 1),
-                        ));
-                    }
+                    out.extend(continuity(p, e).map(|f| LedgerFinding { topic: topic.to_owned(), partition, ..f }));
                     (e.first_offset, 0)
                 }
                 None => (e.first_offset, 0),
@@ -177,6 +154,46 @@ pub fn check(entries: &[LedgerEntry]) -> Vec<LedgerFinding> {
         }
     }
     out
+}
+
+/// A break between consecutive entries `p` and `e` of different runs: the engine started
+/// again from `e.first_offset` without the state that counted the offsets before, so they are
+/// counted again (overlap) or skipped (gap). Topic and partition are left for the caller.
+fn continuity(p: &LedgerEntry, e: &LedgerEntry) -> Option<LedgerFinding> {
+    let finding = |check, from_offset, to_offset, expected, actual, detail| LedgerFinding {
+        check,
+        topic: String::new(),
+        partition: 0,
+        from_offset,
+        to_offset,
+        expected,
+        actual,
+        detail,
+    };
+    if e.first_offset <= p.last_offset {
+        Some(finding(
+            "ingest_overlap",
+            e.first_offset,
+            p.last_offset,
+            0,
+            p.last_offset - e.first_offset + 1,
+            format!(
+                "offsets {}..={} accounted for twice: the partition was processed again from offset {} without its checkpointed state",
+                e.first_offset, p.last_offset, e.first_offset
+            ),
+        ))
+    } else if e.first_offset > p.last_offset + 1 {
+        Some(finding(
+            "ingest_gap",
+            p.last_offset + 1,
+            e.first_offset - 1,
+            e.first_offset - p.last_offset - 1,
+            0,
+            format!("offsets {}..={} were never accounted for", p.last_offset + 1, e.first_offset - 1),
+        ))
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

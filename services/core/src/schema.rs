@@ -199,74 +199,7 @@ fn pcf(v: &Value, ns: &str, seen: &mut std::collections::HashSet<String>, out: &
                     push_json_str(out, t);
                     Ok(())
                 }
-                "record" | "error" | "enum" | "fixed" => {
-                    let full = full_name(obj, ns)?;
-                    if !seen.insert(full.clone()) {
-                        push_json_str(out, &full);
-                        return Ok(());
-                    }
-                    out.push_str("{\"name\":");
-                    push_json_str(out, &full);
-                    out.push_str(",\"type\":");
-                    push_json_str(out, ty_str);
-                    match ty_str {
-                        "enum" => {
-                            let symbols = obj
-                                .get("symbols")
-                                .and_then(Value::as_array)
-                                .ok_or_else(|| schema_err(format!("enum {full} without symbols")))?;
-                            out.push_str(",\"symbols\":[");
-                            for (i, s) in symbols.iter().enumerate() {
-                                if i > 0 {
-                                    out.push(',');
-                                }
-                                let s = s.as_str().ok_or_else(|| schema_err("enum symbol is not a string"))?;
-                                push_json_str(out, s);
-                            }
-                            out.push(']');
-                        }
-                        "fixed" => {
-                            let size = match obj.get("size") {
-                                Some(Value::Number(n)) => n.as_u64(),
-                                // [INTEGERS]: quotes and leading zeros go.
-                                Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
-                                _ => None,
-                            }
-                            .ok_or_else(|| schema_err(format!("fixed {full} without a valid size")))?;
-                            out.push_str(",\"size\":");
-                            out.push_str(&size.to_string());
-                        }
-                        _ => {
-                            let fields = obj
-                                .get("fields")
-                                .and_then(Value::as_array)
-                                .ok_or_else(|| schema_err(format!("record {full} without fields")))?;
-                            let inner_ns = namespace_of(&full).to_owned();
-                            out.push_str(",\"fields\":[");
-                            for (i, f) in fields.iter().enumerate() {
-                                if i > 0 {
-                                    out.push(',');
-                                }
-                                let f = f.as_object().ok_or_else(|| schema_err("field is not an object"))?;
-                                let name = f
-                                    .get("name")
-                                    .and_then(Value::as_str)
-                                    .ok_or_else(|| schema_err(format!("field of {full} without a name")))?;
-                                let fty = f
-                                    .get("type")
-                                    .ok_or_else(|| schema_err(format!("field {name} of {full} without a type")))?;
-                                out.push_str("{\"name\":");
-                                push_json_str(out, name);
-                                out.push_str(",\"type\":");
-                                pcf(fty, &inner_ns, seen, out)?;
-                                out.push('}');
-                            }
-                            out.push(']');
-                        }
-                    }
-                    out.push('}');
-                    Ok(())
-                }
+                "record" | "error" | "enum" | "fixed" => pcf_named(obj, ty_str, ns, seen, out),
                 "array" => {
                     let items = obj.get("items").ok_or_else(|| schema_err("array without items"))?;
                     out.push_str("{\"type\":\"array\",\"items\":");
@@ -287,6 +220,90 @@ fn pcf(v: &Value, ns: &str, seen: &mut std::collections::HashSet<String>, out: &
         }
         _ => Err(schema_err(format!("not a schema: {v}"))),
     }
+}
+
+/// The canonical form of a named type (record, error, enum, fixed); a name seen before is
+/// written as a reference ([FULLNAMES], [STRIP]).
+fn pcf_named(
+    obj: &Map<String, Value>,
+    ty: &str,
+    ns: &str,
+    seen: &mut std::collections::HashSet<String>,
+    out: &mut String,
+) -> Result<(), Error> {
+    let full = full_name(obj, ns)?;
+    if !seen.insert(full.clone()) {
+        push_json_str(out, &full);
+        return Ok(());
+    }
+    out.push_str("{\"name\":");
+    push_json_str(out, &full);
+    out.push_str(",\"type\":");
+    push_json_str(out, ty);
+    match ty {
+        "enum" => {
+            let symbols = obj
+                .get("symbols")
+                .and_then(Value::as_array)
+                .ok_or_else(|| schema_err(format!("enum {full} without symbols")))?;
+            out.push_str(",\"symbols\":[");
+            for (i, s) in symbols.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let s = s.as_str().ok_or_else(|| schema_err("enum symbol is not a string"))?;
+                push_json_str(out, s);
+            }
+            out.push(']');
+        }
+        "fixed" => {
+            let size = match obj.get("size") {
+                Some(Value::Number(n)) => n.as_u64(),
+                // [INTEGERS]: quotes and leading zeros go.
+                Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+                _ => None,
+            }
+            .ok_or_else(|| schema_err(format!("fixed {full} without a valid size")))?;
+            out.push_str(",\"size\":");
+            out.push_str(&size.to_string());
+        }
+        _ => pcf_fields(obj, &full, seen, out)?,
+    }
+    out.push('}');
+    Ok(())
+}
+
+/// The `fields` of record `full`, each with its name and type only, in order.
+fn pcf_fields(
+    obj: &Map<String, Value>,
+    full: &str,
+    seen: &mut std::collections::HashSet<String>,
+    out: &mut String,
+) -> Result<(), Error> {
+    let fields = obj
+        .get("fields")
+        .and_then(Value::as_array)
+        .ok_or_else(|| schema_err(format!("record {full} without fields")))?;
+    let inner_ns = namespace_of(full).to_owned();
+    out.push_str(",\"fields\":[");
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let f = f.as_object().ok_or_else(|| schema_err("field is not an object"))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| schema_err(format!("field of {full} without a name")))?;
+        let fty = f.get("type").ok_or_else(|| schema_err(format!("field {name} of {full} without a type")))?;
+        out.push_str("{\"name\":");
+        push_json_str(out, name);
+        out.push_str(",\"type\":");
+        pcf(fty, &inner_ns, seen, out)?;
+        out.push('}');
+    }
+    out.push(']');
+    Ok(())
 }
 
 #[cfg(test)]

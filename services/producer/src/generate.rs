@@ -23,7 +23,10 @@ use crate::producer::{EventProducer, Sent, SendWindow};
 use crate::progress::{Progress, Reporter};
 use crate::time::{duration_ms, now_ms};
 use crate::truth::{EventView, GroundTruth, RunInfo, TruthBuilder};
-use crate::workload::{GenEvent, Workload, REGIONS};
+use crate::workload::{GenEvent, Workload};
+
+mod malformed;
+use malformed::{malformed, Malformed};
 
 /// How event times are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,63 +161,6 @@ enum Tag {
     Rejected { reason: RejectReason, kind: &'static str },
 }
 
-/// The ways a generated message is broken, with the rejection each must get.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Malformed {
-    Garbage,
-    Json,
-    Truncated,
-    UnknownMeter,
-    EmptyTenant,
-    EmptyEventId,
-    QuantityNaN,
-    QuantityExponent,
-    NegativeQuantity,
-    BadProviderCost,
-}
-
-impl Malformed {
-    const ALL: [Malformed; 10] = [
-        Malformed::Garbage,
-        Malformed::Json,
-        Malformed::Truncated,
-        Malformed::UnknownMeter,
-        Malformed::EmptyTenant,
-        Malformed::EmptyEventId,
-        Malformed::QuantityNaN,
-        Malformed::QuantityExponent,
-        Malformed::NegativeQuantity,
-        Malformed::BadProviderCost,
-    ];
-
-    fn kind(self) -> &'static str {
-        match self {
-            Malformed::Garbage => "garbage",
-            Malformed::Json => "json",
-            Malformed::Truncated => "truncated",
-            Malformed::UnknownMeter => "unknown_meter",
-            Malformed::EmptyTenant => "empty_tenant",
-            Malformed::EmptyEventId => "empty_event_id",
-            Malformed::QuantityNaN => "quantity_nan",
-            Malformed::QuantityExponent => "quantity_exponent",
-            Malformed::NegativeQuantity => "negative_quantity",
-            Malformed::BadProviderCost => "bad_provider_cost",
-        }
-    }
-
-    fn reason(self) -> RejectReason {
-        match self {
-            Malformed::Garbage | Malformed::Json | Malformed::Truncated => RejectReason::Undecodable,
-            Malformed::UnknownMeter => RejectReason::UnknownMeter,
-            Malformed::EmptyTenant => RejectReason::MissingTenant,
-            Malformed::EmptyEventId => RejectReason::MissingEventId,
-            Malformed::QuantityNaN | Malformed::QuantityExponent => RejectReason::BadQuantity,
-            Malformed::NegativeQuantity => RejectReason::NegativeQuantity,
-            Malformed::BadProviderCost => RejectReason::BadProviderCost,
-        }
-    }
-}
-
 /// Where event time stands for message `i`.
 #[derive(Debug)]
 struct Clock {
@@ -257,30 +203,6 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
     let metrics = ProducerMetrics::register();
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let workload = Workload::new(&cfg.meters, cfg.tenants, cfg.zipf_exponent, &cfg.source, &mut rng)?;
-    // Negative quantities go to sum meters that forbid them: a count meter might
-    // reasonably not look at the quantity at all.
-    let negative_meters: Vec<&str> = cfg
-        .meters
-        .meters()
-        .iter()
-        .filter(|m| !m.allow_negative && m.aggregation == Aggregation::Sum && workload_meter(&m.name))
-        .map(|m| m.name.as_str())
-        .collect();
-    let emitted_meters: Vec<&str> = cfg.meters.meters().iter().map(|m| m.name.as_str()).filter(|m| workload_meter(m)).collect();
-    let mut unknown_meter = "image_generations".to_owned();
-    for i in 1.. {
-        if cfg.meters.get(&unknown_meter).is_none() {
-            break;
-        }
-        unknown_meter = format!("image_generations_{i}");
-    }
-    let jitter_ms = cfg.jitter_ms();
-    let (late_lo, late_hi) = cfg.late_bounds_ms();
-    let horizon_ms = duration_ms(cfg.dedup_horizon);
-    let p_dup = cfg.duplicate_rate;
-    let p_malformed = p_dup + cfg.malformed_rate;
-    let p_too_late = p_malformed + cfg.too_late_rate;
-
     let started_wall = now_ms();
     let started = Instant::now();
     let clock = Clock {
@@ -297,15 +219,7 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
         workload: &workload,
         errors_logged: 0,
     };
-    let mut enc = Encoder::default();
-
-    // Events of the current request not sent yet: (event, late).
-    let mut pending: VecDeque<(GenEvent, bool)> = VecDeque::new();
-    let mut scratch: Vec<GenEvent> = Vec::with_capacity(4);
-    let mut ring: VecDeque<(usize, Vec<u8>)> = VecDeque::with_capacity(DUPLICATE_RING);
-    // Newest event time sent per tenant: too-late events are placed relative to it, so that
-    // they are too late whatever else shares the tenant's partition.
-    let mut tenant_max: Vec<Option<i64>> = vec![None; workload.tenant_count()];
+    let mut slots = Slots::new(&cfg, &workload, producer, rng);
     let mut interrupted = false;
     let mut i: u64 = 0;
 
@@ -326,64 +240,8 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
                 }
             }
         }
-        let now = clock.now_ms(i);
-        let r: f64 = rng.random();
-
-        if r < p_dup && !ring.is_empty() {
-            let j = if rng.random_bool(IMMEDIATE_DUPLICATES) { ring.len() - 1 } else { rng.random_range(0..ring.len()) };
-            let (tenant, bytes) = &ring[j];
-            window.send(workload.tenant_name(*tenant), bytes, Tag::Duplicate).await;
-        } else if (p_dup..p_malformed).contains(&r) {
-            let mut what = Malformed::ALL[rng.random_range(0..Malformed::ALL.len())];
-            if what == Malformed::NegativeQuantity && negative_meters.is_empty() {
-                what = Malformed::QuantityNaN;
-            }
-            let tenant = workload.pick_tenant(&mut rng);
-            let meter = match what {
-                Malformed::UnknownMeter => unknown_meter.as_str(),
-                Malformed::NegativeQuantity => negative_meters[rng.random_range(0..negative_meters.len())],
-                _ => emitted_meters[rng.random_range(0..emitted_meters.len())],
-            };
-            let time = now - rng.random_range(0..=jitter_ms);
-            let (key, payload) = malformed(what, &workload, tenant, meter, time, &cfg.source, producer, &mut rng);
-            window.send(key, &payload, Tag::Rejected { reason: what.reason(), kind: what.kind() }).await;
-        } else if let Some((tenant, newest)) = (p_malformed..p_too_late)
-            .contains(&r)
-            .then(|| workload.pick_tenant(&mut rng))
-            .and_then(|t| Some((t, tenant_max[t]?)))
-        {
-            let time = newest - horizon_ms - rng.random_range(3_600_000..86_400_000);
-            let req = workload.request(tenant, &mut rng);
-            let id = event_id_from(&mut rng);
-            scratch.clear();
-            workload.gen_events(&req, &id, time, &mut scratch);
-            let ev = scratch.swap_remove(rng.random_range(0..scratch.len()));
-            let payload = enc.encode(&ev, &workload, producer);
-            let tag = Tag::Rejected { reason: RejectReason::TooLate, kind: "too_late" };
-            window.send(workload.tenant_name(tenant), &payload, tag).await;
-        } else {
-            if pending.is_empty() {
-                let tenant = workload.pick_tenant(&mut rng);
-                let req = workload.request(tenant, &mut rng);
-                let late = cfg.late_rate > 0.0 && rng.random_bool(cfg.late_rate);
-                let time = if late { now - rng.random_range(late_lo..=late_hi) } else { now - rng.random_range(0..=jitter_ms) };
-                let id = event_id_from(&mut rng);
-                scratch.clear();
-                workload.gen_events(&req, &id, time, &mut scratch);
-                pending.extend(scratch.drain(..).map(|ev| (ev, late)));
-            }
-            let Some((ev, late)) = pending.pop_front() else {
-                continue; // a request without events: draw again
-            };
-            let tenant = ev.tenant;
-            let payload = enc.encode(&ev, &workload, producer);
-            let newest = tenant_max[tenant].get_or_insert(ev.event_time_ms);
-            *newest = (*newest).max(ev.event_time_ms);
-            window.send(workload.tenant_name(tenant), &payload, Tag::Accepted { event: ev, late }).await;
-            if ring.len() == DUPLICATE_RING {
-                ring.pop_front();
-            }
-            ring.push_back((tenant, payload));
+        if !slots.send_next(clock.now_ms(i), &mut window).await {
+            continue;
         }
         i += 1;
 
@@ -399,7 +257,55 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
         }
     }
 
-    // Wait for the rest; after a shutdown request, not longer than 30 s.
+    settle_rest(&mut window, interrupted, &mut ctx, &mut truth, &metrics).await;
+    metrics.in_flight(0);
+    reporter.update(i, 0, truth.counters().send_errors);
+    reporter.finish();
+
+    let run = run_info(&cfg, producer, started_wall, started.elapsed(), truth.min_max_time(), interrupted);
+    let gt = truth.finish(run);
+    gt.check_consistency()?;
+    Ok(gt)
+}
+
+/// What the ground truth records of the run itself.
+fn run_info(
+    cfg: &GenerateConfig,
+    producer: &EventProducer,
+    started_at_ms: i64,
+    elapsed: Duration,
+    (min_event_time_ms, max_event_time_ms): (Option<i64>, Option<i64>),
+    interrupted: bool,
+) -> RunInfo {
+    RunInfo {
+        topic: producer.topic().to_owned(),
+        seed: cfg.seed,
+        framing: match producer.framing() {
+            Framing::SingleObject => "single-object".into(),
+            Framing::Confluent { .. } => "confluent".into(),
+        },
+        event_time_mode: match cfg.event_time {
+            EventTimeMode::RealTime => "real-time".into(),
+            EventTimeMode::Simulated { .. } => "simulated".into(),
+        },
+        dedup_horizon_ms: duration_ms(cfg.dedup_horizon),
+        started_at_ms,
+        elapsed_ms: elapsed.as_millis() as u64,
+        min_event_time_ms,
+        max_event_time_ms,
+        interrupted,
+    }
+}
+
+/// Waits for the messages still in flight; after a shutdown request, not longer than 30 s
+/// (what is still unacknowledged then counts as send errors).
+async fn settle_rest(
+    window: &mut SendWindow<'_, Tag>,
+    interrupted: bool,
+    ctx: &mut Apply<'_>,
+    truth: &mut TruthBuilder,
+    metrics: &ProducerMetrics,
+) {
     let deadline = interrupted.then(|| tokio::time::Instant::now() + Duration::from_secs(30));
     loop {
         let next = match deadline {
@@ -418,36 +324,169 @@ pub async fn generate(cfg: GenerateConfig, producer: &EventProducer, progress: P
             None => window.next().await,
         };
         match next {
-            Some(sent) => ctx.apply(sent, &mut truth),
+            Some(sent) => ctx.apply(sent, truth),
             None => break,
         }
     }
-    metrics.in_flight(0);
-    reporter.update(i, 0, truth.counters().send_errors);
-    reporter.finish();
+}
 
-    let (min_t, max_t) = truth.min_max_time();
-    let run = RunInfo {
-        topic: producer.topic().to_owned(),
-        seed: cfg.seed,
-        framing: match producer.framing() {
-            Framing::SingleObject => "single-object".into(),
-            Framing::Confluent { .. } => "confluent".into(),
-        },
-        event_time_mode: match cfg.event_time {
-            EventTimeMode::RealTime => "real-time".into(),
-            EventTimeMode::Simulated { .. } => "simulated".into(),
-        },
-        dedup_horizon_ms: horizon_ms,
-        started_at_ms: started_wall,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        min_event_time_ms: min_t,
-        max_event_time_ms: max_t,
-        interrupted,
-    };
-    let gt = truth.finish(run);
-    gt.check_consistency()?;
-    Ok(gt)
+/// What decides each message slot: the seeded generator, what it draws from, and what it
+/// remembers (recent valid messages for duplicates, the request being sent, each tenant's
+/// newest event time).
+struct Slots<'a> {
+    rng: StdRng,
+    workload: &'a Workload,
+    producer: &'a EventProducer,
+    source: &'a str,
+    enc: Encoder,
+    /// Sum meters that forbid negative quantities (a count meter might reasonably not look
+    /// at the quantity at all).
+    negative_meters: Vec<&'a str>,
+    emitted_meters: Vec<&'a str>,
+    /// A meter name the catalog does not have.
+    unknown_meter: String,
+    jitter_ms: i64,
+    late_bounds: (i64, i64),
+    late_rate: f64,
+    horizon_ms: i64,
+    /// Cumulative thresholds of a slot's uniform draw: duplicate, malformed, too late.
+    p_dup: f64,
+    p_malformed: f64,
+    p_too_late: f64,
+    /// Events of the current request not sent yet: (event, late).
+    pending: VecDeque<(GenEvent, bool)>,
+    scratch: Vec<GenEvent>,
+    ring: VecDeque<(usize, Vec<u8>)>,
+    /// Newest event time sent per tenant: too-late events are placed relative to it, so that
+    /// they are too late whatever else shares the tenant's partition.
+    tenant_max: Vec<Option<i64>>,
+}
+
+impl<'a> Slots<'a> {
+    fn new(cfg: &'a GenerateConfig, workload: &'a Workload, producer: &'a EventProducer, rng: StdRng) -> Self {
+        let negative_meters: Vec<&str> = cfg
+            .meters
+            .meters()
+            .iter()
+            .filter(|m| !m.allow_negative && m.aggregation == Aggregation::Sum && workload_meter(&m.name))
+            .map(|m| m.name.as_str())
+            .collect();
+        let emitted_meters: Vec<&str> =
+            cfg.meters.meters().iter().map(|m| m.name.as_str()).filter(|m| workload_meter(m)).collect();
+        let mut unknown_meter = "image_generations".to_owned();
+        for i in 1.. {
+            if cfg.meters.get(&unknown_meter).is_none() {
+                break;
+            }
+            unknown_meter = format!("image_generations_{i}");
+        }
+        Self {
+            rng,
+            workload,
+            producer,
+            source: &cfg.source,
+            enc: Encoder::default(),
+            negative_meters,
+            emitted_meters,
+            unknown_meter,
+            jitter_ms: cfg.jitter_ms(),
+            late_bounds: cfg.late_bounds_ms(),
+            late_rate: cfg.late_rate,
+            horizon_ms: duration_ms(cfg.dedup_horizon),
+            p_dup: cfg.duplicate_rate,
+            p_malformed: cfg.duplicate_rate + cfg.malformed_rate,
+            p_too_late: cfg.duplicate_rate + cfg.malformed_rate + cfg.too_late_rate,
+            pending: VecDeque::new(),
+            scratch: Vec::with_capacity(4),
+            ring: VecDeque::with_capacity(DUPLICATE_RING),
+            tenant_max: vec![None; workload.tenant_count()],
+        }
+    }
+
+    /// Draws the kind of the next message and sends it; false if nothing was sent (a request
+    /// without events: the slot is drawn again).
+    async fn send_next(&mut self, now: i64, window: &mut SendWindow<'_, Tag>) -> bool {
+        let r: f64 = self.rng.random();
+        if r < self.p_dup && !self.ring.is_empty() {
+            self.duplicate(window).await;
+        } else if (self.p_dup..self.p_malformed).contains(&r) {
+            self.malformed(now, window).await;
+        } else if let Some((tenant, newest)) = (self.p_malformed..self.p_too_late)
+            .contains(&r)
+            .then(|| self.workload.pick_tenant(&mut self.rng))
+            .and_then(|t| Some((t, self.tenant_max[t]?)))
+        {
+            self.too_late(tenant, newest, window).await;
+        } else {
+            return self.event(now, window).await;
+        }
+        true
+    }
+
+    async fn duplicate(&mut self, window: &mut SendWindow<'_, Tag>) {
+        let j = if self.rng.random_bool(IMMEDIATE_DUPLICATES) { self.ring.len() - 1 } else { self.rng.random_range(0..self.ring.len()) };
+        let (tenant, bytes) = &self.ring[j];
+        window.send(self.workload.tenant_name(*tenant), bytes, Tag::Duplicate).await;
+    }
+
+    async fn malformed(&mut self, now: i64, window: &mut SendWindow<'_, Tag>) {
+        let rng = &mut self.rng;
+        let mut what = Malformed::ALL[rng.random_range(0..Malformed::ALL.len())];
+        if what == Malformed::NegativeQuantity && self.negative_meters.is_empty() {
+            what = Malformed::QuantityNaN;
+        }
+        let tenant = self.workload.pick_tenant(rng);
+        let meter = match what {
+            Malformed::UnknownMeter => self.unknown_meter.as_str(),
+            Malformed::NegativeQuantity => self.negative_meters[rng.random_range(0..self.negative_meters.len())],
+            _ => self.emitted_meters[rng.random_range(0..self.emitted_meters.len())],
+        };
+        let time = now - rng.random_range(0..=self.jitter_ms);
+        let (key, payload) = malformed(what, self.workload, tenant, meter, time, self.source, self.producer, rng);
+        window.send(key, &payload, Tag::Rejected { reason: what.reason(), kind: what.kind() }).await;
+    }
+
+    async fn too_late(&mut self, tenant: usize, newest: i64, window: &mut SendWindow<'_, Tag>) {
+        let time = newest - self.horizon_ms - self.rng.random_range(3_600_000..86_400_000);
+        let req = self.workload.request(tenant, &mut self.rng);
+        let id = event_id_from(&mut self.rng);
+        self.scratch.clear();
+        self.workload.gen_events(&req, &id, time, &mut self.scratch);
+        let ev = self.scratch.swap_remove(self.rng.random_range(0..self.scratch.len()));
+        let payload = self.enc.encode(&ev, self.workload, self.producer);
+        let tag = Tag::Rejected { reason: RejectReason::TooLate, kind: "too_late" };
+        window.send(self.workload.tenant_name(tenant), &payload, tag).await;
+    }
+
+    /// The next event of the current request (a new request when it is done); false if the
+    /// request has none.
+    async fn event(&mut self, now: i64, window: &mut SendWindow<'_, Tag>) -> bool {
+        if self.pending.is_empty() {
+            let rng = &mut self.rng;
+            let tenant = self.workload.pick_tenant(rng);
+            let req = self.workload.request(tenant, rng);
+            let late = self.late_rate > 0.0 && rng.random_bool(self.late_rate);
+            let (late_lo, late_hi) = self.late_bounds;
+            let time = if late { now - rng.random_range(late_lo..=late_hi) } else { now - rng.random_range(0..=self.jitter_ms) };
+            let id = event_id_from(rng);
+            self.scratch.clear();
+            self.workload.gen_events(&req, &id, time, &mut self.scratch);
+            self.pending.extend(self.scratch.drain(..).map(|ev| (ev, late)));
+        }
+        let Some((ev, late)) = self.pending.pop_front() else {
+            return false;
+        };
+        let tenant = ev.tenant;
+        let payload = self.enc.encode(&ev, self.workload, self.producer);
+        let newest = self.tenant_max[tenant].get_or_insert(ev.event_time_ms);
+        *newest = (*newest).max(ev.event_time_ms);
+        window.send(self.workload.tenant_name(tenant), &payload, Tag::Accepted { event: ev, late }).await;
+        if self.ring.len() == DUPLICATE_RING {
+            self.ring.pop_front();
+        }
+        self.ring.push_back((tenant, payload));
+        true
+    }
 }
 
 fn workload_meter(name: &str) -> bool {
@@ -541,70 +580,4 @@ impl Apply<'_> {
             }
         }
     }
-}
-
-/// Builds one malformed message: (key, payload).
-#[allow(clippy::too_many_arguments)]
-fn malformed<'w>(
-    what: Malformed,
-    workload: &'w Workload,
-    tenant: usize,
-    meter: &str,
-    time: i64,
-    source: &str,
-    producer: &EventProducer,
-    rng: &mut StdRng,
-) -> (&'w str, Vec<u8>) {
-    let key = workload.tenant_name(tenant);
-    let mut out = Vec::with_capacity(160);
-    match what {
-        Malformed::Garbage => {
-            // Never a valid framing byte (0x00 Confluent, 0xC3 single-object), so it cannot
-            // decode by accident.
-            let len = rng.random_range(1..64);
-            out.push(rng.random_range(0x01..0xC3u8));
-            out.extend((1..len).map(|_| rng.random::<u8>()));
-            return (key, out);
-        }
-        Malformed::Json => {
-            // A client that sends JSON instead of Avro.
-            let text = format!(r#"{{"event_id":"{}","tenant":"{key}","meter":"{meter}","quantity":"1","event_time":{time}}}"#, event_id_from(rng));
-            return (key, text.into_bytes());
-        }
-        _ => {}
-    }
-    let event_id = event_id_from(rng);
-    let region = REGIONS[rng.random_range(0..REGIONS.len())];
-    let mut quantity = rng.random_range(1..5000u32).to_string();
-    let mut cost = Some(format!("0.{:06}", rng.random_range(1..1_000_000u32)));
-    let (mut tenant_field, mut id_field) = (key, event_id.as_str());
-    match what {
-        Malformed::EmptyTenant => tenant_field = "",
-        Malformed::EmptyEventId => id_field = "",
-        Malformed::QuantityNaN => quantity = "NaN".into(),
-        Malformed::QuantityExponent => quantity = "1e5".into(),
-        Malformed::NegativeQuantity => quantity = "-3".into(),
-        Malformed::BadProviderCost => {
-            let bad = ["free", "1e-3", "0.0000000001", "1,5", "NaN"];
-            cost = Some(bad[rng.random_range(0..bad.len())].into());
-        }
-        _ => {}
-    }
-    let ev = UsageEventRef {
-        event_id: id_field,
-        tenant: tenant_field,
-        meter,
-        quantity: &quantity,
-        event_time_ms: time,
-        dimensions: vec![("model", "gpt-4o-mini"), ("region", region)],
-        provider_cost: cost.as_deref(),
-        source,
-    };
-    producer.codec().encode_ref(&ev, WriterVersion::V2, producer.framing(), &mut out);
-    if what == Malformed::Truncated {
-        // Every proper prefix of an encoding fails to decode (the codec's tests check it).
-        let cut = rng.random_range(1..out.len());
-        out.truncate(cut);
-    }
-    (if what == Malformed::EmptyTenant { "" } else { key }, out)
 }

@@ -28,7 +28,7 @@ use meterflow_runtime::args::{KafkaArgs, TopicArgs};
 use meterflow_runtime::record::{AsRecord as _, Record};
 use meterflow_runtime::tail::{self, Start};
 use metrics::{counter, gauge, histogram};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
@@ -182,35 +182,14 @@ async fn publish(p: &Publishing, balances: Vec<Balance>, alerts: Vec<Alert>) {
     }
     let mut deliveries = Vec::with_capacity(balances.len() + alerts.len());
     for b in &balances {
-        let json = match serde_json::to_vec(b) {
-            Ok(json) => json,
-            Err(e) => {
-                tracing::error!(error = %e, tenant = %b.tenant, "balance not published");
-                counter!(m::BALANCES, "outcome" => "dropped").increment(1);
-                continue;
-            }
-        };
-        let rec = FutureRecord::to(&p.topics.balances_topic).key(b.tenant.as_bytes()).payload(&json);
-        match p.producer.send_result(rec) {
-            Ok(d) => deliveries.push(d),
-            Err(_) => counter!(m::BALANCES, "outcome" => "dropped").increment(1),
-        }
+        let json = serde_json::to_vec(b).map_err(|e| e.to_string());
+        queue(p, &p.topics.balances_topic, &b.tenant, json, &mut deliveries);
     }
     let now = wall_ms();
     for a in &alerts {
         counter!(m::ALERTS, "kind" => a.kind.clone()).increment(1);
-        let avro = match AlertRecord::crossing(a, now).to_avro() {
-            Ok(avro) => avro,
-            Err(e) => {
-                tracing::error!(error = %e, alert = %a.alert_id, "spend-limit alert not published");
-                counter!(m::BALANCES, "outcome" => "dropped").increment(1);
-                continue;
-            }
-        };
-        let rec = FutureRecord::to(&p.topics.alerts_topic).key(a.tenant.as_bytes()).payload(&avro);
-        if let Ok(d) = p.producer.send_result(rec) {
-            deliveries.push(d);
-        }
+        let avro = AlertRecord::crossing(a, now).to_avro().map_err(|e| e.to_string());
+        queue(p, &p.topics.alerts_topic, &a.tenant, avro, &mut deliveries);
     }
     for d in deliveries {
         let outcome = match d.await {
@@ -223,6 +202,22 @@ async fn publish(p: &Publishing, balances: Vec<Balance>, alerts: Vec<Alert>) {
         // One attempt: the alert is on the topic already, and the table folds re-inserts.
         if let Err(e) = insert_alerts(&p.client, &alerts).await {
             tracing::warn!(error = %e, "spend-limit alerts not stored in wallet_alerts");
+        }
+    }
+}
+
+/// Queues one record keyed by `tenant`; one that cannot be encoded or queued is dropped
+/// (counted and logged: publishing is best effort).
+fn queue(p: &Publishing, topic: &str, tenant: &str, payload: Result<Vec<u8>, String>, deliveries: &mut Vec<DeliveryFuture>) {
+    let queued = payload.and_then(|payload| {
+        let rec = FutureRecord::to(topic).key(tenant.as_bytes()).payload(&payload);
+        p.producer.send_result(rec).map_err(|(e, _)| e.to_string())
+    });
+    match queued {
+        Ok(d) => deliveries.push(d),
+        Err(e) => {
+            tracing::warn!(error = %e, topic, tenant, "not published");
+            counter!(m::BALANCES, "outcome" => "dropped").increment(1);
         }
     }
 }

@@ -9,6 +9,8 @@ pub mod error;
 pub mod http;
 mod inflight;
 pub mod kafka;
+/// The in-memory driver: the loop's own tests, and other crates' with the `memory` feature.
+#[cfg(any(test, feature = "memory"))]
 pub mod memory;
 pub mod output;
 pub mod partitioned;
@@ -18,6 +20,7 @@ pub mod resume;
 pub mod retry;
 pub mod rows;
 pub mod service;
+mod service_io;
 pub mod shutdown;
 pub mod source;
 pub mod store;

@@ -348,6 +348,19 @@ impl MemoryStore {
         lock(&self.state).rows.push((key, checkpoint));
     }
 
+    /// The stored deltas of `key`, in version order.
+    pub fn deltas(&self, key: &CheckpointKey) -> Vec<StoredDelta> {
+        let mut found: Vec<StoredDelta> =
+            lock(&self.state).deltas.iter().filter(|(k, _)| k == key).map(|(_, d)| d.clone()).collect();
+        found.sort_by_key(|d| d.checkpoint.version);
+        found
+    }
+
+    /// Loses the delta `version` of `key` (a damaged table).
+    pub fn remove_delta(&self, key: &CheckpointKey, version: u64) {
+        lock(&self.state).deltas.retain(|(k, d)| !(k == key && d.checkpoint.version == version));
+    }
+
     fn newest(&self, key: &CheckpointKey) -> Option<Checkpoint> {
         let s = lock(&self.state);
         s.rows.iter().filter(|(k, _)| k == key).map(|(_, c)| c).max_by_key(|c| c.version).cloned()

@@ -37,24 +37,14 @@ where
     if rows.is_empty() {
         return true;
     }
-    let started = Instant::now();
-    let ok = until_ok(
-        table,
-        backoff,
-        shutdown,
-        |_| metrics::counter!(m.errors, "sink" => table).increment(1),
-        || async {
-            let mut insert = client.insert::<R>(table).await?;
-            for r in rows {
-                insert.write(r).await?;
-            }
-            insert.end().await
-        },
-    )
+    retried_insert(table, backoff, shutdown, m, || async {
+        let mut insert = client.insert::<R>(table).await?;
+        for r in rows {
+            insert.write(r).await?;
+        }
+        insert.end().await
+    })
     .await
-    .is_some();
-    metrics::histogram!(m.insert_seconds, "table" => table).record(started.elapsed().as_secs_f64());
-    ok
 }
 
 /// Inserts pre-encoded RowBinary rows of `columns` into `table` in one insert, retried until
@@ -74,23 +64,27 @@ pub async fn insert_row_binary(
     if data.is_empty() {
         return true;
     }
-    let started = Instant::now();
     let sql = format!("INSERT INTO {table} ({columns}) FORMAT RowBinary");
-    let ok = until_ok(
-        table,
-        backoff,
-        shutdown,
-        |_| metrics::counter!(m.errors, "sink" => table).increment(1),
-        || async {
-            let mut insert = client.insert_formatted_with(sql.clone());
-            for chunk in data.chunks(CHUNK) {
-                insert.send(bytes::Bytes::copy_from_slice(chunk)).await?;
-            }
-            insert.end().await
-        },
-    )
+    retried_insert(table, backoff, shutdown, m, || async {
+        let mut insert = client.insert_formatted_with(sql.clone());
+        for chunk in data.chunks(CHUNK) {
+            insert.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+        }
+        insert.end().await
+    })
     .await
-    .is_some();
+}
+
+/// One insert into `table`, retried until it succeeds, counted and timed.
+async fn retried_insert<F, Fut>(table: &'static str, backoff: &Backoff, shutdown: &CancellationToken, m: WriteMetrics, insert: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = clickhouse::error::Result<()>>,
+{
+    let started = Instant::now();
+    let ok = until_ok(table, backoff, shutdown, |_| metrics::counter!(m.errors, "sink" => table).increment(1), insert)
+        .await
+        .is_some();
     metrics::histogram!(m.insert_seconds, "table" => table).record(started.elapsed().as_secs_f64());
     ok
 }

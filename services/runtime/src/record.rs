@@ -3,8 +3,8 @@
 //! [`Record`] borrows everything from the consumer's buffer: on the hot path (~100k records a
 //! second per aggregator) building one is a handful of pointer reads, no allocation. rdkafka's
 //! `BorrowedMessage` converts to it ([`crate::source::KafkaSource`]); the in-memory driver
-//! ([`crate::memory`]) builds it from its own records, so the loop and the services can be
-//! tested without a broker.
+//! (`memory`, the `memory` feature) builds it from its own records, so the loop and the
+//! services can be tested without a broker.
 
 use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers as _};
 use rdkafka::Message as _;

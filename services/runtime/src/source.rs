@@ -1,8 +1,8 @@
 //! Where the partitioned loop's records and partition ownership come from.
 //!
 //! [`KafkaSource`] is the production one (librdkafka, a consumer group); the in-memory one in
-//! [`crate::memory`] lets the loop's protocol (restore, seek, flush -> checkpoint -> commit,
-//! rebalances, fencing) be tested without a broker. The loop runs on one task and calls the
+//! `memory` (the `memory` feature) lets the loop's protocol (restore, seek, flush ->
+//! checkpoint -> commit, rebalances, fencing) be tested without a broker. The loop runs on one task and calls the
 //! synchronous methods between records; the Kafka one blocks in place for its round trips.
 
 use std::collections::BTreeSet;

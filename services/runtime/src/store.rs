@@ -1,5 +1,5 @@
 //! What the partitioned loop needs of a checkpoint store: the ClickHouse table in production
-//! ([`CheckpointStore`]), a map in [`crate::memory`] for tests of the protocol.
+//! ([`CheckpointStore`]), a map in `memory` (the `memory` feature) for tests of the protocol.
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -125,8 +125,7 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
         let cfg = workload(30_000, 21)?;
         tokio::spawn(async move { produce(&kafka, &topic, cfg).await })
     };
-    // Per partition: the newest checkpoint's epoch and its number within the epoch (0 = the claim),
-    // full or delta.
+    // Per partition: the newest checkpoint's epoch and its number within the epoch (0 = the claim).
     let newest = |env: TestEnv| async move {
         #[derive(Debug, clickhouse::Row, Deserialize)]
         struct E {
@@ -138,8 +137,7 @@ async fn stalled_instance_is_fenced() -> anyhow::Result<()> {
             .clickhouse()
             .query(
                 "SELECT partition, intDiv(max(version), 4294967296) AS epoch, bitAnd(max(version), 4294967295) AS n \
-                 FROM (SELECT partition, version FROM checkpoints UNION ALL SELECT partition, version FROM checkpoint_deltas) \
-                 GROUP BY partition",
+                 FROM checkpoint_positions GROUP BY partition",
             )
             .fetch_all()
             .await?;

@@ -181,10 +181,7 @@ async fn lateness_change_after_a_crash_never_rewrites_a_seq() -> anyhow::Result<
     let before = aggregate_contents(&env).await?;
     let covered: i64 = env
         .clickhouse()
-        .query(
-            "SELECT max(next_offset) FROM (SELECT next_offset FROM checkpoints WHERE service = 'aggregator' \
-             UNION ALL SELECT next_offset FROM checkpoint_deltas WHERE service = 'aggregator')",
-        )
+        .query("SELECT max(next_offset) FROM checkpoint_positions WHERE service = 'aggregator'")
         .fetch_one()
         .await?;
     assert_eq!(covered, 0, "the fault: only the claim checkpoint exists, the restart replays every record");

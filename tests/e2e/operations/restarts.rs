@@ -164,12 +164,7 @@ async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
             async move {
                 let next: i64 = env
                     .clickhouse()
-                    .query(
-                        "SELECT max(next_offset) FROM (SELECT next_offset FROM checkpoints WHERE topic = ? AND partition = ? \
-                         UNION ALL SELECT next_offset FROM checkpoint_deltas WHERE topic = ? AND partition = ?)",
-                    )
-                    .bind(&topic)
-                    .bind(home)
+                    .query("SELECT max(next_offset) FROM checkpoint_positions WHERE topic = ? AND partition = ?")
                     .bind(&topic)
                     .bind(home)
                     .fetch_one()

@@ -281,6 +281,15 @@ impl World {
     }
 }
 
+/// Runs `svc` on `w` until the loop stops by itself (with an error); returns the error.
+async fn stops_with_error(w: &World, svc: &mut Summer) -> String {
+    let shutdown = CancellationToken::new();
+    let result = tokio::time::timeout(Duration::from_secs(10), run(svc, &w.source, &w.store, &config(), &shutdown))
+        .await
+        .expect("the loop stops by itself");
+    format!("{:#}", result.expect_err("the loop stops with an error"))
+}
+
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -510,11 +519,7 @@ async fn a_group_ahead_of_any_checkpoint_refuses_to_start() {
     w.source.set_committed(TOPIC, 0, 3);
     let mut svc = Summer::new(w.sink.clone());
     w.source.assign(&[(TOPIC, 0)]);
-    let shutdown = CancellationToken::new();
-    let result = tokio::time::timeout(Duration::from_secs(10), run(&mut svc, &w.source, &w.store, &config(), &shutdown))
-        .await
-        .expect("the loop stops by itself");
-    let err = format!("{:#}", result.unwrap_err());
+    let err = stops_with_error(&w, &mut svc).await;
     assert!(err.contains("no checkpoint, but the consumer group g committed offset 3"), "{err}");
     assert!(w.journal.events().is_empty(), "nothing claimed, written or committed");
 }
@@ -527,11 +532,7 @@ async fn records_deleted_before_they_were_processed_stop_the_loop() {
     w.source.truncate(TOPIC, 0, 4);
     let mut svc = Summer::new(w.sink.clone());
     w.source.assign(&[(TOPIC, 0)]);
-    let shutdown = CancellationToken::new();
-    let result = tokio::time::timeout(Duration::from_secs(10), run(&mut svc, &w.source, &w.store, &config(), &shutdown))
-        .await
-        .expect("the loop stops by itself");
-    let err = format!("{:#}", result.unwrap_err());
+    let err = stops_with_error(&w, &mut svc).await;
     assert!(err.contains("offsets 0..4 were deleted"), "{err}");
     assert_eq!(w.source.seeks(), vec![(TOPIC.to_owned(), 0, 0)], "refused at the first record, not after seeking");
     assert!(svc.seen.lock().unwrap().handled.is_empty(), "nothing skipped silently");
@@ -544,11 +545,7 @@ async fn a_writer_that_panics_stops_the_loop_before_anything_is_checkpointed_pas
     w.sink.panics.store(1, Ordering::SeqCst);
     let mut svc = Summer::new(w.sink.clone());
     w.source.assign(&[(TOPIC, 0)]);
-    let shutdown = CancellationToken::new();
-    let result = tokio::time::timeout(Duration::from_secs(10), run(&mut svc, &w.source, &w.store, &config(), &shutdown))
-        .await
-        .expect("the loop stops by itself");
-    let err = format!("{:#}", result.unwrap_err());
+    let err = stops_with_error(&w, &mut svc).await;
     assert!(err.contains("output writer failed"), "{err}");
     assert_eq!(w.sink.panics.load(Ordering::SeqCst), 0, "the injected panic happened");
     let events = w.journal.events();

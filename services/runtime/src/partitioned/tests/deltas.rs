@@ -92,3 +92,42 @@ async fn failed_delta_saves_are_retried_and_the_chain_stays_exact() {
     assert_eq!(seen.sums[&0], want);
     assert_protocol_order(&w.journal.events());
 }
+
+#[tokio::test]
+async fn a_hole_in_the_chain_refuses_to_start() {
+    let w = World::new(1);
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    w.drive_with(&mut svc, LoopConfig { deltas: DeltaPolicy { full_every: 1000, max_ratio: 1e9 }, ..config() }, async {
+        w.source.assign(&[(TOPIC, 0)]);
+        for round in 0..4i64 {
+            w.produce(0, (1..=10).map(|v| v + round * 10));
+            until("the round is committed", || w.source.committed_offset(TOPIC, 0) == Some((round + 1) * 10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let key = World::key(0);
+    let deltas = w.store.deltas(&key);
+    assert!(deltas.len() >= 2, "a chain of deltas after the claim: {deltas:?}");
+    // A damaged table: the first delta of the chain is lost.
+    w.store.remove_delta(&key, deltas[0].checkpoint.version);
+    let newest = |w: &World| w.store.max_versions("summer", "g", TOPIC).now_or_never().unwrap().unwrap()[&0];
+    let before = newest(&w);
+
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    let seen = svc.seen();
+    let cfg = LoopConfig { deltas: DeltaPolicy { full_every: 1000, max_ratio: 1e9 }, ..config() };
+    let result = w
+        .drive_with(&mut svc, cfg, async {
+            w.source.assign(&[(TOPIC, 0)]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        })
+        .await;
+    let err = format!("{:#}", result.expect_err("a broken chain must not start"));
+    assert!(err.contains("chain"), "the error names the broken chain: {err}");
+    let seen = seen.lock().unwrap();
+    assert!(seen.handled.is_empty() && seen.applied.is_empty(), "nothing restored from a wrong state or processed");
+    assert_eq!(newest(&w), before, "no claim was written over the damaged chain");
+}
