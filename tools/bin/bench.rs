@@ -324,7 +324,8 @@ fn core_bench(args: &Args, report: &mut Report) -> Result<()> {
     for line in text.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         // | load | phase | events | wall ms | ns/ev | CPU ns/ev | events/s/CPU |
-        if cells.len() < 8 || !(cells[2].starts_with("decode only") || cells[2].starts_with("decode + dedup + aggregate (best)")) {
+        let measured = ["decode only", "decode + dedup + aggregate (best)", "decode + dedup + aggregate + deltas (best)"];
+        if cells.len() < 8 || !measured.iter().any(|m| cells[2].starts_with(m)) {
             continue;
         }
         let rate: f64 = cells[7].parse().unwrap_or(0.0);
@@ -333,7 +334,7 @@ fn core_bench(args: &Args, report: &mut Report) -> Result<()> {
         }
         report.row("core", format!("{}: {} ({} events, one thread)", cells[1], cells[2], cells[3]), format!("{} ev/s/core", fmt_rate(rate)), format!("{} CPU ns/event", cells[6]));
     }
-    for line in text.lines().filter(|l| l.contains("dedup remembers")) {
+    for line in text.lines().filter(|l| l.contains("dedup remembers") || l.contains("delta tracking armed")) {
         report.note(format!("core bench: {}", line.trim()));
     }
     anyhow::ensure!(slowest < f64::MAX, "no result rows in the core bench output:\n{text}");

@@ -59,6 +59,14 @@ impl Writer {
             }
         }
     }
+    /// LEB128: small values (a bucket that did not change) in one byte.
+    pub fn uvarint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
     pub fn len(&mut self, n: usize) {
         self.u32(u32::try_from(n).expect("snapshot collections hold fewer than 2^32 items"));
     }
@@ -130,6 +138,21 @@ impl<'a> Reader<'a> {
     }
     /// A count of items each taking at least `min_item_bytes`: rejects counts the remaining
     /// bytes cannot hold, so a corrupt count cannot trigger a huge allocation.
+    pub fn uvarint(&mut self) -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(bad("varint overflows 64 bits"));
+            }
+            v |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(bad("varint longer than 10 bytes"))
+    }
     pub fn len(&mut self, min_item_bytes: usize) -> Result<usize> {
         let n = self.u32()? as usize;
         if n.saturating_mul(min_item_bytes.max(1)) > self.remaining() {
