@@ -576,7 +576,7 @@ def pipeline_health() -> Board:
                 (
                     SELECT service, consumer_group, topic, partition AS p, max(version) AS v,
                         argMax(next_offset, version) AS o, max(written_at) AS wa
-                    FROM checkpoints
+                    FROM checkpoint_positions
                     GROUP BY service, consumer_group, topic, partition
                 )
                 ORDER BY service, consumer_group, topic, p
