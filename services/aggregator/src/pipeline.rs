@@ -5,35 +5,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clickhouse::Client;
-use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
-use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
+use meterflow_core::engine::{EngineConfig, PartitionEngine};
 use meterflow_core::ledger::LedgerEntry;
 use meterflow_core::meter::MeterCatalog;
-use meterflow_core::partitioning::partition_for;
-use meterflow_core::RejectReason;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::kafka::CONTROL_HEADER;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
-use meterflow_runtime::record::{Record, Timestamp};
+use meterflow_runtime::record::Record;
 use meterflow_runtime::resume::Resume;
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cold::ChStores;
 use crate::config::Config;
 use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, wall_ms, TICK};
+use crate::record::wall_ms;
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 use crate::stored::Stored;
+
+mod events;
+mod ticks;
 
 const SERVICE: &str = "aggregator";
 
@@ -461,159 +458,5 @@ impl Aggregator {
         let positions: BTreeMap<i32, i64> =
             self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
         *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
-    }
-
-    async fn handle_record(&mut self, msg: &Record<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let partition = msg.partition;
-        let offset = msg.offset;
-        // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, writing, client, codec, config, warned_create_time, sink, counters, runtime, now, .. } = self;
-        let writing = writing.as_deref();
-        let Some(part) = partitions.get_mut(&partition) else {
-            return Ok(()); // not held (the loop only hands over records of held partitions)
-        };
-        if offset < part.engine.next_offset() {
-            return Ok(()); // covered by the checkpoint
-        }
-        let payload = msg.payload;
-        if is_tick(msg) {
-            let topic = config.service.conn.topics.usage_topic.as_bytes();
-            let authentic = tick_tag(msg).is_some_and(|t| {
-                auth::verify(&sink.record_key, &[auth::PURPOSE_TICK, topic, &partition.to_le_bytes(), payload], t)
-            });
-            if authentic {
-                let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
-                let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
-                retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
-            } else {
-                // Anyone who can produce to the topic could otherwise move the partition's time
-                // (and close or expire everything): a tick must carry the deployment's tag.
-                let reason = RejectReason::Unauthenticated;
-                part.engine.on_rejected(offset, reason);
-                counters.dead_letter(reason);
-                let detail = "control record (tick) without a valid meterflow-auth tag: not written by this deployment's aggregator".to_owned();
-                outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, None, payload));
-            }
-        } else {
-            counters.events_in.increment(1);
-            part.last_input = *now;
-            part.input_since_tick = true;
-            match codec.decode(payload) {
-                Err(e) => {
-                    part.engine.on_skipped(offset);
-                    outputs.push_dead_letter(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
-                    counters.dead_letter(RejectReason::Undecodable);
-                }
-                Ok(ev) if !ev.tenant.is_empty() && partition_for(ev.tenant.as_bytes(), part.partitions) != partition => {
-                    let expected = partition_for(ev.tenant.as_bytes(), part.partitions);
-                    let reason = RejectReason::WrongPartition;
-                    part.engine.on_rejected(offset, reason);
-                    let detail = format!(
-                        "tenant {:?} belongs to partition {expected} of {} (key = tenant, crc32 partitioner), not {partition}",
-                        ev.tenant.chars().take(64).collect::<String>(),
-                        part.partitions
-                    );
-                    counters.dead_letter(reason);
-                    outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
-                }
-                Ok(mut ev) => {
-                    let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
-                    // Only the broker's clock bounds event time; a producer's CreateTime is
-                    // trusted only on topics not created by meterflow-admin (warned at start).
-                    let record_ms = match msg.timestamp {
-                        Timestamp::LogAppendTime(t) => Some(t),
-                        Timestamp::CreateTime(t) => {
-                            if !*warned_create_time {
-                                *warned_create_time = true;
-                                tracing::warn!(
-                                    topic = %config.service.conn.topics.usage_topic,
-                                    "records carry producer CreateTime: a producer with a wrong or hostile clock can move \
-                                     event time. Create the usage topic with message.timestamp.type=LogAppendTime \
-                                     (meterflow-admin topics does)"
-                                );
-                            }
-                            Some(t)
-                        }
-                        Timestamp::NotAvailable => None,
-                    };
-                    let outcome =
-                        retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
-                    match outcome {
-                        Outcome::Accepted => {
-                            counters.accepted.increment(1);
-                            // The raw row keeps dimensions sorted by key (in place: no copy).
-                            ev.dimensions.sort_unstable();
-                            outputs.usage.push(part.engine.accepted(), &ev, partition, offset)?;
-                        }
-                        Outcome::Duplicate => counters.duplicates.increment(1),
-                        Outcome::Rejected { reason, detail } => {
-                            counters.dead_letter(reason);
-                            outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
-                        }
-                    }
-                }
-            }
-        }
-        for a in part.engine.drain_output() {
-            if a.revision == 0 {
-                counters.windows_closed.increment(1);
-            } else {
-                counters.restatements.increment(1);
-            }
-            outputs.push_aggregate(a);
-        }
-        if part.switch.is_some() {
-            self.try_switch(partition)?;
-        }
-        Ok(())
-    }
-
-    /// Writes a tick into each partition that has been idle for `idle_timeout` and may still
-    /// hold windows to close or restatements to emit.
-    fn send_ticks(&mut self) {
-        let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
-        let now_ms = wall_ms();
-        let mut due = Vec::new();
-        // A window due to close by the wall clock gets a tick as soon as input pauses briefly,
-        // so that it is queryable within ~1 s of its close, not only after idle_timeout.
-        let brief = idle.min(Duration::from_millis(500));
-        for (p, part) in self.partitions.iter_mut() {
-            let waiting = part.engine.open_windows() > 0 || part.input_since_tick;
-            let idle_due = part.last_input.elapsed() >= idle && part.last_tick.elapsed() >= idle && waiting;
-            let close_due = part.engine.next_close_at().is_some_and(|c| c <= now_ms)
-                && part.last_input.elapsed() >= brief
-                && part.last_tick.elapsed() >= brief;
-            if !idle_due && !close_due {
-                continue;
-            }
-            part.last_tick = Instant::now();
-            part.input_since_tick = false;
-            due.push(*p);
-        }
-        let payload = now_ms.to_be_bytes();
-        let topic = self.config.service.conn.topics.usage_topic.as_bytes();
-        for p in due {
-            let tag = auth::sign(&self.sink.record_key, &[auth::PURPOSE_TICK, topic, &p.to_le_bytes(), &payload]);
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: CONTROL_HEADER, value: Some(TICK) })
-                .insert(Header { key: auth::HEADER, value: Some(&tag[..]) });
-            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.service.conn.topics.usage_topic)
-                .partition(p)
-                .payload(&payload[..])
-                .headers(headers);
-            // Not awaited here: a slow ack would stall the consume loop (and with it the
-            // provisional totals of real-time balances). librdkafka keeps the partition's
-            // order; a lost tick only delays a close until the next one.
-            match self.producer.send_result(rec) {
-                Ok(delivery) => {
-                    tokio::spawn(async move {
-                        if !matches!(delivery.await, Ok(Ok(_))) {
-                            tracing::warn!(partition = p, "could not write idle tick");
-                        }
-                    });
-                }
-                Err((e, _)) => tracing::warn!(error = %e, partition = p, "could not queue idle tick"),
-            }
-        }
     }
 }
