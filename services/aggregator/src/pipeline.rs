@@ -13,7 +13,7 @@ use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::record::Record;
-use meterflow_runtime::resume::Resume;
+use meterflow_runtime::resume::{Configured, Resume};
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
 use rdkafka::producer::FutureProducer;
@@ -116,23 +116,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
 
-/// A partition restored from a checkpoint written under other meter definitions keeps them
-/// until it has re-derived everything already output (so no `seq` is ever emitted with other
-/// content), then switches to the current ones.
-struct Switch {
-    catalog: Arc<MeterCatalog>,
-    text: String,
-    /// Highest `seq` and source offset already in ClickHouse for the partition (from `verify`).
+/// The highest `seq` and source offset already in ClickHouse for a partition (from `verify`):
+/// a partition switches meter definitions once its engine is past both (see [`Configured`]).
+#[derive(Debug, Clone, Copy)]
+struct Written {
     max_seq: i64,
     max_offset: i64,
+}
+
+impl Written {
+    /// Before `verify` has looked: nothing passes it.
+    const UNKNOWN: Written = Written { max_seq: i64::MAX, max_offset: i64::MAX };
 }
 
 /// A held partition: its engine and the meters it runs with.
 struct HeldPartition {
     engine: PartitionEngine,
-    /// The meters text the engine runs with (the checkpoint's until a switch).
-    meters_text: String,
-    switch: Option<Switch>,
+    /// The meters the engine runs with (the checkpoint's until a switch).
+    meters: Configured<MeterCatalog, Written>,
     /// Partition count of the usage topic (the partitioning contract's modulus).
     partitions: i32,
     last_input: Instant,
@@ -198,7 +199,7 @@ impl Partitioned for Aggregator {
     }
 
     fn config_text(&self, partition: i32) -> String {
-        self.partitions.get(&partition).map_or_else(|| self.meters_text.clone(), |p| p.meters_text.clone())
+        self.partitions.get(&partition).map_or_else(|| self.meters_text.clone(), |p| p.meters.text.clone())
     }
 
     fn wants_checkpoint(&self) -> bool {
@@ -213,30 +214,12 @@ impl Partitioned for Aggregator {
     ) -> anyhow::Result<()> {
         let topic = &self.config.service.conn.topics.usage_topic;
         let partitions = partition_counts.get(topic).copied().unwrap_or(0);
-        let mut switch = None;
-        let mut meters_text = self.meters_text.clone();
-        let engine = match Resume::of(from, &self.meters_text) {
-            Resume::Checkpoint { state, recorded_config } => {
-                let catalog = match recorded_config {
-                    Some(recorded) => {
-                        let old = MeterCatalog::from_toml_str(recorded).context("the meter definitions recorded in the checkpoint")?;
-                        tracing::warn!(
-                            partition,
-                            "meter definitions changed since the checkpoint: replaying what was already output with the \
-                             recorded ones, then switching"
-                        );
-                        switch = Some(Switch {
-                            catalog: self.catalog.clone(),
-                            text: self.meters_text.clone(),
-                            max_seq: i64::MAX,
-                            max_offset: i64::MAX,
-                        });
-                        meters_text = recorded.to_owned();
-                        Arc::new(old)
-                    }
-                    None => self.catalog.clone(),
-                };
-                let engine = PartitionEngine::restore(state, catalog, self.engine_config.clone())?;
+        let resume = Resume::of(from, &self.meters_text);
+        let parse = |text: &str| Ok(MeterCatalog::from_toml_str(text)?);
+        let meters = Configured::resume(&resume, partition, (&self.catalog, &self.meters_text), parse, Written::UNKNOWN)?;
+        let engine = match resume {
+            Resume::Checkpoint { state, .. } => {
+                let engine = PartitionEngine::restore(state, meters.config.clone(), self.engine_config.clone())?;
                 tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
                 engine
             }
@@ -255,7 +238,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, HeldPartition { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1, needs_base: false });
+            .insert(partition, HeldPartition { engine, meters, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1, needs_base: false });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }
@@ -266,10 +249,10 @@ impl Partitioned for Aggregator {
         if from.is_none() {
             return stored.ensure_empty().await;
         }
-        if part.switch.is_some() {
+        if part.meters.switch.is_some() {
             let (max_seq, max_offset) = stored.last_outputs().await?;
-            if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
-                (sw.max_seq, sw.max_offset) = (max_seq, max_offset);
+            if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.meters.switch.as_mut()) {
+                sw.after = Written { max_seq, max_offset };
                 tracing::info!(partition, max_seq, max_offset, "configuration switch after these outputs");
             }
             self.try_switch(partition)?;
@@ -293,7 +276,7 @@ impl Partitioned for Aggregator {
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
         let part = self.partitions.get_mut(&partition).context("snapshot of a partition not held")?;
-        if part.switch.is_none() {
+        if part.meters.switch.is_none() {
             self.switched = false;
         }
         part.needs_base = false;
@@ -411,21 +394,19 @@ impl Aggregator {
         self.last_progress = Instant::now();
     }
     /// Switches `partition` to the current meter definitions once its engine has re-derived
-    /// every output already written under the checkpoint's (see [`Switch`]).
+    /// every output already written under the checkpoint's (see [`Configured`]).
     fn try_switch(&mut self, partition: i32) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get_mut(&partition) else { return Ok(()) };
         let engine = &part.engine;
-        let Some(sw) = part.switch.take_if(|sw| engine.next_seq() > sw.max_seq && engine.next_offset() > sw.max_offset) else {
-            return Ok(());
-        };
+        let passed = |w: &Written| engine.next_seq() > w.max_seq && engine.next_offset() > w.max_offset;
+        let Some(catalog) = part.meters.switch_if(passed) else { return Ok(()) };
         let bytes = part.engine.snapshot();
-        part.engine = PartitionEngine::restore(&bytes, sw.catalog, self.engine_config.clone()).with_context(|| {
+        part.engine = PartitionEngine::restore(&bytes, catalog, self.engine_config.clone()).with_context(|| {
             format!(
                 "partition {partition}: the new meter definitions cannot continue this state (a meter's window, \
                  aggregation or group_by changed: define a new meter instead; docs/operations.md)"
             )
         })?;
-        part.meters_text = sw.text;
         part.needs_base = true;
         self.switched = true;
         tracing::warn!(

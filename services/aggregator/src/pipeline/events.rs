@@ -77,7 +77,7 @@ impl Aggregator {
             }
             outputs.push_aggregate(a);
         }
-        if part.switch.is_some() {
+        if part.meters.switch.is_some() {
             self.try_switch(partition)?;
         }
         Ok(())
