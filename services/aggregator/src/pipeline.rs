@@ -106,12 +106,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
         max_buffered_bytes: agg.config.max_buffered_bytes,
-        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
-        errors: m::RUNTIME.flush_errors,
-        fenced: m::RUNTIME.fenced,
         deltas: agg.config.delta_policy(),
-        checkpoints: m::RUNTIME.checkpoints,
-        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
+        metrics: m::RUNTIME,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }

@@ -108,13 +108,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
         max_buffered_rows: rater.config.max_buffered_rows,
         max_buffered_bytes: rater.config.max_buffered_bytes,
-        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
-        errors: m::RUNTIME.flush_errors,
-        fenced: m::RUNTIME.fenced,
         // The rater's state is small: every checkpoint is a full one.
         deltas: meterflow_runtime::chain::DeltaPolicy::default(),
-        checkpoints: m::RUNTIME.checkpoints,
-        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
+        metrics: m::RUNTIME,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }
