@@ -42,8 +42,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
     let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
     let io = ServiceIo::connect(
-        &config.service.conn.kafka,
-        &config.service.conn.clickhouse,
+        &config.service,
         &config.group,
         &config.membership,
         &[&config.service.conn.topics.usage_topic],
@@ -51,8 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &shutdown,
     )
     .await?;
-    let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
+    let (client, producer, record_key) = (io.client.clone(), io.producer.clone(), io.record_key.clone());
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,

@@ -62,8 +62,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let wallet_config = WalletConfig { low_balance, ..WalletConfig::default() };
 
     let io = ServiceIo::connect(
-        &config.service.conn.kafka,
-        &config.service.conn.clickhouse,
+        &config.service,
         &config.group,
         &config.membership,
         &[&config.service.conn.topics.aggregates_topic, &config.service.conn.topics.wallet_topic],
@@ -71,8 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &shutdown,
     )
     .await?;
-    let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
+    let (client, producer, record_key) = (io.client.clone(), io.producer.clone(), io.record_key.clone());
     let mut rater = Rater {
         record_key,
         admission: Admission { max_future_ms: config.max_future_ms, max_seq_gap: config.max_seq_gap },
