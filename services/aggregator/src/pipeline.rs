@@ -5,35 +5,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clickhouse::Client;
-use meterflow_core::auth;
 use meterflow_core::codec::UsageEventCodec;
-use meterflow_core::engine::{EngineConfig, Outcome, PartitionEngine};
+use meterflow_core::engine::{EngineConfig, PartitionEngine};
 use meterflow_core::ledger::LedgerEntry;
 use meterflow_core::meter::MeterCatalog;
-use meterflow_core::partitioning::partition_for;
-use meterflow_core::RejectReason;
 use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
-use meterflow_runtime::kafka::CONTROL_HEADER;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
-use meterflow_runtime::record::{Record, Timestamp};
-use meterflow_runtime::resume::Resume;
+use meterflow_runtime::record::Record;
+use meterflow_runtime::resume::{Configured, Resume};
 use meterflow_runtime::retry::Backoff;
 use metrics::gauge;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cold::ChStores;
 use crate::config::Config;
 use crate::lag::spawn_lag_reporter;
 use crate::metrics as m;
 use crate::provisional::Publisher;
-use crate::record::{dead_letter, is_tick, retry_sync, tick_tag, wall_ms, TICK};
+use crate::record::wall_ms;
 use crate::rows::LedgerRow;
 use crate::sink::{Outputs, Sink};
 use crate::stored::Stored;
+
+mod events;
+mod ticks;
 
 const SERVICE: &str = "aggregator";
 
@@ -45,8 +42,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .with_context(|| format!("reading meters file {}", config.meters.display()))?;
     let catalog = Arc::new(MeterCatalog::from_toml_str(&meters_text)?);
     let io = ServiceIo::connect(
-        &config.service.conn.kafka,
-        &config.service.conn.clickhouse,
+        &config.service,
         &config.group,
         &config.membership,
         &[&config.service.conn.topics.usage_topic],
@@ -54,8 +50,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &shutdown,
     )
     .await?;
-    let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
+    let (client, producer, record_key) = (io.client.clone(), io.producer.clone(), io.record_key.clone());
     let mut agg = Aggregator {
         engine_config: EngineConfig {
             dedup_horizon_ms: config.dedup_horizon_ms,
@@ -109,33 +104,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(agg.config.checkpoint_interval_ms as u64),
         max_buffered_rows: agg.config.max_buffered_rows,
         max_buffered_bytes: agg.config.max_buffered_bytes,
-        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
-        errors: m::RUNTIME.flush_errors,
-        fenced: m::RUNTIME.fenced,
         deltas: agg.config.delta_policy(),
-        checkpoints: m::RUNTIME.checkpoints,
-        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
+        metrics: m::RUNTIME,
     };
     io.serve(&mut agg, &loop_config, &shutdown).await
 }
 
-/// A partition restored from a checkpoint written under other meter definitions keeps them
-/// until it has re-derived everything already output (so no `seq` is ever emitted with other
-/// content), then switches to the current ones.
-struct Switch {
-    catalog: Arc<MeterCatalog>,
-    text: String,
-    /// Highest `seq` and source offset already in ClickHouse for the partition (from `verify`).
+/// The highest `seq` and source offset already in ClickHouse for a partition (from `verify`):
+/// a partition switches meter definitions once its engine is past both (see [`Configured`]).
+#[derive(Debug, Clone, Copy)]
+struct Written {
     max_seq: i64,
     max_offset: i64,
+}
+
+impl Written {
+    /// Before `verify` has looked: nothing passes it.
+    const UNKNOWN: Written = Written { max_seq: i64::MAX, max_offset: i64::MAX };
 }
 
 /// A held partition: its engine and the meters it runs with.
 struct HeldPartition {
     engine: PartitionEngine,
-    /// The meters text the engine runs with (the checkpoint's until a switch).
-    meters_text: String,
-    switch: Option<Switch>,
+    /// The meters the engine runs with (the checkpoint's until a switch).
+    meters: Configured<MeterCatalog, Written>,
     /// Partition count of the usage topic (the partitioning contract's modulus).
     partitions: i32,
     last_input: Instant,
@@ -201,7 +193,7 @@ impl Partitioned for Aggregator {
     }
 
     fn config_text(&self, partition: i32) -> String {
-        self.partitions.get(&partition).map_or_else(|| self.meters_text.clone(), |p| p.meters_text.clone())
+        self.partitions.get(&partition).map_or_else(|| self.meters_text.clone(), |p| p.meters.text.clone())
     }
 
     fn wants_checkpoint(&self) -> bool {
@@ -216,30 +208,12 @@ impl Partitioned for Aggregator {
     ) -> anyhow::Result<()> {
         let topic = &self.config.service.conn.topics.usage_topic;
         let partitions = partition_counts.get(topic).copied().unwrap_or(0);
-        let mut switch = None;
-        let mut meters_text = self.meters_text.clone();
-        let engine = match Resume::of(from, &self.meters_text) {
-            Resume::Checkpoint { state, recorded_config } => {
-                let catalog = match recorded_config {
-                    Some(recorded) => {
-                        let old = MeterCatalog::from_toml_str(recorded).context("the meter definitions recorded in the checkpoint")?;
-                        tracing::warn!(
-                            partition,
-                            "meter definitions changed since the checkpoint: replaying what was already output with the \
-                             recorded ones, then switching"
-                        );
-                        switch = Some(Switch {
-                            catalog: self.catalog.clone(),
-                            text: self.meters_text.clone(),
-                            max_seq: i64::MAX,
-                            max_offset: i64::MAX,
-                        });
-                        meters_text = recorded.to_owned();
-                        Arc::new(old)
-                    }
-                    None => self.catalog.clone(),
-                };
-                let engine = PartitionEngine::restore(state, catalog, self.engine_config.clone())?;
+        let resume = Resume::of(from, &self.meters_text);
+        let parse = |text: &str| Ok(MeterCatalog::from_toml_str(text)?);
+        let meters = Configured::resume(&resume, partition, (&self.catalog, &self.meters_text), parse, Written::UNKNOWN)?;
+        let engine = match resume {
+            Resume::Checkpoint { state, .. } => {
+                let engine = PartitionEngine::restore(state, meters.config.clone(), self.engine_config.clone())?;
                 tracing::info!(partition, next_offset = engine.next_offset(), next_seq = engine.next_seq(), "restored checkpoint");
                 engine
             }
@@ -258,7 +232,7 @@ impl Partitioned for Aggregator {
         };
         let now = Instant::now();
         self.partitions
-            .insert(partition, HeldPartition { engine, meters_text, switch, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1, needs_base: false });
+            .insert(partition, HeldPartition { engine, meters, partitions, last_input: now, last_tick: now, input_since_tick: true, ledger_at: -1, needs_base: false });
         gauge!(m::PARTITIONS_OWNED).set(self.partitions.len() as f64);
         Ok(())
     }
@@ -269,10 +243,10 @@ impl Partitioned for Aggregator {
         if from.is_none() {
             return stored.ensure_empty().await;
         }
-        if part.switch.is_some() {
+        if part.meters.switch.is_some() {
             let (max_seq, max_offset) = stored.last_outputs().await?;
-            if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.switch.as_mut()) {
-                (sw.max_seq, sw.max_offset) = (max_seq, max_offset);
+            if let Some(sw) = self.partitions.get_mut(&partition).and_then(|p| p.meters.switch.as_mut()) {
+                sw.after = Written { max_seq, max_offset };
                 tracing::info!(partition, max_seq, max_offset, "configuration switch after these outputs");
             }
             self.try_switch(partition)?;
@@ -296,7 +270,7 @@ impl Partitioned for Aggregator {
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
         let part = self.partitions.get_mut(&partition).context("snapshot of a partition not held")?;
-        if part.switch.is_none() {
+        if part.meters.switch.is_none() {
             self.switched = false;
         }
         part.needs_base = false;
@@ -414,21 +388,19 @@ impl Aggregator {
         self.last_progress = Instant::now();
     }
     /// Switches `partition` to the current meter definitions once its engine has re-derived
-    /// every output already written under the checkpoint's (see [`Switch`]).
+    /// every output already written under the checkpoint's (see [`Configured`]).
     fn try_switch(&mut self, partition: i32) -> anyhow::Result<()> {
         let Some(part) = self.partitions.get_mut(&partition) else { return Ok(()) };
         let engine = &part.engine;
-        let Some(sw) = part.switch.take_if(|sw| engine.next_seq() > sw.max_seq && engine.next_offset() > sw.max_offset) else {
-            return Ok(());
-        };
+        let passed = |w: &Written| engine.next_seq() > w.max_seq && engine.next_offset() > w.max_offset;
+        let Some(catalog) = part.meters.switch_if(passed) else { return Ok(()) };
         let bytes = part.engine.snapshot();
-        part.engine = PartitionEngine::restore(&bytes, sw.catalog, self.engine_config.clone()).with_context(|| {
+        part.engine = PartitionEngine::restore(&bytes, catalog, self.engine_config.clone()).with_context(|| {
             format!(
                 "partition {partition}: the new meter definitions cannot continue this state (a meter's window, \
                  aggregation or group_by changed: define a new meter instead; docs/operations.md)"
             )
         })?;
-        part.meters_text = sw.text;
         part.needs_base = true;
         self.switched = true;
         tracing::warn!(
@@ -461,159 +433,5 @@ impl Aggregator {
         let positions: BTreeMap<i32, i64> =
             self.partitions.iter().map(|(p, part)| (*p, part.engine.next_offset())).collect();
         *self.positions.lock().unwrap_or_else(|e| e.into_inner()) = positions;
-    }
-
-    async fn handle_record(&mut self, msg: &Record<'_>, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let partition = msg.partition;
-        let offset = msg.offset;
-        // Split borrows: the engine is mutated while the stores read the pending outputs.
-        let Self { partitions, outputs, writing, client, codec, config, warned_create_time, sink, counters, runtime, now, .. } = self;
-        let writing = writing.as_deref();
-        let Some(part) = partitions.get_mut(&partition) else {
-            return Ok(()); // not held (the loop only hands over records of held partitions)
-        };
-        if offset < part.engine.next_offset() {
-            return Ok(()); // covered by the checkpoint
-        }
-        let payload = msg.payload;
-        if is_tick(msg) {
-            let topic = config.service.conn.topics.usage_topic.as_bytes();
-            let authentic = tick_tag(msg).is_some_and(|t| {
-                auth::verify(&sink.record_key, &[auth::PURPOSE_TICK, topic, &partition.to_le_bytes(), payload], t)
-            });
-            if authentic {
-                let wall_ms = payload.try_into().map(i64::from_be_bytes).unwrap_or(0);
-                let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
-                retry_sync(|| part.engine.on_tick(offset, wall_ms, &mut stores), shutdown).await?;
-            } else {
-                // Anyone who can produce to the topic could otherwise move the partition's time
-                // (and close or expire everything): a tick must carry the deployment's tag.
-                let reason = RejectReason::Unauthenticated;
-                part.engine.on_rejected(offset, reason);
-                counters.dead_letter(reason);
-                let detail = "control record (tick) without a valid meterflow-auth tag: not written by this deployment's aggregator".to_owned();
-                outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, None, payload));
-            }
-        } else {
-            counters.events_in.increment(1);
-            part.last_input = *now;
-            part.input_since_tick = true;
-            match codec.decode(payload) {
-                Err(e) => {
-                    part.engine.on_skipped(offset);
-                    outputs.push_dead_letter(dead_letter(config, partition, offset, RejectReason::Undecodable, e.to_string(), None, payload));
-                    counters.dead_letter(RejectReason::Undecodable);
-                }
-                Ok(ev) if !ev.tenant.is_empty() && partition_for(ev.tenant.as_bytes(), part.partitions) != partition => {
-                    let expected = partition_for(ev.tenant.as_bytes(), part.partitions);
-                    let reason = RejectReason::WrongPartition;
-                    part.engine.on_rejected(offset, reason);
-                    let detail = format!(
-                        "tenant {:?} belongs to partition {expected} of {} (key = tenant, crc32 partitioner), not {partition}",
-                        ev.tenant.chars().take(64).collect::<String>(),
-                        part.partitions
-                    );
-                    counters.dead_letter(reason);
-                    outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
-                }
-                Ok(mut ev) => {
-                    let mut stores = ChStores { client, handle: runtime, pending: outputs, writing };
-                    // Only the broker's clock bounds event time; a producer's CreateTime is
-                    // trusted only on topics not created by meterflow-admin (warned at start).
-                    let record_ms = match msg.timestamp {
-                        Timestamp::LogAppendTime(t) => Some(t),
-                        Timestamp::CreateTime(t) => {
-                            if !*warned_create_time {
-                                *warned_create_time = true;
-                                tracing::warn!(
-                                    topic = %config.service.conn.topics.usage_topic,
-                                    "records carry producer CreateTime: a producer with a wrong or hostile clock can move \
-                                     event time. Create the usage topic with message.timestamp.type=LogAppendTime \
-                                     (meterflow-admin topics does)"
-                                );
-                            }
-                            Some(t)
-                        }
-                        Timestamp::NotAvailable => None,
-                    };
-                    let outcome =
-                        retry_sync(|| part.engine.on_event_at(offset, record_ms, &ev, &mut stores), shutdown).await?;
-                    match outcome {
-                        Outcome::Accepted => {
-                            counters.accepted.increment(1);
-                            // The raw row keeps dimensions sorted by key (in place: no copy).
-                            ev.dimensions.sort_unstable();
-                            outputs.usage.push(part.engine.accepted(), &ev, partition, offset)?;
-                        }
-                        Outcome::Duplicate => counters.duplicates.increment(1),
-                        Outcome::Rejected { reason, detail } => {
-                            counters.dead_letter(reason);
-                            outputs.push_dead_letter(dead_letter(config, partition, offset, reason, detail, Some(&ev), payload));
-                        }
-                    }
-                }
-            }
-        }
-        for a in part.engine.drain_output() {
-            if a.revision == 0 {
-                counters.windows_closed.increment(1);
-            } else {
-                counters.restatements.increment(1);
-            }
-            outputs.push_aggregate(a);
-        }
-        if part.switch.is_some() {
-            self.try_switch(partition)?;
-        }
-        Ok(())
-    }
-
-    /// Writes a tick into each partition that has been idle for `idle_timeout` and may still
-    /// hold windows to close or restatements to emit.
-    fn send_ticks(&mut self) {
-        let idle = Duration::from_millis(self.config.idle_timeout_ms as u64);
-        let now_ms = wall_ms();
-        let mut due = Vec::new();
-        // A window due to close by the wall clock gets a tick as soon as input pauses briefly,
-        // so that it is queryable within ~1 s of its close, not only after idle_timeout.
-        let brief = idle.min(Duration::from_millis(500));
-        for (p, part) in self.partitions.iter_mut() {
-            let waiting = part.engine.open_windows() > 0 || part.input_since_tick;
-            let idle_due = part.last_input.elapsed() >= idle && part.last_tick.elapsed() >= idle && waiting;
-            let close_due = part.engine.next_close_at().is_some_and(|c| c <= now_ms)
-                && part.last_input.elapsed() >= brief
-                && part.last_tick.elapsed() >= brief;
-            if !idle_due && !close_due {
-                continue;
-            }
-            part.last_tick = Instant::now();
-            part.input_since_tick = false;
-            due.push(*p);
-        }
-        let payload = now_ms.to_be_bytes();
-        let topic = self.config.service.conn.topics.usage_topic.as_bytes();
-        for p in due {
-            let tag = auth::sign(&self.sink.record_key, &[auth::PURPOSE_TICK, topic, &p.to_le_bytes(), &payload]);
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: CONTROL_HEADER, value: Some(TICK) })
-                .insert(Header { key: auth::HEADER, value: Some(&tag[..]) });
-            let rec = FutureRecord::<[u8], [u8]>::to(&self.config.service.conn.topics.usage_topic)
-                .partition(p)
-                .payload(&payload[..])
-                .headers(headers);
-            // Not awaited here: a slow ack would stall the consume loop (and with it the
-            // provisional totals of real-time balances). librdkafka keeps the partition's
-            // order; a lost tick only delays a close until the next one.
-            match self.producer.send_result(rec) {
-                Ok(delivery) => {
-                    tokio::spawn(async move {
-                        if !matches!(delivery.await, Ok(Ok(_))) {
-                            tracing::warn!(partition = p, "could not write idle tick");
-                        }
-                    });
-                }
-                Err((e, _)) => tracing::warn!(error = %e, partition = p, "could not queue idle tick"),
-            }
-        }
     }
 }

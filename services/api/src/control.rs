@@ -177,7 +177,7 @@ impl CustomerBalance {
                     .limits
                     .iter()
                     .map(|l| LimitBody {
-                        kind: l.kind.clone(),
+                        kind: l.kind.as_str().to_owned(),
                         currency: l.currency.clone(),
                         period: l.period.clone(),
                         amount: l.amount.normalize().to_string(),

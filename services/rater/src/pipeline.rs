@@ -15,7 +15,7 @@ use meterflow_runtime::checkpoint::Envelope;
 use meterflow_runtime::http;
 use meterflow_runtime::partitioned::{LoopConfig, Partitioned, ServiceIo};
 use meterflow_runtime::record::Record;
-use meterflow_runtime::resume::Resume;
+use meterflow_runtime::resume::{Configured, Resume};
 use metrics::{counter, gauge};
 use rust_decimal::prelude::ToPrimitive;
 use serde::Deserialize;
@@ -31,23 +31,12 @@ const SERVICE: &str = "rater";
 /// A held partition: its core state machine and the catalog it rates with.
 struct HeldPartition {
     part: RaterPartition,
-    /// The catalog this partition rates with (the checkpoint's until a switch).
-    catalog: Arc<Catalog>,
-    catalog_text: String,
-    switch: Option<Switch>,
+    /// The catalog this partition rates with (the checkpoint's until a switch; the mark is
+    /// the highest charge seq, dead-lettered aggregates offset and wallet offset already in
+    /// ClickHouse for this partition, from `verify`).
+    catalog: Configured<Catalog, OutputMark>,
     /// Partition count of the aggregates topic (which tenants are this partition's).
     partitions: i32,
-}
-
-/// A partition restored from a checkpoint written under another catalog keeps it until it has
-/// re-derived every charge already written (so no charge id is ever emitted with other
-/// content), then switches to the current catalog. See docs/operations.md.
-struct Switch {
-    catalog: Arc<Catalog>,
-    text: String,
-    /// Highest charge seq, dead-lettered aggregates offset and wallet offset already in
-    /// ClickHouse for this partition (from `verify`).
-    after: OutputMark,
 }
 
 /// Runs until `shutdown`, then flushes and checkpoints.
@@ -73,8 +62,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let wallet_config = WalletConfig { low_balance, ..WalletConfig::default() };
 
     let io = ServiceIo::connect(
-        &config.service.conn.kafka,
-        &config.service.conn.clickhouse,
+        &config.service,
         &config.group,
         &config.membership,
         &[&config.service.conn.topics.aggregates_topic, &config.service.conn.topics.wallet_topic],
@@ -82,8 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         &shutdown,
     )
     .await?;
-    let (client, producer) = (io.client.clone(), io.producer.clone());
-    let record_key = meterflow_runtime::record_key::resolve(&config.service.auth, &client).await?;
+    let (client, producer, record_key) = (io.client.clone(), io.producer.clone(), io.record_key.clone());
     let mut rater = Rater {
         record_key,
         admission: Admission { max_future_ms: config.max_future_ms, max_seq_gap: config.max_seq_gap },
@@ -119,13 +106,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         checkpoint_interval: Duration::from_millis(rater.config.checkpoint_interval_ms as u64),
         max_buffered_rows: rater.config.max_buffered_rows,
         max_buffered_bytes: rater.config.max_buffered_bytes,
-        checkpoint_seconds: m::RUNTIME.checkpoint_seconds,
-        errors: m::RUNTIME.flush_errors,
-        fenced: m::RUNTIME.fenced,
         // The rater's state is small: every checkpoint is a full one.
         deltas: meterflow_runtime::chain::DeltaPolicy::default(),
-        checkpoints: m::RUNTIME.checkpoints,
-        checkpoint_bytes: m::RUNTIME.checkpoint_bytes,
+        metrics: m::RUNTIME,
     };
     io.serve(&mut rater, &loop_config, &shutdown).await
 }
@@ -186,7 +169,7 @@ impl Rater {
             .bind(partition)
             .fetch_one()
             .await?;
-        if let Some(sw) = self.held.get_mut(&partition).and_then(|o| o.switch.as_mut()) {
+        if let Some(sw) = self.held.get_mut(&partition).and_then(|o| o.catalog.switch.as_mut()) {
             sw.after = OutputMark { max_charge_seq, max_aggregates_offset, max_wallet_offset };
             tracing::info!(partition, max_charge_seq, max_aggregates_offset, max_wallet_offset, "catalog switch after these outputs");
         }
@@ -221,7 +204,7 @@ impl Rater {
                 tag: msg.header(auth::HEADER),
                 rerate_tag: msg.header(auth::RERATE_HEADER),
             };
-            let step = owned.part.on_aggregate(&owned.catalog, rec).with_context(|| format!("rating aggregate at offset {offset}"))?;
+            let step = owned.part.on_aggregate(&owned.catalog.config, rec).with_context(|| format!("rating aggregate at offset {offset}"))?;
             if step.verdict != Verdict::Replayed {
                 counter!(m::AGGREGATES_IN).increment(1);
                 if let Some(ts) = broker_ms {
@@ -235,7 +218,7 @@ impl Rater {
         self.desk_feed.touched.extend(touched);
         self.desk_feed.settled.extend(settled);
         self.outputs.push(out, partition)?;
-        if verdict.rated() && owned.switch.is_some() {
+        if verdict.rated() && owned.catalog.switch.is_some() {
             self.switched |= try_switch(partition, owned);
         }
         Ok(())
@@ -306,7 +289,7 @@ impl Partitioned for Rater {
     }
 
     fn config_text(&self, partition: i32) -> String {
-        self.held.get(&partition).map_or_else(|| self.catalog_text.clone(), |o| o.catalog_text.clone())
+        self.held.get(&partition).map_or_else(|| self.catalog_text.clone(), |o| o.catalog.text.clone())
     }
 
     fn wants_checkpoint(&self) -> bool {
@@ -319,25 +302,15 @@ impl Partitioned for Rater {
         from: Option<&Envelope>,
         partition_counts: &BTreeMap<String, i32>,
     ) -> anyhow::Result<()> {
-        let mut switch = None;
-        let (mut catalog, mut catalog_text) = (self.catalog.clone(), self.catalog_text.clone());
         let config = self.partition_config(partition);
-        let part = match Resume::of(from, &self.catalog_text) {
-            Resume::Checkpoint { state, recorded_config } => {
+        let resume = Resume::of(from, &self.catalog_text);
+        let parse = |text: &str| Ok(Catalog::from_toml_str(text)?);
+        let unknown = OutputMark { max_charge_seq: i64::MAX, max_aggregates_offset: i64::MAX, max_wallet_offset: i64::MAX };
+        let catalog = Configured::resume(&resume, partition, (&self.catalog, &self.catalog_text), parse, unknown)?;
+        let part = match resume {
+            Resume::Checkpoint { state, .. } => {
                 let part = RaterPartition::restore(config, state).context("decoding the rater state")?;
                 tracing::info!(partition, aggregates_next = part.aggregates_next(), wallet_next = part.wallet_next(), "restored checkpoint");
-                if let Some(recorded) = recorded_config {
-                    let old = Catalog::from_toml_str(recorded).context("the catalog recorded in the checkpoint")?;
-                    tracing::warn!(
-                        partition,
-                        "catalog changed since the checkpoint: re-rating what was already charged with the recorded \
-                         one, then switching"
-                    );
-                    let after = OutputMark { max_charge_seq: i64::MAX, max_aggregates_offset: i64::MAX, max_wallet_offset: i64::MAX };
-                    switch = Some(Switch { catalog: self.catalog.clone(), text: self.catalog_text.clone(), after });
-                    catalog = Arc::new(old);
-                    catalog_text = recorded.to_owned();
-                }
                 part
             }
             Resume::Operator { offsets, .. } => {
@@ -354,12 +327,12 @@ impl Partitioned for Rater {
         self.desk_feed.touched.extend(part.rating().tenants().cloned());
         self.desk_feed.touched.extend(part.wallets().balances().keys().cloned());
         self.desk.lock().unwrap_or_else(PoisonError::into_inner).own(partition, partitions);
-        self.held.insert(partition, HeldPartition { part, catalog, catalog_text, switch, partitions });
+        self.held.insert(partition, HeldPartition { part, catalog, partitions });
         Ok(())
     }
 
     async fn verify(&mut self, partition: i32, from: Option<&Envelope>) -> anyhow::Result<()> {
-        if self.held.get(&partition).is_some_and(|o| o.switch.is_some()) {
+        if self.held.get(&partition).is_some_and(|o| o.catalog.switch.is_some()) {
             self.find_switch_point(partition).await?;
             let o = self.held.get_mut(&partition).context("restored above")?;
             self.switched |= try_switch(partition, o);
@@ -392,7 +365,7 @@ impl Partitioned for Rater {
 
     fn snapshot(&mut self, partition: i32) -> anyhow::Result<Vec<u8>> {
         let o = self.held.get(&partition).context("snapshot of a partition not held")?;
-        if o.switch.is_none() {
+        if o.catalog.switch.is_none() {
             self.switched = false;
         }
         Ok(o.part.snapshot())
@@ -432,9 +405,10 @@ impl Partitioned for Rater {
 /// Switches `o` to the new catalog once everything already written has been re-derived;
 /// true if it switched.
 fn try_switch(partition: i32, o: &mut HeldPartition) -> bool {
-    let Some(sw) = o.switch.take_if(|sw| o.part.has_passed(&sw.after)) else { return false };
-    o.catalog = sw.catalog;
-    o.catalog_text = sw.text;
+    let part = &o.part;
+    if o.catalog.switch_if(|after| part.has_passed(after)).is_none() {
+        return false;
+    }
     tracing::warn!(
         partition,
         aggregates_next = o.part.aggregates_next(),

@@ -105,7 +105,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
-        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.errors, shutdown).await? {
+        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.metrics.flush_errors, shutdown).await? {
             return Ok(false);
         }
         phases.lap("verify");
@@ -135,7 +135,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     /// The newest base checkpoint of `key` with its deltas (see [`chain_head`]); `None`:
     /// shutdown came first.
     async fn load(&self, key: &CheckpointKey, shutdown: &CancellationToken) -> anyhow::Result<Option<Head>> {
-        let errors = self.cfg.errors;
+        let errors = self.cfg.metrics.flush_errors;
         let Some(loaded) = until_ok(
             "load checkpoint",
             &Backoff::default(),
@@ -189,7 +189,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     ) -> anyhow::Result<Option<BTreeMap<String, i32>>> {
         let topics = svc.topics();
         let operator = envelope.and_then(|e| e.meta.operator.as_ref());
-        let mut retry = Retry::new(self.cfg.errors, "kafka");
+        let mut retry = Retry::new(self.cfg.metrics.flush_errors, "kafka");
         loop {
             let checked = (|| -> anyhow::Result<BTreeMap<String, i32>> {
                 let mut counts = BTreeMap::new();
@@ -260,7 +260,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         counts: &BTreeMap<String, i32>,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>, usize)>> {
-        let (p, errors) = (key.partition, self.cfg.errors);
+        let (p, errors) = (key.partition, self.cfg.metrics.flush_errors);
         let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
         let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
             self.store.max_versions(&key.service, &key.consumer_group, &key.topic)

@@ -34,6 +34,7 @@ use crate::inflight::{InFlight, Names, Settled, Staged};
 use crate::record::{AsRecord as _, Record};
 use crate::source::Source;
 use crate::store::CheckpointStorage;
+use crate::telemetry::RuntimeMetrics;
 
 pub use crate::service_io::ServiceIo;
 
@@ -47,19 +48,10 @@ pub struct LoopConfig {
     pub max_buffered_rows: usize,
     /// The same bound in (estimated) bytes of buffered output.
     pub max_buffered_bytes: usize,
-    /// Histogram of checkpoint time (snapshot plus fencing check and save) per batch,
-    /// labelled by `kind`: `full` if any partition wrote a base, else `delta`.
-    pub checkpoint_seconds: &'static str,
-    /// Counter of failed attempts, labelled by `sink`.
-    pub errors: &'static str,
-    /// Counter of partitions given up because another instance claimed them (fencing).
-    pub fenced: &'static str,
     /// When checkpoints are deltas instead of full states (services that write deltas).
     pub deltas: DeltaPolicy,
-    /// Counter of checkpoints saved, labelled by `kind` (`full`, `delta`).
-    pub checkpoints: &'static str,
-    /// Counter of the state bytes of those checkpoints, labelled by `kind`.
-    pub checkpoint_bytes: &'static str,
+    /// The service's names of what the loop reports (checkpoints, failed writes, fencing).
+    pub metrics: RuntimeMetrics,
 }
 
 /// What a service plugs into [`run`]. Partition N of every input topic belongs to state N.
@@ -349,7 +341,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         let batch = svc.take_batch();
         let write = svc.write_batch(batch, self.write_stop.clone());
-        let names = Names { errors: self.cfg.errors };
+        let names = Names { errors: self.cfg.metrics.flush_errors };
         self.inflight = Some(InFlight::spawn(write, staged, self.store.clone(), self.write_stop.clone(), names));
     }
 
@@ -379,7 +371,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 Err(e) => {
                     // Skipping would silently grow the replay: say it loudly.
                     tracing::error!(error = %e, partition = p, "cannot snapshot state; not checkpointing it");
-                    counter!(self.cfg.errors, "sink" => "checkpoint").increment(1);
+                    counter!(self.cfg.metrics.flush_errors, "sink" => "checkpoint").increment(1);
                     // The state's delta mark may have moved: the next checkpoint is a base.
                     h.chain.staging(u64::MAX);
                     continue;
@@ -446,7 +438,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 epoch_of(stored),
                 epoch_of(s.base_version)
             );
-            counter!(self.cfg.fenced).increment(1);
+            counter!(self.cfg.metrics.fenced).increment(1);
             self.held.remove(&p);
             self.fenced.insert(p, Instant::now());
             svc.release(p);
@@ -460,8 +452,8 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             commits.extend(s.offsets.iter().map(|(t, o)| (t.clone(), s.partition, *o)));
             let (bytes, k) = (s.envelope.state.len(), if s.delta.is_some() { "delta" } else { "full" });
             h.chain.saved(s.version, bytes, s.delta);
-            counter!(self.cfg.checkpoints, "kind" => k).increment(1);
-            counter!(self.cfg.checkpoint_bytes, "kind" => k).increment(bytes as u64);
+            counter!(self.cfg.metrics.checkpoints, "kind" => k).increment(1);
+            counter!(self.cfg.metrics.checkpoint_bytes, "kind" => k).increment(bytes as u64);
             if s.delta.is_none() {
                 kind = "full";
             }
@@ -472,7 +464,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         self.source.commit(&commits);
         if let Some(secs) = secs {
-            histogram!(self.cfg.checkpoint_seconds, "kind" => kind).record(secs);
+            histogram!(self.cfg.metrics.checkpoint_seconds, "kind" => kind).record(secs);
         }
         Ok(())
     }

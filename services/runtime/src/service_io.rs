@@ -14,6 +14,8 @@ pub struct ServiceIo {
     pub health: crate::http::Health,
     pub client: clickhouse::Client,
     pub producer: rdkafka::producer::FutureProducer,
+    /// The deployment's record key (see [`crate::record_key`]).
+    pub record_key: meterflow_core::auth::RecordKey,
     /// The group's consumer.
     pub source: KafkaSource,
     http_task: tokio::task::JoinHandle<()>,
@@ -21,10 +23,10 @@ pub struct ServiceIo {
 
 impl ServiceIo {
     /// Serves `/healthz`, `/readyz` and `/metrics` on `http_addr`, connects to ClickHouse and
-    /// Kafka, and joins `group` (as `membership` says) subscribed to `topics`.
+    /// Kafka, joins `group` (as `membership` says) subscribed to `topics`, and resolves the
+    /// record key.
     pub async fn connect(
-        kafka_args: &crate::args::KafkaArgs,
-        clickhouse_args: &crate::args::ClickHouseArgs,
+        service: &crate::args::ServiceArgs,
         group: &str,
         membership: &crate::args::MembershipArgs,
         topics: &[&str],
@@ -34,16 +36,20 @@ impl ServiceIo {
         let health = crate::http::Health::default();
         let (addr, http_task) = crate::http::serve(http_addr, health.clone(), shutdown.clone()).await?;
         tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
+        let kafka_args = &service.conn.kafka;
         let mut consumer_config = kafka::consumer_config(kafka_args, group)?;
         if let Some(id) = membership.group_instance_id.as_deref().filter(|id| !id.is_empty()) {
             consumer_config.set("group.instance.id", id);
         }
         let consumer: StreamConsumer<RebalanceLog> = consumer_config.create_with_context(RebalanceLog::default())?;
         consumer.subscribe(topics)?;
+        let client = crate::clickhouse::client(&service.conn.clickhouse);
+        let record_key = crate::record_key::resolve(&service.auth, &client).await?;
         Ok(Self {
             health,
-            client: crate::clickhouse::client(clickhouse_args),
+            client,
             producer: kafka::producer_config(kafka_args)?.create()?,
+            record_key,
             source: KafkaSource::new(consumer),
             http_task,
         })

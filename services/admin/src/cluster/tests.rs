@@ -87,34 +87,11 @@ fn every_current_file_has_a_cluster_form() {
         // Two statements per table, one per view, materialized view and back-fill.
         assert_eq!(out.statements.len(), 2 * src_tables.len() + src_views.len() + others, "{}", src.file);
 
-        for s in out.statements.iter().filter(|s| squash(s).to_uppercase().starts_with("CREATE")) {
-            assert!(s.contains(" ON CLUSTER meterflow"), "{}: not ON CLUSTER: {s}", src.file);
-            let name = created_name(s).unwrap();
-            assert!(name.starts_with("db1."), "{}: unqualified {name}", src.file);
-            // No single-node engine survives: every ENGINE is replicated or Distributed.
-            for (i, _) in s.match_indices("ENGINE = ") {
-                let e = &s[i + 9..];
-                assert!(e.starts_with("Replicated") || e.starts_with("Distributed("), "{}: engine {e:.40}", src.file);
-            }
-        }
+        assert_replicated_on_cluster(&src.file, &out.statements);
         for st in src_tables {
             let name = created_name(st).unwrap();
-            let local = out.statements.iter().find(|s| created_name(s).as_deref() == Some(&format!("db1.{name}_local"))).unwrap();
-            let dist = out.statements.iter().find(|s| created_name(s).as_deref() == Some(&format!("db1.{name}"))).unwrap();
-            // Same columns as the single-node table, in both forms.
-            assert_eq!(column_list(local), column_list(st), "{name}");
-            assert_eq!(column_list(dist), column_list(st), "{name}");
-            // The replicated engine: per-shard path spelling out database and table, replica macro,
-            // and the single-node engine's own arguments after them.
-            let src_engine = squash(&st[st.find("ENGINE = ").unwrap() + 9..]);
-            let (src_engine_name, src_after) = src_engine.split_once(['(', ' ']).unwrap_or((&src_engine, ""));
-            let want_prefix = format!("Replicated{src_engine_name}('/clickhouse/tables/{{shard}}/db1/{name}_local', '{{replica}}'");
-            let local_engine = squash(&local[local.find("ENGINE = ").unwrap() + 9..]);
-            assert!(local_engine.starts_with(&want_prefix), "{name}: {local_engine}");
-            // Everything after the engine (PARTITION BY, ORDER BY) is unchanged.
-            let src_clauses = &src_after[src_after.find("ORDER BY").or(src_after.find("PARTITION BY")).unwrap()..];
-            assert!(local_engine.ends_with(src_clauses), "{name}: {local_engine} vs {src_clauses}");
-            tables.push((name, dist.clone()));
+            let dist = assert_table_forms(&name, st, &out.statements);
+            tables.push((name, dist));
         }
         for sv in src_views {
             views.push((created_name(sv).unwrap(), sv.clone()));
@@ -134,10 +111,57 @@ fn every_current_file_has_a_cluster_form() {
         "Distributed('meterflow', 'db1', 'checkpoints_local', cityHash64(service, consumer_group, topic, partition))"
     );
 
-    // Views read through the Distributed tables, qualified: no `FROM <bare name>` is left for a
-    // name the migrations created, and every one that the source read is now `db1.<name>`.
     let all_names: Vec<String> = tables.iter().map(|(n, _)| n.clone()).chain(views.iter().map(|(n, _)| n.clone())).collect();
-    for out in &cluster {
+    assert_views_qualified(&cluster, &all_names);
+    let total_views: usize = cluster.iter().flat_map(|m| &m.statements).filter(|s| s.starts_with("CREATE VIEW")).count();
+    assert_eq!(total_views, views.len());
+    // meter_totals groups the Distributed meter_aggregates; wallet_balances reads both sources.
+    let body = |v: &str| cluster.iter().flat_map(|m| &m.statements).find(|s| s.contains(&format!("VIEW IF NOT EXISTS db1.{v} "))).unwrap().clone();
+    assert!(body("meter_totals").contains("FROM db1.meter_aggregates\nGROUP BY"));
+    assert!(body("usage_events_dedup").contains("FROM db1.usage_events\nFINAL"));
+    let wb = body("wallet_balances");
+    assert!(wb.contains("FROM db1.wallet_adjustments") && wb.contains("FROM db1.charges_dedup"), "{wb}");
+}
+
+/// Every CREATE runs ON CLUSTER, qualified, and no single-node engine survives: every ENGINE
+/// is replicated or Distributed.
+fn assert_replicated_on_cluster(file: &str, statements: &[String]) {
+    for s in statements.iter().filter(|s| squash(s).to_uppercase().starts_with("CREATE")) {
+        assert!(s.contains(" ON CLUSTER meterflow"), "{file}: not ON CLUSTER: {s}");
+        let name = created_name(s).unwrap();
+        assert!(name.starts_with("db1."), "{file}: unqualified {name}");
+        for (i, _) in s.match_indices("ENGINE = ") {
+            let e = &s[i + 9..];
+            assert!(e.starts_with("Replicated") || e.starts_with("Distributed("), "{file}: engine {e:.40}");
+        }
+    }
+}
+
+/// The two cluster forms of the single-node table `st` (named `name`) among `out`: a
+/// replicated local table and a Distributed one, with its columns. Returns the Distributed one.
+fn assert_table_forms(name: &str, st: &str, out: &[String]) -> String {
+    let local = out.iter().find(|s| created_name(s).as_deref() == Some(&format!("db1.{name}_local"))).unwrap();
+    let dist = out.iter().find(|s| created_name(s).as_deref() == Some(&format!("db1.{name}"))).unwrap();
+    // Same columns as the single-node table, in both forms.
+    assert_eq!(column_list(local), column_list(st), "{name}");
+    assert_eq!(column_list(dist), column_list(st), "{name}");
+    // The replicated engine: per-shard path spelling out database and table, replica macro,
+    // and the single-node engine's own arguments after them.
+    let src_engine = squash(&st[st.find("ENGINE = ").unwrap() + 9..]);
+    let (src_engine_name, src_after) = src_engine.split_once(['(', ' ']).unwrap_or((&src_engine, ""));
+    let want_prefix = format!("Replicated{src_engine_name}('/clickhouse/tables/{{shard}}/db1/{name}_local', '{{replica}}'");
+    let local_engine = squash(&local[local.find("ENGINE = ").unwrap() + 9..]);
+    assert!(local_engine.starts_with(&want_prefix), "{name}: {local_engine}");
+    // Everything after the engine (PARTITION BY, ORDER BY) is unchanged.
+    let src_clauses = &src_after[src_after.find("ORDER BY").or(src_after.find("PARTITION BY")).unwrap()..];
+    assert!(local_engine.ends_with(src_clauses), "{name}: {local_engine} vs {src_clauses}");
+    dist.clone()
+}
+
+/// Views read through the Distributed tables, qualified: no `FROM <bare name>` is left for a
+/// name the migrations created (`all_names`), and every one that the source read is now `db1.<name>`.
+fn assert_views_qualified(cluster: &[Migration], all_names: &[String]) {
+    for out in cluster {
         for s in out.statements.iter().filter(|s| s.starts_with("CREATE VIEW")) {
             let words: Vec<&str> = s.split_whitespace().collect();
             for w in words.windows(2) {
@@ -148,14 +172,6 @@ fn every_current_file_has_a_cluster_form() {
             }
         }
     }
-    let total_views: usize = cluster.iter().flat_map(|m| &m.statements).filter(|s| s.starts_with("CREATE VIEW")).count();
-    assert_eq!(total_views, views.len());
-    // meter_totals groups the Distributed meter_aggregates; wallet_balances reads both sources.
-    let body = |v: &str| cluster.iter().flat_map(|m| &m.statements).find(|s| s.contains(&format!("VIEW IF NOT EXISTS db1.{v} "))).unwrap().clone();
-    assert!(body("meter_totals").contains("FROM db1.meter_aggregates\nGROUP BY"));
-    assert!(body("usage_events_dedup").contains("FROM db1.usage_events\nFINAL"));
-    let wb = body("wallet_balances");
-    assert!(wb.contains("FROM db1.wallet_adjustments") && wb.contains("FROM db1.charges_dedup"), "{wb}");
 }
 
 #[test]

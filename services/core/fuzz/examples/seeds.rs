@@ -26,8 +26,15 @@ fn write(dir: &Path, name: &str, mode: u8, bytes: &[u8]) {
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let codec = UsageEventCodec::new();
+    write_event_seeds(&root.join("decode_event"), &codec);
+    write_record_seeds(&root.join("decode_records"));
+    println!("seeds written to {}", root.display());
+}
 
-    let events = [
+/// Events of every shape the decoder accepts: dimensions, provider cost, source, extreme
+/// quantities and times, non-ASCII names.
+fn sample_events() -> [UsageEvent; 5] {
+    [
         UsageEvent::new("0b7f6c1e-4a2d-4e8f-9c3b-1d2e3f4a5b6c.input_tokens", "tenant-000", "input_tokens", d("1234"), 1_767_225_600_123)
             .with_dimension("endpoint", "chat")
             .with_dimension("model", "gpt-4o")
@@ -39,16 +46,19 @@ fn main() {
         UsageEvent::new("neg", "tenant-001", "credits", d("-3.000000001"), i64::MAX).with_provider_cost(d("0")),
         UsageEvent::new("ünï", "テナント", "input_tokens", d("79228162514264337593543950335"), i64::MIN)
             .with_dimension("k=,\\", "v=,\\"),
-    ];
-    let dir = root.join("decode_event");
-    for (i, ev) in events.iter().enumerate() {
+    ]
+}
+
+/// Each sample event in every framing and writer version, and a map written in blocks.
+fn write_event_seeds(dir: &Path, codec: &UsageEventCodec) {
+    for (i, ev) in sample_events().iter().enumerate() {
         let mut single = Vec::new();
         codec.encode(ev, Framing::SingleObject, &mut single);
-        write(&dir, &format!("v2-single-{i}"), 0, &single);
-        write(&dir, &format!("v2-body-{i}"), 1, &single[10..]);
+        write(dir, &format!("v2-single-{i}"), 0, &single);
+        write(dir, &format!("v2-body-{i}"), 1, &single[10..]);
         let mut confluent = Vec::new();
         codec.encode(ev, Framing::Confluent { schema_id: 2 }, &mut confluent);
-        write(&dir, &format!("v2-confluent-{i}"), 0, &confluent);
+        write(dir, &format!("v2-confluent-{i}"), 0, &confluent);
         let q = ev.quantity.to_string();
         let r = UsageEventRef {
             event_id: &ev.event_id,
@@ -62,8 +72,8 @@ fn main() {
         };
         let mut v1 = Vec::new();
         codec.encode_ref(&r, WriterVersion::V1, Framing::SingleObject, &mut v1);
-        write(&dir, &format!("v1-single-{i}"), 0, &v1);
-        write(&dir, &format!("v1-body-{i}"), 2, &v1[10..]);
+        write(dir, &format!("v1-single-{i}"), 0, &v1);
+        write(dir, &format!("v1-body-{i}"), 2, &v1[10..]);
     }
     // A map written in blocks with a negative count (count, byte size), as other Avro writers do.
     let mut blocks = Vec::new();
@@ -74,14 +84,15 @@ fn main() {
     let mut with_block = blocks[..map_at].to_vec();
     with_block.extend_from_slice(&[0x01, 0x08, 0x02, b'k', 0x02, b'v', 0x00]);
     with_block.extend_from_slice(&blocks[map_at + 1..]);
-    write(&dir, "v2-map-block", 0, &with_block);
+    write(dir, "v2-map-block", 0, &with_block);
+}
 
-    let dims: BTreeMap<String, String> = [("model".to_string(), "gpt-4o".to_string()), ("region".to_string(), "eu-west".to_string())].into();
-    let agg = MeterAggregate {
+fn sample_aggregate(dims: BTreeMap<String, String>) -> MeterAggregate {
+    MeterAggregate {
         tenant: "tenant-003".into(),
         meter: "input_tokens".into(),
         aggregation: "sum".into(),
-        dimensions: dims.clone(),
+        dimensions: dims,
         window_start: 1_767_225_600_000,
         window_end: 1_767_225_660_000,
         revision: 2,
@@ -95,8 +106,11 @@ fn main() {
         emitted_at: 1_767_225_700_000,
         uncosted_value: Some(d("345.000000001")),
         previous_uncosted_value: Some(d("300")),
-    };
-    let charge = Charge {
+    }
+}
+
+fn sample_charge(dims: BTreeMap<String, String>) -> Charge {
+    Charge {
         charge_id: "c-7f3a".into(),
         kind: "usage".into(),
         tenant: "tenant-003".into(),
@@ -113,7 +127,12 @@ fn main() {
         provider_cost: d("0.00000001"),
         margin: d("0.000000005"),
         seq: 1,
-    };
+    }
+}
+
+/// One record of each kind, as a bare body and framed (mode bit 4).
+fn write_record_seeds(dir: &Path) {
+    let dims: BTreeMap<String, String> = [("model".to_string(), "gpt-4o".to_string()), ("region".to_string(), "eu-west".to_string())].into();
     let dead = DeadLetter {
         source_topic: "meterflow.usage-events".into(),
         source_partition: 1,
@@ -135,16 +154,14 @@ fn main() {
         expires_at: None,
         priority: 0,
     };
-    let dir = root.join("decode_records");
     let encoded = [
-        ("aggregate", 0u8, agg.to_avro().expect("encode")),
-        ("charge", 1, charge.to_avro().expect("encode")),
+        ("aggregate", 0u8, sample_aggregate(dims.clone()).to_avro().expect("encode")),
+        ("charge", 1, sample_charge(dims).to_avro().expect("encode")),
         ("dead-letter", 2, dead.to_avro().expect("encode")),
         ("wallet", 3, wallet.to_avro().expect("encode")),
     ];
     for (name, kind, bytes) in encoded {
-        write(&dir, &format!("{name}-body"), kind, &bytes[10..]);
-        write(&dir, &format!("{name}-framed"), kind | 4, &bytes);
+        write(dir, &format!("{name}-body"), kind, &bytes[10..]);
+        write(dir, &format!("{name}-framed"), kind | 4, &bytes);
     }
-    println!("seeds written to {}", root.display());
 }

@@ -61,12 +61,13 @@ pub struct SpendLimit {
     pub kind: LimitKind,
 }
 
-/// A limit against the spend so far.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// A limit against the spend so far, as published in a tenant's balance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitStatus {
     pub kind: LimitKind,
     pub currency: String,
-    pub period: &'static str,
+    /// `month`: the calendar-month billing period is the only period.
+    pub period: String,
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
     /// Settled plus pending usage spend of the current period.
@@ -84,7 +85,7 @@ impl SpendLimit {
         LimitStatus {
             kind: self.kind,
             currency: self.currency.clone(),
-            period: "month",
+            period: "month".to_owned(),
             amount: self.amount,
             spent,
             remaining: (self.amount - spent).max(Decimal::ZERO),

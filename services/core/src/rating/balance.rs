@@ -52,39 +52,9 @@ pub struct Balance {
     /// plan -> price -> settled plus pending quantity of the period: where the next unit
     /// falls in the tiers.
     pub quantities: BTreeMap<String, BTreeMap<String, Decimal>>,
-    pub limits: Vec<LimitView>,
+    pub limits: Vec<LimitStatus>,
     /// Rater wall clock when composed.
     pub updated_at: i64,
-}
-
-/// [`LimitStatus`] as published (strings for decimals, readable kind).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LimitView {
-    /// `hard` or `soft`.
-    pub kind: String,
-    pub currency: String,
-    pub period: String,
-    #[serde(with = "rust_decimal::serde::str")]
-    pub amount: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
-    pub spent: Decimal,
-    #[serde(with = "rust_decimal::serde::str")]
-    pub remaining: Decimal,
-    pub exceeded: bool,
-}
-
-impl From<LimitStatus> for LimitView {
-    fn from(s: LimitStatus) -> Self {
-        Self {
-            kind: s.kind.as_str().to_owned(),
-            currency: s.currency,
-            period: s.period.to_owned(),
-            amount: s.amount,
-            spent: s.spent,
-            remaining: s.remaining,
-            exceeded: s.exceeded,
-        }
-    }
 }
 
 /// Composes the tenant's balance at `now_ms`.
@@ -104,7 +74,7 @@ pub fn compose(catalog: &Catalog, tenant: &str, now_ms: i64, settled: &TenantSet
             *quantities.entry(plan.clone()).or_default().entry(price.clone()).or_default() += *q;
         }
     }
-    let limits = catalog.spend_limits(tenant).iter().map(|l| l.status(spent_in(&l.currency)).into()).collect();
+    let limits = catalog.spend_limits(tenant).iter().map(|l| l.status(spent_in(&l.currency))).collect();
     Ok(Balance {
         tenant: tenant.to_owned(),
         period_spend: spent_in(&currency),
@@ -133,7 +103,7 @@ pub fn limit_alerts(before: Option<&Balance>, after: &Balance) -> Vec<Alert> {
         if !(prev < l.amount && l.spent >= l.amount) {
             continue;
         }
-        let kind = if l.kind == LimitKind::Hard.as_str() { LimitKind::Hard } else { LimitKind::Soft };
+        let kind = l.kind;
         let period = after.period_start.to_string();
         let amount = l.amount.normalize().to_string();
         out.push(Alert {
@@ -207,7 +177,7 @@ pub fn check(
     }
     for l in catalog.spend_limits(tenant).iter().filter(|l| l.kind == LimitKind::Hard && l.currency == currency) {
         let spent = current
-            .and_then(|b| b.limits.iter().find(|x| x.kind == "hard" && x.currency == l.currency && x.amount == l.amount))
+            .and_then(|b| b.limits.iter().find(|x| x.kind == LimitKind::Hard && x.currency == l.currency && x.amount == l.amount))
             .map_or(Decimal::ZERO, |x| x.spent);
         tighten(l.amount - spent - cost, REASON_HARD_LIMIT);
     }

@@ -214,12 +214,15 @@ fn config() -> LoopConfig {
         checkpoint_interval: Duration::from_millis(30),
         max_buffered_rows: 8,
         max_buffered_bytes: 1 << 20,
-        checkpoint_seconds: "test_checkpoint_seconds",
-        errors: "test_errors",
-        fenced: "test_fenced",
         deltas: crate::chain::DeltaPolicy::default(),
-        checkpoints: "test_checkpoints",
-        checkpoint_bytes: "test_checkpoint_bytes",
+        metrics: crate::telemetry::RuntimeMetrics {
+            insert_seconds: "test_insert_seconds",
+            checkpoint_seconds: "test_checkpoint_seconds",
+            flush_errors: "test_errors",
+            fenced: "test_fenced",
+            checkpoints: "test_checkpoints",
+            checkpoint_bytes: "test_checkpoint_bytes",
+        },
     }
 }
 
