@@ -52,10 +52,7 @@ impl Deduplicator {
 
     /// Writes the logged calls, the final time and the counters, and starts a new log.
     pub(crate) fn write_delta(&mut self, w: &mut Writer) {
-        let s = &self.stats;
-        for v in [s.cold_lookups, s.cold_misses, s.compactions, s.evicted_buckets, s.evicted_ids, s.expired_ids] {
-            w.u64(v);
-        }
+        self.stats.write(w);
         w.opt_i64(self.now);
         let log = self.log.get_or_insert_with(Vec::new);
         w.len(log.len());
@@ -80,14 +77,7 @@ impl Deduplicator {
     /// Replays a delta written by [`Self::write_delta`] of the same lineage. Everything is
     /// read and checked before the first call is replayed.
     pub(crate) fn apply_delta(&mut self, r: &mut Reader<'_>) -> Result<()> {
-        let stats = DedupStats {
-            cold_lookups: r.u64()?,
-            cold_misses: r.u64()?,
-            compactions: r.u64()?,
-            evicted_buckets: r.u64()?,
-            evicted_ids: r.u64()?,
-            expired_ids: r.u64()?,
-        };
+        let stats = DedupStats::read(r)?;
         let now = r.opt_i64()?;
         // The shortest operation is an advance: a header byte and the time.
         let n = r.len(9)?;

@@ -11,10 +11,7 @@ impl Deduplicator {
         w.i64(self.cfg.bucket_ms);
         w.opt_i64(self.now);
         w.i64(self.cold_below);
-        let s = &self.stats;
-        for v in [s.cold_lookups, s.cold_misses, s.compactions, s.evicted_buckets, s.evicted_ids, s.expired_ids] {
-            w.u64(v);
-        }
+        self.stats.write(w);
         w.i64(self.base);
         // Sorted entries, raw little-endian, 16 bytes per id.
         w.len(self.table.len);
@@ -52,14 +49,7 @@ impl Deduplicator {
         d.now = r.opt_i64()?;
         d.floor_b = d.compute_floor_bucket();
         d.cold_below = r.i64()?;
-        d.stats = DedupStats {
-            cold_lookups: r.u64()?,
-            cold_misses: r.u64()?,
-            compactions: r.u64()?,
-            evicted_buckets: r.u64()?,
-            evicted_ids: r.u64()?,
-            expired_ids: r.u64()?,
-        };
+        d.stats = DedupStats::read(r)?;
         d.base = r.i64()?;
         let n = r.len(16)?;
         let mut entries = Vec::with_capacity(n);
@@ -137,5 +127,26 @@ impl Deduplicator {
         d.now = now;
         d.floor_b = d.compute_floor_bucket();
         Ok(d)
+    }
+}
+
+impl DedupStats {
+    /// The counters as snapshots and deltas carry them.
+    pub(super) fn write(&self, w: &mut Writer) {
+        let s = self;
+        for v in [s.cold_lookups, s.cold_misses, s.compactions, s.evicted_buckets, s.evicted_ids, s.expired_ids] {
+            w.u64(v);
+        }
+    }
+
+    pub(super) fn read(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Self {
+            cold_lookups: r.u64()?,
+            cold_misses: r.u64()?,
+            compactions: r.u64()?,
+            evicted_buckets: r.u64()?,
+            evicted_ids: r.u64()?,
+            expired_ids: r.u64()?,
+        })
     }
 }
