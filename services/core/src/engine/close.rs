@@ -3,7 +3,47 @@
 
 use super::*;
 
+/// One window of `tenant` fewer open (tenants with none are absent).
+pub(super) fn forget_open(open_per_tenant: &mut hashbrown::HashMap<Box<str>, u32>, tenant: &str) {
+    if let Some(n) = open_per_tenant.get_mut(tenant) {
+        *n -= 1;
+        if *n == 0 {
+            open_per_tenant.remove(tenant);
+        }
+    }
+}
+
+/// Removes `slot` from the time-index list at `at` (and the list once empty); false if it is
+/// not there.
+pub(super) fn take_from(lists: &mut BTreeMap<i64, Vec<u32>>, at: i64, slot: u32) -> bool {
+    let Some(list) = lists.get_mut(&at) else { return false };
+    let Some(i) = list.iter().position(|&s| s == slot) else { return false };
+    list.remove(i);
+    if list.is_empty() {
+        lists.remove(&at);
+    }
+    true
+}
+
 impl PartitionEngine {
+    /// The slot of the window with `key`, if in memory.
+    pub(super) fn find_slot(&self, hash: u64, key: &WindowKey) -> Option<u32> {
+        let slab = &self.slab;
+        self.index
+            .find(hash, |&i| slab[i as usize].as_ref().is_some_and(|w| &w.key == key))
+            .copied()
+    }
+
+    /// Puts a window read from a checkpoint in the slab and its indexes, as it was (open or
+    /// closed, dirty or not).
+    pub(super) fn insert_restored(&mut self, win: Window) {
+        let (closed, dirty, close_at) = (win.closed, win.dirty, super::codec::close_at(self, &win));
+        let slot = self.insert_window(win, !closed, close_at);
+        if dirty {
+            self.dirty.push(slot);
+        }
+    }
+
     /// Puts a new window in the slab, the hash index and the right time index.
     pub(super) fn insert_window(&mut self, mut w: Window, is_open: bool, close_at: i64) -> u32 {
         w.closed = !is_open;
@@ -71,13 +111,7 @@ impl PartitionEngine {
             for (close_at, slot) in batch {
                 let w = self.slab[slot as usize].as_mut().expect("live");
                 w.closed = true;
-                let tenant = w.key.tenant();
-                if let Some(n) = self.open_per_tenant.get_mut(tenant) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.open_per_tenant.remove(tenant);
-                    }
-                }
+                forget_open(&mut self.open_per_tenant, w.key.tenant());
                 self.emit(slot);
                 let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
                 self.retained.entry(evict_at).or_default().push(slot);
