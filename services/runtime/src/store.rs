@@ -116,6 +116,24 @@ fn bind_key(q: clickhouse::query::Query, key: &CheckpointKey) -> clickhouse::que
     q.bind(&key.service).bind(&key.consumer_group).bind(&key.topic).bind(key.partition)
 }
 
+/// One insert into `table` of a row per item (none for no items).
+async fn insert_each<T: clickhouse::RowWrite, I>(
+    client: &clickhouse::Client,
+    table: &str,
+    items: &[I],
+    row: impl for<'i> Fn(&'i I) -> T::Value<'i>,
+) -> Result<(), Error> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await?;
+    for item in items {
+        insert.write(&row(item)).await?;
+    }
+    insert.end().await?;
+    Ok(())
+}
+
 impl CheckpointStorage for CheckpointStore {
     async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
         // The newest version first, then only its row: until ReplacingMergeTree merges, every
@@ -159,25 +177,16 @@ impl CheckpointStorage for CheckpointStore {
 
     /// One insert (one row per partition a service owns).
     async fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> Result<(), Error> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self.client().insert::<CheckpointRow<'_>>("checkpoints").await?;
-        for (k, c) in items {
-            insert
-                .write(&CheckpointRow {
-                    service: &k.service,
-                    consumer_group: &k.consumer_group,
-                    topic: &k.topic,
-                    partition: k.partition,
-                    version: c.version,
-                    next_offset: c.next_offset,
-                    state: &c.state,
-                })
-                .await?;
-        }
-        insert.end().await?;
-        Ok(())
+        insert_each::<CheckpointRow<'_>, _>(self.client(), "checkpoints", items, |(k, c)| CheckpointRow {
+            service: &k.service,
+            consumer_group: &k.consumer_group,
+            topic: &k.topic,
+            partition: k.partition,
+            version: c.version,
+            next_offset: c.next_offset,
+            state: &c.state,
+        })
+        .await
     }
 
     async fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> Result<Vec<StoredDelta>, Error> {
@@ -199,27 +208,18 @@ impl CheckpointStorage for CheckpointStore {
 
     /// One insert.
     async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self.client().insert::<DeltaRow<'_>>("checkpoint_deltas").await?;
-        for (k, d) in items {
-            insert
-                .write(&DeltaRow {
-                    service: &k.service,
-                    consumer_group: &k.consumer_group,
-                    topic: &k.topic,
-                    partition: k.partition,
-                    base_version: d.link.base_version,
-                    prev_version: d.link.prev_version,
-                    version: d.checkpoint.version,
-                    next_offset: d.checkpoint.next_offset,
-                    state: &d.checkpoint.state,
-                })
-                .await?;
-        }
-        insert.end().await?;
-        Ok(())
+        insert_each::<DeltaRow<'_>, _>(self.client(), "checkpoint_deltas", items, |(k, d)| DeltaRow {
+            service: &k.service,
+            consumer_group: &k.consumer_group,
+            topic: &k.topic,
+            partition: k.partition,
+            base_version: d.link.base_version,
+            prev_version: d.link.prev_version,
+            version: d.checkpoint.version,
+            next_offset: d.checkpoint.next_offset,
+            state: &d.checkpoint.state,
+        })
+        .await
     }
 
     /// One mutation.

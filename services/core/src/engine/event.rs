@@ -8,13 +8,14 @@ use super::*;
 type Step<T> = std::result::Result<T, Outcome>;
 
 /// The key of the event's window as borrowed parts of the event, so that finding an existing
-/// window allocates nothing.
+/// window allocates nothing, and where the event stands in the source (for a store's reload).
 struct KeyParts<'a> {
     meter: u16,
     window_start: i64,
     tenant: &'a str,
     dims: &'a [&'a str],
     hash: u64,
+    pos: SourcePos,
 }
 
 fn truncate(s: &str) -> String {
@@ -97,8 +98,8 @@ impl PartitionEngine {
         let unique_value = m.unique_dimension.as_ref().map_or("", |u| ev.dimension(u).unwrap_or(""));
         let c = Contribution { quantity, event_time_ms: t, event_id: ev.event_id, unique_value, provider_cost };
         let hash = key_hash(&self.hasher, mi, window_start, ev.tenant, dims.iter().copied());
-        let k = KeyParts { meter: mi, window_start, tenant: ev.tenant, dims, hash };
-        let slot = match self.window_for(&k, &c, pos, store)? {
+        let k = KeyParts { meter: mi, window_start, tenant: ev.tenant, dims, hash, pos };
+        let slot = match self.window_for(&k, &c, store)? {
             Ok(slot) => slot,
             Err(o) => return Ok(o),
         };
@@ -148,13 +149,7 @@ impl PartitionEngine {
     }
 
     /// The slot of the event's window with `c` applied: an existing one, or a new one.
-    fn window_for<S: WindowStore + ?Sized>(
-        &mut self,
-        k: &KeyParts<'_>,
-        c: &Contribution<'_>,
-        pos: SourcePos,
-        store: &mut S,
-    ) -> Result<Step<u32>> {
+    fn window_for<S: WindowStore + ?Sized>(&mut self, k: &KeyParts<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
         let slab = &self.slab;
         let found = self
             .index
@@ -164,20 +159,14 @@ impl PartitionEngine {
                     .is_some_and(|w| w.key.matches(k.meter, k.window_start, k.tenant, k.dims))
             })
             .copied();
-        let Some(i) = found else { return self.new_window(k, c, pos, store) };
+        let Some(i) = found else { return self.new_window(k, c, store) };
         let w = self.slab[i as usize].as_mut().expect("indexed slot is live");
         Ok(w.try_apply(c).map(|()| i).map_err(overflow_reject))
     }
 
     /// A window not in memory: refused by the memory limits, reloaded from the store (if it
     /// may have been evicted) or new.
-    fn new_window<S: WindowStore + ?Sized>(
-        &mut self,
-        k: &KeyParts<'_>,
-        c: &Contribution<'_>,
-        pos: SourcePos,
-        store: &mut S,
-    ) -> Result<Step<u32>> {
+    fn new_window<S: WindowStore + ?Sized>(&mut self, k: &KeyParts<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
         let m = &self.meters[usize::from(k.meter)];
         let window_end = k.window_start + m.def.window_ms;
         let close_at = window_end + m.def.allowed_lateness_ms;
@@ -189,7 +178,7 @@ impl PartitionEngine {
         let key = WindowKey::new(k.meter, k.window_start, k.tenant, k.dims.iter().copied());
         let created = self.next_window_id;
         let agg = m.def.aggregation;
-        let loaded = if may_be_evicted { self.load_evicted(k, window_end, pos, store)? } else { None };
+        let loaded = if may_be_evicted { self.load_evicted(k, window_end, store)? } else { None };
         let base = match &loaded {
             Some(loaded) => Window::rebuild(key.clone(), k.hash, created, agg, loaded)?,
             None => None,
@@ -243,13 +232,7 @@ impl PartitionEngine {
     }
 
     /// Asks the store for an evicted window's raw events and last emission.
-    fn load_evicted<S: WindowStore + ?Sized>(
-        &self,
-        k: &KeyParts<'_>,
-        window_end: i64,
-        pos: SourcePos,
-        store: &mut S,
-    ) -> Result<Option<LoadedWindow>> {
+    fn load_evicted<S: WindowStore + ?Sized>(&self, k: &KeyParts<'_>, window_end: i64, store: &mut S) -> Result<Option<LoadedWindow>> {
         let m = &self.meters[usize::from(k.meter)].def;
         let group: Vec<(&str, &str)> = m.group_by.iter().map(String::as_str).zip(k.dims.iter().copied()).collect();
         let q = WindowQuery {
@@ -258,7 +241,7 @@ impl PartitionEngine {
             group: &group,
             window_start: k.window_start,
             window_end,
-            before: pos,
+            before: k.pos,
         };
         store.load(&q)
     }
