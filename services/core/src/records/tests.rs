@@ -245,9 +245,9 @@ fn lengths_beyond_the_input_are_rejected_before_allocating() {
     assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
 }
 
-#[test]
-fn charge_and_wallet_round_trip() {
-    let c = Charge {
+/// A usage charge of 10 units in the first minute, with these amounts.
+fn charge(amount: &str, provider_cost: &str, margin: &str) -> Charge {
+    Charge {
         charge_id: "c1".into(),
         kind: "usage".into(),
         tenant: "t".into(),
@@ -260,11 +260,16 @@ fn charge_and_wallet_round_trip() {
         window_end: 60_000,
         revision: 0,
         quantity: d("10"),
-        amount: d("0.000000015"),
-        provider_cost: d("0.00000001"),
-        margin: d("0.000000005"),
+        amount: d(amount),
+        provider_cost: d(provider_cost),
+        margin: d(margin),
         seq: 1,
-    };
+    }
+}
+
+#[test]
+fn charge_and_wallet_round_trip() {
+    let c = charge("0.000000015", "0.00000001", "0.000000005");
     assert_eq!(Charge::from_avro(&c.to_avro().unwrap()).unwrap(), c);
     let w = WalletAdjustment {
         idempotency_key: "pay_1".into(),
@@ -347,24 +352,7 @@ fn names_outside_their_enum_are_refused_on_write_and_on_read() {
     use crate::event::RejectReason;
     use crate::meter::Aggregation;
     use strum::VariantArray;
-    let charge = Charge {
-        charge_id: "c1".into(),
-        kind: "usage".into(),
-        tenant: "t".into(),
-        plan: "pro".into(),
-        currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: BTreeMap::new(),
-        period_start: 0,
-        window_start: 0,
-        window_end: 60_000,
-        revision: 0,
-        quantity: d("10"),
-        amount: d("1.5"),
-        provider_cost: d("1"),
-        margin: d("0.5"),
-        seq: 1,
-    };
+    let charge = charge("1.5", "1", "0.5");
     let kinds: Vec<&str> = ChargeKind::VARIANTS.iter().map(|k| k.as_str()).collect();
     check_names_both_ways(&charge, "kind", &kinds, |c, n| c.kind = n.into());
 
