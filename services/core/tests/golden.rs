@@ -10,7 +10,8 @@
 //! ```
 //!
 //! rewrites the files; the diff is then part of the change under review. The stream is built
-//! by an inline SplitMix64, not `rand`, so a dependency upgrade cannot change it.
+//! by SplitMix64 (`rand_xoshiro`, a fixed algorithm), not `rand`'s `StdRng`, whose sequence
+//! may change between releases.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
