@@ -51,19 +51,13 @@ fn maps_encode_deterministically_and_like_apache_avro() {
         meter: "m".into(),
         aggregation: "sum".into(),
         dimensions: dims,
-        window_start: 0,
         window_end: 60_000,
-        revision: 0,
         value: d("1"),
-        previous_value: d("0"),
         event_count: 1,
-        provider_cost: d("0"),
-        previous_provider_cost: d("0"),
-        source_partition: 0,
         seq: 1,
-        emitted_at: 0,
         uncosted_value: Some(d("1")),
         previous_uncosted_value: Some(d("0")),
+        ..MeterAggregate::default()
     };
     let first = a.to_avro().unwrap();
     for _ in 0..20 {
@@ -377,20 +371,12 @@ fn names_outside_their_enum_are_refused_on_write_and_on_read() {
         tenant: "t".into(),
         meter: "m".into(),
         aggregation: "sum".into(),
-        dimensions: BTreeMap::new(),
-        window_start: 0,
         window_end: 60_000,
-        revision: 0,
         value: d("7"),
-        previous_value: d("0"),
         event_count: 1,
-        provider_cost: d("0"),
-        previous_provider_cost: d("0"),
-        source_partition: 0,
         seq: 1,
         emitted_at: 60_000,
-        uncosted_value: None,
-        previous_uncosted_value: None,
+        ..MeterAggregate::default()
     };
     let aggregations: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
     check_names_both_ways(&aggregate, "aggregation", &aggregations, |a, n| a.aggregation = n.into());
