@@ -117,24 +117,7 @@ fn every_record_writes_the_spec_fingerprint_and_reads_both() {
         uncosted_value: Some(d("7")),
         previous_uncosted_value: None,
     });
-    check_fingerprints(&Charge {
-        charge_id: "c1".into(),
-        kind: "usage".into(),
-        tenant: "t".into(),
-        plan: "pro".into(),
-        currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: dims,
-        period_start: 0,
-        window_start: 0,
-        window_end: 60_000,
-        revision: 0,
-        quantity: d("10"),
-        amount: d("1.5"),
-        provider_cost: d("1"),
-        margin: d("0.5"),
-        seq: 1,
-    });
+    check_fingerprints(&Charge { dimensions: dims, ..charge("1.5", "1", "0.5") });
     check_fingerprints(&DeadLetter {
         source_topic: "u".into(),
         source_partition: 0,
