@@ -17,11 +17,7 @@
 //!   DELETE` per batch of new bases (a mutation, which ClickHouse 18.16 runs in the
 //!   background); a failed delete is retried by the next compaction's, which covers it.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-
-use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
+use crate::checkpoint::Checkpoint;
 use crate::Error;
 
 /// Where a delta sits in its chain.
@@ -129,109 +125,6 @@ impl ChainState {
             Some(_) => *self = Self::default(),
             None => *self = Self::based(version, bytes),
         }
-    }
-}
-
-#[derive(Debug, clickhouse::Row, Serialize)]
-struct DeltaRow<'a> {
-    service: &'a str,
-    consumer_group: &'a str,
-    topic: &'a str,
-    partition: i32,
-    base_version: u64,
-    prev_version: u64,
-    version: u64,
-    next_offset: i64,
-    #[serde(with = "serde_bytes")]
-    state: &'a [u8],
-}
-
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct LoadedDelta {
-    base_version: u64,
-    prev_version: u64,
-    version: u64,
-    next_offset: i64,
-    #[serde(with = "serde_bytes")]
-    state: Vec<u8>,
-}
-
-impl CheckpointStore {
-    /// The stored deltas of `key` that name `base_version` as their base, in version order
-    /// (check them with [`contiguous`]).
-    pub async fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> Result<Vec<StoredDelta>, Error> {
-        let rows = self
-            .client()
-            .query(
-                "SELECT base_version, prev_version, version, next_offset, state FROM checkpoint_deltas \
-                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? AND base_version = ? \
-                 ORDER BY version",
-            )
-            .bind(&key.service)
-            .bind(&key.consumer_group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(base_version)
-            .fetch_all::<LoadedDelta>()
-            .await?;
-        let rows = rows
-            .into_iter()
-            .map(|r| StoredDelta {
-                link: DeltaLink { base_version: r.base_version, prev_version: r.prev_version },
-                checkpoint: Checkpoint { version: r.version, next_offset: r.next_offset, state: r.state },
-            })
-            .collect();
-        Ok(rows)
-    }
-
-    /// The newest base of `key` and its deltas, checked contiguous: what a restart restores
-    /// (for tools and tests; the claim retries the two reads separately).
-    pub async fn load_chain(&self, key: &CheckpointKey) -> Result<Option<(Checkpoint, Vec<StoredDelta>)>, Error> {
-        let Some(base) = self.load(key).await? else { return Ok(None) };
-        let deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
-        Ok(Some((base, deltas)))
-    }
-
-    /// Writes deltas in one insert.
-    pub async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self.client().insert::<DeltaRow<'_>>("checkpoint_deltas").await?;
-        for (k, d) in items {
-            insert
-                .write(&DeltaRow {
-                    service: &k.service,
-                    consumer_group: &k.consumer_group,
-                    topic: &k.topic,
-                    partition: k.partition,
-                    base_version: d.link.base_version,
-                    prev_version: d.link.prev_version,
-                    version: d.checkpoint.version,
-                    next_offset: d.checkpoint.next_offset,
-                    state: &d.checkpoint.state,
-                })
-                .await?;
-        }
-        insert.end().await?;
-        Ok(())
-    }
-
-    /// Deletes the deltas below each partition's newest durable base (`bases`: partition →
-    /// base version) of (service, group, topic): one mutation.
-    pub async fn drop_superseded(&self, service: &str, group: &str, topic: &str, bases: &BTreeMap<i32, u64>) -> Result<(), Error> {
-        if bases.is_empty() {
-            return Ok(());
-        }
-        // Integers only: formatted into the statement, the strings are bound.
-        let per_partition: Vec<String> =
-            bases.iter().map(|(p, v)| format!("(partition = {p} AND version < {v})")).collect();
-        let sql = format!(
-            "ALTER TABLE checkpoint_deltas DELETE WHERE service = ? AND consumer_group = ? AND topic = ? AND ({})",
-            per_partition.join(" OR ")
-        );
-        self.client().query(&sql).bind(service).bind(group).bind(topic).execute().await?;
-        Ok(())
     }
 }
 
