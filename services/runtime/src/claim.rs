@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use metrics::counter;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{contiguous, ChainState, StoredDelta};
+use crate::chain::{contiguous, ChainState, DeltaLink, StoredDelta};
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
 use crate::kafka::Ownership;
 use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE};
@@ -85,18 +85,19 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         let key = Self::key(svc, p);
         // Where a take's time goes (restart time is what an operator waits for), in ms.
         let mut phases = Phases::default();
-        let Some((loaded, envelope, delta_states)) = self.load(&key, shutdown).await? else { return Ok(false) };
+        let Some(head) = self.load(&key, shutdown).await? else { return Ok(false) };
         phases.lap("load");
-        let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
-        let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
+        let (loaded, envelope) = (head.checkpoint.as_ref(), head.envelope.as_ref());
+        let operator = envelope.and_then(|e| e.meta.operator.as_ref());
+        let Some(counts) = self.checked_counts(svc, &key, loaded, envelope, shutdown).await? else {
             return Ok(false);
         };
         phases.lap("check");
-        svc.restore(p, envelope.as_ref(), &counts)
+        svc.restore(p, envelope, &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
         phases.lap("restore");
-        if !delta_states.is_empty() {
-            let refs: Vec<&[u8]> = delta_states.iter().map(Vec::as_slice).collect();
+        if !head.deltas.is_empty() {
+            let refs: Vec<&[u8]> = head.deltas.iter().map(Vec::as_slice).collect();
             if let Err(e) = svc.apply_deltas(p, &refs) {
                 svc.release(p);
                 return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
@@ -105,21 +106,24 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         if let Some(op) = operator {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
-        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.metrics.flush_errors, shutdown).await? {
+        } else if !Self::verified(svc, &key, envelope, self.cfg.metrics.flush_errors, shutdown).await? {
             return Ok(false);
         }
         phases.lap("verify");
-        let stored_version = loaded.as_ref().map_or(0, |c| c.version);
-        let Some((version, positions, base_bytes)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
+        let stored_version = loaded.map_or(0, |c| c.version);
+        let continued = self.continued(svc, p, &head);
+        let Some(claimed) = self.claim(svc, &key, stored_version, continued, &counts, shutdown).await? else {
             return Ok(false);
         };
         phases.lap("claim");
+        let Claimed { version, positions, chain } = claimed;
         tracing::info!(
             partition = p,
             epoch = epoch_of(version),
             offsets = ?positions,
             restored = loaded.is_some(),
-            deltas = delta_states.len(),
+            deltas = head.deltas.len(),
+            claim = if chain.base == Some(version) { "base" } else { "delta" },
             ms = %phases,
             "partition claimed"
         );
@@ -127,9 +131,17 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             self.source.seek(t, p, *o);
         }
         let hash = config_hash(&svc.config_text(p));
-        let chain = ChainState::based(version, base_bytes);
         self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
         Ok(true)
+    }
+
+    /// The loaded chain if the claim may continue it with a delta instead of writing the whole
+    /// state again: the service keeps deltas and still runs the configuration the chain was
+    /// written under (a switch, an operator's decision and a fresh partition write a base).
+    fn continued<S: Partitioned>(&self, svc: &S, p: i32, head: &Head) -> Option<ChainState> {
+        let env = head.envelope.as_ref()?;
+        let same = config_hash(&svc.config_text(p)) == env.meta.config_hash;
+        (self.cfg.deltas.full_every > 0 && same).then(|| head.chain.clone()).flatten()
     }
 
     /// The newest base checkpoint of `key` with its deltas (see [`chain_head`]); `None`:
@@ -249,17 +261,18 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
     }
 
-    /// Claims the restored partition: its state again as a checkpoint in a new epoch, above
-    /// every stored one (and `stored_version`): a new base, so a chain never crosses an epoch.
-    /// Its version, positions and size; `None`: shutdown.
+    /// Claims the restored partition in a new epoch, above every stored version (and
+    /// `stored_version`): with a delta on the `continued` chain (the service's change since
+    /// the restore, normally none), else with its whole state as a new base. `None`: shutdown.
     async fn claim<S: Partitioned>(
         &self,
         svc: &mut S,
         key: &CheckpointKey,
         stored_version: u64,
+        continued: Option<ChainState>,
         counts: &BTreeMap<String, i32>,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>, usize)>> {
+    ) -> anyhow::Result<Option<Claimed>> {
         let (p, errors) = (key.partition, self.cfg.metrics.flush_errors);
         let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
         let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
@@ -277,14 +290,39 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 (t, o)
             })
             .collect();
-        let state = svc.snapshot(p)?;
+        let mut chain = continued.unwrap_or_default();
+        let mut link = chain.base.map(|base_version| DeltaLink { base_version, prev_version: chain.at });
+        let delta = match link {
+            Some(_) => svc.snapshot_delta(p)?,
+            None => None,
+        };
+        let state = match delta {
+            Some(d) => d,
+            None => {
+                link = None;
+                svc.snapshot(p)?
+            }
+        };
         let envelope = Self::envelope(svc, p, &positions, counts, state);
         let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let state = envelope.encode();
-        let base_bytes = state.len();
-        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
-        let saved = until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await;
-        Ok(saved.map(|()| (version, positions, base_bytes)))
+        let bytes = envelope.state.len();
+        let checkpoint = Checkpoint { version, next_offset, state: envelope.encode() };
+        let saved = match link {
+            Some(link) => {
+                let items = [(key.clone(), StoredDelta { link, checkpoint })];
+                until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_deltas(&items)).await
+            }
+            None => {
+                let items = [(key.clone(), checkpoint)];
+                until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await
+            }
+        };
+        if saved.is_none() {
+            return Ok(None);
+        }
+        chain.staging(version);
+        chain.saved(version, bytes, link);
+        Ok(Some(Claimed { version, positions, chain }))
     }
 
     /// The checks every service shares: the checkpoint against the group's committed offsets,
@@ -396,21 +434,37 @@ impl Retry {
     }
 }
 
-/// What a claim continues from: the checkpoint and envelope it describes, the deltas' states.
-type Head = (Option<Checkpoint>, Option<Envelope>, Vec<Vec<u8>>);
+/// What a claim continues from.
+#[derive(Debug, Default)]
+struct Head {
+    /// The newest checkpoint: the chain's last version and offset (the state is the base's,
+    /// in `envelope`).
+    checkpoint: Option<Checkpoint>,
+    /// The base's envelope with the last checkpoint's meta.
+    envelope: Option<Envelope>,
+    /// The states of the deltas after the base, in order.
+    deltas: Vec<Vec<u8>>,
+    /// The chain as stored, for a claim that continues it (`None`: nothing stored, or an
+    /// operator's decision).
+    chain: Option<ChainState>,
+}
+
+/// A partition just claimed: the claim's version, the positions it covers, its chain.
+struct Claimed {
+    version: u64,
+    positions: BTreeMap<String, i64>,
+    chain: ChainState,
+}
 
 /// The newest base and its deltas as what the claim continues from: the last delta's version,
 /// offsets and meta (they describe the state after it), the base's state, and the deltas'
 /// states in order. Every delta must have been written under the base's configuration (a
 /// switch writes a base).
-fn chain_head(
-    loaded: Option<Checkpoint>,
-    envelope: Option<Envelope>,
-    deltas: Vec<StoredDelta>,
-) -> anyhow::Result<Head> {
+fn chain_head(loaded: Option<Checkpoint>, envelope: Option<Envelope>, deltas: Vec<StoredDelta>) -> anyhow::Result<Head> {
     let (Some(mut cp), Some(mut env)) = (loaded, envelope) else {
-        return Ok((None, None, Vec::new()));
+        return Ok(Head::default());
     };
+    let (base, base_bytes) = (cp.version, env.state.len());
     let mut states = Vec::with_capacity(deltas.len());
     for d in deltas {
         let de = Envelope::decode(&d.checkpoint.state).with_context(|| format!("delta version {}", d.checkpoint.version))?;
@@ -424,7 +478,8 @@ fn chain_head(
         env.meta = de.meta;
         states.push(de.state);
     }
-    Ok((Some(cp), Some(env), states))
+    let chain = env.meta.operator.is_none().then(|| ChainState::loaded(base, base_bytes, cp.version, states.iter().map(Vec::len)));
+    Ok(Head { checkpoint: Some(cp), envelope: Some(env), deltas: states, chain })
 }
 
 /// Milliseconds of the phases of a take, for its log line.

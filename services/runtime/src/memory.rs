@@ -348,6 +348,11 @@ impl MemoryStore {
         lock(&self.state).rows.push((key, checkpoint));
     }
 
+    /// Stores a delta as another instance would (not journaled, never failing).
+    pub fn insert_delta(&self, key: CheckpointKey, delta: StoredDelta) {
+        lock(&self.state).deltas.push((key, delta));
+    }
+
     /// The stored deltas of `key`, in version order.
     pub fn deltas(&self, key: &CheckpointKey) -> Vec<StoredDelta> {
         let mut found: Vec<StoredDelta> =
