@@ -319,6 +319,10 @@ struct StoreState {
     rows: Vec<(CheckpointKey, Checkpoint)>,
     deltas: Vec<(CheckpointKey, StoredDelta)>,
     failing_saves: u32,
+    /// Loads wait here for each other (see [`MemoryStore::gate_loads`]).
+    gate: Option<(Arc<tokio::sync::Barrier>, usize)>,
+    loads_met: usize,
+    save_calls: usize,
 }
 
 /// Checkpoints in memory; saves are recorded in the journal (see the module docs).
@@ -341,6 +345,22 @@ impl MemoryStore {
     /// Saves still to fail.
     pub fn failing_saves(&self) -> u32 {
         lock(&self.state).failing_saves
+    }
+
+    /// The next `n` loads wait (up to 2 s) until all `n` are waiting together: loads that run
+    /// one after another never meet. [`MemoryStore::loads_met`] counts those that did.
+    pub fn gate_loads(&self, n: usize) {
+        lock(&self.state).gate = Some((Arc::new(tokio::sync::Barrier::new(n)), n));
+    }
+
+    /// Loads that met at the gate.
+    pub fn loads_met(&self) -> usize {
+        lock(&self.state).loads_met
+    }
+
+    /// Calls of `save_all` and `save_deltas` so far (each one insert in ClickHouse).
+    pub fn save_calls(&self) -> usize {
+        lock(&self.state).save_calls
     }
 
     /// Stores a checkpoint as another instance would (not journaled, never failing).
@@ -374,6 +394,22 @@ impl MemoryStore {
 
 impl CheckpointStorage for MemoryStore {
     async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
+        let gate = {
+            let mut s = lock(&self.state);
+            let gate = s.gate.as_ref().map(|(b, _)| b.clone());
+            if let Some((_, left)) = &mut s.gate {
+                *left -= 1;
+                if *left == 0 {
+                    s.gate = None;
+                }
+            }
+            gate
+        };
+        if let Some(barrier) = gate {
+            if tokio::time::timeout(std::time::Duration::from_secs(2), barrier.wait()).await.is_ok() {
+                lock(&self.state).loads_met += 1;
+            }
+        }
         Ok(self.newest(key))
     }
 
@@ -392,6 +428,7 @@ impl CheckpointStorage for MemoryStore {
 
     async fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
+        s.save_calls += 1;
         if s.failing_saves > 0 {
             s.failing_saves -= 1;
             return Err(Error::Other("injected checkpoint store failure".to_owned()));
@@ -417,6 +454,7 @@ impl CheckpointStorage for MemoryStore {
 
     async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
+        s.save_calls += 1;
         if s.failing_saves > 0 {
             s.failing_saves -= 1;
             return Err(Error::Other("injected checkpoint store failure".to_owned()));

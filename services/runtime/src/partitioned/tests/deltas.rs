@@ -276,3 +276,47 @@ async fn a_hole_below_the_claim_refuses_to_start() {
     assert!(svc.seen.lock().unwrap().applied.is_empty(), "nothing restored from a wrong state");
     assert_eq!(newest(&w), before, "no claim was written over the damaged chain");
 }
+
+#[tokio::test]
+async fn partitions_assigned_together_load_concurrently_and_claim_in_one_save() {
+    let w = World::new(3);
+    let mut totals = [0i64; 3];
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    let all = [(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)];
+    let at_end = |w: &World| (0..3).all(|p| w.source.committed_offset(TOPIC, p) == Some(20));
+    w.drive_with(&mut svc, chain_config(), async {
+        w.source.assign(&all);
+        for (p, total) in (0..3).zip(&mut totals) {
+            *total += w.produce(p, (1..=20).map(|v| v * (p as i64 + 1)));
+        }
+        until("all committed to 20", || at_end(&w)).await;
+    })
+    .await
+    .unwrap();
+
+    // A restart: the three heads load together, and the three claims are one insert.
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    let seen = svc.seen();
+    w.store.gate_loads(3);
+    let saves = w.store.save_calls();
+    w.drive_with(&mut svc, chain_config(), async {
+        w.source.assign(&all);
+        until("all three restored", || seen.lock().unwrap().restored.len() == 3).await;
+        until("all three claimed", || (0..3).all(|p| w.store.deltas(&World::key(p)).iter().any(|d| epoch_of(d.checkpoint.version) == 2))).await;
+        assert_eq!(w.store.save_calls() - saves, 1, "the three claim deltas were one save");
+        for (p, total) in (0..3).zip(&mut totals) {
+            *total += w.produce(p, 21..=30);
+        }
+        until("all committed to 30", || (0..3).all(|p| w.source.committed_offset(TOPIC, p) == Some(30))).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(w.store.loads_met(), 3, "the three loads were in flight together");
+    let seen = seen.lock().unwrap();
+    for (p, total) in (0..3).zip(totals) {
+        assert_eq!(seen.sums[&p], Sum { next: 30, total });
+    }
+    assert_protocol_order(&w.journal.events());
+}
