@@ -20,9 +20,16 @@
 //! * **Fencing** reads the highest version over both tables, so an epoch is above every delta.
 //! * **Compaction.** A base is written instead of a delta every `full_every` deltas, or once
 //!   the deltas since the base add up to `max_ratio` of its size (counted from the base, also
-//!   across claims): restart reads a bounded chain. Deltas below the newest durable base are then deleted with one `ALTER TABLE ...
-//!   DELETE` per batch of new bases (a mutation, which ClickHouse 18.16 runs in the
-//!   background); a failed delete is retried by the next compaction's, which covers it.
+//!   across claims): restart reads a bounded chain. The deltas of the chains *before* the one
+//!   a new base replaces are then deleted (`version <` the replaced chain's base) with one
+//!   `ALTER TABLE ... DELETE` per batch of new bases (a mutation, which ClickHouse 18.16 runs in
+//!   the background); a failed delete is retried by the next compaction's, which covers it.
+//!   The replaced chain itself stays until the next base: a fenced instance compacts too, and
+//!   the new owner may have continued the chain it replaced.
+//! * **The newest chain** is the one holding the partition's highest version, normally the
+//!   newest base's. A fenced instance's base written after the new owner loaded is newer than
+//!   the base the new owner's chain continues, but in a lower epoch than its head: a reader
+//!   then follows the highest version's delta to its base ([`follows_older_base`]).
 
 use std::collections::BTreeMap;
 
@@ -99,6 +106,19 @@ pub fn contiguous(base_version: u64, rows: Vec<StoredDelta>) -> Result<Vec<Store
     }
     path.reverse();
     Ok(path)
+}
+
+/// True if `top`, a partition's highest stored version, is in a later epoch than `head`, the
+/// head of its newest base's chain: then `top` is a delta of a chain that a claim continued
+/// from an older base, and the newest base is what a fenced instance wrote after that claim's
+/// load. The chain of `top` is the partition's.
+pub fn follows_older_base(top: u64, head: u64) -> bool {
+    epoch_of(top) > epoch_of(head)
+}
+
+/// The error when the highest version's base is not stored.
+pub fn missing_base(top: u64) -> Error {
+    Error::Other(format!("the newest checkpoint delta {top} builds on a base that is not stored (checkpoints damaged?)"))
 }
 
 /// When a partition writes a base instead of a delta.
@@ -203,6 +223,14 @@ struct LoadedDelta {
     state: Vec<u8>,
 }
 
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct LoadedBase {
+    version: u64,
+    next_offset: i64,
+    #[serde(with = "serde_bytes")]
+    state: Vec<u8>,
+}
+
 impl CheckpointStore {
     /// The stored deltas of `key` that name `base_version` as their base, in version order
     /// (check them with [`contiguous`]).
@@ -231,11 +259,42 @@ impl CheckpointStore {
         Ok(rows)
     }
 
-    /// The newest base of `key` and its deltas, checked contiguous: what a restart restores
-    /// (for tools and tests; the claim retries the two reads separately).
+    /// The base that the delta `version` of `key` builds on, if both are stored.
+    pub async fn load_base_of(&self, key: &CheckpointKey, version: u64) -> Result<Option<Checkpoint>, Error> {
+        let rows = self
+            .client()
+            .query(
+                "SELECT version, next_offset, state FROM checkpoints \
+                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? \
+                 AND version IN (SELECT base_version FROM checkpoint_deltas \
+                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? AND version = ?) \
+                 LIMIT 1",
+            )
+            .bind(&key.service)
+            .bind(&key.consumer_group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(&key.service)
+            .bind(&key.consumer_group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(version)
+            .fetch_all::<LoadedBase>()
+            .await?;
+        Ok(rows.into_iter().next().map(|r| Checkpoint { version: r.version, next_offset: r.next_offset, state: r.state }))
+    }
+
+    /// The chain of `key`'s highest version, checked contiguous: what a restart restores (for
+    /// tools and tests; the claim retries each read separately).
     pub async fn load_chain(&self, key: &CheckpointKey) -> Result<Option<(Checkpoint, Vec<StoredDelta>)>, Error> {
-        let Some(base) = self.load(key).await? else { return Ok(None) };
-        let deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+        let Some(mut base) = self.load(key).await? else { return Ok(None) };
+        let mut deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+        let head = deltas.last().map_or(base.version, |d| d.checkpoint.version);
+        let top = self.max_versions(&key.service, &key.consumer_group, &key.topic).await?.get(&key.partition).copied();
+        if let Some(top) = top.filter(|&t| follows_older_base(t, head)) {
+            base = self.load_base_of(key, top).await?.ok_or_else(|| missing_base(top))?;
+            deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+        }
         Ok(Some((base, deltas)))
     }
 
@@ -264,8 +323,8 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Deletes the deltas below each partition's newest durable base (`bases`: partition →
-    /// base version) of (service, group, topic): one mutation.
+    /// Deletes the deltas below the given version of each partition (`bases`: partition →
+    /// the base of the chain a new base replaced) of (service, group, topic): one mutation.
     pub async fn drop_superseded(&self, service: &str, group: &str, topic: &str, bases: &BTreeMap<i32, u64>) -> Result<(), Error> {
         if bases.is_empty() {
             return Ok(());

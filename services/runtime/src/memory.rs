@@ -386,6 +386,13 @@ impl MemoryStore {
         lock(&self.state).deltas.retain(|(k, d)| !(k == key && d.checkpoint.version == version));
     }
 
+    /// The versions of the stored bases of `key`, in order.
+    pub fn bases(&self, key: &CheckpointKey) -> Vec<u64> {
+        let mut found: Vec<u64> = lock(&self.state).rows.iter().filter(|(k, _)| k == key).map(|(_, c)| c.version).collect();
+        found.sort_unstable();
+        found
+    }
+
     fn newest(&self, key: &CheckpointKey) -> Option<Checkpoint> {
         let s = lock(&self.state);
         s.rows.iter().filter(|(k, _)| k == key).map(|(_, c)| c).max_by_key(|c| c.version).cloned()
@@ -450,6 +457,15 @@ impl CheckpointStorage for MemoryStore {
             .collect();
         found.sort_by_key(|d| d.checkpoint.version);
         Ok(found)
+    }
+
+    async fn load_base_of(&self, key: &CheckpointKey, version: u64) -> Result<Option<Checkpoint>, Error> {
+        let s = lock(&self.state);
+        let Some(base) = s.deltas.iter().find(|(k, d)| k == key && d.checkpoint.version == version).map(|(_, d)| d.link.base_version)
+        else {
+            return Ok(None);
+        };
+        Ok(s.rows.iter().find(|(k, c)| k == key && c.version == base).map(|(_, c)| c.clone()))
     }
 
     async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {

@@ -388,6 +388,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 base_version: h.version,
                 snapshot_secs: started.elapsed().as_secs_f64(),
                 delta,
+                replaces: h.chain.base,
             });
         }
         staged

@@ -30,11 +30,16 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
     /// (checked by [`crate::chain::contiguous`]).
     fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send;
 
+    /// The base that the delta `version` of `key` builds on; `None` if there is no such delta
+    /// or its base is gone. (The head of a chain that crossed epochs, when a fenced instance
+    /// wrote a newer base meanwhile: see [`crate::chain`].)
+    fn load_base_of(&self, key: &CheckpointKey, version: u64) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send;
+
     /// Stores deltas together.
     fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Deletes the deltas below each partition's newest durable base (`bases`: partition ->
-    /// base version) of (service, group, topic).
+    /// Deletes the deltas below the given version of each partition (`bases`: partition ->
+    /// the base of the chain a new base replaced) of (service, group, topic).
     fn drop_superseded(
         &self,
         service: &str,
@@ -64,6 +69,10 @@ impl CheckpointStorage for CheckpointStore {
 
     fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send {
         CheckpointStore::load_deltas(self, key, base_version)
+    }
+
+    fn load_base_of(&self, key: &CheckpointKey, version: u64) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send {
+        CheckpointStore::load_base_of(self, key, version)
     }
 
     fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send {

@@ -320,3 +320,70 @@ async fn partitions_assigned_together_load_concurrently_and_claim_in_one_save() 
     }
     assert_protocol_order(&w.journal.events());
 }
+
+/// The envelope bytes of a state of partition 0 at `next` (as a fenced instance writes it).
+fn stale_envelope(sum: Sum) -> Vec<u8> {
+    let offsets = BTreeMap::from([(TOPIC.to_owned(), sum.next)]);
+    let counts = BTreeMap::from([(TOPIC.to_owned(), 1)]);
+    Driver::<MemorySource, MemoryStore>::envelope(&Summer::new(Sink::default()), 0, &offsets, &counts, sum.encode()).encode()
+}
+
+#[tokio::test]
+async fn a_fenced_instances_base_after_the_claim_does_not_hide_the_chain() {
+    let w = World::new(1);
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    let seen = svc.seen();
+    let key = World::key(0);
+    let mut stale = 0;
+    w.drive_with(&mut svc, chain_config(), async {
+        w.source.assign(&[(TOPIC, 0)]);
+        w.produce(0, 1..=20);
+        until("committed to 20", || w.source.committed_offset(TOPIC, 0) == Some(20)).await;
+        reassign(&w, &seen, 20).await;
+        // The epoch-1 owner compacts after the claim loaded its chain: a base newer than the
+        // one the claim continues, in the old epoch.
+        stale = claim_delta(&w, 2).link.prev_version + 1;
+        let state = stale_envelope(Sum { next: 25, total: 1_000_000 });
+        w.store.insert(key.clone(), Checkpoint { version: stale, next_offset: 25, state });
+        w.produce(0, 21..=30);
+        until("committed to 30", || w.source.committed_offset(TOPIC, 0) == Some(30)).await;
+        reassign(&w, &seen, 30).await;
+    })
+    .await
+    .unwrap();
+
+    assert_eq!(w.store.load(&key).now_or_never().unwrap().unwrap().map(|b| b.version), Some(stale), "the stale base is the newest");
+    let seen = seen.lock().unwrap();
+    let want = Sum { next: 30, total: (1..=30).sum() };
+    assert_eq!(seen.restored.last().map(|r| r.1), Some(Sum::default()), "restored the claimed chain's base (the first claim's)");
+    assert_eq!(seen.applied.last().map(|a| a.2), Some(want));
+    assert_eq!(seen.sums[&0], want);
+}
+
+#[tokio::test]
+async fn compaction_keeps_the_chain_it_replaced_until_the_next_base() {
+    let w = World::new(1);
+    let mut svc = Summer::new(w.sink.clone());
+    svc.since = Some(BTreeMap::new());
+    let key = World::key(0);
+    let mut end = 0;
+    w.drive_with(&mut svc, LoopConfig { deltas: DeltaPolicy { full_every: 2, max_ratio: 1e9 }, ..config() }, async {
+        w.source.assign(&[(TOPIC, 0)]);
+        // Trickle until four bases (the claim and three compactions) are stored.
+        while w.store.bases(&key).len() < 4 {
+            end += 1;
+            w.produce(0, [end]);
+            until("committed to the end", || w.source.committed_offset(TOPIC, 0) == Some(end)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let bases = w.store.bases(&key);
+    let n = bases.len();
+    let of = |base: u64| w.store.deltas(&key).iter().filter(|d| d.link.base_version == base).count();
+    assert_eq!(of(bases[n - 2]), 2, "the chain the newest base replaced is kept: {bases:?}");
+    for &older in &bases[..n - 2] {
+        assert_eq!(of(older), 0, "chains before it are deleted: {bases:?}");
+    }
+}
