@@ -8,10 +8,13 @@
 //!
 //! **Fencing.** `version` is `epoch << 32 | n`. Every instance that takes a partition over
 //! claims it by writing a checkpoint in a new epoch (higher than any stored one) before it
-//! processes a record; before each later checkpoint it re-reads the newest stored version and
+//! processes a record: a delta continuing the chain it loaded, or a full base (see
+//! [`crate::chain`]); before each later checkpoint it re-reads the newest stored version and
 //! gives the partition up if someone else's is higher. A stale instance (paused, partitioned
 //! away, stuck in a ClickHouse outage) can therefore never have its checkpoint chosen over the
-//! new owner's, because every reader takes the highest version. See `docs/operations.md`.
+//! new owner's: every reader follows the chain of the highest version, and what the stale one
+//! wrote after the new owner loaded is a fork in a lower epoch, off that chain. See
+//! `docs/operations.md`.
 //!
 //! The state is wrapped in an [`Envelope`] (`meterflow_core::checkpoint`, the one format of
 //! both services) that also records what it was computed against (partition counts,

@@ -3,18 +3,22 @@
 //! to it (see the module docs of [`crate::partitioned`] and `docs/operations.md`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use anyhow::Context as _;
 use metrics::counter;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{contiguous, ChainState, StoredDelta};
+use crate::chain::{ChainState, DeltaLink, StoredDelta};
 use crate::checkpoint::{config_hash, epoch_of, version_in, Checkpoint, CheckpointKey, Envelope, Meta};
 use crate::kafka::Ownership;
 use crate::partitioned::{Driver, Held, Partitioned, FENCED_RETAKE};
 use crate::retry::{until_ok, Backoff};
 use crate::source::Source;
 use crate::store::CheckpointStorage;
+use head::Head;
+
+mod head;
 
 impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
     pub(crate) fn key<S: Partitioned>(svc: &S, partition: i32) -> CheckpointKey {
@@ -37,14 +41,16 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
         if !due.is_empty() {
             let assigned = self.source.assignment().unwrap_or_default();
+            let mut again = Vec::new();
             for p in due {
                 self.fenced.remove(&p);
                 if assigned.contains(&p) && !self.held.contains_key(&p) {
                     tracing::warn!(partition = p, "still assigned {FENCED_RETAKE:?} after being fenced: taking it again");
-                    if !self.take(svc, p, shutdown).await? {
-                        return Ok(());
-                    }
+                    again.push(p);
                 }
+            }
+            if !self.take(svc, &again, shutdown).await? {
+                return Ok(());
             }
         }
         for change in self.source.drain_rebalances() {
@@ -59,14 +65,12 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 }
                 Ownership::Assigned(list) => {
                     let parts: BTreeSet<i32> = list.iter().map(|(_, p)| *p).collect();
-                    for p in parts {
-                        self.fenced.remove(&p);
-                        if self.held.contains_key(&p) {
-                            continue;
-                        }
-                        if !self.take(svc, p, shutdown).await? {
-                            return Ok(()); // shutdown
-                        }
+                    for p in &parts {
+                        self.fenced.remove(p);
+                    }
+                    let new: Vec<i32> = parts.into_iter().filter(|p| !self.held.contains_key(p)).collect();
+                    if !self.take(svc, &new, shutdown).await? {
+                        return Ok(()); // shutdown
                     }
                     // Partitions were paused when assigned (kafka::RebalanceLog) so that nothing
                     // is fetched from a committed offset the checkpoint may disagree with.
@@ -79,101 +83,97 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         Ok(())
     }
 
-    /// Restores, checks and claims one assigned partition, then seeks to its checkpoint.
-    /// Ok(false): shutdown came first.
-    pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, p: i32, shutdown: &CancellationToken) -> anyhow::Result<bool> {
-        let key = Self::key(svc, p);
-        // Where a take's time goes (restart time is what an operator waits for), in ms.
-        let mut phases = Phases::default();
-        let Some((loaded, envelope, delta_states)) = self.load(&key, shutdown).await? else { return Ok(false) };
-        phases.lap("load");
-        let operator = envelope.as_ref().and_then(|e| e.meta.operator.as_ref());
-        let Some(counts) = self.checked_counts(svc, &key, loaded.as_ref(), envelope.as_ref(), shutdown).await? else {
+    /// Takes the assigned partitions `parts` over: loads their checkpoints concurrently,
+    /// restores and checks each, claims them all in one save, then seeks each to its
+    /// checkpoint. Ok(false): shutdown came first.
+    pub(crate) async fn take<S: Partitioned>(&mut self, svc: &mut S, parts: &[i32], shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        if parts.is_empty() {
+            return Ok(true);
+        }
+        // Where a takeover's time goes (restart time is what an operator waits for), in ms.
+        let started = Instant::now();
+        let keys: Vec<CheckpointKey> = parts.iter().map(|&p| Self::key(svc, p)).collect();
+        let Some(heads) = head::load_all(self.store, &keys, self.cfg.metrics.flush_errors, shutdown).await? else {
             return Ok(false);
         };
+        let load_ms = started.elapsed().as_millis();
+        let mut restored = Vec::with_capacity(heads.len());
+        for (key, head) in keys.into_iter().zip(heads) {
+            let Some(r) = self.restore(svc, key, head, Phases::after("load", load_ms), shutdown).await? else {
+                return Ok(false);
+            };
+            restored.push(r);
+        }
+        let claiming = Instant::now();
+        let Some(claims) = self.claim(svc, &restored, shutdown).await? else { return Ok(false) };
+        let claim_ms = claiming.elapsed().as_millis();
+        for (mut r, Claimed { version, positions, chain }) in restored.into_iter().zip(claims) {
+            let p = r.key.partition;
+            r.phases.add("claim", claim_ms);
+            tracing::info!(
+                partition = p,
+                epoch = epoch_of(version),
+                offsets = ?positions,
+                restored = r.head.checkpoint.is_some(),
+                deltas = r.head.deltas.len(),
+                claim = if chain.base == Some(version) { "base" } else { "delta" },
+                ms = %r.phases,
+                "partition claimed"
+            );
+            for (t, o) in &positions {
+                self.source.seek(t, p, *o);
+            }
+            let hash = config_hash(&svc.config_text(p));
+            let counts = r.counts;
+            self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
+        }
+        tracing::info!(partitions = ?parts, ms = started.elapsed().as_millis() as u64, "partitions taken over");
+        Ok(true)
+    }
+
+    /// Checks the loaded checkpoint of one partition, restores its state (base, then deltas)
+    /// and checks that against the service's outputs. `None`: shutdown came first.
+    async fn restore<S: Partitioned>(
+        &self,
+        svc: &mut S,
+        key: CheckpointKey,
+        head: Head,
+        mut phases: Phases,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Restored>> {
+        let p = key.partition;
+        let (loaded, envelope) = (head.checkpoint.as_ref(), head.envelope.as_ref());
+        let Some(counts) = self.checked_counts(svc, &key, loaded, envelope, shutdown).await? else {
+            return Ok(None);
+        };
         phases.lap("check");
-        svc.restore(p, envelope.as_ref(), &counts)
+        svc.restore(p, envelope, &counts)
             .with_context(|| format!("restoring {} state of {} partition {p}", key.service, key.topic))?;
         phases.lap("restore");
-        if !delta_states.is_empty() {
-            let refs: Vec<&[u8]> = delta_states.iter().map(Vec::as_slice).collect();
+        if !head.deltas.is_empty() {
+            let refs: Vec<&[u8]> = head.deltas.iter().map(Vec::as_slice).collect();
             if let Err(e) = svc.apply_deltas(p, &refs) {
                 svc.release(p);
                 return Err(e.context(format!("applying the checkpoint deltas of {} partition {p}", key.topic)));
             }
             phases.lap("deltas");
         }
-        if let Some(op) = operator {
+        if let Some(op) = envelope.and_then(|e| e.meta.operator.as_ref()) {
             tracing::warn!(partition = p, action = %op.action, note = %op.note, "following an operator's checkpoint decision");
-        } else if !Self::verified(svc, &key, envelope.as_ref(), self.cfg.metrics.flush_errors, shutdown).await? {
-            return Ok(false);
+        } else if !Self::verified(svc, &key, envelope, self.cfg.metrics.flush_errors, shutdown).await? {
+            return Ok(None);
         }
         phases.lap("verify");
-        let stored_version = loaded.as_ref().map_or(0, |c| c.version);
-        let Some((version, positions, base_bytes)) = self.claim(svc, &key, stored_version, &counts, shutdown).await? else {
-            return Ok(false);
-        };
-        phases.lap("claim");
-        tracing::info!(
-            partition = p,
-            epoch = epoch_of(version),
-            offsets = ?positions,
-            restored = loaded.is_some(),
-            deltas = delta_states.len(),
-            ms = %phases,
-            "partition claimed"
-        );
-        for (t, o) in &positions {
-            self.source.seek(t, p, *o);
-        }
-        let hash = config_hash(&svc.config_text(p));
-        let chain = ChainState::based(version, base_bytes);
-        self.held.insert(p, Held { version, checkpointed: positions, partition_counts: counts, config_hash: hash, gap: None, chain });
-        Ok(true)
+        Ok(Some(Restored { key, head, counts, phases }))
     }
 
-    /// The newest base checkpoint of `key` with its deltas (see [`chain_head`]); `None`:
-    /// shutdown came first.
-    async fn load(&self, key: &CheckpointKey, shutdown: &CancellationToken) -> anyhow::Result<Option<Head>> {
-        let errors = self.cfg.metrics.flush_errors;
-        let Some(loaded) = until_ok(
-            "load checkpoint",
-            &Backoff::default(),
-            shutdown,
-            |_| counter!(errors, "sink" => "checkpoint").increment(1),
-            || self.store.load(key),
-        )
-        .await
-        else {
-            return Ok(None);
-        };
-        let envelope = match &loaded {
-            Some(cp) => Some(Envelope::decode(&cp.state).with_context(|| {
-                format!("checkpoint of {} partition {} (version {})", key.topic, key.partition, cp.version)
-            })?),
-            None => None,
-        };
-        let deltas = match (&loaded, &envelope) {
-            (Some(cp), Some(env)) if env.meta.operator.is_none() => {
-                let Some(rows) = until_ok(
-                    "load checkpoint deltas",
-                    &Backoff::default(),
-                    shutdown,
-                    |_| counter!(errors, "sink" => "checkpoint").increment(1),
-                    || self.store.load_deltas(key, cp.version),
-                )
-                .await
-                else {
-                    return Ok(None);
-                };
-                contiguous(cp.version, rows)
-                    .with_context(|| format!("{} partition {}: refusing to start", key.topic, key.partition))?
-            }
-            _ => Vec::new(),
-        };
-        let head = chain_head(loaded, envelope, deltas)
-            .with_context(|| format!("checkpoint deltas of {} partition {}", key.topic, key.partition))?;
-        Ok(Some(head))
+    /// The loaded chain if the claim may continue it with a delta instead of writing the whole
+    /// state again: the service keeps deltas and still runs the configuration the chain was
+    /// written under (a switch, an operator's decision and a fresh partition write a base).
+    fn continued<S: Partitioned>(&self, svc: &S, p: i32, head: &Head) -> Option<ChainState> {
+        let env = head.envelope.as_ref()?;
+        let same = config_hash(&svc.config_text(p)) == env.meta.config_hash;
+        (self.cfg.deltas.full_every > 0 && same).then(|| head.chain.clone()).flatten()
     }
 
     /// The input topics' partition counts, once the checkpoint agrees with the group's
@@ -249,42 +249,66 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
         }
     }
 
-    /// Claims the restored partition: its state again as a checkpoint in a new epoch, above
-    /// every stored one (and `stored_version`): a new base, so a chain never crosses an epoch.
-    /// Its version, positions and size; `None`: shutdown.
+    /// Claims the restored partitions, each in a new epoch above every version stored after
+    /// they were loaded: with a delta on the chain it continues (the service's change since
+    /// the restore, normally none), else with its whole state as a new base. All in one save
+    /// (one insert per table). `None`: shutdown.
     async fn claim<S: Partitioned>(
         &self,
         svc: &mut S,
-        key: &CheckpointKey,
-        stored_version: u64,
-        counts: &BTreeMap<String, i32>,
+        restored: &[Restored],
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<(u64, BTreeMap<String, i64>, usize)>> {
-        let (p, errors) = (key.partition, self.cfg.metrics.flush_errors);
+    ) -> anyhow::Result<Option<Vec<Claimed>>> {
+        let errors = self.cfg.metrics.flush_errors;
         let on_error = |_: &crate::Error| counter!(errors, "sink" => "checkpoint").increment(1);
+        let Some(k0) = restored.first().map(|r| &r.key) else { return Ok(Some(Vec::new())) };
         let stored = until_ok("read checkpoint versions", &Backoff::default(), shutdown, on_error, || {
-            self.store.max_versions(&key.service, &key.consumer_group, &key.topic)
+            self.store.max_versions(&k0.service, &k0.consumer_group, &k0.topic)
         })
         .await;
         let Some(stored) = stored else { return Ok(None) };
-        let top = stored.get(&p).copied().unwrap_or(0).max(stored_version);
-        let version = version_in(epoch_of(top) + 1, 0);
-        let positions: BTreeMap<String, i64> = svc
-            .topics()
-            .into_iter()
-            .map(|t| {
-                let o = svc.position(&t, p).unwrap_or(0);
-                (t, o)
-            })
-            .collect();
-        let state = svc.snapshot(p)?;
-        let envelope = Self::envelope(svc, p, &positions, counts, state);
-        let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
-        let state = envelope.encode();
-        let base_bytes = state.len();
-        let items = [(key.clone(), Checkpoint { version, next_offset, state })];
-        let saved = until_ok("write claim checkpoint", &Backoff::default(), shutdown, on_error, || self.store.save_all(&items)).await;
-        Ok(saved.map(|()| (version, positions, base_bytes)))
+        let (mut bases, mut deltas, mut claims) = (Vec::new(), Vec::new(), Vec::new());
+        for r in restored {
+            let (key, p) = (&r.key, r.key.partition);
+            let loaded = r.head.checkpoint.as_ref().map_or(0, |c| c.version);
+            let version = version_in(epoch_of(stored.get(&p).copied().unwrap_or(0).max(loaded)) + 1, 0);
+            let positions: BTreeMap<String, i64> =
+                svc.topics().into_iter().map(|t| (t.clone(), svc.position(&t, p).unwrap_or(0))).collect();
+            let mut chain = self.continued(svc, p, &r.head).unwrap_or_default();
+            let mut link = chain.base.map(|base_version| DeltaLink { base_version, prev_version: chain.at });
+            let delta = if link.is_some() { svc.snapshot_delta(p)? } else { None };
+            let state = match delta {
+                Some(d) => d,
+                None => {
+                    link = None;
+                    svc.snapshot(p)?
+                }
+            };
+            let envelope = Self::envelope(svc, p, &positions, &r.counts, state);
+            let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
+            let checkpoint = Checkpoint { version, next_offset, state: envelope.encode() };
+            match link {
+                Some(link) => deltas.push((key.clone(), StoredDelta { link, checkpoint })),
+                None => bases.push((key.clone(), checkpoint)),
+            }
+            chain.staging(version);
+            chain.saved(version, envelope.state.len(), link);
+            claims.push(Claimed { version, positions, chain });
+        }
+        let backoff = Backoff::default();
+        if !bases.is_empty() {
+            let saved = until_ok("write claim checkpoints", &backoff, shutdown, on_error, || self.store.save_all(&bases));
+            if saved.await.is_none() {
+                return Ok(None);
+            }
+        }
+        if !deltas.is_empty() {
+            let saved = until_ok("write claim deltas", &backoff, shutdown, on_error, || self.store.save_deltas(&deltas));
+            if saved.await.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(claims))
     }
 
     /// The checks every service shares: the checkpoint against the group's committed offsets,
@@ -396,52 +420,46 @@ impl Retry {
     }
 }
 
-/// What a claim continues from: the checkpoint and envelope it describes, the deltas' states.
-type Head = (Option<Checkpoint>, Option<Envelope>, Vec<Vec<u8>>);
+/// A partition restored and checked, waiting for its claim.
+struct Restored {
+    key: CheckpointKey,
+    head: Head,
+    /// The input topics' partition counts.
+    counts: BTreeMap<String, i32>,
+    phases: Phases,
+}
 
-/// The newest base and its deltas as what the claim continues from: the last delta's version,
-/// offsets and meta (they describe the state after it), the base's state, and the deltas'
-/// states in order. Every delta must have been written under the base's configuration (a
-/// switch writes a base).
-fn chain_head(
-    loaded: Option<Checkpoint>,
-    envelope: Option<Envelope>,
-    deltas: Vec<StoredDelta>,
-) -> anyhow::Result<Head> {
-    let (Some(mut cp), Some(mut env)) = (loaded, envelope) else {
-        return Ok((None, None, Vec::new()));
-    };
-    let mut states = Vec::with_capacity(deltas.len());
-    for d in deltas {
-        let de = Envelope::decode(&d.checkpoint.state).with_context(|| format!("delta version {}", d.checkpoint.version))?;
-        anyhow::ensure!(
-            de.meta.config_hash == env.meta.config_hash && de.meta.operator.is_none(),
-            "delta version {} was written under another configuration than its base {}",
-            d.checkpoint.version,
-            d.link.base_version
-        );
-        cp = Checkpoint { version: d.checkpoint.version, next_offset: d.checkpoint.next_offset, state: Vec::new() };
-        env.meta = de.meta;
-        states.push(de.state);
-    }
-    Ok((Some(cp), Some(env), states))
+/// A partition just claimed: the claim's version, the positions it covers, its chain.
+struct Claimed {
+    version: u64,
+    positions: BTreeMap<String, i64>,
+    chain: ChainState,
 }
 
 /// Milliseconds of the phases of a take, for its log line.
 struct Phases {
-    at: std::time::Instant,
+    at: Instant,
     laps: Vec<(&'static str, u128)>,
 }
 
 impl Default for Phases {
     fn default() -> Self {
-        Self { at: std::time::Instant::now(), laps: Vec::new() }
+        Self { at: Instant::now(), laps: Vec::new() }
     }
 }
 
 impl Phases {
+    /// Phases that start with one already measured (shared by the partitions taken together).
+    fn after(what: &'static str, ms: u128) -> Self {
+        Self { at: Instant::now(), laps: vec![(what, ms)] }
+    }
+
+    fn add(&mut self, what: &'static str, ms: u128) {
+        self.laps.push((what, ms));
+    }
+
     fn lap(&mut self, what: &'static str) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         self.laps.push((what, (now - self.at).as_millis()));
         self.at = now;
     }

@@ -40,6 +40,8 @@ pub(crate) struct Staged {
     /// `Some`: the state is a delta on this chain (saved to `checkpoint_deltas`); `None`: a
     /// full checkpoint, a new base.
     pub delta: Option<DeltaLink>,
+    /// The base of the chain this checkpoint extends or, as a new base, replaces.
+    pub replaces: Option<u64>,
 }
 
 impl Staged {
@@ -154,9 +156,11 @@ async fn save<St: CheckpointStorage>(staged: Vec<Staged>, store: &St, stop: &Can
     if !deltas.is_empty() {
         until_ok("write checkpoint delta", &Backoff::default(), stop, on_error, || store.save_deltas(&deltas)).await?;
     }
-    // Deltas below the new bases are superseded (see `crate::chain`). Not retried: the next
-    // compaction's delete covers whatever this one leaves.
-    let superseded: BTreeMap<i32, u64> = keep.iter().filter(|s| s.delta.is_none()).map(|s| (s.partition, s.version)).collect();
+    // The chains before the one each new base replaces are superseded; the replaced one stays
+    // until the next base, since an instance that claimed meanwhile may continue it (see
+    // `crate::chain`). Not retried: the next compaction's delete covers whatever this leaves.
+    let superseded: BTreeMap<i32, u64> =
+        keep.iter().filter(|s| s.delta.is_none()).filter_map(|s| Some((s.partition, s.replaces?))).collect();
     if !superseded.is_empty() {
         if let Err(e) = store.drop_superseded(&key0.service, &key0.consumer_group, &key0.topic, &superseded).await {
             on_error(&e);

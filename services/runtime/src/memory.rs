@@ -319,6 +319,10 @@ struct StoreState {
     rows: Vec<(CheckpointKey, Checkpoint)>,
     deltas: Vec<(CheckpointKey, StoredDelta)>,
     failing_saves: u32,
+    /// Loads wait here for each other (see [`MemoryStore::gate_loads`]).
+    gate: Option<(Arc<tokio::sync::Barrier>, usize)>,
+    loads_met: usize,
+    save_calls: usize,
 }
 
 /// Checkpoints in memory; saves are recorded in the journal (see the module docs).
@@ -343,9 +347,30 @@ impl MemoryStore {
         lock(&self.state).failing_saves
     }
 
+    /// The next `n` loads wait (up to 2 s) until all `n` are waiting together: loads that run
+    /// one after another never meet. [`MemoryStore::loads_met`] counts those that did.
+    pub fn gate_loads(&self, n: usize) {
+        lock(&self.state).gate = Some((Arc::new(tokio::sync::Barrier::new(n)), n));
+    }
+
+    /// Loads that met at the gate.
+    pub fn loads_met(&self) -> usize {
+        lock(&self.state).loads_met
+    }
+
+    /// Calls of `save_all` and `save_deltas` so far (each one insert in ClickHouse).
+    pub fn save_calls(&self) -> usize {
+        lock(&self.state).save_calls
+    }
+
     /// Stores a checkpoint as another instance would (not journaled, never failing).
     pub fn insert(&self, key: CheckpointKey, checkpoint: Checkpoint) {
         lock(&self.state).rows.push((key, checkpoint));
+    }
+
+    /// Stores a delta as another instance would (not journaled, never failing).
+    pub fn insert_delta(&self, key: CheckpointKey, delta: StoredDelta) {
+        lock(&self.state).deltas.push((key, delta));
     }
 
     /// The stored deltas of `key`, in version order.
@@ -359,6 +384,13 @@ impl MemoryStore {
     /// Loses the delta `version` of `key` (a damaged table).
     pub fn remove_delta(&self, key: &CheckpointKey, version: u64) {
         lock(&self.state).deltas.retain(|(k, d)| !(k == key && d.checkpoint.version == version));
+    }
+
+    /// The versions of the stored bases of `key`, in order.
+    pub fn bases(&self, key: &CheckpointKey) -> Vec<u64> {
+        let mut found: Vec<u64> = lock(&self.state).rows.iter().filter(|(k, _)| k == key).map(|(_, c)| c.version).collect();
+        found.sort_unstable();
+        found
     }
 
     fn newest(&self, key: &CheckpointKey) -> Option<Checkpoint> {
@@ -380,6 +412,22 @@ impl StoreState {
 
 impl CheckpointStorage for MemoryStore {
     async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
+        let gate = {
+            let mut s = lock(&self.state);
+            let gate = s.gate.as_ref().map(|(b, _)| b.clone());
+            if let Some((_, left)) = &mut s.gate {
+                *left -= 1;
+                if *left == 0 {
+                    s.gate = None;
+                }
+            }
+            gate
+        };
+        if let Some(barrier) = gate {
+            if tokio::time::timeout(std::time::Duration::from_secs(2), barrier.wait()).await.is_ok() {
+                lock(&self.state).loads_met += 1;
+            }
+        }
         Ok(self.newest(key))
     }
 
@@ -398,6 +446,7 @@ impl CheckpointStorage for MemoryStore {
 
     async fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
+        s.save_calls += 1;
         s.injected_failure()?;
         for (k, c) in items {
             s.rows.push((k.clone(), c.clone()));
@@ -418,8 +467,18 @@ impl CheckpointStorage for MemoryStore {
         Ok(found)
     }
 
+    async fn load_base_of(&self, key: &CheckpointKey, version: u64) -> Result<Option<Checkpoint>, Error> {
+        let s = lock(&self.state);
+        let Some(base) = s.deltas.iter().find(|(k, d)| k == key && d.checkpoint.version == version).map(|(_, d)| d.link.base_version)
+        else {
+            return Ok(None);
+        };
+        Ok(s.rows.iter().find(|(k, c)| k == key && c.version == base).map(|(_, c)| c.clone()))
+    }
+
     async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
+        s.save_calls += 1;
         s.injected_failure()?;
         for (k, d) in items {
             s.deltas.push((k.clone(), d.clone()));

@@ -5,10 +5,12 @@
 //!
 //! The loop owns the protocol around a service's per-partition state:
 //! * **Assignment** ([`crate::claim`]): the state of every assigned partition is restored from
-//!   its newest checkpoint at once (so quiet partitions still tick and close windows), checked
-//!   against the committed offsets, the topic's offsets and partition count and the service's
-//!   outputs (a disagreement stops the service with an error naming the partition and offsets;
-//!   an operator decides with `meterflow-admin checkpoint`), claimed in a new epoch, and the
+//!   its newest checkpoint at once (so quiet partitions still tick and close windows; their
+//!   checkpoints load concurrently), checked against the committed offsets, the topic's
+//!   offsets and partition count and the service's outputs (a disagreement stops the service
+//!   with an error naming the partition and offsets; an operator decides with
+//!   `meterflow-admin checkpoint`), claimed in a new epoch (a delta continuing the loaded
+//!   chain where the service keeps deltas, else a base; all claims in one save), and the
 //!   consumer is sought to the checkpoint's offsets.
 //! * **Contiguity**: a partition's records are handed to the service only in offset order
 //!   from the checkpoint's position; anything else (records fetched before the seek) is dropped.
@@ -388,6 +390,7 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
                 base_version: h.version,
                 snapshot_secs: started.elapsed().as_secs_f64(),
                 delta,
+                replaces: h.chain.base,
             });
         }
         staged

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{contiguous, DeltaLink, StoredDelta};
+use crate::chain::{contiguous, follows_older_base, missing_base, DeltaLink, StoredDelta};
 use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
 use crate::Error;
 
@@ -34,11 +34,16 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
     /// (checked by [`crate::chain::contiguous`]).
     fn load_deltas(&self, key: &CheckpointKey, base_version: u64) -> impl Future<Output = Result<Vec<StoredDelta>, Error>> + Send;
 
+    /// The base that the delta `version` of `key` builds on; `None` if there is no such delta
+    /// or its base is gone. (The head of a chain that crossed epochs, when a fenced instance
+    /// wrote a newer base meanwhile: see [`crate::chain`].)
+    fn load_base_of(&self, key: &CheckpointKey, version: u64) -> impl Future<Output = Result<Option<Checkpoint>, Error>> + Send;
+
     /// Stores deltas together.
     fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// Deletes the deltas below each partition's newest durable base (`bases`: partition ->
-    /// base version) of (service, group, topic).
+    /// Deletes the deltas below the given version of each partition (`bases`: partition ->
+    /// the base of the chain a new base replaced) of (service, group, topic).
     fn drop_superseded(
         &self,
         service: &str,
@@ -47,15 +52,21 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
         bases: &BTreeMap<i32, u64>,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// The newest base of `key` and its deltas, checked contiguous: what a restart restores
-    /// (for tools and tests; the claim retries the two reads separately).
+    /// The chain of `key`'s highest version, checked contiguous: what a restart restores (for
+    /// tools and tests; the claim retries each read separately).
     fn load_chain(
         &self,
         key: &CheckpointKey,
     ) -> impl Future<Output = Result<Option<(Checkpoint, Vec<StoredDelta>)>, Error>> + Send {
         async move {
-            let Some(base) = self.load(key).await? else { return Ok(None) };
-            let deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+            let Some(mut base) = self.load(key).await? else { return Ok(None) };
+            let mut deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+            let head = deltas.last().map_or(base.version, |d| d.checkpoint.version);
+            let top = self.max_versions(&key.service, &key.consumer_group, &key.topic).await?.get(&key.partition).copied();
+            if let Some(top) = top.filter(|&t| follows_older_base(t, head)) {
+                base = self.load_base_of(key, top).await?.ok_or_else(|| missing_base(top))?;
+                deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+            }
             Ok(Some((base, deltas)))
         }
     }
@@ -204,6 +215,18 @@ impl CheckpointStorage for CheckpointStore {
             })
             .collect();
         Ok(rows)
+    }
+
+    async fn load_base_of(&self, key: &CheckpointKey, version: u64) -> Result<Option<Checkpoint>, Error> {
+        let q = self.client().query(
+            "SELECT version, next_offset, state FROM checkpoints \
+             WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? \
+             AND version IN (SELECT base_version FROM checkpoint_deltas \
+             WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? AND version = ?) \
+             LIMIT 1",
+        );
+        let rows = bind_key(bind_key(q, key), key).bind(version).fetch_all::<LoadedRow>().await?;
+        Ok(rows.into_iter().next().map(|r| Checkpoint { version: r.version, next_offset: r.next_offset, state: r.state }))
     }
 
     /// One insert.

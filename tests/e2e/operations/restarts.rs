@@ -2,6 +2,7 @@
 //! restart.
 
 use super::*;
+use meterflow_runtime::store::CheckpointStorage as _;
 
 /// 11.1: a truncated `checkpoints` table (the group has committed offsets, the outputs exist)
 /// makes the aggregator refuse to start instead of "starting fresh"; an operator's `replay`
@@ -199,5 +200,41 @@ async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
     eprintln!("window closed {delay} ms after end + lateness");
     assert!(delay <= 2_500, "revision 0 appeared {delay} ms after window end + lateness (goal <= 2 s)");
     env.cleanup().await?;
+    Ok(())
+}
+
+/// The checkpoint tables as a restart reads them when a claim continued a chain across epochs
+/// and the fenced owner wrote a delta and a base after that claim had loaded: the reader
+/// follows the highest version to the older base (`load_base_of`, a subquery on ClickHouse)
+/// and ignores the fenced owner's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_reads_follow_the_highest_version_across_epochs() -> anyhow::Result<()> {
+    use meterflow_runtime::chain::{DeltaLink, StoredDelta};
+    use meterflow_runtime::checkpoint::{version_in, Checkpoint, CheckpointKey, CheckpointStore};
+
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::with_partitions("ops_chain_epochs", 1).await?;
+    let store = CheckpointStore::new(env.clickhouse());
+    let key = CheckpointKey { service: "aggregator".into(), consumer_group: "g".into(), topic: "t".into(), partition: 0 };
+    let cp = |version: u64, state: &[u8]| Checkpoint { version, next_offset: version as i64 % 1000, state: state.to_vec() };
+    let delta = |prev: u64, version: u64, state: &[u8]| {
+        (key.clone(), StoredDelta { link: DeltaLink { base_version: version_in(1, 0), prev_version: prev }, checkpoint: cp(version, state) })
+    };
+    let (old, new) = (|n| version_in(1, n), |n| version_in(2, n));
+    store.save_all(&[(key.clone(), cp(old(0), b"base"))]).await?;
+    // Epoch 1's chain, the claim of epoch 2 after it and a delta of epoch 2; the fenced epoch-1
+    // owner's delta and base, written after the claim had loaded.
+    store
+        .save_deltas(&[delta(old(0), old(1), b"d1"), delta(old(1), new(0), b"claim"), delta(new(0), new(1), b"d2"), delta(old(1), old(2), b"fork")])
+        .await?;
+    store.save_all(&[(key.clone(), cp(old(3), b"stale base"))]).await?;
+    assert_eq!(store.load(&key).await?.map(|c| c.version), Some(old(3)), "the fault: the stale base is the newest base");
+
+    assert_eq!(store.load_base_of(&key, new(1)).await?.map(|c| c.state), Some(b"base".to_vec()));
+    assert_eq!(store.load_base_of(&key, old(3)).await?, None, "a base is no delta");
+    let (base, deltas) = store.load_chain(&key).await?.expect("a chain");
+    assert_eq!(base.version, old(0));
+    let path: Vec<&[u8]> = deltas.iter().map(|d| d.checkpoint.state.as_slice()).collect();
+    assert_eq!(path, [&b"d1"[..], b"claim", b"d2"], "the highest version's chain, without the fork");
     Ok(())
 }

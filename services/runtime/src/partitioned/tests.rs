@@ -111,6 +111,10 @@ impl Partitioned for Summer {
             Resume::Operator { offsets, .. } => Sum { next: offsets.get(TOPIC).copied().unwrap_or(0), total: 0 },
         };
         self.parts.insert(partition, sum);
+        // Like the engine: a restored state tracks its changes from there.
+        if let Some(since) = &mut self.since {
+            since.insert(partition, 0);
+        }
         self.seen.lock().unwrap().restored.push((partition, sum));
         self.publish();
         Ok(())
