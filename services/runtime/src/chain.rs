@@ -116,11 +116,6 @@ pub fn follows_older_base(top: u64, head: u64) -> bool {
     epoch_of(top) > epoch_of(head)
 }
 
-/// The error when the highest version's base is not stored.
-pub fn missing_base(top: u64) -> Error {
-    Error::Other(format!("the newest checkpoint delta {top} builds on a base that is not stored (checkpoints damaged?)"))
-}
-
 /// When a partition writes a base instead of a delta.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeltaPolicy {
@@ -291,9 +286,11 @@ impl CheckpointStore {
         let mut deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
         let head = deltas.last().map_or(base.version, |d| d.checkpoint.version);
         let top = self.max_versions(&key.service, &key.consumer_group, &key.topic).await?.get(&key.partition).copied();
-        if let Some(top) = top.filter(|&t| follows_older_base(t, head)) {
-            base = self.load_base_of(key, top).await?.ok_or_else(|| missing_base(top))?;
-            deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+        if let Some(older) = top.filter(|&t| follows_older_base(t, head)) {
+            if let Some(b) = self.load_base_of(key, older).await? {
+                deltas = contiguous(b.version, self.load_deltas(key, b.version).await?)?;
+                base = b;
+            }
         }
         Ok(Some((base, deltas)))
     }
