@@ -21,6 +21,7 @@ use meterflow_testkit::procs::{parse_with_env, service_env};
 use meterflow_e2e::scenario::{meters, now_ms};
 use meterflow_producer::EventProducer;
 use meterflow_runtime::checkpoint::{CheckpointKey, CheckpointStore};
+use meterflow_runtime::store::CheckpointStorage as _;
 use meterflow_testkit::TestEnv;
 use rust_decimal::Decimal;
 use serde::Deserialize;

@@ -48,6 +48,7 @@ mod bench_freshness;
 mod bench_queries;
 mod bench_control;
 mod bench_rater;
+mod bench_report;
 mod bench_scaling;
 mod harness;
 
@@ -55,9 +56,9 @@ use bench_aggregator::*;
 use bench_baseline::*;
 use bench_freshness::*;
 use bench_queries::*;
+use bench_report::{fmt_rate, mib, Report};
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,88 +143,6 @@ struct Args {
     /// Only the scaling phase (and the core bench unless --skip-core).
     #[arg(long)]
     scaling_only: bool,
-}
-
-/// One line of the result table.
-struct Row {
-    area: &'static str,
-    metric: String,
-    value: String,
-    note: String,
-}
-
-/// One goal of the issue, judged.
-struct Goal {
-    goal: &'static str,
-    measured: String,
-    met: Option<bool>,
-}
-
-#[derive(Default)]
-struct Report {
-    rows: Vec<Row>,
-    goals: Vec<Goal>,
-    notes: Vec<String>,
-}
-
-impl Report {
-    fn row(&mut self, area: &'static str, metric: impl Into<String>, value: impl Into<String>, note: impl Into<String>) {
-        let r = Row { area, metric: metric.into(), value: value.into(), note: note.into() };
-        println!("  [{}] {}: {} {}", r.area, r.metric, r.value, r.note);
-        self.rows.push(r);
-    }
-
-    fn goal(&mut self, goal: &'static str, measured: impl Into<String>, met: Option<bool>) {
-        self.goals.push(Goal { goal, measured: measured.into(), met });
-    }
-
-    fn note(&mut self, n: impl Into<String>) {
-        let n = n.into();
-        println!("  note: {n}");
-        self.notes.push(n);
-    }
-
-    fn markdown(&self, header: &str) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "# meterflow benchmark\n\n{header}\n");
-        let _ = writeln!(s, "| area | metric | value | notes |\n| --- | --- | ---: | --- |");
-        for r in &self.rows {
-            let _ = writeln!(s, "| {} | {} | {} | {} |", r.area, r.metric, r.value, r.note.replace('|', "\\|"));
-        }
-        let _ = writeln!(s, "\n## Goals\n\n| goal | measured | status |\n| --- | --- | --- |");
-        for g in &self.goals {
-            let status = match g.met {
-                Some(true) => "met",
-                Some(false) => "**not met**",
-                None => "not measured",
-            };
-            let _ = writeln!(s, "| {} | {} | {status} |", g.goal, g.measured.replace('|', "\\|"));
-        }
-        if !self.notes.is_empty() {
-            let _ = writeln!(s, "\n## Notes\n");
-            for n in &self.notes {
-                let _ = writeln!(s, "- {n}");
-            }
-        }
-        s
-    }
-}
-
-fn fmt_rate(r: f64) -> String {
-    let r = r.round() as u64;
-    let s = r.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.0} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
 fn main() -> std::process::ExitCode {
@@ -369,16 +288,46 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
     let env = TestEnv::with_partitions("bench", args.partitions).await?;
     let (kafka, topics) = (env.kafka_args().clone(), env.topics().clone());
     let catalog = Arc::new(meters()?);
+    let gt = workload_phase(args, &kafka, &topics.usage_topic, report).await?;
+    let raw_best = raw_phase(&kafka, &topics.usage_topic, gt.counters.sent, pids, report).await?;
+    let e2e = end_to_end_phase(args, &env, &gt, pids, report).await?;
+    let e2e_rate = gt.counters.sent as f64 / e2e.consume_secs;
+    baseline_phase(&env, catalog.clone(), &gt, e2e_rate, raw_best, pids, report).await?;
 
-    // 2. The workload.
-    println!("== producing {} messages into {}", args.events, topics.usage_topic);
+    // 5b. The rater alone, on the aggregates the end-to-end run wrote.
+    println!("== rater: the end-to-end run's aggregates");
+    bench_rater::rater(&kafka, &topics, env.clickhouse_args(), report).await?;
+
+    // 6. Query latency, equality, rows.
+    println!("== usage per tenant and meter this month");
+    queries(args, &env.clickhouse(), &gt, report).await?;
+
+    if !args.skip_restart {
+        restart_phase(&kafka, &topics, &gt, &e2e, pids, report).await?;
+    }
+
+    // 8. Freshness.
+    if args.freshness_secs > 0 {
+        println!("== freshness: {} s of real-time traffic at {} events/s", args.freshness_secs, args.freshness_rate);
+        freshness(args, &catalog, report).await?;
+    } else {
+        report.goal("freshness p99 <= window close + 2 s", "skipped (--freshness-secs 0)", None);
+    }
+
+    // 9. Scaling curve.
+    bench_scaling::scaling(args, pids, report).await
+}
+
+/// 2. The workload, with the producer's ground truth.
+async fn workload_phase(args: &Args, kafka: &KafkaArgs, topic: &str, report: &mut Report) -> Result<GroundTruth> {
+    println!("== producing {} messages into {}", args.events, topic);
     let mut cfg = workload(args.events, 42)?;
     cfg.max_in_flight = 100_000;
     let t = Instant::now();
-    let gt = produce(&kafka, &topics.usage_topic, cfg).await?;
+    let gt = produce(kafka, topic, cfg).await?;
     let produce_secs = t.elapsed().as_secs_f64();
     let c = &gt.counters;
-    let payload_bytes = topic_bytes(&kafka, &topics.usage_topic).await.unwrap_or(0);
+    let payload_bytes = topic_bytes(kafka, topic).await.unwrap_or(0);
     report.row(
         "workload",
         "messages produced (10% dup, 5% late, 1% malformed, 0.1% too late)",
@@ -390,23 +339,30 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
             fmt_rate(c.sent as f64 / produce_secs)
         ),
     );
+    Ok(gt)
+}
 
-    // 3. Raw consume: the physical limit.
+/// 3. Raw consume: the physical limit (best of three passes, messages/s).
+async fn raw_phase(kafka: &KafkaArgs, topic: &str, sent: u64, pids: Pids, report: &mut Report) -> Result<f64> {
     println!("== raw consume (3 passes)");
     let mut raw = Vec::new();
     let cpu0 = pids.cpu();
     for _ in 0..3 {
-        raw.push(raw_consume(&kafka, &topics.usage_topic).await?);
+        raw.push(raw_consume(kafka, topic).await?);
     }
     let cpu1 = pids.cpu();
-    let per_msg = |a: f64, b: f64| (b - a) / (3.0 * c.sent as f64) * 1e6;
+    let per_msg = |a: f64, b: f64| (b - a) / (3.0 * sent as f64) * 1e6;
     raw.sort_by(|a, b| b.total_cmp(a));
     let raw_best = raw[0];
     report.row("limit", "raw consume, plain rdkafka consumer doing nothing (best of 3)", format!("{} msg/s", fmt_rate(raw_best)), format!("passes: {}; CPU per message: consumer {:.2} µs, broker {:.2} µs", raw.iter().map(|r| fmt_rate(*r)).collect::<Vec<_>>().join(", "), per_msg(cpu0.2, cpu1.2), per_msg(cpu0.1, cpu1.1)));
+    Ok(raw_best)
+}
 
-    // 4. End to end.
+/// 4. End to end: the aggregator on the pre-filled topic.
+async fn end_to_end_phase(args: &Args, env: &TestEnv, gt: &GroundTruth, pids: Pids, report: &mut Report) -> Result<AggRun> {
+    let c = &gt.counters;
     println!("== end to end: aggregator on the pre-filled topic");
-    let e2e = aggregator_run(&kafka, &topics, env.clickhouse_args(), &gt, "bench-agg", None, pids).await?;
+    let e2e = aggregator_run(env.kafka_args(), env.topics(), env.clickhouse_args(), gt, "bench-agg", None, pids).await?;
     let e2e_rate = c.sent as f64 / e2e.consume_secs;
     report.row(
         "end to end",
@@ -464,13 +420,25 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
         ),
     );
     bench_checkpoints::report_checkpoints(report, &e2e.checkpoints_by_size, args.partitions);
+    Ok(e2e)
+}
 
-    // 5. Baseline ingest.
-    println!("== baseline: raw events into ClickHouse");
+/// 5. Baseline ingest: raw events into ClickHouse, judged against the end-to-end rate.
+async fn baseline_phase(
+    env: &TestEnv,
+    catalog: Arc<MeterCatalog>,
+    gt: &GroundTruth,
+    e2e_rate: f64,
+    raw_best: f64,
+    pids: Pids,
+    report: &mut Report,
+) -> Result<()> {
+    let (c, n) = (&gt.counters, gt.counters.sent as f64);
     let ch = env.clickhouse();
+    println!("== baseline: raw events into ClickHouse");
     create_baseline(&ch).await?;
     let cpu0 = pids.cpu();
-    let base = baseline_ingest(&kafka, &topics.usage_topic, &ch, catalog.clone()).await?;
+    let base = baseline_ingest(env.kafka_args(), &env.topics().usage_topic, &ch, catalog).await?;
     let cpu1 = pids.cpu();
     let base_rate = c.sent as f64 / base.secs;
     report.row(
@@ -495,54 +463,37 @@ async fn run(args: &Args, pids: Pids, report: &mut Report) -> Result<()> {
         ),
         Some(e2e_rate >= 2.0 * base_rate && e2e_rate >= 300_000.0),
     );
+    Ok(())
+}
 
-    // 5b. The rater alone, on the aggregates the end-to-end run wrote.
-    println!("== rater: the end-to-end run's aggregates");
-    bench_rater::rater(&kafka, &topics, env.clickhouse_args(), report).await?;
-
-    // 6. Query latency, equality, rows.
-    println!("== usage per tenant and meter this month");
-    queries(args, &ch, &gt, report).await?;
-
-    // 7. kill -9 and restart.
-    if !args.skip_restart {
-        println!("== kill -9 of the aggregator halfway, restart");
-        let env2 = TestEnv::with_partitions("bench_restart", 1).await?;
-        let r = aggregator_run(&kafka, &topics, env2.clickhouse_args(), &gt, "bench-restart", Some(0.5), pids).await?;
-        let k = r.kill.as_ref().context("the kill did not happen")?;
-        report.row(
-            "restart",
-            "kill -9 at 50% of the backlog, restart at once: restart -> first record processed",
-            format!("{:.1} s", k.resume_secs),
-            "static membership (--group-instance-id): the restarted instance takes its partitions back without waiting for the session timeout; then checkpoint load (engine state from ClickHouse)",
-        );
-        report.goal("kill -9 at half the backlog: first record again <= 3 s after the restart", format!("{:.1} s", k.resume_secs), Some(k.resume_secs <= 3.0));
-        report.row(
-            "restart",
-            "restart -> consumer lag 0 (committed offsets = end of every partition)",
-            format!("{:.1} s", k.lag0_secs),
-            format!("{} messages behind the last checkpoint at the kill; committed every 5 s (checkpoint interval)", fmt_rate(k.behind as f64)),
-        );
-        report.row(
-            "restart",
-            "restart -> totals exact again",
-            format!("{:.1} s", k.exact_secs),
-            format!("whole run {:.1} s vs {:.1} s without the kill: the crash cost {:.1} s", r.exact_secs, e2e.exact_secs, r.exact_secs - e2e.exact_secs),
-        );
-        report.goal("kill -9 at half the backlog: totals exact <= 20 s after the restart", format!("{:.1} s", k.exact_secs), Some(k.exact_secs <= 20.0));
-        report.row("memory", "aggregator RSS after restart and catch-up (state restored from the checkpoint)", mib(r.rss_end), format!("{:.0} ids remembered", r.hot_ids));
-    }
-
-    // 8. Freshness.
-    if args.freshness_secs > 0 {
-        println!("== freshness: {} s of real-time traffic at {} events/s", args.freshness_secs, args.freshness_rate);
-        freshness(args, &catalog, report).await?;
-    } else {
-        report.goal("freshness p99 <= window close + 2 s", "skipped (--freshness-secs 0)", None);
-    }
-
-    // 9. Scaling curve.
-    bench_scaling::scaling(args, pids, report).await
+/// 7. kill -9 of the aggregator halfway through the backlog, restart at once.
+async fn restart_phase(kafka: &KafkaArgs, topics: &TopicArgs, gt: &GroundTruth, e2e: &AggRun, pids: Pids, report: &mut Report) -> Result<()> {
+    println!("== kill -9 of the aggregator halfway, restart");
+    let env2 = TestEnv::with_partitions("bench_restart", 1).await?;
+    let r = aggregator_run(kafka, topics, env2.clickhouse_args(), gt, "bench-restart", Some(0.5), pids).await?;
+    let k = r.kill.as_ref().context("the kill did not happen")?;
+    report.row(
+        "restart",
+        "kill -9 at 50% of the backlog, restart at once: restart -> first record processed",
+        format!("{:.1} s", k.resume_secs),
+        "static membership (--group-instance-id): the restarted instance takes its partitions back without waiting for the session timeout; then checkpoint load (engine state from ClickHouse)",
+    );
+    report.goal("kill -9 at half the backlog: first record again <= 3 s after the restart", format!("{:.1} s", k.resume_secs), Some(k.resume_secs <= 3.0));
+    report.row(
+        "restart",
+        "restart -> consumer lag 0 (committed offsets = end of every partition)",
+        format!("{:.1} s", k.lag0_secs),
+        format!("{} messages behind the last checkpoint at the kill; committed every 5 s (checkpoint interval)", fmt_rate(k.behind as f64)),
+    );
+    report.row(
+        "restart",
+        "restart -> totals exact again",
+        format!("{:.1} s", k.exact_secs),
+        format!("whole run {:.1} s vs {:.1} s without the kill: the crash cost {:.1} s", r.exact_secs, e2e.exact_secs, r.exact_secs - e2e.exact_secs),
+    );
+    report.goal("kill -9 at half the backlog: totals exact <= 20 s after the restart", format!("{:.1} s", k.exact_secs), Some(k.exact_secs <= 20.0));
+    report.row("memory", "aggregator RSS after restart and catch-up (state restored from the checkpoint)", mib(r.rss_end), format!("{:.0} ids remembered", r.hot_ids));
+    Ok(())
 }
 
 /// Sum of the payload sizes in `topic` is not known to the broker cheaply; one consume pass

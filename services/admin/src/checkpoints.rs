@@ -9,6 +9,7 @@ use meterflow_runtime::args::{ClickHouseArgs, KafkaArgs, TopicArgs};
 use meterflow_runtime::checkpoint::{
     epoch_of, version_in, Checkpoint, CheckpointKey, CheckpointStore, Envelope, Meta, OperatorDecision,
 };
+use meterflow_runtime::store::CheckpointStorage as _;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;

@@ -25,6 +25,12 @@
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::hint::black_box;
+
+/// The aggregator's allocator (services/aggregator/src/main.rs): the hot path is measured as
+/// the service runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,28 +38,22 @@ use meterflow_core::codec::{Framing, UsageEventCodec};
 use meterflow_core::engine::{EngineConfig, MemoryStore, Outcome, PartitionEngine};
 use meterflow_core::meter::MeterCatalog;
 use meterflow_core::UsageEvent;
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use rust_decimal::Decimal;
 
 const METERS_TOML: &str = include_str!("../../../config/meters.toml");
 const TENANTS: usize = 1000;
 const START_MS: i64 = 1_767_225_600_000; // 2026-01-01
 
-/// SplitMix64: deterministic and dependency-free.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
+/// A number below `n` from SplitMix64 (deterministic).
+fn below(rng: &mut SplitMix64, n: u64) -> u64 {
+    rng.next_u64() % n
+}
+
+/// A uniform number in [0, 1).
+fn unit(rng: &mut SplitMix64) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Encoded events, back to back.
@@ -75,7 +75,7 @@ impl Input {
 
 fn generate(n: usize, span_ms: i64) -> Input {
     let codec = UsageEventCodec::new();
-    let mut rng = Rng(0x5eed);
+    let mut rng = SplitMix64::seed_from_u64(0x5eed);
     // Zipf CDF over tenants.
     let weights: Vec<f64> = (1..=TENANTS).map(|r| 1.0 / (r as f64).powf(1.1)).collect();
     let total: f64 = weights.iter().sum();
@@ -99,37 +99,37 @@ fn generate(n: usize, span_ms: i64) -> Input {
     while input.ends.len() < n {
         let start = input.bytes.len();
         // 10% duplicates: a retry of a recent event, byte for byte.
-        if !recent.is_empty() && rng.below(10) == 0 {
-            let (s, e) = recent[rng.below(recent.len() as u64) as usize];
+        if !recent.is_empty() && below(&mut rng, 10) == 0 {
+            let (s, e) = recent[below(&mut rng, recent.len() as u64) as usize];
             input.bytes.extend_from_within(s..e);
             input.ends.push(input.bytes.len());
             continue;
         }
         i += 1;
         let progress = input.ends.len() as f64 / n as f64;
-        let mut t = START_MS + (progress * span_ms as f64) as i64 + rng.below(4_000) as i64 - 2_000;
-        if rng.below(100) == 0 {
-            t -= 30_000 + rng.below(570_000) as i64; // late: restates a closed window
+        let mut t = START_MS + (progress * span_ms as f64) as i64 + below(&mut rng, 4_000) as i64 - 2_000;
+        if below(&mut rng, 100) == 0 {
+            t -= 30_000 + below(&mut rng, 570_000) as i64; // late: restates a closed window
         }
-        let u = rng.unit();
+        let u = unit(&mut rng);
         let tenant = &tenants[cdf.partition_point(|&c| c < u).min(TENANTS - 1)];
-        let model = models[rng.below(models.len() as u64) as usize];
-        let id = format!("{:016x}{:016x}", rng.next(), i);
-        let ev = match rng.below(10) {
-            0..=2 => UsageEvent::new(id, tenant.as_str(), "input_tokens", Decimal::from(1 + rng.below(4000)), t)
+        let model = models[below(&mut rng, models.len() as u64) as usize];
+        let id = format!("{:016x}{:016x}", rng.next_u64(), i);
+        let ev = match below(&mut rng, 10) {
+            0..=2 => UsageEvent::new(id, tenant.as_str(), "input_tokens", Decimal::from(1 + below(&mut rng, 4000)), t)
                 .with_dimension("model", model)
-                .with_dimension("region", regions[rng.below(3) as usize])
-                .with_provider_cost(Decimal::new(1 + rng.below(999_999) as i64, 9)),
-            3..=5 => UsageEvent::new(id, tenant.as_str(), "output_tokens", Decimal::from(1 + rng.below(2000)), t)
+                .with_dimension("region", regions[below(&mut rng, 3) as usize])
+                .with_provider_cost(Decimal::new(1 + below(&mut rng, 999_999) as i64, 9)),
+            3..=5 => UsageEvent::new(id, tenant.as_str(), "output_tokens", Decimal::from(1 + below(&mut rng, 2000)), t)
                 .with_dimension("model", model)
-                .with_dimension("region", regions[rng.below(3) as usize])
-                .with_provider_cost(Decimal::new(1 + rng.below(999_999) as i64, 9)),
+                .with_dimension("region", regions[below(&mut rng, 3) as usize])
+                .with_provider_cost(Decimal::new(1 + below(&mut rng, 999_999) as i64, 9)),
             6..=8 => UsageEvent::new(id, tenant.as_str(), "requests", Decimal::ONE, t)
                 .with_dimension("model", model)
-                .with_dimension("region", regions[rng.below(3) as usize]),
-            _ => UsageEvent::new(id, tenant.as_str(), "gpu_seconds", Decimal::new(rng.below(10_000_000) as i64, 6), t)
+                .with_dimension("region", regions[below(&mut rng, 3) as usize]),
+            _ => UsageEvent::new(id, tenant.as_str(), "gpu_seconds", Decimal::new(below(&mut rng, 10_000_000) as i64, 6), t)
                 .with_dimension("model", model)
-                .with_dimension("gpu", gpus[rng.below(3) as usize]),
+                .with_dimension("gpu", gpus[below(&mut rng, 3) as usize]),
         }
         .with_source("gateway-7");
         codec.encode(&ev, Framing::SingleObject, &mut input.bytes);
@@ -137,7 +137,7 @@ fn generate(n: usize, span_ms: i64) -> Input {
         if recent.len() < 1024 {
             recent.push((start, input.bytes.len()));
         } else {
-            recent[rng.below(1024) as usize] = (start, input.bytes.len());
+            recent[below(&mut rng, 1024) as usize] = (start, input.bytes.len());
         }
     }
     input

@@ -64,6 +64,7 @@ mod hot;
 pub mod memory;
 mod codec;
 mod delta;
+mod event;
 mod open;
 mod stats;
 pub(crate) mod snapshot;
@@ -182,14 +183,6 @@ impl std::fmt::Debug for PartitionEngine {
 }
 
 
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
-}
-
-fn reject(reason: RejectReason, detail: String) -> Outcome {
-    Outcome::Rejected { reason, detail }
-}
-
 impl PartitionEngine {
     /// A fresh engine for source partition `partition`, with a random dedup hash key.
     pub fn new(catalog: Arc<MeterCatalog>, cfg: EngineConfig, partition: i32) -> Result<Self> {
@@ -265,12 +258,12 @@ impl PartitionEngine {
         self.output.drain(..)
     }
 
-    /// Emitted, not yet drained aggregates.
     /// The event of the last `on_event` that returned [`Outcome::Accepted`], as parsed.
     pub fn accepted(&self) -> &Accepted {
         &self.accepted
     }
 
+    /// Emitted, not yet drained aggregates.
     pub fn output(&self) -> &[MeterAggregate] {
         &self.output
     }
@@ -441,234 +434,6 @@ impl PartitionEngine {
     pub fn on_watermark<S: ColdStore + WindowStore + ?Sized>(&mut self, time_ms: i64, stores: &mut S) {
         let t = time_ms.clamp(-MAX_ABS_EVENT_TIME_MS, MAX_ABS_EVENT_TIME_MS);
         self.advance(t, stores, true);
-    }
-
-    fn process<S: ColdStore + WindowStore + ?Sized>(
-        &mut self,
-        ev: &UsageEventRef<'_>,
-        offset: i64,
-        record_time_ms: Option<i64>,
-        store: &mut S,
-    ) -> Result<Outcome> {
-        if ev.tenant.is_empty() {
-            return Ok(reject(RejectReason::MissingTenant, "empty tenant".into()));
-        }
-        if ev.event_id.is_empty() {
-            return Ok(reject(RejectReason::MissingEventId, "empty event_id".into()));
-        }
-        let Some(&mi) = self.meter_index.get(ev.meter) else {
-            return Ok(reject(
-                RejectReason::UnknownMeter,
-                format!("unknown meter {:?}", truncate(ev.meter)),
-            ));
-        };
-        let m = &self.meters[usize::from(mi)].def;
-        let t = ev.event_time_ms;
-        let now = match (self.max_time, record_time_ms) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let floor = now.map(|now| self.dedup.floor(now));
-        if t < -MAX_ABS_EVENT_TIME_MS || floor.is_some_and(|f| t < f) {
-            return Ok(reject(
-                RejectReason::TooLate,
-                match floor {
-                    Some(f) => format!("event time {t} is older than the dedup horizon (earliest accepted {f})"),
-                    None => format!("event time {t} is before -2^50"),
-                },
-            ));
-        }
-        let latest = record_time_ms.or(self.max_time).map(|now| now.saturating_add(m.max_future_ms));
-        if t > MAX_ABS_EVENT_TIME_MS || latest.is_some_and(|l| t > l) {
-            return Ok(reject(
-                RejectReason::TooEarly,
-                match latest {
-                    Some(l) => format!("event time {t} is beyond max_future (latest accepted {l})"),
-                    None => format!("event time {t} is after 2^50"),
-                },
-            ));
-        }
-        let pos = SourcePos {
-            partition: self.partition,
-            offset,
-            next_seq: self.next_seq,
-        };
-        let new_id = match self.dedup.probe(ev.tenant, ev.meter, ev.event_id, t, pos, store)? {
-            Probe::Duplicate => return Ok(Outcome::Duplicate),
-            Probe::New(id) => id,
-        };
-        let quantity = match parse_decimal("quantity", ev.quantity) {
-            Ok(q) => q,
-            Err(e) => return Ok(reject(RejectReason::BadQuantity, e.to_string())),
-        };
-        if !m.allow_negative && quantity < Decimal::ZERO {
-            return Ok(reject(
-                RejectReason::NegativeQuantity,
-                format!("quantity {} is negative and meter {} does not allow_negative", truncate(ev.quantity), m.name),
-            ));
-        }
-        if let Some(max) = m.max_quantity {
-            if quantity.abs() > max {
-                return Ok(reject(
-                    RejectReason::QuantityOutOfRange,
-                    format!("|quantity| {} is above max_quantity {max} of meter {}", truncate(ev.quantity), m.name),
-                ));
-            }
-        }
-        let provider_cost = match ev.provider_cost.map(|c| parse_decimal("provider_cost", c)).transpose() {
-            Ok(c) => c,
-            Err(e) => return Ok(reject(RejectReason::BadProviderCost, e.to_string())),
-        };
-
-        // The window.
-        let agg = m.aggregation;
-        let window_start = m.window_start(t);
-        let window_end = window_start + m.window_ms;
-        let close_at = window_end + m.allowed_lateness_ms;
-        let mut inline = [""; INLINE_DIMS];
-        let heap: Vec<&str>;
-        let dims: &[&str] = if m.group_by.len() <= INLINE_DIMS {
-            for (slot, name) in inline.iter_mut().zip(&m.group_by) {
-                *slot = ev.dimension(name).unwrap_or("");
-            }
-            &inline[..m.group_by.len()]
-        } else {
-            heap = m.group_by.iter().map(|name| ev.dimension(name).unwrap_or("")).collect();
-            &heap
-        };
-        let unique_value = match &m.unique_dimension {
-            Some(u) => ev.dimension(u).unwrap_or(""),
-            None => "",
-        };
-        let c = Contribution {
-            quantity,
-            event_time_ms: t,
-            event_id: ev.event_id,
-            unique_value,
-            provider_cost,
-        };
-        let hash = key_hash(&self.hasher, mi, window_start, ev.tenant, dims.iter().copied());
-        let slab = &self.slab;
-        let found = self
-            .index
-            .find(hash, |&i| {
-                slab[i as usize]
-                    .as_ref()
-                    .is_some_and(|w| w.key.matches(mi, window_start, ev.tenant, dims))
-            })
-            .copied();
-        let slot = match found {
-            Some(i) => {
-                let w = self.slab[i as usize].as_mut().expect("indexed slot is live");
-                if let Err(o) = w.try_apply(&c) {
-                    return Ok(overflow_reject(o));
-                }
-                i
-            }
-            None => {
-                let is_open = self.max_time.is_none_or(|now| close_at > now);
-                // Memory limits, checked before anything is loaded or allocated. Both counts are
-                // functions of the input so far, so a replay rejects the same events.
-                if is_open && self.open_windows_of(ev.tenant) >= self.cfg.max_open_windows_per_tenant {
-                    return Ok(reject(
-                        RejectReason::WindowLimit,
-                        format!(
-                            "tenant {:?} has {} open windows in partition {}, the limit (max_open_windows_per_tenant)",
-                            truncate(ev.tenant),
-                            self.cfg.max_open_windows_per_tenant,
-                            self.partition
-                        ),
-                    ));
-                }
-                if self.index.len() >= self.cfg.max_windows {
-                    return Ok(reject(
-                        RejectReason::WindowLimit,
-                        format!(
-                            "partition {} holds {} windows in memory, the limit (max_windows)",
-                            self.partition, self.cfg.max_windows
-                        ),
-                    ));
-                }
-                let key = WindowKey::new(mi, window_start, ev.tenant, dims.iter().copied());
-                let created = self.next_window_id;
-                let mut base: Option<Window> = None;
-                let mut prior_last: Option<LastEmitted> = None;
-                if !is_open && window_end <= self.meters[usize::from(mi)].evicted_end_bound {
-                    let group: Vec<(&str, &str)> =
-                        m.group_by.iter().map(String::as_str).zip(dims.iter().copied()).collect();
-                    let q = WindowQuery {
-                        meter: m,
-                        tenant: ev.tenant,
-                        group: &group,
-                        window_start,
-                        window_end,
-                        before: pos,
-                    };
-                    if let Some(loaded) = store.load(&q)? {
-                        base = Window::rebuild(key.clone(), hash, created, agg, &loaded)?;
-                        // (No events but an emission cannot happen within the horizon; if a
-                        // store says so anyway, the revision sequence still continues.)
-                        prior_last = loaded.last_emitted;
-                        self.stats.windows_loaded += 1;
-                    }
-                }
-                let w = match base {
-                    Some(mut w) => {
-                        if let Err(o) = w.try_apply(&c) {
-                            return Ok(overflow_reject(o));
-                        }
-                        w
-                    }
-                    None => {
-                        let mut w = Window::new(key, hash, created, agg, &c);
-                        w.last = prior_last;
-                        w
-                    }
-                };
-                self.next_window_id += 1;
-                self.insert_window(w, is_open, close_at)
-            }
-        };
-        self.accepted = Accepted { quantity, provider_cost, window_start };
-        self.accept(new_id, slot, t, store)
-    }
-
-    /// Commits the id, marks a closed window dirty and moves time.
-    fn accept<S: ColdStore + WindowStore + ?Sized>(
-        &mut self,
-        new_id: crate::dedup::NewId,
-        slot: u32,
-        t: i64,
-        store: &mut S,
-    ) -> Result<Outcome> {
-        self.dedup.commit(new_id, store);
-        let w = self.slab[slot as usize].as_mut().expect("live slot");
-        if w.closed && !w.dirty {
-            w.dirty = true;
-            self.dirty.push(slot);
-        } else if !w.closed && !w.touched {
-            w.touched = true;
-            self.touched.push(slot);
-            self.compact_touched();
-        }
-        self.note_changed(slot);
-        if self.max_time.is_none_or(|now| t > now) {
-            self.advance(t, store, false);
-        }
-        if self.cfg.restate_interval_ms == 0 && !self.dirty.is_empty() {
-            self.flush_dirty();
-        }
-        Ok(Outcome::Accepted)
-    }
-
-}
-
-fn overflow_reject(o: Overflow) -> Outcome {
-    match o {
-        Overflow::Quantity => reject(RejectReason::BadQuantity, "window total would lose precision".into()),
-        Overflow::ProviderCost => {
-            reject(RejectReason::BadProviderCost, "window provider cost would lose precision".into())
-        }
     }
 }
 

@@ -344,37 +344,18 @@ mod tests {
 
     #[test]
     fn errors_name_meter_and_field() {
+        // (aggregation, window, an extra line) of meter "x", and the field the error names.
         let cases = [
-            (r#"[[meter]]
-name = "x"
-aggregation = "median"
-window = "minute""#, "aggregation"),
-            (r#"[[meter]]
-name = "x"
-aggregation = "sum"
-window = "1500ms""#, "window"),
-            (r#"[[meter]]
-name = "x"
-aggregation = "unique_count"
-window = "minute""#, "unique_dimension"),
-            (r#"[[meter]]
-name = "x"
-aggregation = "sum"
-window = "minute"
-allowed_lateness = "5 parsecs""#, "allowed_lateness"),
-            (r#"[[meter]]
-name = "x"
-aggregation = "sum"
-window = "minute"
-max_quantity = "1e9""#, "max_quantity"),
-            (r#"[[meter]]
-name = "x"
-aggregation = "sum"
-window = "minute"
-max_quantity = 0"#, "max_quantity"),
+            ("median", "minute", "", "aggregation"),
+            ("sum", "1500ms", "", "window"),
+            ("unique_count", "minute", "", "unique_dimension"),
+            ("sum", "minute", "allowed_lateness = \"5 parsecs\"", "allowed_lateness"),
+            ("sum", "minute", "max_quantity = \"1e9\"", "max_quantity"),
+            ("sum", "minute", "max_quantity = 0", "max_quantity"),
         ];
-        for (text, field) in cases {
-            match MeterCatalog::from_toml_str(text) {
+        for (aggregation, window, extra, field) in cases {
+            let text = format!("[[meter]]\nname = \"x\"\naggregation = \"{aggregation}\"\nwindow = \"{window}\"\n{extra}");
+            match MeterCatalog::from_toml_str(&text) {
                 Err(Error::InvalidMeter { meter, field: f, .. }) => {
                     assert_eq!(meter, "x");
                     assert_eq!(f, field);

@@ -22,7 +22,9 @@ pub use names::{AlertKind, ChargeKind, DeadLetterReason, RaterReason};
 use names::{check_aggregation, check_charge_kind, check_reason};
 pub use provisional::ProvisionalTotal;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` is for building records field by field (tests, fixtures): its empty aggregation
+/// name is refused on encode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterAggregate {
     pub tenant: String,
     pub meter: String,
@@ -85,7 +87,8 @@ pub fn dimensions_key(dims: &BTreeMap<String, String>) -> String {
     out
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` as for [`MeterAggregate`] (its empty kind is refused on encode).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
     pub charge_id: String,
     /// A [`ChargeKind`] name (checked on encode and decode).

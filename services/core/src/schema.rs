@@ -200,17 +200,11 @@ fn pcf(v: &Value, ns: &str, seen: &mut std::collections::HashSet<String>, out: &
                     Ok(())
                 }
                 "record" | "error" | "enum" | "fixed" => pcf_named(obj, ty_str, ns, seen, out),
-                "array" => {
-                    let items = obj.get("items").ok_or_else(|| schema_err("array without items"))?;
-                    out.push_str("{\"type\":\"array\",\"items\":");
-                    pcf(items, ns, seen, out)?;
-                    out.push('}');
-                    Ok(())
-                }
-                "map" => {
-                    let values = obj.get("values").ok_or_else(|| schema_err("map without values"))?;
-                    out.push_str("{\"type\":\"map\",\"values\":");
-                    pcf(values, ns, seen, out)?;
+                "array" | "map" => {
+                    let attr = if ty_str == "array" { "items" } else { "values" };
+                    let inner = obj.get(attr).ok_or_else(|| schema_err(format!("{ty_str} without {attr}")))?;
+                    out.push_str(&format!("{{\"type\":\"{ty_str}\",\"{attr}\":"));
+                    pcf(inner, ns, seen, out)?;
                     out.push('}');
                     Ok(())
                 }

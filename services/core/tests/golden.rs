@@ -10,7 +10,8 @@
 //! ```
 //!
 //! rewrites the files; the diff is then part of the change under review. The stream is built
-//! by an inline SplitMix64, not `rand`, so a dependency upgrade cannot change it.
+//! by SplitMix64 (`rand_xoshiro`, a fixed algorithm), not `rand`'s `StdRng`, whose sequence
+//! may change between releases.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ use meterflow_core::rating::partition::{AggregateRecord, Emitted, PartitionConfi
 use meterflow_core::rating::{Admission, RatingConfig, WalletConfig};
 use meterflow_core::records::{AvroRecord, MeterAggregate, WalletAdjustment};
 use meterflow_core::UsageEvent;
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use rust_decimal::Decimal;
 
 const SEED: u64 = 0x6d65_7465_7266_6c6f;
@@ -67,21 +70,9 @@ model = "per_unit"
 unit_price = "0.01"
 "#;
 
-/// SplitMix64: a fixed sequence for a fixed seed, whatever the dependencies.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// A number below `n` from SplitMix64 (a fixed sequence for a fixed seed).
+fn below(rng: &mut SplitMix64, n: u64) -> u64 {
+    rng.next_u64() % n
 }
 
 /// One record of the usage topic.
@@ -94,30 +85,30 @@ enum Input {
 /// The usage stream: three tenants over the end of November (so the rater closes a billing
 /// period), a late event now and then, re-sent events (duplicates), garbage and idle ticks.
 fn usage_stream() -> Vec<Input> {
-    let mut rng = Rng(SEED);
+    let mut rng = SplitMix64::seed_from_u64(SEED);
     let codec = UsageEventCodec::new();
     let start = parse_rfc3339_ms("2026-11-30T23:00:00Z").unwrap();
     let mut sent: Vec<UsageEvent> = Vec::new();
     let mut out = Vec::new();
     for i in 0..RECORDS {
         let now = start + i as i64 * 20_000;
-        let input = match rng.below(40) {
+        let input = match below(&mut rng, 40) {
             0 => Input::Garbage,
             1 => Input::Tick(now),
             2..=4 if !sent.is_empty() => {
-                let again = sent[rng.below(sent.len() as u64) as usize].clone();
+                let again = sent[below(&mut rng, sent.len() as u64) as usize].clone();
                 let mut buf = Vec::new();
                 codec.encode(&again, Framing::SingleObject, &mut buf);
                 Input::Event(buf)
             }
             _ => {
-                let tenant = ["acme", "globex", "initech"][rng.below(3) as usize];
-                let late = if rng.below(10) == 0 { rng.below(50_000) as i64 } else { 0 };
-                let ev = if rng.below(3) == 0 {
+                let tenant = ["acme", "globex", "initech"][below(&mut rng, 3) as usize];
+                let late = if below(&mut rng, 10) == 0 { below(&mut rng, 50_000) as i64 } else { 0 };
+                let ev = if below(&mut rng, 3) == 0 {
                     UsageEvent::new(format!("ev-{i}"), tenant, "requests", Decimal::ONE, now - late)
                 } else {
-                    let model = ["small", "large"][rng.below(2) as usize];
-                    let q = Decimal::new(rng.below(400_000) as i64, 2);
+                    let model = ["small", "large"][below(&mut rng, 2) as usize];
+                    let q = Decimal::new(below(&mut rng, 400_000) as i64, 2);
                     UsageEvent::new(format!("ev-{i}"), tenant, "tokens", q, now - late).with_dimension("model", model)
                 };
                 let mut buf = Vec::new();

@@ -44,13 +44,10 @@ fn agg(tenant: &str, meter: &str, window_start: i64, revision: i32, value: Decim
         value,
         previous_value: previous,
         event_count: 1,
-        provider_cost: Decimal::ZERO,
-        previous_provider_cost: Decimal::ZERO,
         source_partition: sp,
         seq,
         emitted_at: window_start + MINUTE,
-        uncosted_value: None,
-        previous_uncosted_value: None,
+        ..MeterAggregate::default()
     }
 }
 

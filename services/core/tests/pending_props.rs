@@ -100,15 +100,13 @@ impl World {
             tenant: TENANT.into(),
             meter: Self::meter(w).into(),
             aggregation: "sum".into(),
-            dimensions: BTreeMap::new(),
             window_start: Self::start(w),
             window_end: Self::start(w) + MINUTE,
             closes_at: Self::start(w) + MINUTE + 10_000,
             value: self.windows[w].value,
             event_count: 1,
-            source_partition: 0,
             as_of_offset: self.offset,
-            published_at: 0,
+            ..ProvisionalTotal::default()
         }
     }
 
@@ -119,20 +117,15 @@ impl World {
             tenant: TENANT.into(),
             meter: Self::meter(w).into(),
             aggregation: "sum".into(),
-            dimensions: BTreeMap::new(),
             window_start: Self::start(w),
             window_end: Self::start(w) + MINUTE,
             revision: win.revision,
             value: win.value,
             previous_value: previous,
             event_count: 1,
-            provider_cost: Decimal::ZERO,
-            previous_provider_cost: Decimal::ZERO,
-            source_partition: 0,
             seq: self.seq,
             emitted_at: Self::start(w) + MINUTE,
-            uncosted_value: None,
-            previous_uncosted_value: None,
+            ..MeterAggregate::default()
         };
         match self.rating.rate(&self.catalog, &agg).unwrap() {
             RateOutcome::Charged(_) => {}

@@ -198,13 +198,7 @@ fn aggregate(tenant: &str, start: i64, revision: i32, value: Decimal, previous: 
         value,
         previous_value: previous,
         event_count: 1,
-        provider_cost: Decimal::ZERO,
-        previous_provider_cost: Decimal::ZERO,
-        source_partition: 0,
-        seq: 0,
-        emitted_at: 0,
-        uncosted_value: None,
-        previous_uncosted_value: None,
+        ..MeterAggregate::default()
     }
 }
 

@@ -2,7 +2,6 @@
 //! finance relies on, for any order of top-ups, charges, refunds, debits and expiries.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions: a failed unwrap is a failed run
 
-use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use meterflow_core::rating::{
@@ -31,25 +30,9 @@ fn adj(key: &str, kind: &str, amount: Decimal, priority: i32, expires_at: Option
     }
 }
 
+/// A charge as wallets see it (the rest is the rater's business).
 fn charge(id: &str, amount: Decimal) -> Charge {
-    Charge {
-        charge_id: id.into(),
-        kind: "usage".into(),
-        tenant: "t".into(),
-        plan: "p".into(),
-        currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: BTreeMap::new(),
-        period_start: 0,
-        window_start: 0,
-        window_end: 60_000,
-        revision: 0,
-        quantity: Decimal::ONE,
-        amount,
-        provider_cost: Decimal::ZERO,
-        margin: amount,
-        seq: 0,
-    }
+    Charge { charge_id: id.into(), kind: "usage".into(), tenant: "t".into(), currency: "USD".into(), window_end: 60_000, amount, margin: amount, ..Charge::default() }
 }
 
 fn sum(entries: &[LedgerEntry], movement: &str, kind: Option<&str>) -> Decimal {

@@ -21,14 +21,10 @@
 //! configuration hash) and the offsets per topic, so that a changed topic or an operator's
 //! decision is recognised at start.
 
-use std::collections::BTreeMap;
-
 use clickhouse::Client;
-use serde::{Deserialize, Serialize};
 
 pub use meterflow_core::checkpoint::{config_hash, Envelope, Meta, OperatorDecision};
 
-use crate::Error;
 
 /// Identifies one input partition of one service deployment.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -60,32 +56,6 @@ pub fn version_in(epoch: u64, n: u64) -> u64 {
     (epoch << 32) | (n & 0xFFFF_FFFF)
 }
 
-#[derive(Debug, clickhouse::Row, Serialize)]
-struct CheckpointRow<'a> {
-    service: &'a str,
-    consumer_group: &'a str,
-    topic: &'a str,
-    partition: i32,
-    version: u64,
-    next_offset: i64,
-    #[serde(with = "serde_bytes")]
-    state: &'a [u8],
-}
-
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct LoadedRow {
-    version: u64,
-    next_offset: i64,
-    #[serde(with = "serde_bytes")]
-    state: Vec<u8>,
-}
-
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct MaxRow {
-    partition: i32,
-    version: u64,
-}
-
 /// Reads and writes checkpoints.
 #[derive(Clone)]
 pub struct CheckpointStore {
@@ -105,83 +75,6 @@ impl CheckpointStore {
 
     pub(crate) fn client(&self) -> &Client {
         &self.client
-    }
-
-    /// The newest checkpoint of `key`, if any.
-    pub async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
-        let rows = self
-            .client
-            .query(
-                // The newest version first, then only its row: until ReplacingMergeTree merges,
-                // every older state (tens of MiB each) is still stored, and ORDER BY .. LIMIT 1
-                // would read all of them.
-                "SELECT version, next_offset, state FROM checkpoints \
-                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ? \
-                 AND version = (SELECT max(version) FROM checkpoints \
-                 WHERE service = ? AND consumer_group = ? AND topic = ? AND partition = ?) \
-                 LIMIT 1",
-            )
-            .bind(&key.service)
-            .bind(&key.consumer_group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(&key.service)
-            .bind(&key.consumer_group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .fetch_all::<LoadedRow>()
-            .await?;
-        Ok(rows.into_iter().next().map(|r| Checkpoint {
-            version: r.version,
-            next_offset: r.next_offset,
-            state: r.state,
-        }))
-    }
-
-    /// The newest stored version of every partition of (service, group, topic), bases and
-    /// deltas: the fencing check before a checkpoint is written, and the epoch a claim beats.
-    pub async fn max_versions(&self, service: &str, group: &str, topic: &str) -> Result<BTreeMap<i32, u64>, Error> {
-        let rows = self
-            .client
-            .query(
-                "SELECT partition, max(version) AS version FROM (\
-                 SELECT partition, version FROM checkpoints WHERE service = ? AND consumer_group = ? AND topic = ? \
-                 UNION ALL \
-                 SELECT partition, version FROM checkpoint_deltas WHERE service = ? AND consumer_group = ? AND topic = ?\
-                 ) GROUP BY partition",
-            )
-            .bind(service)
-            .bind(group)
-            .bind(topic)
-            .bind(service)
-            .bind(group)
-            .bind(topic)
-            .fetch_all::<MaxRow>()
-            .await?;
-        Ok(rows.into_iter().map(|r| (r.partition, r.version)).collect())
-    }
-
-    /// Writes several checkpoints in one insert (one per partition a service owns).
-    pub async fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> Result<(), Error> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut insert = self.client.insert::<CheckpointRow<'_>>("checkpoints").await?;
-        for (k, c) in items {
-            insert
-                .write(&CheckpointRow {
-                    service: &k.service,
-                    consumer_group: &k.consumer_group,
-                    topic: &k.topic,
-                    partition: k.partition,
-                    version: c.version,
-                    next_offset: c.next_offset,
-                    state: &c.state,
-                })
-                .await?;
-        }
-        insert.end().await?;
-        Ok(())
     }
 }
 

@@ -399,6 +399,17 @@ impl MemoryStore {
     }
 }
 
+impl StoreState {
+    /// The next of the failures set by [`MemoryStore::fail_saves`], if any is left.
+    fn injected_failure(&mut self) -> Result<(), Error> {
+        if self.failing_saves == 0 {
+            return Ok(());
+        }
+        self.failing_saves -= 1;
+        Err(Error::Other("injected checkpoint store failure".to_owned()))
+    }
+}
+
 impl CheckpointStorage for MemoryStore {
     async fn load(&self, key: &CheckpointKey) -> Result<Option<Checkpoint>, Error> {
         let gate = {
@@ -436,10 +447,7 @@ impl CheckpointStorage for MemoryStore {
     async fn save_all(&self, items: &[(CheckpointKey, Checkpoint)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
         s.save_calls += 1;
-        if s.failing_saves > 0 {
-            s.failing_saves -= 1;
-            return Err(Error::Other("injected checkpoint store failure".to_owned()));
-        }
+        s.injected_failure()?;
         for (k, c) in items {
             s.rows.push((k.clone(), c.clone()));
             self.journal.push(Event::Saved { partition: k.partition, version: c.version, next_offset: c.next_offset });
@@ -471,10 +479,7 @@ impl CheckpointStorage for MemoryStore {
     async fn save_deltas(&self, items: &[(CheckpointKey, StoredDelta)]) -> Result<(), Error> {
         let mut s = lock(&self.state);
         s.save_calls += 1;
-        if s.failing_saves > 0 {
-            s.failing_saves -= 1;
-            return Err(Error::Other("injected checkpoint store failure".to_owned()));
-        }
+        s.injected_failure()?;
         for (k, d) in items {
             s.deltas.push((k.clone(), d.clone()));
             let c = &d.checkpoint;

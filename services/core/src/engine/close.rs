@@ -3,7 +3,47 @@
 
 use super::*;
 
+/// One window of `tenant` fewer open (tenants with none are absent).
+pub(super) fn forget_open(open_per_tenant: &mut hashbrown::HashMap<Box<str>, u32>, tenant: &str) {
+    if let Some(n) = open_per_tenant.get_mut(tenant) {
+        *n -= 1;
+        if *n == 0 {
+            open_per_tenant.remove(tenant);
+        }
+    }
+}
+
+/// Removes `slot` from the time-index list at `at` (and the list once empty); false if it is
+/// not there.
+pub(super) fn take_from(lists: &mut BTreeMap<i64, Vec<u32>>, at: i64, slot: u32) -> bool {
+    let Some(list) = lists.get_mut(&at) else { return false };
+    let Some(i) = list.iter().position(|&s| s == slot) else { return false };
+    list.remove(i);
+    if list.is_empty() {
+        lists.remove(&at);
+    }
+    true
+}
+
 impl PartitionEngine {
+    /// The slot of the window with `key`, if in memory.
+    pub(super) fn find_slot(&self, hash: u64, key: &WindowKey) -> Option<u32> {
+        let slab = &self.slab;
+        self.index
+            .find(hash, |&i| slab[i as usize].as_ref().is_some_and(|w| &w.key == key))
+            .copied()
+    }
+
+    /// Puts a window read from a checkpoint in the slab and its indexes, as it was (open or
+    /// closed, dirty or not).
+    pub(super) fn insert_restored(&mut self, win: Window) {
+        let (closed, dirty, close_at) = (win.closed, win.dirty, super::codec::close_at(self, &win));
+        let slot = self.insert_window(win, !closed, close_at);
+        if dirty {
+            self.dirty.push(slot);
+        }
+    }
+
     /// Puts a new window in the slab, the hash index and the right time index.
     pub(super) fn insert_window(&mut self, mut w: Window, is_open: bool, close_at: i64) -> u32 {
         w.closed = !is_open;
@@ -56,96 +96,102 @@ impl PartitionEngine {
         self.max_time = Some(t);
         self.dedup.advance(t);
 
-        // 1. Close windows (revision 0).
-        if self.closing.first_key_value().is_some_and(|(&k, _)| k <= t) {
-            let mut batch: Vec<(i64, u32)> = Vec::new();
-            while let Some(entry) = self.closing.first_entry() {
-                if *entry.key() > t {
-                    break;
-                }
-                let close_at = *entry.key();
-                batch.extend(entry.remove().into_iter().map(|s| (close_at, s)));
-            }
-            // Each list is in creation order (windows are pushed when created), so the batch
-            // is in (close time, creation) order without sorting.
-            for (close_at, slot) in batch {
-                let w = self.slab[slot as usize].as_mut().expect("live");
-                w.closed = true;
-                let tenant = w.key.tenant();
-                if let Some(n) = self.open_per_tenant.get_mut(tenant) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.open_per_tenant.remove(tenant);
-                    }
-                }
-                self.emit(slot);
-                let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
-                self.retained.entry(evict_at).or_default().push(slot);
-            }
-        }
-
-        // 2. Coalesced restatements.
+        self.close_due(t);
+        // Coalesced restatements.
         let interval = self.cfg.restate_interval_ms;
         let crossed = interval > 0 && prev.is_none_or(|p| p.div_euclid(interval) != t.div_euclid(interval));
         if force_flush || crossed {
             self.flush_dirty();
         }
+        self.evict_due(t, store);
+    }
 
-        // 3. Evict closed windows past retention (flushing their pending restatements first).
-        if self.retained.first_key_value().is_some_and(|(&k, _)| k <= t) {
-            let mut batch: Vec<u32> = Vec::new();
-            while let Some(entry) = self.retained.first_entry() {
-                if *entry.key() > t {
-                    break;
-                }
-                batch.extend(entry.remove());
-            }
-            if batch.iter().any(|&s| self.slab[s as usize].as_ref().expect("live").dirty) {
-                self.flush_dirty();
-            }
-            // (Eviction order only affects store notifications, never output.)
-            let pos = SourcePos {
-                partition: self.partition,
-                offset: self.next_offset,
-                next_seq: self.next_seq,
-            };
-            for slot in batch {
-                let w = self.slab[slot as usize].take().expect("live");
-                self.note_evicted(&w);
-                let hash = w.hash;
-                self.index
-                    .find_entry(hash, |&i| i == slot)
-                    .expect("evicted window is indexed")
-                    .remove();
-                self.free.push(slot);
-                let rt = &mut self.meters[usize::from(w.key.meter)];
-                let window_end = w.key.window_start + rt.def.window_ms;
-                rt.evicted_end_bound = rt.evicted_end_bound.max(window_end);
-                self.stats.windows_evicted += 1;
-                let mut inline = [("", ""); INLINE_DIMS];
-                let heap: Vec<(&str, &str)>;
-                let pairs = rt.def.group_by.iter().map(String::as_str).zip(w.key.dims());
-                let group: &[(&str, &str)] = if rt.def.group_by.len() <= INLINE_DIMS {
-                    for (slot, pair) in inline.iter_mut().zip(pairs) {
-                        *slot = pair;
-                    }
-                    &inline[..rt.def.group_by.len()]
-                } else {
-                    heap = pairs.collect();
-                    &heap
-                };
-                let q = WindowQuery {
-                    meter: &rt.def,
-                    tenant: w.key.tenant(),
-                    group,
-                    window_start: w.key.window_start,
-                    window_end,
-                    before: pos,
-                };
-                let last = w.last.expect("a closed, flushed window has been emitted");
-                store.window_evicted(&q, &last);
-            }
+    /// Closes the windows due at `t` (revision 0).
+    fn close_due(&mut self, t: i64) {
+        if self.closing.first_key_value().is_none_or(|(&k, _)| k > t) {
+            return;
         }
+        let mut batch: Vec<(i64, u32)> = Vec::new();
+        while let Some(entry) = self.closing.first_entry() {
+            if *entry.key() > t {
+                break;
+            }
+            let close_at = *entry.key();
+            batch.extend(entry.remove().into_iter().map(|s| (close_at, s)));
+        }
+        // Each list is in creation order (windows are pushed when created), so the batch
+        // is in (close time, creation) order without sorting.
+        for (close_at, slot) in batch {
+            let w = self.slab[slot as usize].as_mut().expect("live");
+            w.closed = true;
+            forget_open(&mut self.open_per_tenant, w.key.tenant());
+            self.emit(slot);
+            let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
+            self.retained.entry(evict_at).or_default().push(slot);
+        }
+    }
+
+    /// Evicts closed windows past retention at `t` (flushing their pending restatements first).
+    fn evict_due<S: ColdStore + WindowStore + ?Sized>(&mut self, t: i64, store: &mut S) {
+        if self.retained.first_key_value().is_none_or(|(&k, _)| k > t) {
+            return;
+        }
+        let mut batch: Vec<u32> = Vec::new();
+        while let Some(entry) = self.retained.first_entry() {
+            if *entry.key() > t {
+                break;
+            }
+            batch.extend(entry.remove());
+        }
+        if batch.iter().any(|&s| self.slab[s as usize].as_ref().expect("live").dirty) {
+            self.flush_dirty();
+        }
+        // (Eviction order only affects store notifications, never output.)
+        let pos = SourcePos {
+            partition: self.partition,
+            offset: self.next_offset,
+            next_seq: self.next_seq,
+        };
+        for slot in batch {
+            self.evict(slot, pos, store);
+        }
+    }
+
+    /// Drops the window in `slot` and tells the store its last emission.
+    fn evict<S: ColdStore + WindowStore + ?Sized>(&mut self, slot: u32, pos: SourcePos, store: &mut S) {
+        let w = self.slab[slot as usize].take().expect("live");
+        self.note_evicted(&w);
+        self.index
+            .find_entry(w.hash, |&i| i == slot)
+            .expect("evicted window is indexed")
+            .remove();
+        self.free.push(slot);
+        let rt = &mut self.meters[usize::from(w.key.meter)];
+        let window_end = w.key.window_start + rt.def.window_ms;
+        rt.evicted_end_bound = rt.evicted_end_bound.max(window_end);
+        self.stats.windows_evicted += 1;
+        let mut inline = [("", ""); INLINE_DIMS];
+        let heap: Vec<(&str, &str)>;
+        let pairs = rt.def.group_by.iter().map(String::as_str).zip(w.key.dims());
+        let group: &[(&str, &str)] = if rt.def.group_by.len() <= INLINE_DIMS {
+            for (slot, pair) in inline.iter_mut().zip(pairs) {
+                *slot = pair;
+            }
+            &inline[..rt.def.group_by.len()]
+        } else {
+            heap = pairs.collect();
+            &heap
+        };
+        let q = WindowQuery {
+            meter: &rt.def,
+            tenant: w.key.tenant(),
+            group,
+            window_start: w.key.window_start,
+            window_end,
+            before: pos,
+        };
+        let last = w.last.expect("a closed, flushed window has been emitted");
+        store.window_evicted(&q, &last);
     }
 
     /// Emits every dirty window, in opening order.

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 
 use super::snapshot::VERSION;
+use super::stats::{read_stats, write_stats};
 use super::{key_hash, EngineStats, PartitionEngine};
 use crate::meter::Aggregation;
 use crate::records::MeterAggregate;
@@ -190,39 +191,48 @@ pub(super) fn acc_tag(agg: Aggregation) -> u8 {
     }
 }
 
-pub(super) fn write_stats(w: &mut Writer, s: &EngineStats) {
-    w.u64(s.accepted);
-    w.u64(s.duplicates);
-    w.len(s.rejected.len());
-    for r in s.rejected {
-        w.u64(r);
-    }
-    for v in [s.ticks, s.aggregates, s.restatements, s.windows_opened, s.windows_loaded, s.windows_evicted] {
-        w.u64(v);
-    }
+/// The engine's positions and counters, which a snapshot and a delta both carry whole (in
+/// this order, after which a delta adds `stats.first_offset`; a snapshot has it at its end).
+pub(super) struct Header {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub next_seq: i64,
+    pub max_time: Option<i64>,
+    pub next_window_id: u64,
+    pub stats: EngineStats,
 }
 
-pub(super) fn read_stats(r: &mut Reader<'_>) -> Result<EngineStats> {
-    let mut s = EngineStats {
-        accepted: r.u64()?,
-        duplicates: r.u64()?,
-        ..EngineStats::default()
-    };
-    // Reasons are only ever appended: a snapshot from before a new reason has fewer counters.
-    let n = r.len(8)?;
-    if n > s.rejected.len() {
-        return Err(bad("reject reasons"));
+impl Header {
+    pub fn of(e: &PartitionEngine) -> Self {
+        Self {
+            partition: e.partition,
+            next_offset: e.next_offset,
+            next_seq: e.next_seq,
+            max_time: e.max_time,
+            next_window_id: e.next_window_id,
+            stats: e.stats,
+        }
     }
-    for slot in s.rejected.iter_mut().take(n) {
-        *slot = r.u64()?;
+
+    pub fn write(&self, w: &mut Writer) {
+        w.i32(self.partition);
+        w.i64(self.next_offset);
+        w.i64(self.next_seq);
+        w.opt_i64(self.max_time);
+        w.u64(self.next_window_id);
+        write_stats(w, &self.stats);
     }
-    s.ticks = r.u64()?;
-    s.aggregates = r.u64()?;
-    s.restatements = r.u64()?;
-    s.windows_opened = r.u64()?;
-    s.windows_loaded = r.u64()?;
-    s.windows_evicted = r.u64()?;
-    Ok(s)
+
+    pub fn read(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Self {
+            partition: r.i32()?,
+            next_offset: r.i64()?,
+            next_seq: r.i64()?,
+            max_time: r.opt_i64()?,
+            next_window_id: r.u64()?,
+            stats: read_stats(r)?,
+        })
+    }
 }
 
 pub(super) fn write_last(w: &mut Writer, last: &Option<LastEmitted>) {
@@ -327,6 +337,23 @@ pub(super) fn write_aggregate(w: &mut Writer, a: &MeterAggregate) {
     w.i64(a.emitted_at);
     write_opt_decimal(w, &a.uncosted_value);
     write_opt_decimal(w, &a.previous_uncosted_value);
+}
+
+/// The undrained output, which a snapshot and a delta both carry whole.
+pub(super) fn write_output(w: &mut Writer, output: &[MeterAggregate]) {
+    w.len(output.len());
+    for a in output {
+        write_aggregate(w, a);
+    }
+}
+
+pub(super) fn read_output(r: &mut Reader<'_>) -> Result<Vec<MeterAggregate>> {
+    let n = r.len(60)?;
+    let mut output = Vec::with_capacity(n);
+    for _ in 0..n {
+        output.push(read_aggregate(r)?);
+    }
+    Ok(output)
 }
 
 pub(super) fn read_aggregate(r: &mut Reader<'_>) -> Result<MeterAggregate> {
@@ -509,6 +536,28 @@ pub(super) fn read_window(r: &mut Reader<'_>, e: &PartitionEngine, map: &MeterMa
         changed: false,
         last,
     })
+}
+
+/// Reads a section of window records (in creation order, each below `next_window_id`, which
+/// is checked) and hands each to `put`.
+pub(super) fn read_windows(
+    r: &mut Reader<'_>,
+    e: &mut PartitionEngine,
+    map: &MeterMap,
+    next_window_id: u64,
+    mut put: impl FnMut(&mut PartitionEngine, Window) -> Result<()>,
+) -> Result<()> {
+    let n = r.len(40)?;
+    let mut last_created = None;
+    for _ in 0..n {
+        let win = read_window(r, e, map)?;
+        if last_created.is_some_and(|l| l >= win.created) || win.created >= next_window_id {
+            return Err(bad("window creation numbers out of order"));
+        }
+        last_created = Some(win.created);
+        put(e, win)?;
+    }
+    Ok(())
 }
 
 /// Partition time at which `w` closes (its end plus its meter's lateness).

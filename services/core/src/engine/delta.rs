@@ -19,7 +19,8 @@
 //! (bounds-checked, counts checked against the bytes left, garbage never panics).
 
 use super::codec::*;
-use super::snapshot::{checksum, sealed_id};
+use super::snapshot::{open_as, seal_as, sealed_id};
+use super::close::{forget_open, take_from};
 use super::PartitionEngine;
 use crate::checkpoint::StateHeader;
 use crate::window::{Window, WindowKey};
@@ -52,14 +53,7 @@ pub fn is_delta(bytes: &[u8]) -> bool {
 }
 
 fn open_delta(bytes: &[u8]) -> Result<&[u8]> {
-    if bytes.len() < StateHeader::LEN + 8 || !is_delta(bytes) {
-        return Err(Error::Snapshot("not a meterflow engine delta".into()));
-    }
-    let (content, sum) = bytes.split_at(bytes.len() - 8);
-    if checksum(content).to_le_bytes() != sum {
-        return Err(Error::Snapshot("delta checksum mismatch (truncated or corrupt)".into()));
-    }
-    Ok(DELTA_HEADER.read(content)?.1)
+    Ok(open_as(&DELTA_HEADER, "delta", bytes)?.1)
 }
 
 impl PartitionEngine {
@@ -75,6 +69,17 @@ impl PartitionEngine {
         t.chain = id;
         t.first_new_window = self.next_window_id;
         self.dedup.track_ops();
+    }
+
+    /// Takes the positions and counters of a restored checkpoint (`bytes`, a snapshot or a
+    /// delta) and arms deltas on it.
+    pub(super) fn resume_at(&mut self, h: Header, bytes: &[u8]) {
+        self.next_offset = h.next_offset;
+        self.next_seq = h.next_seq;
+        self.max_time = h.max_time;
+        self.next_window_id = h.next_window_id;
+        self.stats = h.stats;
+        self.mark_at(sealed_id(bytes));
     }
 
     /// Records that the window in `slot` changed (the per-record cost of tracking).
@@ -121,12 +126,7 @@ impl PartitionEngine {
             .ok_or_else(|| Error::Snapshot("no checkpoint to build a delta on: take a marked snapshot first".into()))?;
         let mut w = Writer::default();
         w.u64(t.chain);
-        w.i32(self.partition);
-        w.i64(self.next_offset);
-        w.i64(self.next_seq);
-        w.opt_i64(self.max_time);
-        w.u64(self.next_window_id);
-        write_stats(&mut w, &self.stats);
+        Header::of(self).write(&mut w);
         w.opt_i64(self.stats.first_offset);
         write_meters(&mut w, self);
         t.removed.sort_unstable_by_key(|&(created, _)| created);
@@ -149,11 +149,8 @@ impl PartitionEngine {
         }
         t.slots.clear();
         self.dedup.write_delta(&mut w);
-        w.len(self.output.len());
-        for a in &self.output {
-            write_aggregate(&mut w, a);
-        }
-        let bytes = seal_delta(w);
+        write_output(&mut w, &self.output);
+        let bytes = seal_as(&DELTA_HEADER, DELTA_VERSION, w);
         t.chain = sealed_id(&bytes);
         t.first_new_window = self.next_window_id;
         self.delta = Some(t);
@@ -175,16 +172,12 @@ impl PartitionEngine {
                 at.map_or("an unmarked state".to_owned(), |c| format!("{c:016x}"))
             )));
         }
-        if r.i32()? != self.partition {
+        let mut h = Header::read(&mut r)?;
+        h.stats.first_offset = r.opt_i64()?;
+        if h.partition != self.partition {
             return Err(corrupt("partition"));
         }
-        let next_offset = r.i64()?;
-        let next_seq = r.i64()?;
-        let max_time = r.opt_i64()?;
-        let next_window_id = r.u64()?;
-        let mut stats = read_stats(&mut r)?;
-        stats.first_offset = r.opt_i64()?;
-        if next_offset < self.next_offset || next_seq < self.next_seq || next_window_id < self.next_window_id {
+        if h.next_offset < self.next_offset || h.next_seq < self.next_seq || h.next_window_id < self.next_window_id {
             return Err(corrupt("positions go backwards"));
         }
         let map = read_meters(&mut r, self)?;
@@ -193,40 +186,16 @@ impl PartitionEngine {
             let k = read_key(&mut r, self, &map)?;
             self.unlink_evicted(k)?;
         }
-        let (old_next, n) = (self.next_window_id, r.len(40)?);
-        let mut last_created = None;
-        for _ in 0..n {
-            let win = read_window(&mut r, self, &map)?;
-            if last_created.is_some_and(|l| l >= win.created) || win.created >= next_window_id {
-                return Err(corrupt("window creation numbers out of order"));
-            }
-            last_created = Some(win.created);
-            self.put_window(win, old_next)?;
-        }
+        let old_next = self.next_window_id;
+        read_windows(&mut r, self, &map, h.next_window_id, |e, win| e.put_window(win, old_next))?;
         self.dedup.apply_delta(&mut r)?;
-        let n = r.len(60)?;
-        let mut output = Vec::with_capacity(n);
-        for _ in 0..n {
-            output.push(read_aggregate(&mut r)?);
-        }
+        let output = read_output(&mut r)?;
         if r.remaining() != 0 {
             return Err(corrupt("trailing bytes"));
         }
         self.output = output;
-        self.next_offset = next_offset;
-        self.next_seq = next_seq;
-        self.max_time = max_time;
-        self.next_window_id = next_window_id;
-        self.stats = stats;
-        self.mark_at(sealed_id(bytes));
+        self.resume_at(h, bytes);
         Ok(())
-    }
-
-    fn find_slot(&self, hash: u64, key: &WindowKey) -> Option<u32> {
-        let slab = &self.slab;
-        self.index
-            .find(hash, |&i| slab[i as usize].as_ref().is_some_and(|w| &w.key == key))
-            .copied()
     }
 
     /// Removes a window the delta says was evicted: it existed at the base (open or closed
@@ -241,20 +210,11 @@ impl PartitionEngine {
         let (lists, at) = if w.closed {
             (&mut self.retained, close_at.saturating_add(self.cfg.retain_closed_ms))
         } else {
-            let tenant = w.key.tenant();
-            if let Some(n) = self.open_per_tenant.get_mut(tenant) {
-                *n -= 1;
-                if *n == 0 {
-                    self.open_per_tenant.remove(tenant);
-                }
-            }
+            forget_open(&mut self.open_per_tenant, w.key.tenant());
             (&mut self.closing, close_at)
         };
-        let list = lists.get_mut(&at).ok_or_else(|| corrupt("evicted window not in its time index"))?;
-        let i = list.iter().position(|&s| s == slot).ok_or_else(|| corrupt("evicted window not in its time index"))?;
-        list.remove(i);
-        if list.is_empty() {
-            lists.remove(&at);
+        if !take_from(lists, at, slot) {
+            return Err(corrupt("evicted window not in its time index"));
         }
         if w.dirty {
             self.dirty.retain(|&s| s != slot);
@@ -275,11 +235,7 @@ impl PartitionEngine {
             if win.created < old_next {
                 return Err(corrupt("updates a window the state does not hold"));
             }
-            let (closed, dirty, close_at) = (win.closed, win.dirty, close_at(self, &win));
-            let slot = self.insert_window(win, !closed, close_at);
-            if dirty {
-                self.dirty.push(slot);
-            }
+            self.insert_restored(win);
             return Ok(());
         };
         let old = self.slab[slot as usize].as_ref().expect("indexed slot is live");
@@ -288,19 +244,10 @@ impl PartitionEngine {
         }
         if !old.closed && win.closed {
             let close_at = close_at(self, old);
-            let list = self.closing.get_mut(&close_at).ok_or_else(|| corrupt("open window not closing"))?;
-            let at = list.iter().position(|&s| s == slot).ok_or_else(|| corrupt("open window not closing"))?;
-            list.remove(at);
-            if list.is_empty() {
-                self.closing.remove(&close_at);
+            if !take_from(&mut self.closing, close_at, slot) {
+                return Err(corrupt("open window not closing"));
             }
-            let tenant = old.key.tenant();
-            if let Some(n) = self.open_per_tenant.get_mut(tenant) {
-                *n -= 1;
-                if *n == 0 {
-                    self.open_per_tenant.remove(tenant);
-                }
-            }
+            forget_open(&mut self.open_per_tenant, old.key.tenant());
             self.retained.entry(close_at.saturating_add(self.cfg.retain_closed_ms)).or_default().push(slot);
         }
         match (old.dirty, win.dirty) {
@@ -311,14 +258,4 @@ impl PartitionEngine {
         self.slab[slot as usize] = Some(win);
         Ok(())
     }
-}
-
-fn seal_delta(body: Writer) -> Vec<u8> {
-    let body = body.into_inner();
-    let mut out = Vec::with_capacity(StateHeader::LEN + body.len() + 8);
-    out.extend_from_slice(&DELTA_HEADER.encode(DELTA_VERSION));
-    out.extend_from_slice(&body);
-    let sum = checksum(&out);
-    out.extend_from_slice(&sum.to_le_bytes());
-    out
 }

@@ -13,10 +13,14 @@
 //! garbage never panics or allocates unboundedly.
 
 use std::hash::Hasher;
+use std::sync::Arc;
 
 use siphasher::sip::SipHasher13;
 
+use super::{EngineConfig, PartitionEngine};
 use crate::checkpoint::StateHeader;
+use crate::dedup::Deduplicator;
+use crate::meter::MeterCatalog;
 pub(crate) use super::codec::{Reader, Writer};
 use super::codec::*;
 use crate::{Error, Result};
@@ -47,34 +51,35 @@ pub(crate) fn sealed_id(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Wraps a body into the versioned, checksummed envelope.
-pub(crate) fn seal(body: Writer) -> Vec<u8> {
+/// Wraps a body into the versioned, checksummed envelope of `header` (a snapshot's or a
+/// delta's).
+pub(crate) fn seal_as(header: &StateHeader, version: u32, body: Writer) -> Vec<u8> {
     let body = body.into_inner();
     let mut out = Vec::with_capacity(StateHeader::LEN + body.len() + 8);
-    out.extend_from_slice(&HEADER.encode(VERSION));
+    out.extend_from_slice(&header.encode(version));
     out.extend_from_slice(&body);
     let sum = checksum(&out);
     out.extend_from_slice(&sum.to_le_bytes());
     out
 }
 
-/// Checks the envelope and returns the format version and the body.
-pub(crate) fn open(bytes: &[u8]) -> Result<(u32, &[u8])> {
-    if bytes.len() < StateHeader::LEN + 8 || !bytes.starts_with(MAGIC) {
-        return Err(Error::Snapshot("not a meterflow engine snapshot".into()));
+/// Checks the envelope of `header` (`what` names it in errors) and returns the format version
+/// and the body.
+pub(crate) fn open_as<'a>(header: &StateHeader, what: &str, bytes: &'a [u8]) -> Result<(u32, &'a [u8])> {
+    if bytes.len() < StateHeader::LEN + 8 || !bytes.starts_with(header.magic) {
+        return Err(Error::Snapshot(format!("not a meterflow engine {what}")));
     }
     let (content, sum) = bytes.split_at(bytes.len() - 8);
     if checksum(content).to_le_bytes() != sum {
-        return Err(Error::Snapshot("checksum mismatch (truncated or corrupt)".into()));
+        return Err(Error::Snapshot(format!("{what} checksum mismatch (truncated or corrupt)")));
     }
-    HEADER.read(content)
+    header.read(content)
 }
 
-use std::sync::Arc;
-
-use super::{EngineConfig, PartitionEngine};
-use crate::dedup::Deduplicator;
-use crate::meter::MeterCatalog;
+/// Checks a snapshot's envelope and returns the format version and the body.
+pub(crate) fn open(bytes: &[u8]) -> Result<(u32, &[u8])> {
+    open_as(&HEADER, "snapshot", bytes)
+}
 
 impl PartitionEngine {
     /// The whole state (open and retained windows with their revisions, the dedup hot tier and
@@ -82,12 +87,7 @@ impl PartitionEngine {
     /// Deterministic: equal states give equal bytes.
     pub fn snapshot(&self) -> Vec<u8> {
         let mut w = Writer::default();
-        w.i32(self.partition);
-        w.i64(self.next_offset);
-        w.i64(self.next_seq);
-        w.opt_i64(self.max_time);
-        w.u64(self.next_window_id);
-        write_stats(&mut w, &self.stats);
+        Header::of(self).write(&mut w);
         write_meters(&mut w, self);
         let mut windows: Vec<&crate::window::Window> = self.slab.iter().flatten().collect();
         windows.sort_unstable_by_key(|w| w.created);
@@ -96,13 +96,10 @@ impl PartitionEngine {
             write_window(&mut w, win);
         }
         self.dedup.write_snapshot(&mut w);
-        w.len(self.output.len());
-        for a in &self.output {
-            write_aggregate(&mut w, a);
-        }
+        write_output(&mut w, &self.output);
         // Version 4: appended so older bodies stay a prefix of the layout.
         w.opt_i64(self.stats.first_offset);
-        seal(w)
+        seal_as(&HEADER, VERSION, w)
     }
 
     /// Rebuilds an engine from [`Self::snapshot`] bytes. The catalog must still define every
@@ -113,67 +110,37 @@ impl PartitionEngine {
         let (version, body) = open(bytes)?;
         let mut r = Reader::new(body);
         r.version = version;
-        let partition = r.i32()?;
-        let next_offset = r.i64()?;
-        let next_seq = r.i64()?;
-        let max_time = r.opt_i64()?;
-        let next_window_id = r.u64()?;
-        let stats = read_stats(&mut r)?;
+        let mut h = Header::read(&mut r)?;
         cfg.validate()?;
         // Placeholder dedup, replaced once its section is read.
         let placeholder = Deduplicator::with_key(cfg.dedup_config(), 0)?;
-        let mut e = Self::assemble(catalog, cfg, partition, placeholder)?;
+        let mut e = Self::assemble(catalog, cfg, h.partition, placeholder)?;
 
         let map = read_meters(&mut r, &mut e)?;
-        let n = r.len(40)?;
-        let mut last_created = None;
-        for _ in 0..n {
-            let win = read_window(&mut r, &e, &map)?;
-            let created = win.created;
-            if last_created.is_some_and(|l| l >= created) || created >= next_window_id {
-                return Err(bad("window creation numbers out of order"));
-            }
-            last_created = Some(created);
-            let slab = &e.slab;
-            if e.index
-                .find(win.hash, |&i| slab[i as usize].as_ref().is_some_and(|w| w.key == win.key))
-                .is_some()
-            {
+        read_windows(&mut r, &mut e, &map, h.next_window_id, |e, win| {
+            if e.find_slot(win.hash, &win.key).is_some() {
                 return Err(bad("window listed twice"));
             }
-            let (closed, dirty, close_at) = (win.closed, win.dirty, close_at(&e, &win));
-            let slot = e.insert_window(win, !closed, close_at);
-            if dirty {
-                e.dirty.push(slot);
-            }
-        }
+            e.insert_restored(win);
+            Ok(())
+        })?;
         e.dedup = if version == 1 {
             Deduplicator::read_snapshot_v1(e.cfg.dedup_config(), &mut r)?
         } else {
             Deduplicator::read_snapshot(e.cfg.dedup_config(), &mut r)?
         };
-        let n = r.len(60)?;
-        for _ in 0..n {
-            e.output.push(read_aggregate(&mut r)?);
-        }
-        let mut stats = stats;
-        stats.first_offset = if version >= 4 {
+        e.output = read_output(&mut r)?;
+        h.stats.first_offset = if version >= 4 {
             r.opt_i64()?
         } else {
             // Older snapshots did not record it: derived assuming no gap before the upgrade
             // (the ledger can only vouch for offsets from the upgrade on anyway).
-            (stats.records() > 0).then(|| next_offset - stats.records() as i64)
+            (h.stats.records() > 0).then(|| h.next_offset - h.stats.records() as i64)
         };
         if r.remaining() != 0 {
             return Err(bad("trailing bytes"));
         }
-        e.next_offset = next_offset;
-        e.next_seq = next_seq;
-        e.next_window_id = next_window_id;
-        e.max_time = max_time;
-        e.stats = stats;
-        // Deltas continue from the restored checkpoint.
-        e.mark_at(sealed_id(bytes));
+        e.resume_at(h, bytes);
         Ok(e)
     }
 }

@@ -1,5 +1,6 @@
 //! The engine's counters: part of the snapshot, and what the ingest ledger publishes.
 
+use super::codec::{bad, Reader, Writer};
 use super::*;
 
 /// Counters of one partition engine (part of the snapshot).
@@ -40,4 +41,40 @@ impl EngineStats {
     pub fn records(&self) -> u64 {
         self.input() + self.ticks
     }
+}
+
+/// The counters as a checkpoint section (`first_offset` is written apart: see `codec::Header`).
+pub(super) fn write_stats(w: &mut Writer, s: &EngineStats) {
+    w.u64(s.accepted);
+    w.u64(s.duplicates);
+    w.len(s.rejected.len());
+    for r in s.rejected {
+        w.u64(r);
+    }
+    for v in [s.ticks, s.aggregates, s.restatements, s.windows_opened, s.windows_loaded, s.windows_evicted] {
+        w.u64(v);
+    }
+}
+
+pub(super) fn read_stats(r: &mut Reader<'_>) -> Result<EngineStats> {
+    let mut s = EngineStats {
+        accepted: r.u64()?,
+        duplicates: r.u64()?,
+        ..EngineStats::default()
+    };
+    // Reasons are only ever appended: a snapshot from before a new reason has fewer counters.
+    let n = r.len(8)?;
+    if n > s.rejected.len() {
+        return Err(bad("reject reasons"));
+    }
+    for slot in s.rejected.iter_mut().take(n) {
+        *slot = r.u64()?;
+    }
+    s.ticks = r.u64()?;
+    s.aggregates = r.u64()?;
+    s.restatements = r.u64()?;
+    s.windows_opened = r.u64()?;
+    s.windows_loaded = r.u64()?;
+    s.windows_evicted = r.u64()?;
+    Ok(s)
 }

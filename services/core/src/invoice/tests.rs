@@ -65,13 +65,9 @@ fn agg(meter: &str, model: &str, minute: i64, revision: i32, value: Decimal, pre
         value,
         previous_value: previous,
         event_count: 1,
-        provider_cost: Decimal::ZERO,
-        previous_provider_cost: Decimal::ZERO,
-        source_partition: 0,
         seq,
         emitted_at: window_start + MINUTE,
-        uncosted_value: None,
-        previous_uncosted_value: None,
+        ..MeterAggregate::default()
     }
 }
 

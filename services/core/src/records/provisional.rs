@@ -13,7 +13,8 @@ use crate::Error;
 /// The running total of a window that has not closed yet. Published by the aggregator on each
 /// flush for the open windows that changed since the previous flush; priced by the rater as
 /// *pending* spend until the window's final aggregate is rated. See `rating::pending`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Default` as for [`MeterAggregate`](crate::records::MeterAggregate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionalTotal {
     pub tenant: String,
     pub meter: String,

@@ -51,19 +51,13 @@ fn maps_encode_deterministically_and_like_apache_avro() {
         meter: "m".into(),
         aggregation: "sum".into(),
         dimensions: dims,
-        window_start: 0,
         window_end: 60_000,
-        revision: 0,
         value: d("1"),
-        previous_value: d("0"),
         event_count: 1,
-        provider_cost: d("0"),
-        previous_provider_cost: d("0"),
-        source_partition: 0,
         seq: 1,
-        emitted_at: 0,
         uncosted_value: Some(d("1")),
         previous_uncosted_value: Some(d("0")),
+        ..MeterAggregate::default()
     };
     let first = a.to_avro().unwrap();
     for _ in 0..20 {
@@ -123,24 +117,7 @@ fn every_record_writes_the_spec_fingerprint_and_reads_both() {
         uncosted_value: Some(d("7")),
         previous_uncosted_value: None,
     });
-    check_fingerprints(&Charge {
-        charge_id: "c1".into(),
-        kind: "usage".into(),
-        tenant: "t".into(),
-        plan: "pro".into(),
-        currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: dims,
-        period_start: 0,
-        window_start: 0,
-        window_end: 60_000,
-        revision: 0,
-        quantity: d("10"),
-        amount: d("1.5"),
-        provider_cost: d("1"),
-        margin: d("0.5"),
-        seq: 1,
-    });
+    check_fingerprints(&Charge { dimensions: dims, ..charge("1.5", "1", "0.5") });
     check_fingerprints(&DeadLetter {
         source_topic: "u".into(),
         source_partition: 0,
@@ -245,9 +222,9 @@ fn lengths_beyond_the_input_are_rejected_before_allocating() {
     assert_eq!(WalletAdjustment::from_avro(&w.to_avro().unwrap()).unwrap(), w);
 }
 
-#[test]
-fn charge_and_wallet_round_trip() {
-    let c = Charge {
+/// A usage charge of 10 units in the first minute, with these amounts.
+fn charge(amount: &str, provider_cost: &str, margin: &str) -> Charge {
+    Charge {
         charge_id: "c1".into(),
         kind: "usage".into(),
         tenant: "t".into(),
@@ -260,11 +237,16 @@ fn charge_and_wallet_round_trip() {
         window_end: 60_000,
         revision: 0,
         quantity: d("10"),
-        amount: d("0.000000015"),
-        provider_cost: d("0.00000001"),
-        margin: d("0.000000005"),
+        amount: d(amount),
+        provider_cost: d(provider_cost),
+        margin: d(margin),
         seq: 1,
-    };
+    }
+}
+
+#[test]
+fn charge_and_wallet_round_trip() {
+    let c = charge("0.000000015", "0.00000001", "0.000000005");
     assert_eq!(Charge::from_avro(&c.to_avro().unwrap()).unwrap(), c);
     let w = WalletAdjustment {
         idempotency_key: "pay_1".into(),
@@ -347,24 +329,7 @@ fn names_outside_their_enum_are_refused_on_write_and_on_read() {
     use crate::event::RejectReason;
     use crate::meter::Aggregation;
     use strum::VariantArray;
-    let charge = Charge {
-        charge_id: "c1".into(),
-        kind: "usage".into(),
-        tenant: "t".into(),
-        plan: "pro".into(),
-        currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: BTreeMap::new(),
-        period_start: 0,
-        window_start: 0,
-        window_end: 60_000,
-        revision: 0,
-        quantity: d("10"),
-        amount: d("1.5"),
-        provider_cost: d("1"),
-        margin: d("0.5"),
-        seq: 1,
-    };
+    let charge = charge("1.5", "1", "0.5");
     let kinds: Vec<&str> = ChargeKind::VARIANTS.iter().map(|k| k.as_str()).collect();
     check_names_both_ways(&charge, "kind", &kinds, |c, n| c.kind = n.into());
 
@@ -389,20 +354,12 @@ fn names_outside_their_enum_are_refused_on_write_and_on_read() {
         tenant: "t".into(),
         meter: "m".into(),
         aggregation: "sum".into(),
-        dimensions: BTreeMap::new(),
-        window_start: 0,
         window_end: 60_000,
-        revision: 0,
         value: d("7"),
-        previous_value: d("0"),
         event_count: 1,
-        provider_cost: d("0"),
-        previous_provider_cost: d("0"),
-        source_partition: 0,
         seq: 1,
         emitted_at: 60_000,
-        uncosted_value: None,
-        previous_uncosted_value: None,
+        ..MeterAggregate::default()
     };
     let aggregations: Vec<&str> = Aggregation::VARIANTS.iter().map(|a| a.as_str()).collect();
     check_names_both_ways(&aggregate, "aggregation", &aggregations, |a, n| a.aggregation = n.into());

@@ -18,24 +18,17 @@ pub(super) fn adj(key: &str, amount: &str) -> WalletAdjustment {
     }
 }
 
+/// A charge as wallets see it (the rest is the rater's business).
 pub(super) fn charge(id: &str, amount: &str) -> Charge {
     Charge {
         charge_id: id.into(),
         kind: KIND_USAGE.into(),
         tenant: "t".into(),
-        plan: "p".into(),
         currency: "USD".into(),
-        meter: "m".into(),
-        dimensions: BTreeMap::new(),
-        period_start: 0,
-        window_start: 0,
         window_end: MINUTE,
-        revision: 0,
-        quantity: Decimal::ONE,
         amount: d(amount),
-        provider_cost: Decimal::ZERO,
         margin: d(amount),
-        seq: 0,
+        ..Charge::default()
     }
 }
 
