@@ -114,11 +114,6 @@ pub fn follows_older_base(top: u64, head: u64) -> bool {
     epoch_of(top) > epoch_of(head)
 }
 
-/// The error when the highest version's base is not stored.
-pub fn missing_base(top: u64) -> Error {
-    Error::Other(format!("the newest checkpoint delta {top} builds on a base that is not stored (checkpoints damaged?)"))
-}
-
 /// When a partition writes a base instead of a delta.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DeltaPolicy {

@@ -7,7 +7,7 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chain::{contiguous, follows_older_base, missing_base, DeltaLink, StoredDelta};
+use crate::chain::{contiguous, follows_older_base, DeltaLink, StoredDelta};
 use crate::checkpoint::{Checkpoint, CheckpointKey, CheckpointStore};
 use crate::Error;
 
@@ -52,8 +52,9 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
         bases: &BTreeMap<i32, u64>,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
-    /// The chain of `key`'s highest version, checked contiguous: what a restart restores (for
-    /// tools and tests; the claim retries each read separately).
+    /// The chain of `key`'s highest version (normally the newest base's, see
+    /// [`crate::chain`]), checked contiguous: what a restart restores (for tools and tests; the
+    /// claim retries each read separately).
     fn load_chain(
         &self,
         key: &CheckpointKey,
@@ -63,9 +64,11 @@ pub trait CheckpointStorage: Clone + Send + Sync + 'static {
             let mut deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
             let head = deltas.last().map_or(base.version, |d| d.checkpoint.version);
             let top = self.max_versions(&key.service, &key.consumer_group, &key.topic).await?.get(&key.partition).copied();
-            if let Some(top) = top.filter(|&t| follows_older_base(t, head)) {
-                base = self.load_base_of(key, top).await?.ok_or_else(|| missing_base(top))?;
-                deltas = contiguous(base.version, self.load_deltas(key, base.version).await?)?;
+            if let Some(older) = top.filter(|&t| follows_older_base(t, head)) {
+                if let Some(b) = self.load_base_of(key, older).await? {
+                    deltas = contiguous(b.version, self.load_deltas(key, b.version).await?)?;
+                    base = b;
+                }
             }
             Ok(Some((base, deltas)))
         }

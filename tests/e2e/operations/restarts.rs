@@ -2,7 +2,6 @@
 //! restart.
 
 use super::*;
-use meterflow_runtime::store::CheckpointStorage as _;
 
 /// 11.1: a truncated `checkpoints` table (the group has committed offsets, the outputs exist)
 /// makes the aggregator refuse to start instead of "starting fresh"; an operator's `replay`
@@ -211,6 +210,7 @@ async fn quiet_partition_closes_after_restart() -> anyhow::Result<()> {
 async fn checkpoint_reads_follow_the_highest_version_across_epochs() -> anyhow::Result<()> {
     use meterflow_runtime::chain::{DeltaLink, StoredDelta};
     use meterflow_runtime::checkpoint::{version_in, Checkpoint, CheckpointKey, CheckpointStore};
+    use meterflow_runtime::store::CheckpointStorage as _;
 
     let _serial = SERIAL.lock().await;
     let env = TestEnv::with_partitions("ops_chain_epochs", 1).await?;

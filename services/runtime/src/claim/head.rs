@@ -8,7 +8,7 @@ use metrics::counter;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::chain::{contiguous, follows_older_base, missing_base, ChainState, StoredDelta};
+use crate::chain::{contiguous, follows_older_base, ChainState, StoredDelta};
 use crate::checkpoint::{Checkpoint, CheckpointKey, Envelope};
 use crate::retry::{until_ok, Backoff};
 use crate::store::CheckpointStorage;
@@ -90,9 +90,15 @@ async fn load<St: CheckpointStorage>(
         );
         let base = until_ok("load checkpoint", &Backoff::default(), shutdown, on_error, || store.load_base_of(key, top)).await;
         let Some(base) = base else { return Ok(None) };
-        let base = base.ok_or_else(|| missing_base(top)).with_context(|| format!("{} partition {}", key.topic, key.partition))?;
-        let Some(c) = read_chain(store, key, Some(base), errors, shutdown).await? else { return Ok(None) };
-        chain = c;
+        match base {
+            Some(base) => {
+                let Some(c) = read_chain(store, key, Some(base), errors, shutdown).await? else { return Ok(None) };
+                chain = c;
+            }
+            // A damaged (truncated) table: the checks after the load judge the newest base's
+            // chain against the committed offsets and the outputs, as without claims' deltas.
+            None => tracing::error!(partition = key.partition, top, "the newest checkpoint delta's base is not stored"),
+        }
     }
     let (loaded, envelope, deltas) = chain;
     let head = chain_head(loaded, envelope, deltas)
