@@ -94,6 +94,12 @@ impl<'a> Reader<'a> {
         Self { buf, pos: 0 }
     }
 
+    /// Bytes read so far.
+    #[inline]
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
     /// Bytes not read yet.
     #[inline]
     pub fn remaining(&self) -> usize {
@@ -104,6 +110,19 @@ impl<'a> Reader<'a> {
     /// the 64th bit, is malformed rather than silently truncated.
     #[inline]
     pub fn long(&mut self, what: &'static str) -> Result<i64, Error> {
+        // Lengths and counts are nearly always one byte: that case alone stays inlined.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(i64::from(b >> 1) ^ -i64::from(b & 1));
+            }
+        }
+        self.long_multi(what)
+    }
+
+    /// [`Self::long`] of more than one byte (or none left).
+    #[inline(never)]
+    fn long_multi(&mut self, what: &'static str) -> Result<i64, Error> {
         let mut value: u64 = 0;
         let mut shift = 0u32;
         loop {
