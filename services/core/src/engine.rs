@@ -154,7 +154,8 @@ pub struct PartitionEngine {
     /// Open windows per tenant (tenants with none are absent), for
     /// [`EngineConfig::max_open_windows_per_tenant`]. Derived from the windows, so not in the
     /// snapshot: `insert_window` rebuilds it on restore.
-    open_per_tenant: hashbrown::HashMap<Box<str>, u32>,
+    /// Keyed by the tenant's bytes, so that counting needs no UTF-8 check of a window key.
+    open_per_tenant: hashbrown::HashMap<Box<[u8]>, u32>,
     max_time: Option<i64>,
     next_offset: i64,
     next_seq: i64,
@@ -334,7 +335,7 @@ impl PartitionEngine {
 
     /// Open windows of `tenant`.
     pub fn open_windows_of(&self, tenant: &str) -> usize {
-        self.open_per_tenant.get(tenant).map_or(0, |&n| n as usize)
+        self.open_per_tenant.get(tenant.as_bytes()).map_or(0, |&n| n as usize)
     }
 
     fn check_offset(&self, offset: i64) -> Result<()> {

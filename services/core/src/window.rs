@@ -235,6 +235,19 @@ impl WindowKey {
         self.parts().next().unwrap_or("")
     }
 
+    /// The tenant's bytes, without the UTF-8 check of [`Self::tenant`] (for per-tenant counts).
+    #[inline]
+    pub fn tenant_bytes(&self) -> &[u8] {
+        RawParts { rest: self.text.as_bytes() }.next().unwrap_or(&[])
+    }
+
+    /// The tenant and the `group_by` values, parsing the key once.
+    #[inline]
+    pub fn tenant_and_dims(&self) -> (&str, Parts<'_>) {
+        let mut parts = self.parts();
+        (parts.next().unwrap_or(""), parts)
+    }
+
     pub fn dims(&self) -> std::iter::Skip<Parts<'_>> {
         self.parts().skip(1)
     }

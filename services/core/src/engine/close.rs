@@ -4,7 +4,7 @@
 use super::*;
 
 /// One window of `tenant` fewer open (tenants with none are absent).
-pub(super) fn forget_open(open_per_tenant: &mut hashbrown::HashMap<Box<str>, u32>, tenant: &str) {
+pub(super) fn forget_open(open_per_tenant: &mut hashbrown::HashMap<Box<[u8]>, u32>, tenant: &[u8]) {
     if let Some(n) = open_per_tenant.get_mut(tenant) {
         *n -= 1;
         if *n == 0 {
@@ -64,7 +64,7 @@ impl PartitionEngine {
         });
         if is_open {
             self.closing.entry(close_at).or_default().push(slot);
-            let tenant = self.slab[slot as usize].as_ref().expect("just inserted").key.tenant();
+            let tenant = self.slab[slot as usize].as_ref().expect("just inserted").key.tenant_bytes();
             match self.open_per_tenant.get_mut(tenant) {
                 Some(n) => *n += 1,
                 None => {
@@ -124,7 +124,7 @@ impl PartitionEngine {
         for (close_at, slot) in batch {
             let w = self.slab[slot as usize].as_mut().expect("live");
             w.closed = true;
-            forget_open(&mut self.open_per_tenant, w.key.tenant());
+            forget_open(&mut self.open_per_tenant, w.key.tenant_bytes());
             self.emit(slot);
             let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
             self.retained.entry(evict_at).or_default().push(slot);
@@ -172,7 +172,8 @@ impl PartitionEngine {
         self.stats.windows_evicted += 1;
         let mut inline = [("", ""); INLINE_DIMS];
         let heap: Vec<(&str, &str)>;
-        let pairs = rt.def.group_by.iter().map(String::as_str).zip(w.key.dims());
+        let (tenant, dims) = w.key.tenant_and_dims();
+        let pairs = rt.def.group_by.iter().map(String::as_str).zip(dims);
         let group: &[(&str, &str)] = if rt.def.group_by.len() <= INLINE_DIMS {
             for (slot, pair) in inline.iter_mut().zip(pairs) {
                 *slot = pair;
@@ -184,7 +185,7 @@ impl PartitionEngine {
         };
         let q = WindowQuery {
             meter: &rt.def,
-            tenant: w.key.tenant(),
+            tenant,
             group,
             window_start: w.key.window_start,
             window_end,
@@ -225,12 +226,13 @@ impl PartitionEngine {
             Some(l) => (l.revision + 1, l.value, l.provider_cost, l.uncosted),
         };
         // Inserting in (sorted) group_by order is cheaper than `collect`, which sorts.
+        let (tenant, dims) = w.key.tenant_and_dims();
         let mut dimensions = BTreeMap::new();
-        for (name, value) in m.group_by.iter().zip(w.key.dims()) {
+        for (name, value) in m.group_by.iter().zip(dims) {
             dimensions.insert(name.clone(), value.to_owned());
         }
         self.output.push(MeterAggregate {
-            tenant: w.key.tenant().to_owned(),
+            tenant: tenant.to_owned(),
             meter: m.name.clone(),
             aggregation: m.aggregation.as_str().to_owned(),
             dimensions,

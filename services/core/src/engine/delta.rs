@@ -210,7 +210,7 @@ impl PartitionEngine {
         let (lists, at) = if w.closed {
             (&mut self.retained, close_at.saturating_add(self.cfg.retain_closed_ms))
         } else {
-            forget_open(&mut self.open_per_tenant, w.key.tenant());
+            forget_open(&mut self.open_per_tenant, w.key.tenant_bytes());
             (&mut self.closing, close_at)
         };
         if !take_from(lists, at, slot) {
@@ -247,7 +247,7 @@ impl PartitionEngine {
             if !take_from(&mut self.closing, close_at, slot) {
                 return Err(corrupt("open window not closing"));
             }
-            forget_open(&mut self.open_per_tenant, old.key.tenant());
+            forget_open(&mut self.open_per_tenant, old.key.tenant_bytes());
             self.retained.entry(close_at.saturating_add(self.cfg.retain_closed_ms)).or_default().push(slot);
         }
         match (old.dirty, win.dirty) {
