@@ -160,34 +160,32 @@ fn decimal_digits(mut n: usize) -> usize {
     d
 }
 
-/// Appends `n` in decimal (without `fmt`: this runs once per new window).
-fn push_len(out: &mut impl Extend<u8>, mut n: usize) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+/// Writes the netstring of `part` at `buf[at..]` (sized by the caller) and returns where it
+/// ends. Slice copies, not a byte-wise `Extend`: this runs for nearly every event when windows
+/// hold few events.
+#[inline]
+fn put_part(buf: &mut [u8], mut at: usize, part: &[u8]) -> usize {
+    let n = part.len();
+    if n < 10 {
+        buf[at] = b'0' + n as u8;
+        at += 1;
+    } else {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut rest = n;
+        while rest > 0 {
+            i -= 1;
+            digits[i] = b'0' + (rest % 10) as u8;
+            rest /= 10;
         }
+        let len = digits.len() - i;
+        buf[at..at + len].copy_from_slice(&digits[i..]);
+        at += len;
     }
-    out.extend(digits[i..].iter().copied());
-}
-
-/// A fixed buffer that collects the inline form.
-struct InlineBuf {
-    len: usize,
-    buf: [u8; INLINE_KEY],
-}
-
-impl Extend<u8> for InlineBuf {
-    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
-        for b in iter {
-            self.buf[self.len] = b;
-            self.len += 1;
-        }
-    }
+    buf[at] = b':';
+    at += 1;
+    buf[at..at + n].copy_from_slice(part);
+    at + n
 }
 
 impl WindowKey {
@@ -195,25 +193,17 @@ impl WindowKey {
         let parts = std::iter::once(tenant).chain(dims);
         let size: usize = parts.clone().map(|p| p.len() + decimal_digits(p.len()) + 1).sum();
         let text = if size <= INLINE_KEY {
-            let mut b = InlineBuf {
-                len: 0,
-                buf: [0; INLINE_KEY],
-            };
+            let mut buf = [0; INLINE_KEY];
+            let mut len = 0;
             for p in parts {
-                push_len(&mut b, p.len());
-                b.extend([b':']);
-                b.extend(p.bytes());
+                len = put_part(&mut buf, len, p.as_bytes());
             }
-            KeyText::Inline {
-                len: b.len as u8,
-                buf: b.buf,
-            }
+            KeyText::Inline { len: len as u8, buf }
         } else {
-            let mut v = Vec::with_capacity(size);
+            let mut v = vec![0; size];
+            let mut len = 0;
             for p in parts {
-                push_len(&mut v, p.len());
-                v.push(b':');
-                v.extend_from_slice(p.as_bytes());
+                len = put_part(&mut v, len, p.as_bytes());
             }
             KeyText::Heap(v.into_boxed_slice())
         };
