@@ -193,21 +193,27 @@ impl<'a> Text<'a> {
     }
 
     /// The field `bytes`, which the reader has just read up to position `end`, as `&str`.
-    #[inline]
+    #[inline(always)]
     fn field(&self, bytes: &'a [u8], end: usize, what: &'static str) -> Result<&'a str, Error> {
         let from = end.checked_sub(bytes.len() + self.start);
-        if let Some(s) = from.and_then(|from| self.span.get(from..end - self.start)) {
-            return Ok(s);
+        match from.and_then(|from| self.span.get(from..end - self.start)) {
+            Some(s) => Ok(s),
+            None => check_alone(bytes, what),
         }
-        std::str::from_utf8(bytes).map_err(|_| Error::BadUtf8(what))
     }
 
     /// The next Avro `string` of `r`, like [`Reader::string`].
-    #[inline]
+    #[inline(always)]
     fn string(&self, r: &mut Reader<'a>, what: &'static str) -> Result<&'a str, Error> {
         let bytes = r.bytes(what)?;
         self.field(bytes, r.position(), what)
     }
+}
+
+/// A field outside the checked span (out of line: the span covers most fields).
+#[inline(never)]
+fn check_alone<'a>(bytes: &'a [u8], what: &'static str) -> Result<&'a str, Error> {
+    std::str::from_utf8(bytes).map_err(|_| Error::BadUtf8(what))
 }
 
 const HEAD: [&str; 4] = ["event_id", "tenant", "meter", "quantity"];

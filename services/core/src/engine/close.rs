@@ -5,10 +5,11 @@ use super::*;
 
 /// One window of `tenant` fewer open (tenants with none are absent).
 pub(super) fn forget_open(open_per_tenant: &mut hashbrown::HashMap<Box<[u8]>, u32>, tenant: &[u8]) {
-    if let Some(n) = open_per_tenant.get_mut(tenant) {
-        *n -= 1;
-        if *n == 0 {
-            open_per_tenant.remove(tenant);
+    // One hash of the tenant, also when its last window closes.
+    if let hashbrown::hash_map::EntryRef::Occupied(mut e) = open_per_tenant.entry_ref(tenant) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
         }
     }
 }
@@ -65,12 +66,7 @@ impl PartitionEngine {
         if is_open {
             self.closing.entry(close_at).or_default().push(slot);
             let tenant = self.slab[slot as usize].as_ref().expect("just inserted").key.tenant_bytes();
-            match self.open_per_tenant.get_mut(tenant) {
-                Some(n) => *n += 1,
-                None => {
-                    self.open_per_tenant.insert(Box::from(tenant), 1);
-                }
-            }
+            *self.open_per_tenant.entry_ref(tenant).or_insert(0) += 1;
         } else {
             let evict_at = close_at.saturating_add(self.cfg.retain_closed_ms);
             self.retained.entry(evict_at).or_default().push(slot);
