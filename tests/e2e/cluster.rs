@@ -43,6 +43,7 @@ fn nodes() -> Vec<(&'static str, String, u32)> {
     ]
 }
 
+#[allow(clippy::expect_used, reason = "the node names are the three constants above")]
 fn url(node: &str) -> String {
     nodes().into_iter().find(|n| n.0 == node).map(|n| n.1).expect("known node")
 }

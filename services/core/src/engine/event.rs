@@ -7,9 +7,10 @@ use super::*;
 /// An event's fate decided before it is counted: `Err` carries the outcome to return.
 type Step<T> = std::result::Result<T, Outcome>;
 
-/// The key of the event's window as borrowed parts of the event, so that finding an existing
-/// window allocates nothing, and where the event stands in the source (for a store's reload).
-struct KeyParts<'a> {
+/// What finding the event's window needs: its key as borrowed parts of the event (so that
+/// finding an existing window allocates nothing) and where the event stands in the source (for
+/// a store's reload).
+struct Lookup<'a> {
     meter: u16,
     window_start: i64,
     tenant: &'a str,
@@ -61,6 +62,7 @@ fn amounts(m: &MeterDef, ev: &UsageEventRef<'_>) -> Step<(Decimal, Option<Decima
 }
 
 impl PartitionEngine {
+    /// The outcome of one event; `Err` only for a failed store (nothing is changed then).
     pub(super) fn process<S: ColdStore + WindowStore + ?Sized>(
         &mut self,
         ev: &UsageEventRef<'_>,
@@ -98,7 +100,7 @@ impl PartitionEngine {
         let unique_value = m.unique_dimension.as_ref().map_or("", |u| ev.dimension(u).unwrap_or(""));
         let c = Contribution { quantity, event_time_ms: t, event_id: ev.event_id, unique_value, provider_cost };
         let hash = key_hash(&self.hasher, mi, window_start, ev.tenant, dims.iter().copied());
-        let k = KeyParts { meter: mi, window_start, tenant: ev.tenant, dims, hash, pos };
+        let k = Lookup { meter: mi, window_start, tenant: ev.tenant, dims, hash, pos };
         let slot = match self.window_for(&k, &c, store)? {
             Ok(slot) => slot,
             Err(o) => return Ok(o),
@@ -149,7 +151,7 @@ impl PartitionEngine {
     }
 
     /// The slot of the event's window with `c` applied: an existing one, or a new one.
-    fn window_for<S: WindowStore + ?Sized>(&mut self, k: &KeyParts<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
+    fn window_for<S: WindowStore + ?Sized>(&mut self, k: &Lookup<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
         let slab = &self.slab;
         let found = self
             .index
@@ -166,7 +168,7 @@ impl PartitionEngine {
 
     /// A window not in memory: refused by the memory limits, reloaded from the store (if it
     /// may have been evicted) or new.
-    fn new_window<S: WindowStore + ?Sized>(&mut self, k: &KeyParts<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
+    fn new_window<S: WindowStore + ?Sized>(&mut self, k: &Lookup<'_>, c: &Contribution<'_>, store: &mut S) -> Result<Step<u32>> {
         let m = &self.meters[usize::from(k.meter)];
         let window_end = k.window_start + m.def.window_ms;
         let close_at = window_end + m.def.allowed_lateness_ms;
@@ -232,7 +234,7 @@ impl PartitionEngine {
     }
 
     /// Asks the store for an evicted window's raw events and last emission.
-    fn load_evicted<S: WindowStore + ?Sized>(&self, k: &KeyParts<'_>, window_end: i64, store: &mut S) -> Result<Option<LoadedWindow>> {
+    fn load_evicted<S: WindowStore + ?Sized>(&self, k: &Lookup<'_>, window_end: i64, store: &mut S) -> Result<Option<LoadedWindow>> {
         let m = &self.meters[usize::from(k.meter)].def;
         let group: Vec<(&str, &str)> = m.group_by.iter().map(String::as_str).zip(k.dims.iter().copied()).collect();
         let q = WindowQuery {
