@@ -151,6 +151,14 @@ async fn restart_reads_base_plus_deltas() -> anyhow::Result<()> {
     let gt = producing.await??;
     let ch = env.clickhouse();
     wait_until_exact(&ch, &gt, &env.topics().usage_topic, Duration::from_secs(240), || agg.check_alive()).await?;
+    // The first run may have caught up before the kill, and then the totals are exact before
+    // the second one is even assigned: wait for its claims (both runs log one per partition).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&log)?.matches("\"partition claimed\"").count() < 2 * PARTITIONS as usize {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the restarted aggregator claimed nothing within 60 s");
+        agg.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     agg.stop()?;
     // The restart read base + deltas: the log of the second run says how many per partition.
     let text = std::fs::read_to_string(&log)?;

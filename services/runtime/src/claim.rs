@@ -287,12 +287,15 @@ impl<Src: Source, St: CheckpointStorage> Driver<'_, Src, St> {
             let envelope = Self::envelope(svc, p, &positions, &r.counts, state);
             let next_offset = positions.get(&key.topic).copied().unwrap_or(0);
             let checkpoint = Checkpoint { version, next_offset, state: envelope.encode() };
+            // A claimed base counts its stored bytes (as claims always did), a delta its state's
+            // (as the loop counts deltas).
+            let bytes = if link.is_some() { envelope.state.len() } else { checkpoint.state.len() };
             match link {
                 Some(link) => deltas.push((key.clone(), StoredDelta { link, checkpoint })),
                 None => bases.push((key.clone(), checkpoint)),
             }
             chain.staging(version);
-            chain.saved(version, envelope.state.len(), link);
+            chain.saved(version, bytes, link);
             claims.push(Claimed { version, positions, chain });
         }
         let backoff = Backoff::default();

@@ -143,7 +143,8 @@ fn chain_head(loaded: Option<Checkpoint>, envelope: Option<Envelope>, deltas: Ve
     let (Some(mut cp), Some(mut env)) = (loaded, envelope) else {
         return Ok(Head::default());
     };
-    let (base, base_bytes) = (cp.version, env.state.len());
+    // The base's stored bytes, as the claim that wrote it counted them.
+    let (base, base_bytes) = (cp.version, cp.state.len());
     let mut states = Vec::with_capacity(deltas.len());
     for d in deltas {
         let de = Envelope::decode(&d.checkpoint.state).with_context(|| format!("delta version {}", d.checkpoint.version))?;
