@@ -112,7 +112,7 @@ async fn restart_reads_base_plus_deltas() -> anyhow::Result<()> {
     let env = TestEnv::with_partitions("agg_deltas", PARTITIONS).await?;
     let mut vars = aggregator_env(&env, "agg-deltas");
     for (k, v) in [
-        ("METERFLOW_CHECKPOINT_INTERVAL", "500ms"),
+        ("METERFLOW_CHECKPOINT_INTERVAL", "200ms"),
         // No compaction during the test: the chain only grows.
         ("METERFLOW_CHECKPOINT_FULL_EVERY", "100000"),
         ("METERFLOW_CHECKPOINT_FULL_RATIO", "1000"),
