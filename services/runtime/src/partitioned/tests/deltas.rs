@@ -138,6 +138,14 @@ fn delta_sum(d: &StoredDelta) -> Sum {
 }
 
 /// The claim delta of partition 0 in `epoch`.
+/// Values 1..=20 in two rounds of ten, each committed (one checkpoint or more per round).
+async fn commit_two_rounds(w: &World) {
+    for round in 0..2i64 {
+        w.produce(0, (1..=10).map(|v| v + round * 10));
+        until("the round is committed", || w.source.committed_offset(TOPIC, 0) == Some((round + 1) * 10)).await;
+    }
+}
+
 fn claim_delta(w: &World, epoch: u64) -> StoredDelta {
     let found = w.store.deltas(&World::key(0)).into_iter().find(|d| d.checkpoint.version == version_in(epoch, 0));
     found.unwrap_or_else(|| panic!("a claim delta in epoch {epoch}"))
@@ -169,10 +177,7 @@ async fn a_claim_continues_the_chain_and_the_next_restart_reads_it_all() {
     let key = World::key(0);
     w.drive_with(&mut svc, chain_config(), async {
         w.source.assign(&[(TOPIC, 0)]);
-        for round in 0..2i64 {
-            w.produce(0, (1..=10).map(|v| v + round * 10));
-            until("the round is committed", || w.source.committed_offset(TOPIC, 0) == Some((round + 1) * 10)).await;
-        }
+        commit_two_rounds(&w).await;
         let old_head = w.store.deltas(&key).last().map(|d| d.checkpoint.version).expect("deltas in epoch 1");
         reassign(&w, &seen, 20).await;
         // The claim is a delta after the loaded head, in the new epoch: no new base.
@@ -251,10 +256,7 @@ async fn a_hole_below_the_claim_refuses_to_start() {
     let key = World::key(0);
     w.drive_with(&mut svc, chain_config(), async {
         w.source.assign(&[(TOPIC, 0)]);
-        for round in 0..2i64 {
-            w.produce(0, (1..=10).map(|v| v + round * 10));
-            until("the round is committed", || w.source.committed_offset(TOPIC, 0) == Some((round + 1) * 10)).await;
-        }
+        commit_two_rounds(&w).await;
         reassign(&w, &seen, 20).await;
         w.produce(0, 21..=30);
         until("committed to 30", || w.source.committed_offset(TOPIC, 0) == Some(30)).await;
